@@ -1,0 +1,21 @@
+"""hessinv: the exact Hessian of deep layered networks, linear in depth.
+
+Products ``H @ v`` (Pearlmutter, paper eq. 24), exact solves
+``(H + damping I)^{-1} g`` through a pivoted factorization of the lifted
+block-tridiagonal system, log-determinants and inertia, for pipelines
+``z_l = f_l(z_{l-1}; x_l)`` ending in a scalar loss.
+"""
+
+from .errors import SingularHessianError
+from .hessian import Hessian, HessianFactorization, InverseOperator
+from .pipeline import Pipeline, Stage
+
+__all__ = [
+    "Hessian",
+    "HessianFactorization",
+    "InverseOperator",
+    "Pipeline",
+    "SingularHessianError",
+    "Stage",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,417 @@
+"""The user-facing linear operator: the exact Hessian of a layered network.
+
+>>> import torch, hessinv
+>>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+<torch._C.Generator object at ...>
+>>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1)).double()
+>>> X, y = torch.randn(8, 3, dtype=torch.float64), torch.randn(8, 1, dtype=torch.float64)
+>>> H = hessinv.Hessian(model, torch.nn.MSELoss(), X, y)
+>>> H.shape
+(21, 21)
+>>> g = H.gradient()
+>>> x = H.solve(g, damping=1e-3)
+>>> bool(torch.allclose(H @ x + 1e-3 * x, g))
+True
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from . import baselines
+from .blocktri import BlockTriLU, InertiaResult, block_tri_inertia
+from .derivatives import StageBlocks
+from .errors import HINT, SingularHessianError
+from .layers import stages_from_sequential
+from .lifted import lifted_blocks, lifted_extract, lifted_rhs, num_constraints
+from .pipeline import Pipeline, Stage
+from .products import compute_blocks, gradient, hvp
+from .vectors import Layout
+
+VectorLike = Tensor | Sequence[Tensor]
+
+
+def _check_damping(damping: float) -> float:
+    if isinstance(damping, Tensor):
+        damping = float(damping)
+    if not isinstance(damping, (int, float)) or not math.isfinite(damping):
+        raise ValueError(f"damping must be a finite number, got {damping!r}")
+    return float(damping)
+
+
+def default_check_rtol(dtype: torch.dtype) -> float:
+    """Largest relative residual ``||(H+dI)x - g|| / ||g||`` a solve may return: ``eps^(1/4)``.
+
+    A backward-stable solve of a system with condition number ``kappa`` leaves
+    about ``kappa eps``; a singular system leaves ``O(1)``. ``eps^(1/4)`` (1.2e-4 in
+    float64, 1.8e-2 in float32) separates the two for ``kappa`` up to about
+    ``eps^(-3/4)`` (1e12 in float64).
+    """
+    return torch.finfo(dtype).eps ** 0.25
+
+
+class HessianFactorization:
+    """The pivoted factorization of the lifted system ``K`` for one damping.
+
+    One factorization serves many right-hand sides; ``logdet`` and
+    ``inertia`` are read off factorizations of the same ``K``.
+    """
+
+    def __init__(self, op: Hessian, damping: float) -> None:
+        self.op = op
+        self.damping = _check_damping(damping)
+        self._diag, self._upper = lifted_blocks(op.blocks, self.damping)
+        self.lu = BlockTriLU(self._diag, self._upper)
+        self.m = num_constraints(op.blocks)
+        self._inertia: InertiaResult | None = None
+
+    def _raw_solve(self, g: Tensor) -> Tensor:
+        rhs = lifted_rhs(g, self.op.blocks)
+        return lifted_extract(self.lu.solve(rhs), self.op.blocks)
+
+    def solve(self, g: VectorLike, *, check: bool = True, check_rtol: float | None = None) -> VectorLike:
+        """``x = (H + damping I)^{-1} g`` for ``g`` flat, ``(W, k)`` or per-parameter.
+
+        Raises:
+            SingularHessianError: A zero pivot, or (``check=True``) a relative
+                residual above ``check_rtol`` (default :func:`default_check_rtol`).
+        """
+        gm, form = self.op.layout.to_matrix(g, "g")
+        if self.lu.singular:
+            raise SingularHessianError(f"zero pivot in the lifted factorization. {HINT}")
+        x = self._raw_solve(gm)
+        if not torch.isfinite(x).all():
+            raise SingularHessianError(f"the solve overflowed. {HINT}")
+        if check:
+            self.op._check_residual(x, gm, self.damping, check_rtol)
+        return self.op.layout.from_matrix(x, form)
+
+    def logdet(self) -> tuple[float, float]:
+        """``(sign, log|det(H + damping I)|)`` as ``torch.linalg.slogdet``.
+
+        ``log|det H| = log|det K|`` and ``sign = (-1)^m sign(det K)``
+        (:mod:`hessinv.lifted`); ``(0, -inf)`` when singular.
+        """
+        s, la = self.lu.slogdet()
+        if self.lu.singular:
+            return 0.0, -math.inf
+        return s * (-1.0 if self.m % 2 else 1.0), la
+
+    def inertia(self) -> tuple[int, int, int]:
+        """``(n_pos, n_neg, n_zero)`` of ``H + damping I``, with no eigensolver on ``H``.
+
+        Sylvester's law on ``K``: ``inertia(H + dI) = inertia(K) - (m, m, 0)``.
+        """
+        r = self.inertia_details()
+        pos, neg = r.positive - self.m, r.negative - self.m
+        if pos < 0 or neg < 0:  # pragma: no cover - guards numerical breakdown
+            raise torch.linalg.LinAlgError("inertia of the lifted system is inconsistent")
+        return pos, neg, r.zero
+
+    def inertia_details(self) -> InertiaResult:
+        """The congruence factorization's raw result (cached)."""
+        if self._inertia is None:
+            self._inertia = block_tri_inertia(self._diag, self._upper)
+        return self._inertia
+
+
+class InverseOperator:
+    """``(H + damping I)^{-1}`` as a linear operator (``@``, ``to_scipy``)."""
+
+    def __init__(self, fac: HessianFactorization) -> None:
+        self.fac = fac
+        self.shape = fac.op.shape
+        self.dtype = fac.op.dtype
+        self.device = fac.op.device
+
+    def __matmul__(self, g: VectorLike) -> VectorLike:
+        return self.fac.solve(g)
+
+    def to_scipy(self):  # noqa: ANN201
+        """A ``scipy.sparse.linalg.LinearOperator`` applying the solve."""
+        return self.fac.op._scipy(lambda m: self.fac.solve(m))
+
+
+class Hessian:
+    """The exact Hessian of a layered network, as a linear operator.
+
+    ``Hessian(model, loss_func, X, y)`` for an ``nn.Sequential`` (nested ones
+    flattened) and a loss with reduction ``"sum"`` or ``"mean"``; or
+    :meth:`from_stages` for a functional pipeline. Parameters with
+    ``requires_grad=False`` are constants, left out of ``H``.
+
+    The per-stage derivative blocks are computed once, at construction; ``H @ v``
+    then costs one forward and one backward sweep (eq. 24), and
+    :meth:`solve` factors the lifted block-tridiagonal system exactly.
+
+    Args:
+        model: The network.
+        loss_func: ``loss_func(model(X), y)`` is the scalar loss.
+        X: Inputs, batch first.
+        y: Targets, batch first.
+        generic: Use generic autodiff for every block (no fast paths).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_func: Callable[..., Tensor],
+        X: Tensor,  # noqa: N803
+        y: Tensor,
+        *,
+        generic: bool = False,
+    ) -> None:
+        if not isinstance(X, Tensor) or not isinstance(y, Tensor):
+            raise TypeError("X and y must be tensors")
+        if X.shape[0] != y.shape[0]:
+            raise ValueError(f"X has {X.shape[0]} samples but y has {y.shape[0]}")
+        if y.dtype.is_floating_point and not torch.isfinite(y).all():
+            raise ValueError("y contains NaN or Inf")
+        stages, z0 = stages_from_sequential(model, loss_func, X, y)
+        self._init(Pipeline(stages, z0), generic=generic, check_mixing=False)
+
+    @classmethod
+    def from_stages(
+        cls, stages: Sequence[Stage], z0: Tensor, *, generic: bool = False, check_mixing: bool = True
+    ) -> Hessian:
+        """Build the operator of a functional pipeline.
+
+        Args:
+            stages: ``hessinv.Stage(fn, params)`` objects; the last returns the
+                scalar loss (a sum or mean over samples).
+            z0: The input, batch first.
+            generic: Unused for functional stages (always generic autodiff).
+            check_mixing: Verify with one Jacobian-vector product per stage
+                that no stage mixes samples (raises ``ValueError``).
+        """
+        self = cls.__new__(cls)
+        self._init(Pipeline(stages, z0), generic=generic, check_mixing=check_mixing)
+        return self
+
+    def _init(self, pipeline: Pipeline, *, generic: bool, check_mixing: bool) -> None:
+        self.pipeline = pipeline
+        if check_mixing:
+            _check_no_mixing(pipeline)
+        self._loss, self.blocks = compute_blocks(pipeline, generic=generic)
+        self.layout = Layout(tuple(pipeline.param_shapes), pipeline.dtype, pipeline.device)
+        self._factors: dict[float, HessianFactorization] = {}
+
+    # -- operator basics ---------------------------------------------------
+    @property
+    def num_params(self) -> int:
+        """``W``, the number of parameters."""
+        return self.pipeline.num_params
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(W, W)``."""
+        return (self.num_params, self.num_params)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The parameters' dtype."""
+        return self.pipeline.dtype
+
+    @property
+    def device(self) -> torch.device:
+        """The parameters' device."""
+        return self.pipeline.device
+
+    @property
+    def stage_blocks(self) -> list[StageBlocks]:
+        """The per-stage derivative blocks (DESIGN.md section 1)."""
+        return self.blocks
+
+    def loss(self) -> Tensor:
+        """The loss ``z_L`` at the current parameters."""
+        return self._loss
+
+    def gradient(self) -> Tensor:
+        """The flat gradient, ``e_L M^{-1} D_x`` (paper eq. 8)."""
+        return gradient(self.blocks)
+
+    def matmat(self, v: Tensor) -> Tensor:
+        """``H V`` for ``V`` of shape ``(W, k)`` (no checks)."""
+        return hvp(self.blocks, v)
+
+    def __matmul__(self, v: VectorLike) -> VectorLike:
+        vm, form = self.layout.to_matrix(v, "v")
+        return self.layout.from_matrix(self.matmat(vm), form)
+
+    def to_dense(self) -> Tensor:
+        """The ``W x W`` matrix, ``H @ I``."""
+        eye = torch.eye(self.num_params, dtype=self.dtype, device=self.device)
+        h = self.matmat(eye)
+        return 0.5 * (h + h.T)
+
+    def _scipy(self, apply: Callable[[Tensor], Tensor]):  # noqa: ANN202
+        import numpy as np
+        from scipy.sparse.linalg import LinearOperator
+
+        def mm(x: np.ndarray) -> np.ndarray:
+            t = torch.as_tensor(np.asarray(x), dtype=self.dtype, device=self.device)
+            t2 = t.reshape(self.num_params, -1)
+            out = apply(t2)
+            return out.detach().cpu().numpy().reshape(x.shape)
+
+        return LinearOperator(self.shape, matvec=mm, matmat=mm, rmatvec=mm, rmatmat=mm,
+                              dtype=np.dtype(str(self.dtype).replace("torch.", "")))
+
+    def to_scipy(self):  # noqa: ANN201
+        """A ``scipy.sparse.linalg.LinearOperator`` for ``H`` (symmetric)."""
+        return self._scipy(self.matmat)
+
+    # -- solves ---------------------------------------------------------------
+    def factor(self, damping: float = 0.0) -> HessianFactorization:
+        """Factor ``H + damping I`` through the lifted system (cached per damping)."""
+        d = _check_damping(damping)
+        if d not in self._factors:
+            self._factors[d] = HessianFactorization(self, d)
+        return self._factors[d]
+
+    def inverse(self, damping: float = 0.0) -> InverseOperator:
+        """``(H + damping I)^{-1}`` as a linear operator."""
+        return InverseOperator(self.factor(damping))
+
+    def logdet(self, damping: float = 0.0) -> tuple[float, float]:
+        """``(sign, log|det(H + damping I)|)``, read off the factorization."""
+        return self.factor(damping).logdet()
+
+    def inertia(self, damping: float = 0.0) -> tuple[int, int, int]:
+        """``(n_pos, n_neg, n_zero)`` of ``H + damping I``, with no eigensolver on ``H``."""
+        return self.factor(damping).inertia()
+
+    def cost_model(self) -> dict[str, float]:
+        """Flop estimates used by ``method="auto"``.
+
+        ``lifted``: the pivoted panel factorizations, ``sum_l 2 (n_l + n_{l+1}) n_l^2``
+        plus a fixed ``2e5`` per stage for the Python and kernel-launch overhead;
+        ``dense``: forming ``H`` by ``W`` products (``W * sum_l 4 N (a_l a_{l-1} +
+        2 a_l p_l)``) plus an LU, ``2 W^3 / 3``.
+        """
+        sizes = [b.num_params + (0 if b.Jx is None else 2 * b.Jx.shape[0] * b.Jx.shape[1])
+                 for b in self.blocks]
+        lifted = 0.0
+        for i, n in enumerate(sizes):
+            n1 = sizes[i + 1] if i + 1 < len(sizes) else 0
+            lifted += 2.0 * (n + n1) * n * n + 2e5
+        w = float(self.num_params)
+        per_hv = 0.0
+        for b in self.blocks[:-1]:
+            n, a, p = b.Jx.shape
+            per_hv += 4.0 * n * (a * a + 2 * a * p)
+        dense = w * per_hv + 2.0 * w**3 / 3.0
+        return {"lifted": lifted, "dense": dense}
+
+    def solve(
+        self,
+        g: VectorLike,
+        damping: float = 0.0,
+        method: str = "auto",
+        *,
+        check: bool = True,
+        check_rtol: float | None = None,
+        rtol: float = 1e-10,
+        maxiter: int | None = None,
+    ) -> VectorLike:
+        """Return ``x`` with ``(H + damping I) x = g``.
+
+        Args:
+            g: Flat ``(W,)``, a ``(W, k)`` block, or a per-parameter list.
+            damping: ``d >= 0`` or any real; ``H + dI`` must be nonsingular.
+            method: ``"lifted"`` (exact, pivoted, linear in depth), ``"dense"``
+                (forms ``H``, ``torch.linalg.solve``), ``"minres"``, ``"cg"``
+                (Krylov on exact products), or ``"auto"`` (``"lifted"`` unless
+                :meth:`cost_model` predicts ``"dense"`` cheaper).
+            check: Verify the relative residual with one product.
+            check_rtol: Residual threshold (default :func:`default_check_rtol`).
+            rtol: Krylov stopping tolerance.
+            maxiter: Krylov iteration cap.
+
+        Raises:
+            SingularHessianError: ``H + dI`` singular (hint: pass ``damping``),
+                or a Krylov method that did not reach ``rtol``.
+            ValueError: Unknown method, bad ``g`` or ``damping``.
+        """
+        d = _check_damping(damping)
+        if method == "auto":
+            c = self.cost_model()
+            method = "dense" if c["dense"] < c["lifted"] else "lifted"
+        if method == "lifted":
+            return self.factor(d).solve(g, check=check, check_rtol=check_rtol)
+        gm, form = self.layout.to_matrix(g, "g")
+        if method == "dense":
+            a = self.to_dense() + d * torch.eye(self.num_params, dtype=self.dtype, device=self.device)
+            lu, piv, info = torch.linalg.lu_factor_ex(a)
+            if int(info) != 0:
+                raise SingularHessianError(f"dense LU found a zero pivot. {HINT}")
+            x = torch.linalg.lu_solve(lu, piv, gm)
+        elif method in ("minres", "cg"):
+            fn = baselines.minres if method == "minres" else baselines.cg
+            cols = []
+            for j in range(gm.shape[1]):
+                xj, info = fn(lambda v: self.matmat(v[:, None])[:, 0] + d * v, gm[:, j],
+                              rtol=rtol, maxiter=maxiter)
+                if not info.converged:
+                    raise SingularHessianError(
+                        f"{method} did not reach rtol={rtol:g} in {info.iterations} iterations "
+                        f"(residual {info.residual:.2e}); try method='lifted'"
+                    )
+                cols.append(xj)
+            x = torch.stack(cols, dim=1)
+            check = False
+        else:
+            raise ValueError(f"unknown method {method!r}; use lifted, dense, minres, cg or auto")
+        if not torch.isfinite(x).all():
+            raise SingularHessianError(f"the solve overflowed. {HINT}")
+        if check:
+            self._check_residual(x, gm, d, check_rtol)
+        return self.layout.from_matrix(x, form)
+
+    def residual(self, x: Tensor, g: Tensor, damping: float = 0.0) -> Tensor:
+        """Per-column relative residuals ``||(H + dI) x - g|| / ||g||``."""
+        r = self.matmat(x) + damping * x - g
+        gn = torch.linalg.vector_norm(g, dim=0).clamp_min(torch.finfo(g.dtype).tiny)
+        return torch.linalg.vector_norm(r, dim=0) / gn
+
+    def _check_residual(self, x: Tensor, g: Tensor, damping: float, check_rtol: float | None) -> None:
+        tol = default_check_rtol(self.dtype) if check_rtol is None else check_rtol
+        res = float(self.residual(x, g, damping).max())
+        if not res <= tol:
+            raise SingularHessianError(
+                f"relative residual {res:.2e} exceeds {tol:.1e}. {HINT}"
+            )
+
+
+def _check_no_mixing(pipeline: Pipeline) -> None:
+    """Raise if a stage mixes samples: one JVP with a tangent on sample 0 only."""
+    n = pipeline.batch_size
+    if n < 2:
+        return
+    zs = pipeline.forward()
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    for i, st in enumerate(pipeline.stages):
+        z = zs[i]
+        if not z.dtype.is_floating_point:
+            continue
+        t = torch.zeros_like(z)
+        t[0] = torch.randn(z[0].shape, generator=gen, dtype=z.dtype).to(z.device)
+        last = i == len(pipeline.stages) - 1
+        if last:
+            def gz(zz: Tensor, st: Stage = st) -> Tensor:
+                return torch.func.grad(lambda q: st.fn(q, st.params).reshape(()))(zz)
+
+            out = torch.func.jvp(gz, (z,), (t,))[1]
+        else:
+            out = torch.func.jvp(lambda zz, st=st: st.fn(zz, st.params), (z,), (t,))[1]
+        leak = float(out[1:].abs().max())
+        ref = float(out[:1].abs().max()) + float(z.abs().max()) * 0 + 1e-30
+        if leak > 1e3 * torch.finfo(z.dtype).eps * max(ref, 1.0):
+            raise ValueError(
+                f"stage {i} mixes samples (a change to sample 0 changes sample 1..N-1 by "
+                f"{leak:.2e}); every stage must treat samples independently"
+            )

@@ -1,0 +1,250 @@
+"""Functional forms of ``torch.nn`` modules and the ``nn.Sequential`` adapter.
+
+Each module that has trainable parameters starts a stage; the parameter-free
+modules after it join that stage; the loss joins the last stage. Modules
+before the first parametrised one are applied to the input once.
+
+PyTorch's fused ``layer_norm`` returns wrong mixed second derivatives
+(pytorch#196700: the Hessian of a Linear-LayerNorm-Tanh-Linear net comes out
+asymmetric); :func:`layer_norm` below is written with elementary operations so
+that every derivative of it, of any order, is right.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import Tensor, nn
+
+from .pipeline import Stage
+
+#: Modules applied coordinate by coordinate (or a per-sample reshape): their
+#: Jacobian is diagonal in the flattened per-sample coordinates.
+ELEMENTWISE = (
+    nn.Tanh,
+    nn.Sigmoid,
+    nn.GELU,
+    nn.SiLU,
+    nn.Softplus,
+    nn.ELU,
+    nn.ReLU,
+    nn.LeakyReLU,
+    nn.Identity,
+    nn.Mish,
+    nn.Softsign,
+    nn.Tanhshrink,
+)
+#: Parameter-free modules that act within each sample but mix its coordinates.
+PER_SAMPLE = (nn.LogSoftmax, nn.Softmax, nn.Unflatten)
+#: Parametrised modules with a structured (closed-form) derivative class.
+STRUCTURED = (nn.Linear, nn.Conv1d, nn.Conv2d)
+#: Parametrised modules handled by generic autodiff of a correct functional form.
+GENERIC_PARAM = (nn.LayerNorm,)
+LOSSES = (nn.MSELoss, nn.CrossEntropyLoss, nn.BCEWithLogitsLoss, nn.NLLLoss)
+
+
+def layer_norm(
+    z: Tensor, shape: tuple[int, ...], weight: Tensor | None, bias: Tensor | None, eps: float
+) -> Tensor:
+    """Layer normalisation from elementary operations (second derivatives right).
+
+    ``y = (z - mean) / sqrt(var + eps) * weight + bias`` over the trailing
+    ``shape`` dimensions, with the biased variance, as ``nn.LayerNorm``.
+    """
+    dims = tuple(range(-len(shape), 0))
+    mean = z.mean(dim=dims, keepdim=True)
+    centred = z - mean
+    var = (centred * centred).mean(dim=dims, keepdim=True)
+    y = centred / torch.sqrt(var + eps)
+    if weight is not None:
+        y = y * weight
+    if bias is not None:
+        y = y + bias
+    return y
+
+
+def _is_flatten_per_sample(m: nn.Module) -> bool:
+    return isinstance(m, nn.Flatten) and m.start_dim == 1 and m.end_dim == -1
+
+
+def _is_dropout(m: nn.Module) -> bool:
+    return isinstance(m, (nn.modules.dropout._DropoutNd, nn.AlphaDropout))
+
+
+def check_module(m: nn.Module) -> None:
+    """Refuse modules that would make the Hessian wrong.
+
+    Raises:
+        ValueError: A module in training mode that is random or uses batch
+            statistics (Dropout, BatchNorm), a fused instance norm, a
+            recurrent module, or any module hessinv does not know.
+    """
+    name = type(m).__name__
+    if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training:
+        raise ValueError(
+            f"{name} in training mode mixes samples through batch statistics; "
+            "call model.eval() first"
+        )
+    if _is_dropout(m):
+        if m.training and m.p > 0:
+            raise ValueError(f"{name} in training mode is random; call model.eval() first")
+        return
+    if isinstance(m, nn.modules.instancenorm._InstanceNorm):
+        raise ValueError(
+            f"{name} is not supported: torch's fused instance_norm has wrong second "
+            "derivatives; write it as a hessinv.Stage from elementary operations"
+        )
+    if isinstance(m, (nn.RNNBase, nn.RNNCellBase)):
+        raise ValueError(f"{name} is recurrent (stateful across steps) and not supported")
+    known = ELEMENTWISE + PER_SAMPLE + STRUCTURED + GENERIC_PARAM + (nn.Flatten,)
+    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        return  # eval mode: a per-channel affine map
+    if not isinstance(m, known):
+        raise ValueError(
+            f"module {name} is not supported by the nn.Sequential adapter; "
+            "wrap it in a hessinv.Stage(fn, params) instead"
+        )
+
+
+def flatten_sequential(model: nn.Module) -> list[nn.Module]:
+    """The leaf modules of a (nested) ``nn.Sequential``, in order."""
+    if isinstance(model, nn.Sequential):
+        out: list[nn.Module] = []
+        for m in model:
+            out.extend(flatten_sequential(m))
+        return out
+    return [model]
+
+
+def trainable(m: nn.Module) -> list[tuple[str, Tensor]]:
+    """The parameters of ``m`` that require grad, with their names."""
+    return [(n, p) for n, p in m.named_parameters() if p.requires_grad]
+
+
+def layer_function(m: nn.Module) -> Callable[[Tensor, tuple[Tensor, ...]], Tensor]:
+    """``fn(z, params)`` for a parametrised module, ``params`` its trainable tensors."""
+    names = [n for n, _ in trainable(m)]
+
+    def get(params: tuple[Tensor, ...], name: str) -> Tensor | None:
+        if name in names:
+            return params[names.index(name)]
+        return getattr(m, name, None)
+
+    if isinstance(m, nn.LayerNorm):
+        shape = tuple(m.normalized_shape)
+
+        def fn(z: Tensor, params: tuple[Tensor, ...]) -> Tensor:
+            return layer_norm(z, shape, get(params, "weight"), get(params, "bias"), m.eps)
+
+        return fn
+    if isinstance(m, nn.Linear):
+
+        def fn(z: Tensor, params: tuple[Tensor, ...]) -> Tensor:
+            return F.linear(z, get(params, "weight"), get(params, "bias"))
+
+        return fn
+
+    def fn(z: Tensor, params: tuple[Tensor, ...]) -> Tensor:
+        return torch.func.functional_call(m, dict(zip(names, params, strict=True)), (z,))
+
+    return fn
+
+
+def loss_reduction_check(loss_func: Callable[..., Tensor]) -> None:
+    """Refuse a loss module whose reduction is not ``"sum"`` or ``"mean"``."""
+    red = getattr(loss_func, "reduction", None)
+    if red is not None and red not in ("sum", "mean"):
+        raise ValueError(f"loss reduction must be 'sum' or 'mean', got {red!r}")
+    if isinstance(loss_func, nn.Module) and not isinstance(loss_func, LOSSES):
+        # Any other loss module is accepted as a callable, but must be deterministic.
+        if _is_dropout(loss_func):
+            raise ValueError("a dropout module is not a loss")
+
+
+@dataclass
+class StageStructure:
+    """What the ``nn.Sequential`` adapter knows about a stage (for fast paths).
+
+    Attributes:
+        layer: The parametrised module that starts the stage.
+        layer_fn: Its functional form ``fn(z, params)``.
+        tail: The parameter-free modules after it, in order.
+        elementwise_tail: True if every tail module is elementwise.
+        loss: ``(loss_func, target)`` for the last stage, else ``None``.
+    """
+
+    layer: nn.Module
+    layer_fn: Callable[[Tensor, tuple[Tensor, ...]], Tensor]
+    tail: list[nn.Module] = field(default_factory=list)
+    elementwise_tail: bool = True
+    loss: tuple[Callable[..., Tensor], Tensor] | None = None
+
+    def tail_fn(self, y: Tensor) -> Tensor:
+        """Apply the parameter-free tail (and the loss, for the last stage)."""
+        for m in self.tail:
+            y = m(y)
+        if self.loss is not None:
+            loss_func, target = self.loss
+            y = loss_func(y, target)
+        return y
+
+
+def _is_elementwise(m: nn.Module) -> bool:
+    return isinstance(m, ELEMENTWISE) or _is_dropout(m) or _is_flatten_per_sample(m)
+
+
+def stages_from_sequential(
+    model: nn.Module, loss_func: Callable[..., Tensor], X: Tensor, y: Tensor
+) -> tuple[list[Stage], Tensor]:
+    """Split ``model`` into stages; return them and the input ``z0``.
+
+    Args:
+        model: An ``nn.Sequential`` (nested ones are flattened) or one module.
+        loss_func: ``loss_func(output, y)``, reduction ``"sum"`` or ``"mean"``.
+        X: The inputs, batch first.
+        y: The targets, batch first.
+
+    Raises:
+        ValueError: An unsupported or unsafe module, a model without trainable
+            parameters, or a loss reduction other than sum/mean.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not callable(loss_func):
+        raise TypeError("loss_func must be callable")
+    loss_reduction_check(loss_func)
+    mods = flatten_sequential(model)
+    for m in mods:
+        check_module(m)
+    z0 = X
+    groups: list[list[nn.Module]] = []
+    for m in mods:
+        if trainable(m):
+            groups.append([m])
+        elif groups:
+            groups[-1].append(m)
+        else:
+            with torch.no_grad():
+                z0 = m(z0)
+    if not groups:
+        raise ValueError("the model has no trainable parameters")
+    stages = []
+    for i, group in enumerate(groups):
+        layer, tail = group[0], group[1:]
+        st = StageStructure(
+            layer=layer,
+            layer_fn=layer_function(layer),
+            tail=tail,
+            elementwise_tail=all(_is_elementwise(t) for t in tail),
+            loss=(loss_func, y) if i == len(groups) - 1 else None,
+        )
+
+        def fn(z: Tensor, params: tuple[Tensor, ...], st: StageStructure = st) -> Tensor:
+            return st.tail_fn(st.layer_fn(z, params))
+
+        params = tuple(p.detach() for _, p in trainable(layer))
+        stages.append(Stage(fn, params, structure=st))
+    return stages, z0.detach()

@@ -1,0 +1,165 @@
+"""Pipelines of stages ``z_l = f_l(z_{l-1}; x_l)`` (paper eq. 1).
+
+A stage sees the whole batch, as a module does: ``z`` carries the ``N``
+samples in its first dimension, and a stage must treat samples independently
+(every layer but batch norm in training mode does). The last stage returns the
+scalar loss, a sum or mean over samples. The flat parameter vector is each
+stage's tensors in order, each flattened (row-major), which for a model built
+by :func:`hessinv.Hessian` is ``model.parameters()`` order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+StageFn = Callable[[Tensor, tuple[Tensor, ...]], Tensor]
+
+
+@dataclass
+class Stage:
+    """One stage of a pipeline, ``z_next = fn(z, params)``.
+
+    Attributes:
+        fn: The stage function. Takes the batched state ``z`` of shape
+            ``(N, *a_in)`` and the tuple of parameter tensors, returns the next
+            state ``(N, *a_out)``, or the scalar loss for the last stage.
+        params: The stage's parameters ``x_l``, a tuple of tensors.
+        structure: Optional description used for fast derivative paths (set
+            by the ``nn.Sequential`` adapter; ``None`` means generic autodiff).
+    """
+
+    fn: StageFn
+    params: tuple[Tensor, ...]
+    structure: object | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if not callable(self.fn):
+            raise TypeError(f"Stage.fn must be callable, got {type(self.fn).__name__}")
+        if isinstance(self.params, Tensor):
+            self.params = (self.params,)
+        self.params = tuple(self.params)
+        for i, p in enumerate(self.params):
+            if not isinstance(p, Tensor):
+                raise TypeError(f"Stage.params[{i}] must be a torch.Tensor, got {type(p).__name__}")
+
+    @property
+    def num_params(self) -> int:
+        """Number of scalar parameters ``p_l`` of this stage."""
+        return sum(p.numel() for p in self.params)
+
+    def __call__(self, z: Tensor) -> Tensor:
+        """Apply the stage to ``z`` with its own parameters."""
+        return self.fn(z, self.params)
+
+
+def flatten_params(params: Sequence[Tensor]) -> Tensor:
+    """Concatenate tensors into one flat vector (row-major per tensor)."""
+    if len(params) == 0:
+        return torch.zeros(0)
+    return torch.cat([p.reshape(-1) for p in params])
+
+
+def unflatten_params(flat: Tensor, like: Sequence[Tensor]) -> tuple[Tensor, ...]:
+    """Split a flat vector into tensors shaped like ``like`` (inverse of flatten)."""
+    out = []
+    i = 0
+    for p in like:
+        n = p.numel()
+        out.append(flat[i : i + n].reshape(p.shape))
+        i += n
+    return tuple(out)
+
+
+class Pipeline:
+    """A validated list of stages and the pipeline's input ``z0``.
+
+    Args:
+        stages: The stages ``f_1..f_L``; the last returns a scalar.
+        z0: The input, batch in the first dimension.
+
+    Raises:
+        ValueError: Empty pipeline, non-finite input or parameters, mixed
+            devices, or a last stage that does not return a scalar.
+        TypeError: Mixed or non-floating dtypes.
+    """
+
+    def __init__(self, stages: Sequence[Stage], z0: Tensor) -> None:
+        stages = list(stages)
+        if len(stages) == 0:
+            raise ValueError("a pipeline needs at least one stage")
+        for i, s in enumerate(stages):
+            if not isinstance(s, Stage):
+                raise TypeError(f"stages[{i}] must be a hessinv.Stage, got {type(s).__name__}")
+        if not isinstance(z0, Tensor):
+            raise TypeError(f"z0 must be a torch.Tensor, got {type(z0).__name__}")
+        if z0.dim() < 1 or z0.shape[0] < 1:
+            raise ValueError(f"z0 must carry a non-empty batch in its first dimension, got {tuple(z0.shape)}")
+        params = [p for s in stages for p in s.params]
+        if not params:
+            raise ValueError("the pipeline has no parameters")
+        dtype, device = params[0].dtype, params[0].device
+        if not dtype.is_floating_point:
+            raise TypeError(f"parameters must be floating point, got {dtype}")
+        for p in params:
+            if p.dtype != dtype:
+                raise TypeError(f"all parameters must share one dtype: found {dtype} and {p.dtype}")
+            if p.device != device:
+                raise ValueError(f"all parameters must be on one device: found {device} and {p.device}")
+            if not torch.isfinite(p).all():
+                raise ValueError("a parameter contains NaN or Inf")
+        if z0.device != device:
+            raise ValueError(f"z0 is on {z0.device} but the parameters are on {device}")
+        if z0.dtype.is_floating_point and z0.dtype != dtype:
+            raise TypeError(f"z0 has dtype {z0.dtype} but the parameters have {dtype}")
+        if z0.dtype.is_floating_point and not torch.isfinite(z0).all():
+            raise ValueError("z0 contains NaN or Inf")
+        self.stages = stages
+        self.z0 = z0
+        self.dtype = dtype
+        self.device = device
+        self.batch_size = z0.shape[0]
+        self.param_shapes = [tuple(p.shape) for p in params]
+        self.stage_sizes = [s.num_params for s in stages]
+        self.num_params = sum(self.stage_sizes)
+
+    @property
+    def params(self) -> list[Tensor]:
+        """All parameter tensors, in flat order."""
+        return [p for s in self.stages for p in s.params]
+
+    def forward(self) -> list[Tensor]:
+        """Run the pipeline; return ``[z_0, z_1, ..., z_L]`` (``z_L`` the loss)."""
+        zs = [self.z0]
+        with torch.no_grad():
+            for i, s in enumerate(self.stages):
+                z = s(zs[-1])
+                if not isinstance(z, Tensor):
+                    raise TypeError(f"stage {i} returned {type(z).__name__}, not a tensor")
+                last = i == len(self.stages) - 1
+                if last and z.numel() != 1:
+                    raise ValueError(
+                        f"the last stage must return the scalar loss, got shape {tuple(z.shape)}"
+                    )
+                if not last and (z.dim() < 1 or z.shape[0] != self.batch_size):
+                    raise ValueError(
+                        f"stage {i} returned shape {tuple(z.shape)}; a non-final stage must keep the "
+                        f"batch of {self.batch_size} in its first dimension"
+                    )
+                if not torch.isfinite(z).all():
+                    raise ValueError(f"stage {i} produced NaN or Inf")
+                zs.append(z.reshape(()) if last else z)
+        return zs
+
+    def loss_of_flat(self, flat: Tensor) -> Tensor:
+        """The loss as a function of the flat parameter vector (for references)."""
+        z = self.z0
+        i = 0
+        for s in self.stages:
+            n = s.num_params
+            z = s.fn(z, unflatten_params(flat[i : i + n], s.params))
+            i += n
+        return z.reshape(())

@@ -1,0 +1,101 @@
+"""The gradient (paper eq. 8) and the exact Hessian-vector product (eq. 24).
+
+Both are computed from the per-stage blocks of :mod:`hessinv.derivatives`.
+With 0-based stages ``l = 0..L-1``, ``u_l`` the tangent of stage ``l``'s output
+and ``lam_l`` its adjoint (DESIGN.md section 2, the paper's appendix A)::
+
+    u_l   = Jz_l u_{l-1} + Jx_l v_l                       (u_{-1} = 0, eq. 53)
+    lam_l = Jz_{l+1}^T lam_{l+1} + Tzz_{l+1} u_l + Tzx_{l+1} v_{l+1}
+                                                        (lam_{L-1} = 0, eq. 52)
+    (H v)_l = Jx_l^T lam_l + Tzx_l^T u_{l-1} + Txx_l v_l  (eq. 52/54)
+
+which is eq. 24, ``H = D_D D_xx + D_D D_zx P M^{-1} D_x + D_x^T M^{-T} P^T
+D_M D_xz + D_x^T M^{-T} P^T D_M D_zz P M^{-1} D_x``, applied right to left:
+the forward recursion applies ``M^{-1} D_x``, the backward one ``M^{-T}``.
+Cost: one forward and one backward sweep of small batched matrix products,
+``O(sum_l N (a_l a_{l-1} + a_l p_l + a_{l-1} p_l) + p_l^2)`` per vector.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .derivatives import StageBlocks, stage_blocks
+from .pipeline import Pipeline
+
+
+def compute_blocks(pipeline: Pipeline, *, generic: bool = False) -> tuple[Tensor, list[StageBlocks]]:
+    """Forward pass, then every stage's blocks in one backward sweep.
+
+    Returns:
+        The loss ``z_L`` and the list of :class:`StageBlocks`, one per stage.
+    """
+    zs = pipeline.forward()
+    n_st = len(pipeline.stages)
+    blocks: list[StageBlocks | None] = [None] * n_st
+    cot = None
+    for l in reversed(range(n_st)):  # noqa: E741
+        blk = stage_blocks(
+            pipeline.stages[l], zs[l], cot, first=(l == 0), last=(l == n_st - 1), generic=generic
+        )
+        blocks[l] = blk
+        cot = blk.cot_in
+    return zs[-1], blocks  # type: ignore[return-value]
+
+
+def gradient(blocks: list[StageBlocks]) -> Tensor:
+    """The flat gradient ``e_L M^{-1} D_x`` (eq. 8), read off the backward sweep."""
+    return torch.cat([b.grad_x for b in blocks])
+
+
+def split_rows(v: Tensor, sizes: list[int]) -> list[Tensor]:
+    """Split the rows of ``v`` (``(W, k)``) into per-stage pieces."""
+    return list(torch.split(v, sizes, dim=0))
+
+
+def hvp(blocks: list[StageBlocks], v: Tensor) -> Tensor:
+    """``H v`` for a block of vectors ``v`` of shape ``(W, k)`` (eq. 24)."""
+    sizes = [b.num_params for b in blocks]
+    vs = split_rows(v, sizes)
+    n_st = len(blocks)
+    us: list[Tensor | None] = [None] * n_st
+    for l in range(n_st - 1):  # noqa: E741
+        b = blocks[l]
+        u = b.Jx @ vs[l]  # (N, a_l, k)
+        if l > 0:
+            u = u + b.Jz @ us[l - 1]
+        us[l] = u
+    out: list[Tensor] = [None] * n_st  # type: ignore[list-item]
+    lam = None
+    for l in reversed(range(n_st)):  # noqa: E741
+        b = blocks[l]
+        o = torch.zeros_like(vs[l])
+        if lam is not None:
+            o = o + torch.einsum("nap,nak->pk", b.Jx, lam)
+        if l > 0:
+            o = o + torch.einsum("nip,nik->pk", b.Tzx, us[l - 1])
+        if b.Txx is not None:
+            o = o + b.Txx @ vs[l]
+        out[l] = o
+        if l > 0:
+            # adjoint of stage l-1's output
+            new = b.Tzz @ us[l - 1] + b.Tzx @ vs[l]
+            if lam is not None:
+                new = new + b.Jz.transpose(-1, -2) @ lam
+            lam = new
+    return torch.cat(out, dim=0)
+
+
+def pearlmutter_hvp(pipeline: Pipeline, v: Tensor) -> Tensor:
+    """Reference ``H v`` by forward-over-reverse autodiff of the whole loss.
+
+    ``jvp(grad(loss))``: Pearlmutter's R-operator, independent of the blocks.
+    """
+    x = torch.cat([p.reshape(-1) for p in pipeline.params]).detach()
+
+    def g(xx: Tensor) -> Tensor:
+        return torch.func.grad(pipeline.loss_of_flat)(xx)
+
+    cols = [torch.func.jvp(g, (x,), (v[:, j],))[1] for j in range(v.shape[1])]
+    return torch.stack(cols, dim=1)
