@@ -83,7 +83,7 @@ class BlockTriLU:
             nk, nk1 = self.sizes[k], self.sizes[k + 1]
             nk2 = self.sizes[k + 2] if k + 2 < n_bl else 0
             panel = torch.cat([a_cur, upper[k].T], dim=0)
-            lu, piv = torch.linalg.lu_factor(panel)
+            lu, piv, _ = torch.linalg.lu_factor_ex(panel)
             perm, swaps = _perm_from_pivots(piv, nk + nk1)
             perm_t = torch.tensor(perm, device=panel.device)
             top_right = torch.cat([b_cur, b_cur.new_zeros(nk, nk2)], dim=1)
@@ -96,7 +96,7 @@ class BlockTriLU:
             self.steps.append(_Step(lu, perm_t, u12, nk))
             d = torch.diagonal(lu[:nk])
             sign, logabs, min_piv = self._acc(d, swaps, sign, logabs, min_piv)
-        lu, piv = torch.linalg.lu_factor(a_cur)
+        lu, piv, _ = torch.linalg.lu_factor_ex(a_cur)
         perm, swaps = _perm_from_pivots(piv, a_cur.shape[0])
         self.last = _Step(lu, torch.tensor(perm, device=a_cur.device), a_cur.new_zeros(0, 0), a_cur.shape[0])
         sign, logabs, min_piv = self._acc(torch.diagonal(lu), swaps, sign, logabs, min_piv)

@@ -88,14 +88,17 @@ def hvp(blocks: list[StageBlocks], v: Tensor) -> Tensor:
 
 
 def pearlmutter_hvp(pipeline: Pipeline, v: Tensor) -> Tensor:
-    """Reference ``H v`` by forward-over-reverse autodiff of the whole loss.
+    """Reference ``H v`` by autodiff of the whole loss, independent of the blocks.
 
-    ``jvp(grad(loss))``: Pearlmutter's R-operator, independent of the blocks.
+    Pearlmutter's trick as the paper's appendix A states it: ``H v`` is the
+    gradient of the directional derivative ``grad(loss) . v`` (double
+    backward; torch's forward-over-reverse fails on some losses, e.g.
+    ``mse_loss``).
     """
     x = torch.cat([p.reshape(-1) for p in pipeline.params]).detach()
 
-    def g(xx: Tensor) -> Tensor:
-        return torch.func.grad(pipeline.loss_of_flat)(xx)
+    def directional(xx: Tensor, vv: Tensor) -> Tensor:
+        return torch.func.grad(pipeline.loss_of_flat)(xx) @ vv
 
-    cols = [torch.func.jvp(g, (x,), (v[:, j],))[1] for j in range(v.shape[1])]
+    cols = [torch.func.grad(directional)(x, v[:, j]) for j in range(v.shape[1])]
     return torch.stack(cols, dim=1)

@@ -1,0 +1,219 @@
+"""A catalogue of networks, losses and batches, and independent dense references.
+
+The reference loss is built from the model itself with ``functional_call``,
+not from hessinv's stages. Its one substitution: ``nn.LayerNorm`` is replaced
+by a module written here from elementary operations, because torch's fused
+``layer_norm`` has wrong mixed second derivatives (pytorch#196700).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+DT = torch.float64
+
+
+class RefLayerNorm(nn.Module):
+    """Test-local layer norm with correct derivatives of every order."""
+
+    def __init__(self, ln: nn.LayerNorm) -> None:
+        super().__init__()
+        self.shape = tuple(ln.normalized_shape)
+        self.eps = ln.eps
+        self.weight = ln.weight
+        self.bias = ln.bias
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        dims = tuple(range(-len(self.shape), 0))
+        mu = z.mean(dim=dims, keepdim=True)
+        var = ((z - mu) ** 2).mean(dim=dims, keepdim=True)
+        out = (z - mu) * torch.rsqrt(var + self.eps)
+        if self.weight is not None:
+            out = out * self.weight
+        if self.bias is not None:
+            out = out + self.bias
+        return out
+
+
+def _swap_layernorm(m: nn.Module) -> nn.Module:
+    for name, child in m.named_children():
+        if isinstance(child, nn.LayerNorm):
+            setattr(m, name, RefLayerNorm(child))
+        else:
+            _swap_layernorm(child)
+    return m
+
+
+def reference_loss_fn(model: nn.Module, loss_func, X, y) -> tuple[Callable, torch.Tensor]:
+    """``(f, x0)``: the loss as a function of the flat trainable parameters."""
+    ref = _swap_layernorm(copy.deepcopy(model))
+    names = [n for n, p in ref.named_parameters() if p.requires_grad]
+    shapes = [p.shape for n, p in ref.named_parameters() if p.requires_grad]
+    x0 = torch.cat([p.detach().reshape(-1) for n, p in ref.named_parameters() if p.requires_grad])
+
+    def f(flat: torch.Tensor) -> torch.Tensor:
+        ps, i = {}, 0
+        for n, s in zip(names, shapes):
+            k = int(torch.tensor(s).prod()) if len(s) else 1
+            ps[n] = flat[i : i + k].reshape(s)
+            i += k
+        return loss_func(torch.func.functional_call(ref, ps, (X,)), y)
+
+    return f, x0
+
+
+@dataclass
+class Case:
+    name: str
+    build: Callable[[torch.Generator], tuple[nn.Module, object, torch.Tensor, torch.Tensor]]
+
+
+def _reg(n, d_in, d_out, g):
+    return torch.randn(n, d_in, generator=g, dtype=DT), torch.randn(n, d_out, generator=g, dtype=DT)
+
+
+def _cls(n, d_in, k, g):
+    return torch.randn(n, d_in, generator=g, dtype=DT), torch.randint(0, k, (n,), generator=g)
+
+
+def _mlp(*mods):
+    return nn.Sequential(*mods).to(DT)
+
+
+def c_tanh_mse_mean(g):
+    X, y = _reg(4, 3, 2, g)
+    return _mlp(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 2)), nn.MSELoss(), X, y
+
+
+def c_sigmoid_mse_sum_n1(g):
+    X, y = _reg(1, 4, 2, g)
+    return _mlp(nn.Linear(4, 3), nn.Sigmoid(), nn.Linear(3, 2)), nn.MSELoss(reduction="sum"), X, y
+
+
+def c_gelu_ce_uneven_n16(g):
+    X, y = _cls(16, 5, 3, g)
+    return _mlp(nn.Linear(5, 7), nn.GELU(), nn.Linear(7, 2), nn.GELU(), nn.Linear(2, 3)), nn.CrossEntropyLoss(), X, y
+
+
+def c_silu_softplus_bce(g):
+    X = torch.randn(5, 3, generator=g, dtype=DT)
+    y = torch.randint(0, 2, (5, 2), generator=g).to(DT)
+    return _mlp(nn.Linear(3, 4), nn.SiLU(), nn.Linear(4, 4), nn.Softplus(), nn.Linear(4, 2)), nn.BCEWithLogitsLoss(), X, y
+
+
+def c_elu_leaky_nll_sum(g):
+    X, y = _cls(3, 4, 3, g)
+    return (
+        _mlp(nn.Linear(4, 4), nn.ELU(), nn.Linear(4, 3), nn.LeakyReLU(0.1), nn.Linear(3, 3), nn.LogSoftmax(dim=1)),
+        nn.NLLLoss(reduction="sum"),
+        X,
+        y,
+    )
+
+
+def c_relu_ce_sum(g):
+    X, y = _cls(8, 3, 4, g)
+    return _mlp(nn.Linear(3, 6), nn.ReLU(), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 4)), nn.CrossEntropyLoss(reduction="sum"), X, y
+
+
+def c_conv1d(g):
+    X = torch.randn(3, 2, 7, generator=g, dtype=DT)
+    y = torch.randn(3, 2, generator=g, dtype=DT)
+    m = _mlp(nn.Conv1d(2, 3, 3, padding=1, stride=2), nn.Tanh(), nn.Flatten(), nn.Linear(12, 2))
+    return m, nn.MSELoss(), X, y
+
+
+def c_conv2d_ce(g):
+    X = torch.randn(2, 1, 5, 5, generator=g, dtype=DT)
+    y = torch.randint(0, 3, (2,), generator=g)
+    m = _mlp(nn.Conv2d(1, 2, 3, padding=1), nn.Sigmoid(), nn.Conv2d(2, 2, 2, stride=2, dilation=1), nn.Tanh(), nn.Flatten(), nn.Linear(8, 3))
+    return m, nn.CrossEntropyLoss(), X, y
+
+
+def c_layernorm(g):
+    X, y = _reg(4, 3, 2, g)
+    m = _mlp(nn.Linear(3, 5), nn.LayerNorm(5), nn.Tanh(), nn.Linear(5, 2))
+    with torch.no_grad():
+        m[1].weight.add_(0.3 * torch.randn(5, generator=g, dtype=DT))
+        m[1].bias.add_(0.3 * torch.randn(5, generator=g, dtype=DT))
+    return m, nn.MSELoss(), X, y
+
+
+def c_nested_dropout_identity(g):
+    X, y = _reg(2, 3, 3, g)
+    m = _mlp(nn.Flatten(), nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.5), nn.Tanh()), nn.Identity(), nn.Sequential(nn.Linear(4, 3)))
+    m.eval()
+    return m, nn.MSELoss(), X, y
+
+
+def c_frozen_nobias(g):
+    X, y = _reg(3, 4, 2, g)
+    m = _mlp(nn.Linear(4, 4, bias=False), nn.Tanh(), nn.Linear(4, 3), nn.Sigmoid(), nn.Linear(3, 2))
+    m[2].bias.requires_grad_(False)
+    return m, nn.MSELoss(reduction="sum"), X, y
+
+
+def c_single_stage(g):
+    X, y = _reg(2, 3, 2, g)
+    return _mlp(nn.Linear(3, 2)), nn.MSELoss(), X, y
+
+
+def c_deep_narrow(g):
+    X, y = _reg(2, 3, 1, g)
+    mods = [nn.Linear(3, 3), nn.Tanh()]
+    for _ in range(5):
+        mods += [nn.Linear(3, 3), nn.Tanh()]
+    mods += [nn.Linear(3, 1)]
+    return _mlp(*mods), nn.MSELoss(), X, y
+
+
+def c_softmax_tail(g):
+    X, y = _reg(3, 3, 2, g)
+    return _mlp(nn.Linear(3, 4), nn.Softmax(dim=1), nn.Linear(4, 2)), nn.MSELoss(), X, y
+
+
+def c_mish_callable_loss(g):
+    X, y = _reg(4, 2, 2, g)
+
+    def loss(out, t):
+        return ((out - t) ** 4).sum() / 4
+
+    return _mlp(nn.Linear(2, 3), nn.Mish(), nn.Linear(3, 2)), loss, X, y
+
+
+CASES = [
+    Case(f.__name__[2:], f)
+    for f in [
+        c_tanh_mse_mean,
+        c_sigmoid_mse_sum_n1,
+        c_gelu_ce_uneven_n16,
+        c_silu_softplus_bce,
+        c_elu_leaky_nll_sum,
+        c_relu_ce_sum,
+        c_conv1d,
+        c_conv2d_ce,
+        c_layernorm,
+        c_nested_dropout_identity,
+        c_frozen_nobias,
+        c_single_stage,
+        c_deep_narrow,
+        c_softmax_tail,
+        c_mish_callable_loss,
+    ]
+]
+
+
+def build(case: Case, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    return case.build(g)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """``||a - b|| / ||b||`` (max with tiny)."""
+    return float(torch.linalg.norm(a - b) / torch.linalg.norm(b).clamp_min(1e-300))
