@@ -9,8 +9,8 @@ by a module written here from elementary operations, because torch's fused
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn
@@ -58,7 +58,7 @@ def reference_loss_fn(model: nn.Module, loss_func, X, y) -> tuple[Callable, torc
 
     def f(flat: torch.Tensor) -> torch.Tensor:
         ps, i = {}, 0
-        for n, s in zip(names, shapes):
+        for n, s in zip(names, shapes, strict=True):
             k = int(torch.tensor(s).prod()) if len(s) else 1
             ps[n] = flat[i : i + k].reshape(s)
             i += k
@@ -87,7 +87,12 @@ def _mlp(*mods):
 
 def c_tanh_mse_mean(g):
     X, y = _reg(4, 3, 2, g)
-    return _mlp(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 2)), nn.MSELoss(), X, y
+    return (
+        _mlp(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 2)),
+        nn.MSELoss(),
+        X,
+        y,
+    )
 
 
 def c_sigmoid_mse_sum_n1(g):
@@ -97,19 +102,36 @@ def c_sigmoid_mse_sum_n1(g):
 
 def c_gelu_ce_uneven_n16(g):
     X, y = _cls(16, 5, 3, g)
-    return _mlp(nn.Linear(5, 7), nn.GELU(), nn.Linear(7, 2), nn.GELU(), nn.Linear(2, 3)), nn.CrossEntropyLoss(), X, y
+    return (
+        _mlp(nn.Linear(5, 7), nn.GELU(), nn.Linear(7, 2), nn.GELU(), nn.Linear(2, 3)),
+        nn.CrossEntropyLoss(),
+        X,
+        y,
+    )
 
 
 def c_silu_softplus_bce(g):
     X = torch.randn(5, 3, generator=g, dtype=DT)
     y = torch.randint(0, 2, (5, 2), generator=g).to(DT)
-    return _mlp(nn.Linear(3, 4), nn.SiLU(), nn.Linear(4, 4), nn.Softplus(), nn.Linear(4, 2)), nn.BCEWithLogitsLoss(), X, y
+    return (
+        _mlp(nn.Linear(3, 4), nn.SiLU(), nn.Linear(4, 4), nn.Softplus(), nn.Linear(4, 2)),
+        nn.BCEWithLogitsLoss(),
+        X,
+        y,
+    )
 
 
 def c_elu_leaky_nll_sum(g):
     X, y = _cls(3, 4, 3, g)
     return (
-        _mlp(nn.Linear(4, 4), nn.ELU(), nn.Linear(4, 3), nn.LeakyReLU(0.1), nn.Linear(3, 3), nn.LogSoftmax(dim=1)),
+        _mlp(
+            nn.Linear(4, 4),
+            nn.ELU(),
+            nn.Linear(4, 3),
+            nn.LeakyReLU(0.1),
+            nn.Linear(3, 3),
+            nn.LogSoftmax(dim=1),
+        ),
         nn.NLLLoss(reduction="sum"),
         X,
         y,
@@ -118,7 +140,12 @@ def c_elu_leaky_nll_sum(g):
 
 def c_relu_ce_sum(g):
     X, y = _cls(8, 3, 4, g)
-    return _mlp(nn.Linear(3, 6), nn.ReLU(), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 4)), nn.CrossEntropyLoss(reduction="sum"), X, y
+    return (
+        _mlp(nn.Linear(3, 6), nn.ReLU(), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 4)),
+        nn.CrossEntropyLoss(reduction="sum"),
+        X,
+        y,
+    )
 
 
 def c_conv1d(g):
@@ -131,7 +158,14 @@ def c_conv1d(g):
 def c_conv2d_ce(g):
     X = torch.randn(2, 1, 5, 5, generator=g, dtype=DT)
     y = torch.randint(0, 3, (2,), generator=g)
-    m = _mlp(nn.Conv2d(1, 2, 3, padding=1), nn.Sigmoid(), nn.Conv2d(2, 2, 2, stride=2, dilation=1), nn.Tanh(), nn.Flatten(), nn.Linear(8, 3))
+    m = _mlp(
+        nn.Conv2d(1, 2, 3, padding=1),
+        nn.Sigmoid(),
+        nn.Conv2d(2, 2, 2, stride=2, dilation=1),
+        nn.Tanh(),
+        nn.Flatten(),
+        nn.Linear(8, 3),
+    )
     return m, nn.CrossEntropyLoss(), X, y
 
 
@@ -146,7 +180,12 @@ def c_layernorm(g):
 
 def c_nested_dropout_identity(g):
     X, y = _reg(2, 3, 3, g)
-    m = _mlp(nn.Flatten(), nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.5), nn.Tanh()), nn.Identity(), nn.Sequential(nn.Linear(4, 3)))
+    m = _mlp(
+        nn.Flatten(),
+        nn.Sequential(nn.Linear(3, 4), nn.Dropout(0.5), nn.Tanh()),
+        nn.Identity(),
+        nn.Sequential(nn.Linear(4, 3)),
+    )
     m.eval()
     return m, nn.MSELoss(), X, y
 

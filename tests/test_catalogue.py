@@ -22,7 +22,7 @@ def setup(request):
 
 
 def test_shape_and_order(setup):
-    H, f, x0, *_ , (model, *_rest) = setup
+    H, f, x0, *_, (model, *_rest) = setup
     W = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert H.shape == (W, W) and H.num_params == W
     assert H.dtype == DT and H.device == x0.device
@@ -74,7 +74,7 @@ def test_hvp_pearlmutter(setup):
 def test_generic_path_equals_fast_path(setup):
     H, f, x0, Href, gref, (model, loss, X, y) = setup
     Hg = hessinv.Hessian(model, loss, X, y, generic=True)
-    for a, b in zip(H.blocks, Hg.blocks):
+    for a, b in zip(H.blocks, Hg.blocks, strict=True):
         for name in ("Jz", "Jx", "Tzz", "Tzx"):
             ba, bb = getattr(a, name), getattr(b, name)
             assert (ba is None) == (bb is None), name

@@ -25,7 +25,11 @@ class KrylovInfo:
 
 
 def cg(
-    matvec: Callable[[Tensor], Tensor], b: Tensor, *, rtol: float = 1e-10, maxiter: int | None = None
+    matvec: Callable[[Tensor], Tensor],
+    b: Tensor,
+    *,
+    rtol: float = 1e-10,
+    maxiter: int | None = None,
 ) -> tuple[Tensor, KrylovInfo]:
     """Conjugate gradients for ``A x = b`` (``b`` of shape ``(W,)``), ``A`` SPD.
 
@@ -59,7 +63,11 @@ def cg(
 
 
 def minres(
-    matvec: Callable[[Tensor], Tensor], b: Tensor, *, rtol: float = 1e-10, maxiter: int | None = None
+    matvec: Callable[[Tensor], Tensor],
+    b: Tensor,
+    *,
+    rtol: float = 1e-10,
+    maxiter: int | None = None,
 ) -> tuple[Tensor, KrylovInfo]:
     """MINRES (Paige & Saunders) for symmetric, possibly indefinite ``A x = b``.
 

@@ -72,7 +72,9 @@ class BlockTriLU:
         self.steps: list[_Step] = []
         self.scale = max(float(d.abs().max()) if d.numel() else 0.0 for d in diag)
         if upper:
-            self.scale = max(self.scale, max(float(u.abs().max()) if u.numel() else 0.0 for u in upper))
+            self.scale = max(
+                self.scale, max(float(u.abs().max()) if u.numel() else 0.0 for u in upper)
+            )
         n_bl = len(diag)
         sign = 1.0
         logabs = 0.0
@@ -98,7 +100,9 @@ class BlockTriLU:
             sign, logabs, min_piv = self._acc(d, swaps, sign, logabs, min_piv)
         lu, piv, _ = torch.linalg.lu_factor_ex(a_cur)
         perm, swaps = _perm_from_pivots(piv, a_cur.shape[0])
-        self.last = _Step(lu, torch.tensor(perm, device=a_cur.device), a_cur.new_zeros(0, 0), a_cur.shape[0])
+        self.last = _Step(
+            lu, torch.tensor(perm, device=a_cur.device), a_cur.new_zeros(0, 0), a_cur.shape[0]
+        )
         sign, logabs, min_piv = self._acc(torch.diagonal(lu), swaps, sign, logabs, min_piv)
         self._sign, self._logabs, self.min_pivot = sign, logabs, min_piv
         eps = torch.finfo(diag[0].dtype).eps

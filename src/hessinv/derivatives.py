@@ -118,6 +118,7 @@ class AutodiffDerivatives:
             return self.fn(zz.reshape(shape_in), unflatten_params(xx, self.params))
 
         if last:
+
             def s(zz: Tensor, xx: Tensor) -> Tensor:
                 return f(zz, xx).reshape(())
         else:
@@ -171,6 +172,7 @@ class ElementwiseDerivatives:
         second = grad(lambda q: d1(q).sum())(y)
         n = y.shape[0]
         return first.reshape(n, -1), second.reshape(n, -1)
+
 
 class LinearDerivatives:
     """``y = W z + c`` (``nn.Linear``), per sample.

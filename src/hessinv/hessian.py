@@ -3,7 +3,8 @@
 >>> import torch, hessinv
 >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
 <torch._C.Generator object at ...>
->>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1)).double()
+>>> nn = torch.nn
+>>> model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).double()
 >>> X, y = torch.randn(8, 3, dtype=torch.float64), torch.randn(8, 1, dtype=torch.float64)
 >>> H = hessinv.Hessian(model, torch.nn.MSELoss(), X, y)
 >>> H.shape
@@ -73,7 +74,9 @@ class HessianFactorization:
         rhs = lifted_rhs(g, self.op.blocks)
         return lifted_extract(self.lu.solve(rhs), self.op.blocks)
 
-    def solve(self, g: VectorLike, *, check: bool = True, check_rtol: float | None = None) -> VectorLike:
+    def solve(
+        self, g: VectorLike, *, check: bool = True, check_rtol: float | None = None
+    ) -> VectorLike:
         """``x = (H + damping I)^{-1} g`` for ``g`` flat, ``(W, k)`` or per-parameter.
 
         Raises:
@@ -176,7 +179,12 @@ class Hessian:
 
     @classmethod
     def from_stages(
-        cls, stages: Sequence[Stage], z0: Tensor, *, generic: bool = False, check_mixing: bool = True
+        cls,
+        stages: Sequence[Stage],
+        z0: Tensor,
+        *,
+        generic: bool = False,
+        check_mixing: bool = True,
     ) -> Hessian:
         """Build the operator of a functional pipeline.
 
@@ -258,8 +266,14 @@ class Hessian:
             out = apply(t2)
             return out.detach().cpu().numpy().reshape(x.shape)
 
-        return LinearOperator(self.shape, matvec=mm, matmat=mm, rmatvec=mm, rmatmat=mm,
-                              dtype=np.dtype(str(self.dtype).replace("torch.", "")))
+        return LinearOperator(
+            self.shape,
+            matvec=mm,
+            matmat=mm,
+            rmatvec=mm,
+            rmatmat=mm,
+            dtype=np.dtype(str(self.dtype).replace("torch.", "")),
+        )
 
     def to_scipy(self):  # noqa: ANN201
         """A ``scipy.sparse.linalg.LinearOperator`` for ``H`` (symmetric)."""
@@ -293,8 +307,10 @@ class Hessian:
         ``dense``: forming ``H`` by ``W`` products (``W * sum_l 4 N (a_l a_{l-1} +
         2 a_l p_l)``) plus an LU, ``2 W^3 / 3``.
         """
-        sizes = [b.num_params + (0 if b.Jx is None else 2 * b.Jx.shape[0] * b.Jx.shape[1])
-                 for b in self.blocks]
+        sizes = [
+            b.num_params + (0 if b.Jx is None else 2 * b.Jx.shape[0] * b.Jx.shape[1])
+            for b in self.blocks
+        ]
         lifted = 0.0
         for i, n in enumerate(sizes):
             n1 = sizes[i + 1] if i + 1 < len(sizes) else 0
@@ -345,7 +361,9 @@ class Hessian:
             return self.factor(d).solve(g, check=check, check_rtol=check_rtol)
         gm, form = self.layout.to_matrix(g, "g")
         if method == "dense":
-            a = self.to_dense() + d * torch.eye(self.num_params, dtype=self.dtype, device=self.device)
+            a = self.to_dense() + d * torch.eye(
+                self.num_params, dtype=self.dtype, device=self.device
+            )
             lu, piv, info = torch.linalg.lu_factor_ex(a)
             if int(info) != 0:
                 raise SingularHessianError(f"dense LU found a zero pivot. {HINT}")
@@ -354,8 +372,12 @@ class Hessian:
             fn = baselines.minres if method == "minres" else baselines.cg
             cols = []
             for j in range(gm.shape[1]):
-                xj, info = fn(lambda v: self.matmat(v[:, None])[:, 0] + d * v, gm[:, j],
-                              rtol=rtol, maxiter=maxiter)
+                xj, info = fn(
+                    lambda v: self.matmat(v[:, None])[:, 0] + d * v,
+                    gm[:, j],
+                    rtol=rtol,
+                    maxiter=maxiter,
+                )
                 if not info.converged:
                     raise SingularHessianError(
                         f"{method} did not reach rtol={rtol:g} in {info.iterations} iterations "
@@ -378,13 +400,13 @@ class Hessian:
         gn = torch.linalg.vector_norm(g, dim=0).clamp_min(torch.finfo(g.dtype).tiny)
         return torch.linalg.vector_norm(r, dim=0) / gn
 
-    def _check_residual(self, x: Tensor, g: Tensor, damping: float, check_rtol: float | None) -> None:
+    def _check_residual(
+        self, x: Tensor, g: Tensor, damping: float, check_rtol: float | None
+    ) -> None:
         tol = default_check_rtol(self.dtype) if check_rtol is None else check_rtol
         res = float(self.residual(x, g, damping).max())
         if not res <= tol:
-            raise SingularHessianError(
-                f"relative residual {res:.2e} exceeds {tol:.1e}. {HINT}"
-            )
+            raise SingularHessianError(f"relative residual {res:.2e} exceeds {tol:.1e}. {HINT}")
 
 
 def _check_no_mixing(pipeline: Pipeline) -> None:
@@ -402,6 +424,7 @@ def _check_no_mixing(pipeline: Pipeline) -> None:
         t[0] = torch.randn(z[0].shape, generator=gen, dtype=z.dtype).to(z.device)
         last = i == len(pipeline.stages) - 1
         if last:
+
             def gz(zz: Tensor, st: Stage = st) -> Tensor:
                 return torch.func.grad(lambda q: st.fn(q, st.params).reshape(()))(zz)
 

@@ -97,7 +97,9 @@ class Pipeline:
         if not isinstance(z0, Tensor):
             raise TypeError(f"z0 must be a torch.Tensor, got {type(z0).__name__}")
         if z0.dim() < 1 or z0.shape[0] < 1:
-            raise ValueError(f"z0 must carry a non-empty batch in its first dimension, got {tuple(z0.shape)}")
+            raise ValueError(
+                f"z0 must carry a non-empty batch in its first dimension, got {tuple(z0.shape)}"
+            )
         params = [p for s in stages for p in s.params]
         if not params:
             raise ValueError("the pipeline has no parameters")
@@ -108,7 +110,9 @@ class Pipeline:
             if p.dtype != dtype:
                 raise TypeError(f"all parameters must share one dtype: found {dtype} and {p.dtype}")
             if p.device != device:
-                raise ValueError(f"all parameters must be on one device: found {device} and {p.device}")
+                raise ValueError(
+                    f"all parameters must be on one device: found {device} and {p.device}"
+                )
             if not torch.isfinite(p).all():
                 raise ValueError("a parameter contains NaN or Inf")
         if z0.device != device:
@@ -146,7 +150,8 @@ class Pipeline:
                     )
                 if not last and (z.dim() < 1 or z.shape[0] != self.batch_size):
                     raise ValueError(
-                        f"stage {i} returned shape {tuple(z.shape)}; a non-final stage must keep the "
+                        f"stage {i} returned shape {tuple(z.shape)}; a non-final stage must "
+                        "keep the "
                         f"batch of {self.batch_size} in its first dimension"
                     )
                 if not torch.isfinite(z).all():

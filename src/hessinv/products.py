@@ -25,7 +25,9 @@ from .derivatives import StageBlocks, stage_blocks
 from .pipeline import Pipeline
 
 
-def compute_blocks(pipeline: Pipeline, *, generic: bool = False) -> tuple[Tensor, list[StageBlocks]]:
+def compute_blocks(
+    pipeline: Pipeline, *, generic: bool = False
+) -> tuple[Tensor, list[StageBlocks]]:
     """Forward pass, then every stage's blocks in one backward sweep.
 
     Returns:

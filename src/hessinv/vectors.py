@@ -65,7 +65,9 @@ class Layout:
             if v.shape[0] != w:
                 raise ValueError(f"{what} has {v.shape[0]} rows; expected {w}")
             return v, "matrix"
-        raise ValueError(f"{what} must be (W,), (W, k) or a list of tensors; got shape {tuple(v.shape)}")
+        raise ValueError(
+            f"{what} must be (W,), (W, k) or a list of tensors; got shape {tuple(v.shape)}"
+        )
 
     def from_matrix(self, m: Tensor, form: str) -> Tensor | list[Tensor]:
         """Inverse of :meth:`to_matrix`."""

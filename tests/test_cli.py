@@ -1,0 +1,69 @@
+"""The ``hessinv demo`` command on a small problem."""
+
+import pytest
+
+from hessinv.cli import main
+
+
+def test_demo_small(capsys):
+    assert main(["demo", "--depth", "6", "--width", "3", "--batch", "2", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    for key in (
+        "parameters",
+        "H @ v",
+        "exact solve",
+        "dense solve",
+        "residual",
+        "inertia",
+        "log|det|",
+    ):
+        assert key in out
+    res = [
+        float(line.split()[1]) for line in out.splitlines() if line.strip().startswith("residual")
+    ]
+    assert len(res) == 2 and max(res) < 1e-10
+
+
+def test_demo_float32_and_singular(capsys):
+    assert (
+        main(
+            [
+                "demo",
+                "--depth",
+                "4",
+                "--width",
+                "3",
+                "--batch",
+                "2",
+                "--dtype",
+                "float32",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    # batch 1 and no damping: H is exactly singular, the demo says so and exits non-zero
+    assert (
+        main(
+            [
+                "demo",
+                "--depth",
+                "3",
+                "--width",
+                "4",
+                "--batch",
+                "1",
+                "--damping",
+                "0",
+                "--quiet",
+                "--no-dense",
+            ]
+        )
+        == 2
+    )
+    assert "damping" in capsys.readouterr().err
+
+
+def test_bad_arguments():
+    with pytest.raises(SystemExit):
+        main(["demo", "--depth", "0"])
