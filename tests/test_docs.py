@@ -1,0 +1,26 @@
+"""Every ``python`` code block of the README and docs/ runs (so the docs cannot rot)."""
+
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def blocks():
+    out = []
+    for path in DOCS:
+        text = path.read_text()
+        ns_blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+        if ns_blocks:
+            out.append(pytest.param(ns_blocks, id=path.name))
+    return out
+
+
+@pytest.mark.parametrize("code_blocks", blocks())
+def test_doc_blocks_run(code_blocks):
+    ns: dict = {}
+    for code in code_blocks:  # blocks of one page share a namespace, in order
+        exec(compile(code, "<doc>", "exec"), ns)
