@@ -106,7 +106,7 @@ class BlockTriLU:
         sign, logabs, min_piv = self._acc(torch.diagonal(lu), swaps, sign, logabs, min_piv)
         self._sign, self._logabs, self.min_pivot = sign, logabs, min_piv
         eps = torch.finfo(diag[0].dtype).eps
-        self.tol = eps * max(self.scale, 1e-300)
+        self.tol = eps * max(self.sizes) * max(self.scale, 1e-300)
 
     @staticmethod
     def _acc(d: Tensor, swaps: int, sign: float, logabs: float, min_piv: float):  # noqa: ANN205
@@ -122,7 +122,7 @@ class BlockTriLU:
 
     @property
     def singular(self) -> bool:
-        """True if some pivot is zero or below ``eps ||K||_max`` (roundoff level)."""
+        """True if some pivot is at round-off level: ``<= eps max_k(n_k) ||K||_max``."""
         return self.min_pivot <= self.tol
 
     def slogdet(self) -> tuple[float, float]:

@@ -50,7 +50,11 @@ class StageBlocks:
     ``Jz``, ``Tzz`` and ``Tzx`` are ``None`` for the first stage (its input is
     data, ``u_0 = 0``); ``Jz`` and ``Jx`` are ``None`` for the last stage
     (``lambda_L = 0``); ``Txx`` is ``None`` when the stage's output is linear
-    in its parameters.
+    in its parameters. ``x_span`` (``(N, r, p)`` or ``None``), when given,
+    promises that the rows of ``x_span`` and ``Tzx`` span every row of ``Jx``,
+    ``Tzx`` and ``Txx``: then the parameter directions orthogonal to them are
+    null directions of ``H`` that the lifted system can drop (a layer whose
+    output is linear in its parameters, ``x_span = d layer / dx``).
     """
 
     Jz: Tensor | None
@@ -60,6 +64,7 @@ class StageBlocks:
     Txx: Tensor | None
     grad_x: Tensor
     cot_in: Tensor | None
+    x_span: Tensor | None = None
 
     @property
     def num_params(self) -> int:
@@ -156,21 +161,58 @@ class ElementwiseDerivatives:
     """A coordinate-wise map ``y -> phi(y)``: ``Jz = diag(phi')``, ``Tzz = diag(b phi'')``.
 
     ``phi' = grad(sum phi)`` and ``phi'' = grad(sum phi')``, exact because the
-    Jacobian is diagonal. Cost: two backward passes, ``O(N a)``.
+    Jacobian is diagonal; closed forms for a lone Tanh, Sigmoid, ReLU or
+    LeakyReLU (tested equal). Cost ``O(N a)``.
     """
 
-    def __init__(self, fn) -> None:  # noqa: ANN001
+    def __init__(self, fn, modules: list[nn.Module] | None = None) -> None:  # noqa: ANN001
         self.fn = fn
+        self.modules = modules
+
+    def _closed_form(self, y: Tensor) -> tuple[Tensor, Tensor] | None:
+        """``(phi', phi'')`` in closed form for a lone Tanh, Sigmoid, ReLU or LeakyReLU.
+
+        (Identity, Dropout in eval mode and per-sample Flatten are skipped.)
+        """
+        if self.modules is None:
+            return None
+        acts = [
+            m
+            for m in self.modules
+            if not isinstance(m, (nn.Identity, nn.Flatten, nn.modules.dropout._DropoutNd))
+        ]
+        if not acts:
+            return torch.ones_like(y), torch.zeros_like(y)
+        if len(acts) != 1:
+            return None
+        m = acts[0]
+        if isinstance(m, nn.Tanh):
+            t = torch.tanh(y)
+            d1 = 1.0 - t * t
+            return d1, -2.0 * t * d1
+        if isinstance(m, nn.Sigmoid):
+            sg = torch.sigmoid(y)
+            d1 = sg * (1.0 - sg)
+            return d1, d1 * (1.0 - 2.0 * sg)
+        if type(m) is nn.ReLU:
+            return (y > 0).to(y.dtype), torch.zeros_like(y)
+        if isinstance(m, nn.LeakyReLU):
+            slope = torch.full_like(y, m.negative_slope)
+            return torch.where(y > 0, torch.ones_like(y), slope), torch.zeros_like(y)
+        return None
 
     def diag(self, y: Tensor) -> tuple[Tensor, Tensor]:
         """Return ``(phi'(y), phi''(y))`` flattened per sample, shape ``(N, a)``."""
+        n = y.shape[0]
+        closed = self._closed_form(y)
+        if closed is not None:
+            return closed[0].reshape(n, -1), closed[1].reshape(n, -1)
 
         def d1(yy: Tensor) -> Tensor:
             return grad(lambda q: self.fn(q).sum())(yy)
 
         first = d1(y)
         second = grad(lambda q: d1(q).sum())(y)
-        n = y.shape[0]
         return first.reshape(n, -1), second.reshape(n, -1)
 
 
@@ -351,7 +393,7 @@ def structured_blocks(
         tg = tb.Tzz
         jg_apply = None
     elif st.elementwise_tail:
-        d1, d2 = ElementwiseDerivatives(st.tail_fn).diag(y)
+        d1, d2 = ElementwiseDerivatives(st.tail_fn, st.tail).diag(y)
         cotf = cot.reshape(n, -1)
         b_y = d1 * cotf
         tg = torch.diag_embed(cotf * d2)
@@ -397,7 +439,10 @@ def structured_blocks(
         jx = jg_apply(jfx_t)
         if not first:
             jz = jg_apply(jfz_t)
-    return StageBlocks(jz, jx, tzz, tzx, txx, grad_x, cot_in)
+    # Linear/Conv: Jx = Jg Jf_x, Txx = Jf_x^T Tg Jf_x, so the rows of Jf_x (with Tzx)
+    # span every parameter direction the stage's blocks see.
+    x_span = jfx_t if layer_auto is None else None
+    return StageBlocks(jz, jx, tzz, tzx, txx, grad_x, cot_in, x_span)
 
 
 def stage_blocks(

@@ -28,7 +28,7 @@ from .blocktri import BlockTriLU, InertiaResult, block_tri_inertia
 from .derivatives import StageBlocks
 from .errors import HINT, SingularHessianError
 from .layers import stages_from_sequential
-from .lifted import lifted_blocks, lifted_extract, lifted_rhs, num_constraints
+from .lifted import LiftedSystem
 from .pipeline import Pipeline, Stage
 from .products import compute_blocks, gradient, hvp
 from .vectors import Layout
@@ -65,60 +65,89 @@ class HessianFactorization:
     def __init__(self, op: Hessian, damping: float) -> None:
         self.op = op
         self.damping = _check_damping(damping)
-        self._diag, self._upper = lifted_blocks(op.blocks, self.damping)
-        self.lu = BlockTriLU(self._diag, self._upper)
-        self.m = num_constraints(op.blocks)
+        self.system = LiftedSystem(op.blocks, self.damping)
+        self.lu = BlockTriLU(self.system.diag, self.system.upper)
+        self.m = self.system.m
         self._inertia: InertiaResult | None = None
 
-    def _raw_solve(self, g: Tensor) -> Tensor:
-        rhs = lifted_rhs(g, self.op.blocks)
-        return lifted_extract(self.lu.solve(rhs), self.op.blocks)
+    @property
+    def singular(self) -> bool:
+        """True if ``H + damping I`` is singular to working precision (zero pivot)."""
+        return self.lu.singular or self.system.singular_by_structure
 
     def solve(
-        self, g: VectorLike, *, check: bool = True, check_rtol: float | None = None
+        self,
+        g: VectorLike,
+        *,
+        check: bool = True,
+        check_rtol: float | None = None,
+        refine: int = 1,
     ) -> VectorLike:
         """``x = (H + damping I)^{-1} g`` for ``g`` flat, ``(W, k)`` or per-parameter.
 
+        ``refine`` steps of iterative refinement (one ``H @ v`` and one pass
+        over the factors each) follow the solve. One step removes the error
+        of the dropped null directions (their ``1/damping`` amplifies the
+        round-off of the projection, :mod:`hessinv.lifted`) and brings the
+        residual to the level of a dense LU or below.
+
         Raises:
-            SingularHessianError: A zero pivot, or (``check=True``) a relative
-                residual above ``check_rtol`` (default :func:`default_check_rtol`).
+            SingularHessianError: A zero pivot, an exact null space with
+                ``damping == 0``, or (``check=True``) a relative residual above
+                ``check_rtol`` (default :func:`default_check_rtol`).
         """
         gm, form = self.op.layout.to_matrix(g, "g")
+        if self.system.singular_by_structure:
+            raise SingularHessianError(
+                f"H has at least {self.system.n_dropped} exact null directions (parameter "
+                f"directions no output depends on at this batch). {HINT}"
+            )
         if self.lu.singular:
             raise SingularHessianError(f"zero pivot in the lifted factorization. {HINT}")
-        x = self._raw_solve(gm)
+        x = self._apply(gm)
+        for _ in range(refine):
+            r = gm - self.op.matmat(x) - self.damping * x
+            x = x + self._apply(r)
         if not torch.isfinite(x).all():
             raise SingularHessianError(f"the solve overflowed. {HINT}")
         if check:
             self.op._check_residual(x, gm, self.damping, check_rtol)
         return self.op.layout.from_matrix(x, form)
 
+    def _apply(self, g: Tensor) -> Tensor:
+        """One pass over the factors: ``(H + dI)^{-1} g`` for ``g`` of shape ``(W, k)``."""
+        return self.system.extract(self.lu.solve(self.system.rhs(g)), g)
+
     def logdet(self) -> tuple[float, float]:
         """``(sign, log|det(H + damping I)|)`` as ``torch.linalg.slogdet``.
 
-        ``log|det H| = log|det K|`` and ``sign = (-1)^m sign(det K)``
-        (:mod:`hessinv.lifted`); ``(0, -inf)`` when singular.
+        ``log|det H| = log|det K| + (dropped) log|d|`` and ``sign = (-1)^m
+        sign(det K) sign(d)^(dropped)`` (:mod:`hessinv.lifted`); ``(0, -inf)``
+        when singular.
         """
-        s, la = self.lu.slogdet()
-        if self.lu.singular:
+        if self.singular:
             return 0.0, -math.inf
-        return s * (-1.0 if self.m % 2 else 1.0), la
+        s, la = self.lu.slogdet()
+        s2, la2 = self.system.dropped_logdet()
+        return s * s2 * (-1.0 if self.m % 2 else 1.0), la + la2
 
     def inertia(self) -> tuple[int, int, int]:
         """``(n_pos, n_neg, n_zero)`` of ``H + damping I``, with no eigensolver on ``H``.
 
-        Sylvester's law on ``K``: ``inertia(H + dI) = inertia(K) - (m, m, 0)``.
+        Sylvester's law on ``K``: ``inertia(H + dI) = inertia(K) - (m, m, 0)``,
+        plus the dropped directions (eigenvalue ``d`` each).
         """
         r = self.inertia_details()
         pos, neg = r.positive - self.m, r.negative - self.m
         if pos < 0 or neg < 0:  # pragma: no cover - guards numerical breakdown
             raise torch.linalg.LinAlgError("inertia of the lifted system is inconsistent")
-        return pos, neg, r.zero
+        dp, dn, dz = self.system.dropped_inertia()
+        return pos + dp, neg + dn, r.zero + dz
 
     def inertia_details(self) -> InertiaResult:
-        """The congruence factorization's raw result (cached)."""
+        """The congruence factorization of ``K`` (cached)."""
         if self._inertia is None:
-            self._inertia = block_tri_inertia(self._diag, self._upper)
+            self._inertia = block_tri_inertia(self.system.diag, self.system.upper)
         return self._inertia
 
 
@@ -303,14 +332,19 @@ class Hessian:
         """Flop estimates used by ``method="auto"``.
 
         ``lifted``: the pivoted panel factorizations, ``sum_l 2 (n_l + n_{l+1}) n_l^2``
+        (``n_l`` after dropping null directions, :mod:`hessinv.lifted`)
         plus a fixed ``2e5`` per stage for the Python and kernel-launch overhead;
         ``dense``: forming ``H`` by ``W`` products (``W * sum_l 4 N (a_l a_{l-1} +
         2 a_l p_l)``) plus an LU, ``2 W^3 / 3``.
         """
-        sizes = [
-            b.num_params + (0 if b.Jx is None else 2 * b.Jx.shape[0] * b.Jx.shape[1])
-            for b in self.blocks
-        ]
+        sizes = []
+        for b in self.blocks:
+            k = b.num_params
+            if b.x_span is not None:  # the lifted system keeps at most this many directions
+                rows = b.x_span.shape[0] * b.x_span.shape[1]
+                rows += 0 if b.Tzx is None else b.Tzx.shape[0] * b.Tzx.shape[1]
+                k = min(k, rows)
+            sizes.append(k + (0 if b.Jx is None else 2 * b.Jx.shape[0] * b.Jx.shape[1]))
         lifted = 0.0
         for i, n in enumerate(sizes):
             n1 = sizes[i + 1] if i + 1 < len(sizes) else 0
@@ -333,6 +367,7 @@ class Hessian:
         check_rtol: float | None = None,
         rtol: float = 1e-10,
         maxiter: int | None = None,
+        refine: int = 1,
     ) -> VectorLike:
         """Return ``x`` with ``(H + damping I) x = g``.
 
@@ -347,6 +382,7 @@ class Hessian:
             check_rtol: Residual threshold (default :func:`default_check_rtol`).
             rtol: Krylov stopping tolerance.
             maxiter: Krylov iteration cap.
+            refine: Iterative-refinement steps of the lifted solve.
 
         Raises:
             SingularHessianError: ``H + dI`` singular (hint: pass ``damping``),
@@ -358,7 +394,7 @@ class Hessian:
             c = self.cost_model()
             method = "dense" if c["dense"] < c["lifted"] else "lifted"
         if method == "lifted":
-            return self.factor(d).solve(g, check=check, check_rtol=check_rtol)
+            return self.factor(d).solve(g, check=check, check_rtol=check_rtol, refine=refine)
         gm, form = self.layout.to_matrix(g, "g")
         if method == "dense":
             a = self.to_dense() + d * torch.eye(
