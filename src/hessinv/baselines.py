@@ -7,6 +7,7 @@ positive definite ``H + dI``. Kept for comparison with the exact solve.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -68,12 +69,15 @@ def minres(
     *,
     rtol: float = 1e-10,
     maxiter: int | None = None,
+    max_seconds: float | None = None,
 ) -> tuple[Tensor, KrylovInfo]:
     """MINRES (Paige & Saunders) for symmetric, possibly indefinite ``A x = b``.
 
     Minimises ``||b - A x||`` over the Krylov space; stops when the estimated
-    relative residual drops below ``rtol`` (re-checked with one product).
+    relative residual drops below ``rtol`` (re-checked with one product), after
+    ``maxiter`` iterations, or after ``max_seconds`` of wall-clock time.
     """
+    t_end = None if max_seconds is None else time.perf_counter() + max_seconds
     maxiter = maxiter if maxiter is not None else 10 * b.numel()
     bnorm = float(torch.linalg.vector_norm(b))
     x = torch.zeros_like(b)
@@ -111,6 +115,8 @@ def minres(
         w = (v - oldeps * w1 - delta * w2) / gamma
         x = x + phi * w
         if phibar <= rtol * bnorm or beta == 0.0:
+            break
+        if t_end is not None and time.perf_counter() > t_end:
             break
     res = float(torch.linalg.vector_norm(b - matvec(x))) / bnorm
     return x, KrylovInfo(res <= rtol * 10, it, it + 1, res)

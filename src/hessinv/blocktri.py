@@ -70,15 +70,11 @@ class BlockTriLU:
             raise ValueError("need len(upper) == len(diag) - 1")
         self.sizes = [d.shape[0] for d in diag]
         self.steps: list[_Step] = []
-        self.scale = max(float(d.abs().max()) if d.numel() else 0.0 for d in diag)
-        if upper:
-            self.scale = max(
-                self.scale, max(float(u.abs().max()) if u.numel() else 0.0 for u in upper)
-            )
+        maxes = [t.abs().amax() for t in [*diag, *upper] if t.numel()]
+        self.scale = float(torch.stack(maxes).max()) if maxes else 0.0
         n_bl = len(diag)
-        sign = 1.0
-        logabs = 0.0
-        min_piv = math.inf
+        pivots: list[Tensor] = []
+        swaps = 0
         a_cur = diag[0]
         b_cur = upper[0] if n_bl > 1 else diag[0].new_zeros(self.sizes[0], 0)
         for k in range(n_bl - 1):
@@ -86,39 +82,39 @@ class BlockTriLU:
             nk2 = self.sizes[k + 2] if k + 2 < n_bl else 0
             panel = torch.cat([a_cur, upper[k].T], dim=0)
             lu, piv, _ = torch.linalg.lu_factor_ex(panel)
-            perm, swaps = _perm_from_pivots(piv, nk + nk1)
+            perm, sw = _perm_from_pivots(piv, nk + nk1)
+            swaps += sw
             perm_t = torch.tensor(perm, device=panel.device)
-            top_right = torch.cat([b_cur, b_cur.new_zeros(nk, nk2)], dim=1)
-            nxt_up = upper[k + 1] if k + 1 < n_bl - 1 else b_cur.new_zeros(nk1, 0)
-            bot_right = torch.cat([diag[k + 1], nxt_up], dim=1)
-            right = torch.cat([top_right, bot_right], dim=0)[perm_t]
+            # rows of block k (cols k+1 and the fill col k+2) over rows of block k+1
+            right = panel.new_zeros(nk + nk1, nk1 + nk2)
+            right[:nk, :nk1] = b_cur
+            right[nk:, :nk1] = diag[k + 1]
+            if k + 1 < n_bl - 1:
+                right[nk:, nk1:] = upper[k + 1]
+            right = right[perm_t]
             u12 = _solve_lower_unit(lu[:nk], right[:nk])
-            rest = right[nk:] - lu[nk:] @ u12
+            rest = torch.addmm(right[nk:], lu[nk:], u12, alpha=-1.0)
             a_cur, b_cur = rest[:, :nk1], rest[:, nk1:]
             self.steps.append(_Step(lu, perm_t, u12, nk))
-            d = torch.diagonal(lu[:nk])
-            sign, logabs, min_piv = self._acc(d, swaps, sign, logabs, min_piv)
+            pivots.append(torch.diagonal(lu[:nk]))
         lu, piv, _ = torch.linalg.lu_factor_ex(a_cur)
-        perm, swaps = _perm_from_pivots(piv, a_cur.shape[0])
+        perm, sw = _perm_from_pivots(piv, a_cur.shape[0])
+        swaps += sw
         self.last = _Step(
             lu, torch.tensor(perm, device=a_cur.device), a_cur.new_zeros(0, 0), a_cur.shape[0]
         )
-        sign, logabs, min_piv = self._acc(torch.diagonal(lu), swaps, sign, logabs, min_piv)
-        self._sign, self._logabs, self.min_pivot = sign, logabs, min_piv
+        pivots.append(torch.diagonal(lu))
+        d = torch.cat(pivots)
+        ad = d.abs()
+        self.min_pivot = float(ad.min()) if d.numel() else math.inf
+        if self.min_pivot == 0.0:
+            self._sign, self._logabs = 0.0, -math.inf
+        else:
+            neg = int((d < 0).sum())
+            self._sign = -1.0 if (neg + swaps) % 2 else 1.0
+            self._logabs = float(torch.log(ad).sum())
         eps = torch.finfo(diag[0].dtype).eps
         self.tol = eps * max(self.sizes) * max(self.scale, 1e-300)
-
-    @staticmethod
-    def _acc(d: Tensor, swaps: int, sign: float, logabs: float, min_piv: float):  # noqa: ANN205
-        if d.numel() == 0:
-            return sign, logabs, min_piv
-        ad = d.abs()
-        mn = float(ad.min())
-        if mn == 0.0:
-            return 0.0, -math.inf, 0.0
-        neg = int((d < 0).sum())
-        s = -1.0 if (neg + swaps) % 2 else 1.0
-        return sign * s, logabs + float(torch.log(ad).sum()), min(min_piv, mn)
 
     @property
     def singular(self) -> bool:

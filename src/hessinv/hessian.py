@@ -67,6 +67,7 @@ class HessianFactorization:
         self.damping = _check_damping(damping)
         self.system = LiftedSystem(op.blocks, self.damping)
         self.lu = BlockTriLU(self.system.diag, self.system.upper)
+        self.system.release()  # the LU holds what solves need; inertia re-assembles K
         self.m = self.system.m
         self._inertia: InertiaResult | None = None
 
@@ -147,7 +148,8 @@ class HessianFactorization:
     def inertia_details(self) -> InertiaResult:
         """The congruence factorization of ``K`` (cached)."""
         if self._inertia is None:
-            self._inertia = block_tri_inertia(self.system.diag, self.system.upper)
+            diag, upper = self.system.assemble()
+            self._inertia = block_tri_inertia(diag, upper)
         return self._inertia
 
 

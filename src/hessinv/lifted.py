@@ -93,18 +93,23 @@ class LiftedSystem:
             for b, q in zip(blocks, self.bases, strict=True)
             if q is not None
         )
-        self.diag: list[Tensor] = []
-        self.upper: list[Tensor] = []
-        self._assemble()
+        self.diag, self.upper = self.assemble()
+
+    def release(self) -> None:
+        """Drop the assembled blocks (``O(sum n_l^2)`` memory); :meth:`assemble` rebuilds them."""
+        self.diag, self.upper = [], []
 
     @staticmethod
     def _cols(t: Tensor, q: Tensor | None) -> Tensor:
         """Restrict the parameter (last) axis of ``t`` to the basis ``q``."""
         return t if q is None else t @ q
 
-    def _assemble(self) -> None:
+    def assemble(self) -> tuple[list[Tensor], list[Tensor]]:
+        """The diagonal blocks ``D_l`` and super-diagonal blocks ``K[l, l+1]``."""
         blocks, d = self.blocks, self.damping
         n_st = len(blocks)
+        diag: list[Tensor] = []
+        upper: list[Tensor] = []
         for l in range(n_st):  # noqa: E741
             b, q = blocks[l], self.bases[l]
             ref = b.grad_x
@@ -113,7 +118,7 @@ class LiftedSystem:
             if b.Txx is not None:
                 dvv = dvv + (b.Txx if q is None else q.T @ b.Txx @ q)
             if l == n_st - 1:
-                self.diag.append(dvv)
+                diag.append(dvv)
                 continue
             nxt, qn = blocks[l + 1], self.bases[l + 1]
             n, a, _ = b.Jx.shape
@@ -127,7 +132,7 @@ class LiftedSystem:
             dl[k : k + m, k : k + m] = _block_diag(nxt.Tzz)
             dl[k : k + m, k + m :] = -eye
             dl[k + m :, k : k + m] = -eye
-            self.diag.append(dl)
+            diag.append(dl)
             tzx = self._cols(nxt.Tzx.reshape(m, -1), qn)
             kn = tzx.shape[1]
             last_next = l + 1 == n_st - 1
@@ -136,7 +141,8 @@ class LiftedSystem:
             ul[k : k + m, :kn] = tzx
             if not last_next:
                 ul[k : k + m, kn + mn :] = _block_diag(nxt.Jz, transpose=True)
-            self.upper.append(ul)
+            upper.append(ul)
+        return diag, upper
 
     def rhs(self, g: Tensor) -> list[Tensor]:
         """Right-hand side ``[Q_l^T g_l, 0, 0]`` per block, for ``g`` of shape ``(W, r)``."""
@@ -144,7 +150,8 @@ class LiftedSystem:
         for l, gl in enumerate(self._split(g)):  # noqa: E741
             q = self.bases[l]
             piece = gl if q is None else q.T @ gl
-            extra = self.diag[l].shape[0] - piece.shape[0]
+            b = self.blocks[l]
+            extra = 0 if l == len(self.blocks) - 1 else 2 * b.Jx.shape[0] * b.Jx.shape[1]
             if extra:
                 piece = torch.cat([piece, g.new_zeros(extra, g.shape[1])], dim=0)
             out.append(piece)
@@ -192,7 +199,7 @@ class LiftedSystem:
 
     def dense(self) -> Tensor:
         """Assemble ``K`` densely (tests and small problems only)."""
-        return lifted_dense(self.diag, self.upper)
+        return lifted_dense(*self.assemble())
 
 
 def lifted_dense(diag: list[Tensor], upper: list[Tensor]) -> Tensor:

@@ -1,0 +1,393 @@
+"""Scaling benchmark: exact lifted solve vs dense solve vs MINRES, against depth and batch.
+
+For tanh MLPs (width 4, 8, 16; batch 2 and 8; depth 8..1024; float64; damping
+1e-3, as in the paper author's own measurements) it times, side by side in one
+run, the medians of 5 repetitions of
+
+* ``build``: the operator (forward pass and all per-stage derivative blocks),
+* ``factor``: the pivoted factorization of the lifted system,
+* ``solve``: one right-hand side (with one step of iterative refinement),
+* ``dense``: forming ``H`` and ``torch.linalg.solve`` (while ``W <= --dense-max``),
+* ``minres``: MINRES on the exact ``H @ v``, one run each to ``--minres-rtol``
+  (1e-10) and, if that was reached, to the lifted solve's own residual, each
+  capped at ``--minres-seconds``; its ``H @ v`` count and whether it got there
+  are reported,
+
+plus the peak memory (resident set size above the baseline, sampled) of
+build + factor + solve, and a batch sweep at fixed depth. It writes
+``results/scaling_<device>.json`` and log-log PNG plots.
+
+Usage: ``python benchmarks/scaling.py [--quick] [--device cuda]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import platform
+import statistics
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+import hessinv
+from hessinv.baselines import minres
+from hessinv.cli import make_mlp
+
+HERE = Path(__file__).resolve().parent
+PAPER = {  # the paper author's code, float64, batch 2, damping 1e-3, build + solve (issue #3)
+    (4, 128): 2.2,
+    (4, 512): 21.7,
+    (16, 128): 4.8,
+}
+
+
+def rss_bytes() -> int:
+    """Resident set size of this process (Linux /proc), in bytes."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class PeakMemory:
+    """Peak memory above the starting level during a block: CUDA allocator or sampled RSS."""
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+        self.peak = 0
+
+    def __enter__(self) -> PeakMemory:
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+            return self
+        self.base = rss_bytes()
+        self._stop = False
+        self._max = self.base
+
+        def sample() -> None:
+            while not self._stop:
+                self._max = max(self._max, rss_bytes())
+                time.sleep(0.002)
+
+        self._t = threading.Thread(target=sample, daemon=True)
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated() - self.base
+            return
+        self._stop = True
+        self._t.join()
+        self.peak = max(self._max, rss_bytes()) - self.base
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(fn, device: str):  # noqa: ANN001, ANN201
+    sync(device)
+    t0 = time.perf_counter()
+    out = fn()
+    sync(device)
+    return out, time.perf_counter() - t0
+
+
+def run_case(width: int, batch: int, depth: int, args: argparse.Namespace) -> dict:
+    dev, d = args.device, args.damping
+    model, loss, X, y = make_mlp(depth, width, batch, dtype=torch.float64, device=dev)
+    rec: dict = {"width": width, "batch": batch, "depth": depth}
+    t_build, t_fac, t_solve = [], [], []
+    for _ in range(args.reps):
+        H, tb = timed(lambda: hessinv.Hessian(model, loss, X, y), dev)
+        g = H.gradient()
+        fac, tf = timed(lambda: H.factor(d), dev)
+        x, ts = timed(lambda: fac.solve(g, check=False), dev)
+        t_build.append(tb)
+        t_fac.append(tf)
+        t_solve.append(ts)
+        del fac
+        H._factors.clear()
+        gc.collect()
+    res = float(H.residual(x[:, None], g[:, None], d)[0])
+    rec["params"] = H.num_params
+    del H, x
+    gc.collect()
+    # memory in a separate, untimed run (the sampling thread would perturb the timings)
+    with PeakMemory(dev) as mem:
+        H = hessinv.Hessian(model, loss, X, y)
+        g = H.gradient()
+        H.factor(d).solve(g, check=False)
+    rec["peak_memory_bytes"] = mem.peak
+    rec.update(
+        build_s=statistics.median(t_build),
+        factor_s=statistics.median(t_fac),
+        solve_s=statistics.median(t_solve),
+        residual=res,
+    )
+    rec["total_s"] = rec["build_s"] + rec["factor_s"] + rec["solve_s"]
+    W = H.num_params
+    if W <= args.dense_max:
+        td = []
+        for _ in range(args.reps):
+            xd, t = timed(lambda: H.solve(g, damping=d, method="dense", check=False), dev)
+            td.append(t)
+        with PeakMemory(dev) as mem:
+            H.solve(g, damping=d, method="dense", check=False)
+        rec["dense_s"] = statistics.median(td) + rec["build_s"]
+        rec["dense_peak_memory_bytes"] = mem.peak
+        rec["dense_residual"] = float(H.residual(xd[:, None], g[:, None], d)[0])
+    if depth <= args.minres_max_depth:
+
+        def mv(v: torch.Tensor) -> torch.Tensor:
+            return H.matmat(v[:, None])[:, 0] + d * v
+
+        # (a) to a common practical tolerance, (b) to the exact solve's residual
+        for key, target in (("minres", args.minres_rtol), ("minres_same", max(res, 1e-16))):
+            (xm, info), t = timed(
+                lambda target=target: minres(
+                    mv,
+                    g,
+                    rtol=target,
+                    maxiter=args.minres_maxiter,
+                    max_seconds=args.minres_seconds,
+                ),
+                dev,
+            )
+            rec.update(
+                {
+                    f"{key}_rtol": target,
+                    f"{key}_s": t + rec["build_s"],
+                    f"{key}_matvecs": info.matvecs,
+                    f"{key}_residual": info.residual,
+                    f"{key}_reached": bool(info.residual <= 1.01 * target),
+                }
+            )
+            if not info.residual <= 1.01 * target:
+                break
+    paper = PAPER.get((width, depth)) if batch == 2 else None
+    if paper is not None:
+        rec["paper_author_s"] = paper
+    return rec
+
+
+def fit_slope(rows: list[dict], key: str = "total_s", min_depth: int = 32) -> float:
+    pts = [(math.log(r["depth"]), math.log(r[key])) for r in rows if r["depth"] >= min_depth]
+    if len(pts) < 2:
+        return math.nan
+    mx = sum(p[0] for p in pts) / len(pts)
+    my = sum(p[1] for p in pts) / len(pts)
+    num = sum((px - mx) * (py - my) for px, py in pts)
+    den = sum((px - mx) ** 2 for px, _ in pts)
+    return num / den
+
+
+def plot(result: dict, out: Path, tag: str) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+    groups: dict[tuple[int, int], list[dict]] = {}
+    for r in result["depth_sweep"]:
+        groups.setdefault((r["width"], r["batch"]), []).append(r)
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    colors = plt.cm.viridis([i / max(1, len(groups) - 1) for i in range(len(groups))])
+    for c, ((w, b), rows) in zip(colors, sorted(groups.items()), strict=True):
+        rows = sorted(rows, key=lambda r: r["depth"])
+        dep = [r["depth"] for r in rows]
+        axes[0].loglog(
+            dep,
+            [r["total_s"] for r in rows],
+            "o-",
+            color=c,
+            label=f"exact w={w} N={b} (slope {result['slopes'][f'w{w}_b{b}']:.2f})",
+        )
+        dd = [(r["depth"], r["dense_s"]) for r in rows if "dense_s" in r]
+        if dd:
+            axes[0].loglog(*zip(*dd, strict=True), "s--", color=c, alpha=0.6)
+        mm = [(r["depth"], r["minres_s"]) for r in rows if r.get("minres_reached")]
+        if mm:
+            axes[0].loglog(*zip(*mm, strict=True), "^:", color=c, alpha=0.6)
+        axes[1].loglog(
+            dep,
+            [max(r["peak_memory_bytes"], 1) / 2**20 for r in rows],
+            "o-",
+            color=c,
+            label=f"exact w={w} N={b}",
+        )
+        dm = [
+            (r["depth"], r["dense_peak_memory_bytes"] / 2**20)
+            for r in rows
+            if "dense_peak_memory_bytes" in r and r["dense_peak_memory_bytes"] > 0
+        ]
+        if dm:
+            axes[1].loglog(*zip(*dm, strict=True), "s--", color=c, alpha=0.6)
+    for (w, dep), t in PAPER.items():
+        axes[0].loglog([dep], [t], "kx", markersize=10)
+    axes[0].plot([], [], "ks--", alpha=0.6, label="dense (forms H)")
+    axes[0].plot([], [], "k^:", alpha=0.6, label="MINRES to same residual")
+    axes[0].plot([], [], "kx", label="paper author's code, N=2")
+    axes[0].set(
+        xlabel="depth L",
+        ylabel="seconds (build + factor + solve)",
+        title=f"time, float64, damping {result['damping']:g} [{tag}]",
+    )
+    axes[1].set(
+        xlabel="depth L",
+        ylabel="peak memory above baseline (MiB)",
+        title="peak memory (build + factor + solve)",
+    )
+    axes[0].legend(fontsize=7)
+    axes[1].legend(fontsize=7)
+    for a in axes:
+        a.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    f1 = out / f"scaling_depth_{tag}.png"
+    fig.savefig(f1, dpi=110)
+    plt.close(fig)
+    files.append(str(f1))
+
+    bs = sorted(result["batch_sweep"], key=lambda r: r["batch"])
+    if bs:
+        fig, ax = plt.subplots(figsize=(6.5, 4.5))
+        nb = [r["batch"] for r in bs]
+        for key, lab in (
+            ("build_s", "build"),
+            ("factor_s", "factor"),
+            ("solve_s", "solve"),
+            ("total_s", "exact total"),
+        ):
+            ax.loglog(nb, [r[key] for r in bs], "o-", label=lab)
+        dd = [(r["batch"], r["dense_s"]) for r in bs if "dense_s" in r]
+        if dd:
+            ax.loglog(*zip(*dd, strict=True), "s--", label="dense")
+        r0 = bs[0]
+        ax.set(
+            xlabel="batch N",
+            ylabel="seconds",
+            title=f"batch sweep, depth {r0['depth']}, width {r0['width']} [{tag}]",
+        )
+        ax.legend(fontsize=8)
+        ax.grid(True, which="both", alpha=0.3)
+        fig.tight_layout()
+        f2 = out / f"scaling_batch_{tag}.png"
+        fig.savefig(f2, dpi=110)
+        plt.close(fig)
+        files.append(str(f2))
+    return files
+
+
+def table(result: dict) -> str:
+    lines = [
+        "| width | batch | depth | W | build s | factor s | solve s | total s | residual | "
+        "peak MiB | dense s | MINRES 1e-10: s (H@v) | paper s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted(result["depth_sweep"], key=lambda r: (r["width"], r["batch"], r["depth"])):
+        dense = f"{r['dense_s']:.3g}" if "dense_s" in r else "-"
+        mres = "-"
+        if "minres_s" in r:
+            if r["minres_reached"]:
+                mres = f"{r['minres_s']:.3g} ({r['minres_matvecs']})"
+            else:
+                mres = f"fails: {r['minres_residual']:.0e} after {r['minres_matvecs']}"
+            if "minres_same_reached" in r and not r["minres_same_reached"]:
+                mres += f"; floor {r['minres_same_residual']:.0e}"
+        paper = f"{r['paper_author_s']:.3g}" if "paper_author_s" in r else ""
+        lines.append(
+            f"| {r['width']} | {r['batch']} | {r['depth']} | {r['params']} | {r['build_s']:.3g} | "
+            f"{r['factor_s']:.3g} | {r['solve_s']:.3g} | {r['total_s']:.3g} | "
+            f"{r['residual']:.1e} | {r['peak_memory_bytes'] / 2**20:.0f} | {dense} | {mres} | {paper} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="a small sweep (for tests)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--widths", type=int, nargs="+", default=[4, 8, 16])
+    p.add_argument("--batches", type=int, nargs="+", default=[2, 8])
+    p.add_argument("--depths", type=int, nargs="+", default=[8, 16, 32, 64, 128, 256, 512, 1024])
+    p.add_argument("--sweep-batches", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
+    p.add_argument("--sweep-depth", type=int, default=64)
+    p.add_argument("--sweep-width", type=int, default=8)
+    p.add_argument("--damping", type=float, default=1e-3)
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--dense-max", type=int, default=6000, help="largest W for the dense solve")
+    p.add_argument("--minres-max-depth", type=int, default=128)
+    p.add_argument("--minres-maxiter", type=int, default=20000)
+    p.add_argument("--minres-seconds", type=float, default=15.0)
+    p.add_argument("--minres-rtol", type=float, default=1e-10)
+    p.add_argument("--out", type=Path, default=HERE / "results")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.widths, args.batches, args.depths = [3], [2], [4, 8, 16, 32, 64]
+        args.sweep_batches, args.sweep_depth, args.sweep_width = [1, 2, 4], 8, 3
+        args.reps, args.minres_seconds = 2, 2.0
+    args.out.mkdir(parents=True, exist_ok=True)
+    tag = "quick" if args.quick else args.device.split(":")[0]
+    # warm up torch.func (its first call compiles; not part of any measurement)
+    m0 = make_mlp(4, 3, 2, dtype=torch.float64, device=args.device)
+    hessinv.Hessian(*m0).factor(1.0).solve(hessinv.Hessian(*m0).gradient())
+    result: dict = {
+        "device": args.device,
+        "device_name": torch.cuda.get_device_name()
+        if args.device.startswith("cuda")
+        else platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "damping": args.damping,
+        "reps": args.reps,
+        "depth_sweep": [],
+        "batch_sweep": [],
+    }
+    for w in args.widths:
+        for b in args.batches:
+            for dep in args.depths:
+                r = run_case(w, b, dep, args)
+                result["depth_sweep"].append(r)
+                print(
+                    f"w={w} N={b} L={dep} W={r['params']} total={r['total_s']:.3f}s "
+                    f"res={r['residual']:.1e} dense={r.get('dense_s', float('nan')):.3f}s "
+                    f"minres={r.get('minres_s', float('nan')):.3f}s/{r.get('minres_matvecs', '-')}",
+                    flush=True,
+                )
+    for b in args.sweep_batches:
+        r = run_case(args.sweep_width, b, args.sweep_depth, args)
+        result["batch_sweep"].append(r)
+        print(f"batch sweep N={b} total={r['total_s']:.3f}s", flush=True)
+    result["slopes"] = {
+        f"w{w}_b{b}": fit_slope(
+            [r for r in result["depth_sweep"] if r["width"] == w and r["batch"] == b]
+        )
+        for w in args.widths
+        for b in args.batches
+    }
+    path = args.out / f"scaling_{tag}.json"
+    path.write_text(json.dumps(result, indent=1))
+    result["plots"] = plot(result, args.out, tag)
+    (args.out / f"scaling_{tag}.md").write_text(
+        table(result)
+        + "\n\nslopes (log time vs log depth, depth >= 32): "
+        + json.dumps({k: round(v, 3) for k, v in result["slopes"].items()})
+        + "\n"
+    )
+    print(table(result))
+    print("slopes:", result["slopes"])
+    return result
+
+
+if __name__ == "__main__":
+    main()
