@@ -110,8 +110,8 @@ def run_case(width: int, batch: int, depth: int, args: argparse.Namespace) -> di
     for _ in range(args.reps):
         H, tb = timed(lambda: hessinv.Hessian(model, loss, X, y), dev)
         g = H.gradient()
-        fac, tf = timed(lambda: H.factor(d), dev)
-        x, ts = timed(lambda: fac.solve(g, check=False), dev)
+        fac, tf = timed(lambda H=H: H.factor(d), dev)
+        x, ts = timed(lambda fac=fac, g=g: fac.solve(g, check=False), dev)
         t_build.append(tb)
         t_fac.append(tf)
         t_solve.append(ts)
@@ -233,7 +233,7 @@ def plot(result: dict, out: Path, tag: str) -> list[str]:
         ]
         if dm:
             axes[1].loglog(*zip(*dm, strict=True), "s--", color=c, alpha=0.6)
-    for (w, dep), t in PAPER.items():
+    for (_w, dep), t in PAPER.items():
         axes[0].loglog([dep], [t], "kx", markersize=10)
     axes[0].plot([], [], "ks--", alpha=0.6, label="dense (forms H)")
     axes[0].plot([], [], "k^:", alpha=0.6, label="MINRES to same residual")
@@ -308,7 +308,8 @@ def table(result: dict) -> str:
         lines.append(
             f"| {r['width']} | {r['batch']} | {r['depth']} | {r['params']} | {r['build_s']:.3g} | "
             f"{r['factor_s']:.3g} | {r['solve_s']:.3g} | {r['total_s']:.3g} | "
-            f"{r['residual']:.1e} | {r['peak_memory_bytes'] / 2**20:.0f} | {dense} | {mres} | {paper} |"
+            f"{r['residual']:.1e} | {r['peak_memory_bytes'] / 2**20:.0f} | {dense} | {mres} | "
+            f"{paper} |"
         )
     return "\n".join(lines)
 
@@ -343,9 +344,11 @@ def main(argv: list[str] | None = None) -> dict:
     hessinv.Hessian(*m0).factor(1.0).solve(hessinv.Hessian(*m0).gradient())
     result: dict = {
         "device": args.device,
-        "device_name": torch.cuda.get_device_name()
-        if args.device.startswith("cuda")
-        else platform.processor() or platform.machine(),
+        "device_name": (
+            torch.cuda.get_device_name()
+            if args.device.startswith("cuda")
+            else platform.processor() or platform.machine()
+        ),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "damping": args.damping,

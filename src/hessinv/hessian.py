@@ -379,7 +379,9 @@ class Hessian:
             method: ``"lifted"`` (exact, pivoted, linear in depth), ``"dense"``
                 (forms ``H``, ``torch.linalg.solve``), ``"minres"``, ``"cg"``
                 (Krylov on exact products), or ``"auto"`` (``"lifted"`` unless
-                :meth:`cost_model` predicts ``"dense"`` cheaper).
+                :meth:`cost_model` predicts ``"dense"`` cheaper), or ``"woodbury"``
+                (the paper's Section 6 algorithm; only under its assumptions,
+                :mod:`hessinv.woodbury`).
             check: Verify the relative residual with one product.
             check_rtol: Residual threshold (default :func:`default_check_rtol`).
             rtol: Krylov stopping tolerance.
@@ -389,7 +391,8 @@ class Hessian:
         Raises:
             SingularHessianError: ``H + dI`` singular (hint: pass ``damping``),
                 or a Krylov method that did not reach ``rtol``.
-            ValueError: Unknown method, bad ``g`` or ``damping``.
+            ValueError: Unknown method, bad ``g`` or ``damping``, or (woodbury) a
+                violated assumption of Section 6, named in the message.
         """
         d = _check_damping(damping)
         if method == "auto":
@@ -406,6 +409,10 @@ class Hessian:
             if int(info) != 0:
                 raise SingularHessianError(f"dense LU found a zero pivot. {HINT}")
             x = torch.linalg.lu_solve(lu, piv, gm)
+        elif method == "woodbury":
+            from .woodbury import woodbury_solve
+
+            x = woodbury_solve(self.blocks, gm, d)
         elif method in ("minres", "cg"):
             fn = baselines.minres if method == "minres" else baselines.cg
             cols = []
@@ -425,7 +432,9 @@ class Hessian:
             x = torch.stack(cols, dim=1)
             check = False
         else:
-            raise ValueError(f"unknown method {method!r}; use lifted, dense, minres, cg or auto")
+            raise ValueError(
+                f"unknown method {method!r}; use lifted, dense, minres, cg, woodbury or auto"
+            )
         if not torch.isfinite(x).all():
             raise SingularHessianError(f"the solve overflowed. {HINT}")
         if check:

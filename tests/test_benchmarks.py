@@ -1,0 +1,42 @@
+"""The benchmark scripts run (quick mode, tiny sizes) so that they cannot rot."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_scaling_quick(tmp_path):
+    pytest.importorskip("matplotlib")
+    mod = _load("scaling")
+    res = mod.main(
+        [
+            "--quick",
+            "--out",
+            str(tmp_path),
+            "--minres-seconds",
+            "0.5",
+            "--depths",
+            "4",
+            "8",
+            "32",
+            "64",
+        ]
+    )
+    data = json.loads((tmp_path / "scaling_quick.json").read_text())
+    assert len(data["depth_sweep"]) == 4 and len(data["batch_sweep"]) == 3
+    for r in data["depth_sweep"]:
+        assert r["residual"] < 1e-12
+        if "dense_residual" in r:
+            assert r["dense_residual"] < 1e-10
+    assert all(Path(p).exists() for p in res["plots"])
