@@ -6,16 +6,22 @@ block-tridiagonal system, log-determinants and inertia, for pipelines
 ``z_l = f_l(z_{l-1}; x_l)`` ending in a scalar loss.
 """
 
+from . import approx, check, paper
 from .errors import SingularHessianError
+from .ggn import GaussNewton
 from .hessian import Hessian, HessianFactorization, InverseOperator
 from .pipeline import Pipeline, Stage
 
 __all__ = [
+    "GaussNewton",
     "Hessian",
     "HessianFactorization",
     "InverseOperator",
     "Pipeline",
     "SingularHessianError",
     "Stage",
+    "approx",
+    "check",
+    "paper",
 ]
 __version__ = "0.1.0"

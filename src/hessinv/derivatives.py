@@ -109,9 +109,19 @@ class AutodiffDerivatives:
         self.params = params
 
     def blocks(
-        self, z: Tensor, cot: Tensor | None, *, first: bool, last: bool, txx: bool = True
+        self,
+        z: Tensor,
+        cot: Tensor | None,
+        *,
+        first: bool,
+        last: bool,
+        txx: bool = True,
+        second: bool = True,
     ) -> StageBlocks:
-        """All blocks at input ``z`` with cotangent ``cot`` (``None``: last stage)."""
+        """All blocks at input ``z`` with cotangent ``cot`` (``None``: last stage).
+
+        ``second=False`` skips ``Tzz``, ``Tzx`` and ``Txx`` (left ``None``).
+        """
         n = z.shape[0]
         zf = z.reshape(n, -1).detach()
         a_in = zf.shape[1]
@@ -145,13 +155,13 @@ class AutodiffDerivatives:
                 jx = jacrev(lambda xx: f(zf, xx).reshape(n, a_out))(xf)
             else:
                 jx = zf.new_zeros(n, a_out, 0)
-        if not first:
+        if not first and second:
             tzz = comb_jacobian(lambda zz: grad(s, argnums=0)(zz, xf), zf, a_in)
             if p:
                 tzx = jacrev(lambda xx: grad(s, argnums=0)(zf, xx))(xf)
             else:
                 tzx = zf.new_zeros(n, a_in, 0)
-        if txx and p:
+        if txx and second and p:
             txx_ = jacrev(lambda xx: grad(s, argnums=1)(zf, xx))(xf)
         cot_in = None if first else gz.reshape(shape_in).detach()
         return StageBlocks(jz, jx, tzz, tzx, txx_, gx.detach(), cot_in)

@@ -231,11 +231,17 @@ class Hessian:
         self._init(Pipeline(stages, z0), generic=generic, check_mixing=check_mixing)
         return self
 
+    def _compute_blocks(
+        self, pipeline: Pipeline, generic: bool
+    ) -> tuple[Tensor, list[StageBlocks]]:
+        """The loss and the stage blocks this operator is made of (``H``'s own)."""
+        return compute_blocks(pipeline, generic=generic)
+
     def _init(self, pipeline: Pipeline, *, generic: bool, check_mixing: bool) -> None:
         self.pipeline = pipeline
         if check_mixing:
             _check_no_mixing(pipeline)
-        self._loss, self.blocks = compute_blocks(pipeline, generic=generic)
+        self._loss, self.blocks = self._compute_blocks(pipeline, generic)
         self.layout = Layout(tuple(pipeline.param_shapes), pipeline.dtype, pipeline.device)
         self._factors: dict[float, HessianFactorization] = {}
 
@@ -280,6 +286,18 @@ class Hessian:
     def __matmul__(self, v: VectorLike) -> VectorLike:
         vm, form = self.layout.to_matrix(v, "v")
         return self.layout.from_matrix(self.matmat(vm), form)
+
+    def diagonal(self) -> Tensor:
+        """The exact diagonal of ``H`` (length ``W``), linear in depth (:mod:`hessinv.diagonal`)."""
+        from .diagonal import diagonal
+
+        return diagonal(self.blocks)
+
+    def block_diagonal(self) -> list[Tensor]:
+        """The exact ``p_l x p_l`` diagonal blocks of ``H``, one per stage, linear in depth."""
+        from .diagonal import block_diagonal
+
+        return block_diagonal(self.blocks)
 
     def to_dense(self) -> Tensor:
         """The ``W x W`` matrix, ``H @ I``."""

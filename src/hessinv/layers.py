@@ -182,10 +182,15 @@ class StageStructure:
     elementwise_tail: bool = True
     loss: tuple[Callable[..., Tensor], Tensor] | None = None
 
-    def tail_fn(self, y: Tensor) -> Tensor:
-        """Apply the parameter-free tail (and the loss, for the last stage)."""
+    def net_fn(self, y: Tensor) -> Tensor:
+        """Apply the parameter-free tail, without the loss."""
         for m in self.tail:
             y = m(y)
+        return y
+
+    def tail_fn(self, y: Tensor) -> Tensor:
+        """Apply the parameter-free tail (and the loss, for the last stage)."""
+        y = self.net_fn(y)
         if self.loss is not None:
             loss_func, target = self.loss
             y = loss_func(y, target)
