@@ -24,3 +24,30 @@ def test_doc_blocks_run(code_blocks):
     ns: dict = {}
     for code in code_blocks:  # blocks of one page share a namespace, in order
         exec(compile(code, "<doc>", "exec"), ns)
+
+
+EXAMPLES = sorted((ROOT / "examples").glob("*.py"))
+
+
+@pytest.mark.parametrize("script", EXAMPLES, ids=lambda p: p.name)
+def test_examples_run(script):
+    import runpy
+
+    runpy.run_path(str(script), run_name="__main__")
+
+
+def test_docs_build(tmp_path):
+    """The mkdocs site builds with --strict (broken links or nav fail)."""
+    import shutil
+    import subprocess
+
+    if shutil.which("mkdocs") is None:
+        pytest.skip("mkdocs not installed")
+    out = subprocess.run(
+        ["mkdocs", "build", "--strict", "-q", "-d", str(tmp_path / "site")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert (tmp_path / "site" / "index.html").exists()

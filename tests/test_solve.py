@@ -176,3 +176,31 @@ def test_bad_damping_and_method():
         H.solve(g, damping=1.0, method="qr")
     with pytest.raises(ValueError, match="length"):
         H.solve(g[:-1], damping=1.0)
+
+
+def test_inertia_when_the_lifted_system_is_badly_scaled():
+    """Huge weights make K far worse conditioned than H + dI; inertia must stay exact."""
+    torch.manual_seed(1)
+    X = torch.randn(50, 3, dtype=DT)
+    y = (X[:, :1] * X[:, 1:2] > 0).to(DT)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).to(DT)
+    lossf = nn.BCEWithLogitsLoss(reduction="sum")
+    opt = torch.optim.LBFGS(model.parameters(), max_iter=200)
+
+    def closure():  # separable data, no prior: the weights grow large
+        opt.zero_grad()
+        val = lossf(model(X), y)
+        val.backward()
+        return val
+
+    opt.step(closure)
+    assert max(float(p.abs().max()) for p in model.parameters()) > 10
+    for op in (hessinv.Hessian, hessinv.GaussNewton):
+        H = op(model, nn.BCEWithLogitsLoss(reduction="sum"), X, y)
+        A = H.to_dense() + torch.eye(H.num_params, dtype=DT)
+        ev = torch.linalg.eigvalsh(A)
+        assert H.inertia(1.0) == (int((ev > 0).sum()), int((ev < 0).sum()), 0)
+        s, la = H.logdet(1.0)
+        s_ref, la_ref = torch.linalg.slogdet(A)
+        assert s == float(s_ref) and abs(la - float(la_ref)) <= 1e-8 * max(1.0, abs(float(la_ref)))

@@ -169,27 +169,20 @@ def block_tri_inertia(
     coupling of direction ``i`` to block ``k+1``. Direction ``i`` is eliminated
     when ``|w_i| >= alpha c_i`` (bounded growth ``c_i^2/|w_i| <= c_i/alpha`` of
     the Schur complement ``D_{k+1} - G^T diag(1/w) G``), or when its coupling
-    is negligible; otherwise it is delayed. ``|w_i| <= rtol ||K||`` with
-    negligible coupling counts as a zero eigenvalue.
+    is negligible; otherwise it is delayed. ``|w_i| <= rtol max(||S_F||, ||C||)``
+    with negligible coupling counts as a zero eigenvalue: the threshold is
+    local to the front, at the level of ``eigh``'s own backward error, so
+    that a tiny but resolvable eigenvalue keeps its sign.
 
     Args:
         diag: Diagonal blocks.
         upper: Super-diagonal blocks.
         alpha: Pivot threshold (larger is safer, with larger fronts).
         rtol: Relative threshold for a zero eigenvalue; default
-            ``sqrt(n) * 100 * eps``.
+            ``10 sqrt(f) eps`` for a front of size ``f``.
     """
     dtype = diag[0].dtype
     eps = torch.finfo(dtype).eps
-    n_tot = sum(d.shape[0] for d in diag)
-    scale = max(float(torch.linalg.matrix_norm(d, ord=2)) if d.numel() else 0.0 for d in diag)
-    for u in upper:
-        if u.numel():
-            scale = max(scale, float(torch.linalg.matrix_norm(u, ord=2)))
-    scale = max(scale, 1e-300)
-    if rtol is None:
-        rtol = 100.0 * math.sqrt(n_tot) * eps
-    zero_tol = rtol * scale
     pos = neg = zero = 0
     sign, logabs = 1.0, 0.0
     max_front = 0
@@ -207,9 +200,14 @@ def block_tri_inertia(
         s = 0.5 * (s + s.T)
         max_front = max(max_front, r + nk)
         w, q = torch.linalg.eigh(s)
+        front_rtol = 10.0 * math.sqrt(r + nk) * eps if rtol is None else rtol
+        scale = float(w.abs().max()) if w.numel() else 0.0
         if k < len(diag) - 1:
             c = q[r:].T @ upper[k]  # only block k couples to block k+1
             cn = torch.linalg.vector_norm(c, dim=1)
+            scale = max(scale, float(cn.max()) if cn.numel() else 0.0)
+        zero_tol = front_rtol * max(scale, 1e-300)
+        if k < len(diag) - 1:
             negligible = cn <= zero_tol
             elim = (w.abs() >= alpha * cn) & (w.abs() > zero_tol) | negligible
         else:

@@ -140,6 +140,12 @@ class HessianFactorization:
         """
         r = self.inertia_details()
         pos, neg = r.positive - self.m, r.negative - self.m
+        if pos < 0 or neg < 0:
+            # Eigenvalues of K near its round-off level were counted as zeros, but K has at
+            # least m of each sign: count by sign alone (``eigh`` resolves them).
+            diag, upper = self.system.assemble()
+            r = self._inertia = block_tri_inertia(diag, upper, rtol=0.0)
+            pos, neg = r.positive - self.m, r.negative - self.m
         if pos < 0 or neg < 0:  # pragma: no cover - guards numerical breakdown
             raise torch.linalg.LinAlgError("inertia of the lifted system is inconsistent")
         dp, dn, dz = self.system.dropped_inertia()
