@@ -6,7 +6,7 @@ block-tridiagonal system, log-determinants and inertia, for pipelines
 ``z_l = f_l(z_{l-1}; x_l)`` ending in a scalar loss.
 """
 
-from . import approx, check, paper
+from . import approx, check, optim, paper
 from .errors import SingularHessianError
 from .ggn import GaussNewton
 from .hessian import Hessian, HessianFactorization, InverseOperator
@@ -22,6 +22,7 @@ __all__ = [
     "Stage",
     "approx",
     "check",
+    "optim",
     "paper",
 ]
 __version__ = "0.1.0"

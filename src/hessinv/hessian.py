@@ -159,6 +159,64 @@ class HessianFactorization:
         return self._inertia
 
 
+class DenseFactorization:
+    """``H + damping I`` through the eigendecomposition of the dense ``H`` (small ``W``).
+
+    ``H = Q diag(w) Q^T`` is computed once per operator (``O(W^3)``) and serves
+    every damping: solves are ``Q diag(1/(w + d)) Q^T g``, the inertia and
+    log-determinant are read off ``w + d``. Chosen by ``factor(method="auto")``
+    when :meth:`Hessian.cost_model` says the dense route is cheaper (tiny ``W``,
+    large batch).
+    """
+
+    def __init__(self, op: Hessian, damping: float) -> None:
+        self.op = op
+        self.damping = _check_damping(damping)
+        w, q = op._eigh()
+        self.w, self.q = w + self.damping, q
+        scale = float(w.abs().max()) if w.numel() else 0.0
+        self.tol = w.shape[0] * torch.finfo(w.dtype).eps * max(scale, abs(self.damping), 1e-300)
+
+    @property
+    def singular(self) -> bool:
+        """True if an eigenvalue of ``H + damping I`` is at round-off level."""
+        return bool((self.w.abs() <= self.tol).any())
+
+    def solve(
+        self, g: VectorLike, *, check: bool = True, check_rtol: float | None = None, refine: int = 1
+    ) -> VectorLike:
+        """``(H + damping I)^{-1} g``; same contract as :meth:`HessianFactorization.solve`."""
+        gm, form = self.op.layout.to_matrix(g, "g")
+        if self.singular:
+            raise SingularHessianError(f"an eigenvalue of H + damping*I is zero. {HINT}")
+        x = self._apply(gm)
+        for _ in range(refine):
+            r = gm - self.op.matmat(x) - self.damping * x
+            x = x + self._apply(r)
+        if check:
+            self.op._check_residual(x, gm, self.damping, check_rtol)
+        return self.op.layout.from_matrix(x, form)
+
+    def _apply(self, g: Tensor) -> Tensor:
+        return self.q @ ((self.q.T @ g) / self.w.unsqueeze(1))
+
+    def logdet(self) -> tuple[float, float]:
+        """``(sign, log|det(H + damping I)|)``."""
+        if self.singular:
+            return 0.0, -math.inf
+        sign = -1.0 if int((self.w < 0).sum()) % 2 else 1.0
+        return sign, float(torch.log(self.w.abs()).sum())
+
+    def inertia(self) -> tuple[int, int, int]:
+        """``(n_pos, n_neg, n_zero)`` of ``H + damping I`` from the eigenvalues."""
+        zero = self.w.abs() <= self.tol
+        return (
+            int(((self.w > 0) & ~zero).sum()),
+            int(((self.w < 0) & ~zero).sum()),
+            int(zero.sum()),
+        )
+
+
 class InverseOperator:
     """``(H + damping I)^{-1}`` as a linear operator (``@``, ``to_scipy``)."""
 
@@ -249,7 +307,8 @@ class Hessian:
             _check_no_mixing(pipeline)
         self._loss, self.blocks = self._compute_blocks(pipeline, generic)
         self.layout = Layout(tuple(pipeline.param_shapes), pipeline.dtype, pipeline.device)
-        self._factors: dict[float, HessianFactorization] = {}
+        self._factors: dict[tuple[float, str], HessianFactorization | DenseFactorization] = {}
+        self._dense_eigh: tuple[Tensor, Tensor] | None = None
 
     # -- operator basics ---------------------------------------------------
     @property
@@ -335,12 +394,35 @@ class Hessian:
         return self._scipy(self.matmat)
 
     # -- solves ---------------------------------------------------------------
-    def factor(self, damping: float = 0.0) -> HessianFactorization:
-        """Factor ``H + damping I`` through the lifted system (cached per damping)."""
+    def factor(
+        self, damping: float = 0.0, method: str = "lifted"
+    ) -> HessianFactorization | DenseFactorization:
+        """Factor ``H + damping I`` (cached per damping and method).
+
+        Args:
+            damping: The shift ``d``.
+            method: ``"lifted"`` (the pivoted factorization of the lifted
+                block-tridiagonal system, linear in depth), ``"dense"`` (the
+                eigendecomposition of the dense ``H``, computed once for all
+                dampings, ``O(W^3)``), or ``"auto"`` (by :meth:`cost_model`).
+        """
         d = _check_damping(damping)
-        if d not in self._factors:
-            self._factors[d] = HessianFactorization(self, d)
-        return self._factors[d]
+        if method == "auto":
+            c = self.cost_model()
+            method = "dense" if c["dense"] < c["lifted"] else "lifted"
+        if method not in ("lifted", "dense"):
+            raise ValueError(f"unknown factorization {method!r}; use lifted, dense or auto")
+        key = (d, method)
+        if key not in self._factors:
+            cls = HessianFactorization if method == "lifted" else DenseFactorization
+            self._factors[key] = cls(self, d)
+        return self._factors[key]
+
+    def _eigh(self) -> tuple[Tensor, Tensor]:
+        """Eigendecomposition of the dense ``H`` (cached)."""
+        if self._dense_eigh is None:
+            self._dense_eigh = torch.linalg.eigh(self.to_dense())
+        return self._dense_eigh
 
     def inverse(self, damping: float = 0.0) -> InverseOperator:
         """``(H + damping I)^{-1}`` as a linear operator."""
