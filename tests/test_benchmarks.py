@@ -34,7 +34,7 @@ def test_scaling_quick(tmp_path):
         ]
     )
     data = json.loads((tmp_path / "scaling_quick.json").read_text())
-    assert len(data["depth_sweep"]) == 4 and len(data["batch_sweep"]) == 3
+    assert len(data["depth_sweep"]) == 5 and len(data["batch_sweep"]) == 3
     for r in data["depth_sweep"]:
         assert r["residual"] < 1e-12
         if "dense_residual" in r:

@@ -63,9 +63,12 @@ class BlockTriLU:
         diag: Diagonal blocks ``D_k``.
         upper: Super-diagonal blocks ``U_k`` (``len(diag) - 1`` of them); the
             sub-diagonal is taken as ``U_k^T`` (symmetric ``K``).
+        consume: Release each input block (set its list entry to ``None``)
+            once it has been used, so that the inputs and the factors never
+            sit in memory together.
     """
 
-    def __init__(self, diag: list[Tensor], upper: list[Tensor]) -> None:
+    def __init__(self, diag: list[Tensor], upper: list[Tensor], *, consume: bool = False) -> None:
         if len(upper) != len(diag) - 1:
             raise ValueError("need len(upper) == len(diag) - 1")
         self.sizes = [d.shape[0] for d in diag]
@@ -97,6 +100,9 @@ class BlockTriLU:
             a_cur, b_cur = rest[:, :nk1], rest[:, nk1:]
             self.steps.append(_Step(lu, perm_t, u12, nk))
             pivots.append(torch.diagonal(lu[:nk]))
+            if consume:
+                diag[k], upper[k] = None, None  # type: ignore[call-overload]
+                diag[k + 1] = None  # type: ignore[call-overload]
         lu, piv, _ = torch.linalg.lu_factor_ex(a_cur)
         perm, sw = _perm_from_pivots(piv, a_cur.shape[0])
         swaps += sw
@@ -113,7 +119,7 @@ class BlockTriLU:
             neg = int((d < 0).sum())
             self._sign = -1.0 if (neg + swaps) % 2 else 1.0
             self._logabs = float(torch.log(ad).sum())
-        eps = torch.finfo(diag[0].dtype).eps
+        eps = torch.finfo(lu.dtype).eps
         self.tol = eps * max(self.sizes) * max(self.scale, 1e-300)
 
     @property

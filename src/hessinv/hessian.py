@@ -66,7 +66,7 @@ class HessianFactorization:
         self.op = op
         self.damping = _check_damping(damping)
         self.system = LiftedSystem(op.blocks, self.damping)
-        self.lu = BlockTriLU(self.system.diag, self.system.upper)
+        self.lu = BlockTriLU(self.system.diag, self.system.upper, consume=True)
         self.system.release()  # the LU holds what solves need; inertia re-assembles K
         self.m = self.system.m
         self._inertia: InertiaResult | None = None
