@@ -40,3 +40,18 @@ def test_scaling_quick(tmp_path):
         if "dense_residual" in r:
             assert r["dense_residual"] < 1e-10
     assert all(Path(p).exists() for p in res["plots"])
+
+
+def test_training_quick(tmp_path):
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("sklearn")
+    mod = _load("training")
+    res = mod.main(["--quick", "--out", str(tmp_path), "--budget", "0.3", "--sweep-budget", "0.1"])
+    data = json.loads((tmp_path / "training_quick.json").read_text())
+    for task in ("synthetic", "digits"):
+        runs = data["tasks"][task]["runs"]
+        assert set(runs) == {"newton-tr", "lm-hessian", "gauss-newton", "adam", "sgd-momentum"}
+        for kind in ("newton-tr", "lm-hessian", "gauss-newton"):
+            for r in runs[kind]:  # every recorded loss is non-increasing (only accepted steps move)
+                assert all(b <= a for a, b in zip(r["loss"], r["loss"][1:], strict=False))
+    assert Path(res["plot"]).exists()

@@ -68,7 +68,7 @@ def test_convex_quadratic_one_newton_step_reaches_minimum():
 
 
 def test_trust_region_hard_case():
-    """H = diag(-1, 1, 2) and g orthogonal to the negative eigenvector: the step reaches the boundary."""
+    """H = diag(-1, 1, 2), g orthogonal to the negative eigenvector: a boundary step."""
     X = torch.eye(3, dtype=DT)
     y = torch.tensor([[-1.0, 0.0], [1.0, 1.0], [2.0, 1.0]], dtype=DT)
 
