@@ -18,20 +18,31 @@ T = TypeVar("T")
 
 
 def make_mlp(
-    depth: int, width: int, batch: int, *, dtype: torch.dtype, device: str, seed: int = 0
+    depth: int,
+    width: int,
+    batch: int,
+    *,
+    dtype: torch.dtype,
+    device: str,
+    seed: int = 0,
+    gain: float = 1.5,
 ) -> tuple[nn.Module, nn.Module, torch.Tensor, torch.Tensor]:
     """A deep, narrow tanh MLP and a regression task on data the code makes.
 
-    Weights are drawn with gain 1.5 so that signals propagate through depth
-    (with PyTorch's default init a deep tanh net collapses to a near-constant
-    map and its Hessian to a numerically singular one).
+    Weights are drawn with standard deviation ``gain / sqrt(width)``. With
+    PyTorch's default init (gain about 0.58) a deep tanh net collapses to a
+    near-constant map and its Hessian to a numerically singular one; with gain
+    1.5 signals propagate and the Hessian is indefinite, but past a few hundred
+    layers the net is chaotic: gradients grow exponentially with depth and
+    ``H + dI`` becomes too ill-conditioned for float64 (``||H|| ~ 1e16`` at
+    depth 1024, width 16). Gain 1 sits at the edge of chaos.
     """
     gen = torch.Generator().manual_seed(seed)
     mods: list[nn.Module] = []
     for _ in range(depth - 1):
         lin = nn.Linear(width, width)
         with torch.no_grad():
-            lin.weight.copy_(torch.randn(width, width, generator=gen) * 1.5 / width**0.5)
+            lin.weight.copy_(torch.randn(width, width, generator=gen) * gain / width**0.5)
             lin.bias.copy_(torch.randn(width, generator=gen) * 0.1)
         mods += [lin, nn.Tanh()]
     last = nn.Linear(width, 1)
