@@ -29,6 +29,8 @@ import math
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -89,6 +91,62 @@ class PeakMemory:
         self.peak = max(self._max, rss_bytes()) - self.base
 
 
+def vm_kib(field: str) -> int:
+    """A field of /proc/self/status (VmRSS, VmHWM), in KiB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def memory_child(width: int, batch: int, depth: int, what: str, gain: float, damping: float) -> int:
+    """Peak bytes of one build + factor + solve (``what="exact"``) or dense solve, here."""
+    warm = make_mlp(4, 3, 2, dtype=torch.float64, device="cpu")  # torch.func's first-call cost
+    hw = hessinv.Hessian(*warm)
+    hw.factor(1.0).solve(hw.gradient(), check=False)
+    hw.solve(hw.gradient(), 1.0, "dense", check=False)
+    model, loss, X, y = make_mlp(depth, width, batch, dtype=torch.float64, device="cpu", gain=gain)
+    base = vm_kib("VmHWM")
+    H = hessinv.Hessian(model, loss, X, y)
+    g = H.gradient()
+    if what == "exact":
+        H.factor(damping).solve(g, check=False)
+    else:
+        H.solve(g, damping=damping, method="dense", check=False)
+    return (vm_kib("VmHWM") - base) * 1024
+
+
+def peak_memory(width: int, batch: int, depth: int, what: str, args: argparse.Namespace) -> int:
+    if args.device.startswith("cuda"):
+        with PeakMemory(args.device) as mem:
+            model, loss, X, y = make_mlp(
+                depth, width, batch, dtype=torch.float64, device=args.device, gain=args.gain
+            )
+            H = hessinv.Hessian(model, loss, X, y)
+            g = H.gradient()
+            if what == "exact":
+                H.factor(args.damping).solve(g, check=False)
+            else:
+                H.solve(g, damping=args.damping, method="dense", check=False)
+        return mem.peak
+    cmd = [
+        sys.executable,
+        __file__,
+        "--memory-child",
+        str(width),
+        str(batch),
+        str(depth),
+        what,
+        "--gain",
+        str(args.gain),
+        "--damping",
+        str(args.damping),
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return int(out.stdout.strip().splitlines()[-1])
+
+
 def sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -124,14 +182,11 @@ def run_case(width: int, batch: int, depth: int, args: argparse.Namespace) -> di
         gc.collect()
     res = float(H.residual(x[:, None], g[:, None], d)[0])
     rec["params"] = H.num_params
-    del H, x
+    del x
     gc.collect()
-    # memory in a separate, untimed run (the sampling thread would perturb the timings)
-    with PeakMemory(dev) as mem:
-        H = hessinv.Hessian(model, loss, X, y)
-        g = H.gradient()
-        H.factor(d).solve(g, check=False)
-    rec["peak_memory_bytes"] = mem.peak
+    # memory in a separate, untimed run: a fresh process on the CPU (its high-water mark
+    # is not hidden by memory the allocator kept from earlier cases), the allocator on CUDA
+    rec["peak_memory_bytes"] = peak_memory(width, batch, depth, "exact", args)
     rec.update(
         reps=len(t_build),
         build_s=statistics.median(t_build),
@@ -146,10 +201,8 @@ def run_case(width: int, batch: int, depth: int, args: argparse.Namespace) -> di
         for _ in range(args.reps):
             xd, t = timed(lambda: H.solve(g, damping=d, method="dense", check=False), dev)
             td.append(t)
-        with PeakMemory(dev) as mem:
-            H.solve(g, damping=d, method="dense", check=False)
         rec["dense_s"] = statistics.median(td) + rec["build_s"]
-        rec["dense_peak_memory_bytes"] = mem.peak
+        rec["dense_peak_memory_bytes"] = peak_memory(width, batch, depth, "dense", args)
         rec["dense_residual"] = float(H.residual(xd[:, None], g[:, None], d)[0])
     if depth <= args.minres_max_depth:
 
@@ -238,8 +291,11 @@ def plot(result: dict, out: Path, tag: str) -> list[str]:
         ]
         if dm:
             axes[1].loglog(*zip(*dm, strict=True), "s--", color=c, alpha=0.6)
-    for (_w, dep), t in PAPER.items():
+    for (pw, dep), t in PAPER.items():
         axes[0].loglog([dep], [t], "kx", markersize=10)
+        axes[0].annotate(
+            f"w={pw}", (dep, t), textcoords="offset points", xytext=(6, -4), fontsize=7
+        )
     axes[0].plot([], [], "ks--", alpha=0.6, label="dense (forms H)")
     axes[0].plot([], [], "k^:", alpha=0.6, label="MINRES to same residual")
     axes[0].plot([], [], "kx", label="paper author's code, N=2")
@@ -350,7 +406,12 @@ def main(argv: list[str] | None = None) -> dict:
     )
     p.add_argument("--minres-rtol", type=float, default=1e-10)
     p.add_argument("--out", type=Path, default=HERE / "results")
+    p.add_argument("--memory-child", nargs=4, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.memory_child:
+        w, b, dep, what = args.memory_child
+        print(memory_child(int(w), int(b), int(dep), what, args.gain, args.damping))
+        return {}
     if args.quick:
         args.widths, args.batches, args.depths = [3], [2], [4, 8, 16, 32, 64]
         args.sweep_batches, args.sweep_depth, args.sweep_width = [1, 2, 4], 8, 3
