@@ -26,12 +26,10 @@ import argparse
 import gc
 import json
 import math
-import os
 import platform
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -49,48 +47,6 @@ PAPER = {  # the paper author's code, float64, batch 2, damping 1e-3, build + so
 }
 
 
-def rss_bytes() -> int:
-    """Resident set size of this process (Linux /proc), in bytes."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-class PeakMemory:
-    """Peak memory above the starting level during a block: CUDA allocator or sampled RSS."""
-
-    def __init__(self, device: str) -> None:
-        self.device = device
-        self.peak = 0
-
-    def __enter__(self) -> PeakMemory:
-        if self.device.startswith("cuda"):
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.base = torch.cuda.memory_allocated()
-            return self
-        self.base = rss_bytes()
-        self._stop = False
-        self._max = self.base
-
-        def sample() -> None:
-            while not self._stop:
-                self._max = max(self._max, rss_bytes())
-                time.sleep(0.002)
-
-        self._t = threading.Thread(target=sample, daemon=True)
-        self._t.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.device.startswith("cuda"):
-            torch.cuda.synchronize()
-            self.peak = torch.cuda.max_memory_allocated() - self.base
-            return
-        self._stop = True
-        self._t.join()
-        self.peak = max(self._max, rss_bytes()) - self.base
-
-
 def vm_kib(field: str) -> int:
     """A field of /proc/self/status (VmRSS, VmHWM), in KiB."""
     with open("/proc/self/status") as f:
@@ -100,36 +56,37 @@ def vm_kib(field: str) -> int:
     return 0
 
 
-def memory_child(width: int, batch: int, depth: int, what: str, gain: float, damping: float) -> int:
-    """Peak bytes of one build + factor + solve (``what="exact"``) or dense solve, here."""
-    warm = make_mlp(4, 3, 2, dtype=torch.float64, device="cpu")  # torch.func's first-call cost
-    hw = hessinv.Hessian(*warm)
-    hw.factor(1.0).solve(hw.gradient(), check=False)
-    hw.solve(hw.gradient(), 1.0, "dense", check=False)
-    model, loss, X, y = make_mlp(depth, width, batch, dtype=torch.float64, device="cpu", gain=gain)
-    base = vm_kib("VmHWM")
+def exercise(
+    width: int, batch: int, depth: int, what: str, gain: float, damping: float, device: str
+) -> None:
+    """One build + factor + solve (``what="exact"``) or build + dense solve."""
+    model, loss, X, y = make_mlp(depth, width, batch, dtype=torch.float64, device=device, gain=gain)
     H = hessinv.Hessian(model, loss, X, y)
     g = H.gradient()
     if what == "exact":
         H.factor(damping).solve(g, check=False)
     else:
         H.solve(g, damping=damping, method="dense", check=False)
+
+
+def memory_child(width: int, batch: int, depth: int, what: str, gain: float, damping: float) -> int:
+    """Peak bytes of :func:`exercise` in this (fresh) process, from its high-water mark."""
+    for kind in ("exact", "dense"):  # torch.func's first-call cost, not counted
+        exercise(3, 2, 4, kind, 1.0, 1.0, "cpu")
+    base = vm_kib("VmHWM")
+    exercise(width, batch, depth, what, gain, damping, "cpu")
     return (vm_kib("VmHWM") - base) * 1024
 
 
 def peak_memory(width: int, batch: int, depth: int, what: str, args: argparse.Namespace) -> int:
+    """Peak memory of :func:`exercise`: the CUDA allocator, or a fresh CPU process."""
     if args.device.startswith("cuda"):
-        with PeakMemory(args.device) as mem:
-            model, loss, X, y = make_mlp(
-                depth, width, batch, dtype=torch.float64, device=args.device, gain=args.gain
-            )
-            H = hessinv.Hessian(model, loss, X, y)
-            g = H.gradient()
-            if what == "exact":
-                H.factor(args.damping).solve(g, check=False)
-            else:
-                H.solve(g, damping=args.damping, method="dense", check=False)
-        return mem.peak
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        exercise(width, batch, depth, what, args.gain, args.damping, args.device)
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
     cmd = [
         sys.executable,
         __file__,
