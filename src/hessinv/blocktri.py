@@ -22,6 +22,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -60,49 +61,55 @@ class BlockTriLU:
     """Pivoted block LU of a block-tridiagonal matrix.
 
     Args:
-        diag: Diagonal blocks ``D_k``.
+        diag: Diagonal blocks ``D_k`` (any sequence; each item is read once,
+            in order, so a lazy sequence keeps only ``O(1)`` input blocks alive).
         upper: Super-diagonal blocks ``U_k`` (``len(diag) - 1`` of them); the
             sub-diagonal is taken as ``U_k^T`` (symmetric ``K``).
-        consume: Release each input block (set its list entry to ``None``)
-            once it has been used, so that the inputs and the factors never
-            sit in memory together.
     """
 
-    def __init__(self, diag: list[Tensor], upper: list[Tensor], *, consume: bool = False) -> None:
-        if len(upper) != len(diag) - 1:
-            raise ValueError("need len(upper) == len(diag) - 1")
-        self.sizes = [d.shape[0] for d in diag]
-        self.steps: list[_Step] = []
-        maxes = [t.abs().amax() for t in [*diag, *upper] if t.numel()]
-        self.scale = float(torch.stack(maxes).max()) if maxes else 0.0
+    def __init__(self, diag: Sequence[Tensor], upper: Sequence[Tensor]) -> None:
         n_bl = len(diag)
+        if len(upper) != n_bl - 1:
+            raise ValueError("need len(upper) == len(diag) - 1")
+        self.steps: list[_Step] = []
+        maxes: list[Tensor] = []
         pivots: list[Tensor] = []
         swaps = 0
         a_cur = diag[0]
-        b_cur = upper[0] if n_bl > 1 else diag[0].new_zeros(self.sizes[0], 0)
+        self.sizes = [a_cur.shape[0]]
+        up = upper[0] if n_bl > 1 else None
+        b_cur = up
+        for t in (a_cur, up):
+            if t is not None and t.numel():
+                maxes.append(t.abs().amax())
         for k in range(n_bl - 1):
-            nk, nk1 = self.sizes[k], self.sizes[k + 1]
-            nk2 = self.sizes[k + 2] if k + 2 < n_bl else 0
-            panel = torch.cat([a_cur, upper[k].T], dim=0)
+            assert up is not None and b_cur is not None
+            d_next = diag[k + 1]
+            up_next = upper[k + 1] if k + 1 < n_bl - 1 else None
+            for t in (d_next, up_next):
+                if t is not None and t.numel():
+                    maxes.append(t.abs().amax())
+            nk, nk1 = a_cur.shape[0], d_next.shape[0]
+            self.sizes.append(nk1)
+            panel = torch.cat([a_cur, up.T], dim=0)
             lu, piv, _ = torch.linalg.lu_factor_ex(panel)
             perm, sw = _perm_from_pivots(piv, nk + nk1)
             swaps += sw
             perm_t = torch.tensor(perm, device=panel.device)
             # rows of block k (cols k+1 and the fill col k+2) over rows of block k+1
-            right = panel.new_zeros(nk + nk1, nk1 + nk2)
-            right[:nk, :nk1] = b_cur
-            right[nk:, :nk1] = diag[k + 1]
-            if k + 1 < n_bl - 1:
-                right[nk:, nk1:] = upper[k + 1]
+            if up_next is None:
+                right = torch.cat([b_cur, d_next], dim=0)
+            else:
+                top = torch.cat([b_cur, b_cur.new_zeros(nk, up_next.shape[1])], dim=1)
+                right = torch.cat([top, torch.cat([d_next, up_next], dim=1)], dim=0)
             right = right[perm_t]
             u12 = _solve_lower_unit(lu[:nk], right[:nk])
             rest = torch.addmm(right[nk:], lu[nk:], u12, alpha=-1.0)
             a_cur, b_cur = rest[:, :nk1], rest[:, nk1:]
             self.steps.append(_Step(lu, perm_t, u12, nk))
             pivots.append(torch.diagonal(lu[:nk]))
-            if consume:
-                diag[k], upper[k] = None, None  # type: ignore[call-overload]
-                diag[k + 1] = None  # type: ignore[call-overload]
+            up = up_next
+        self.scale = float(torch.stack(maxes).max()) if maxes else 0.0
         lu, piv, _ = torch.linalg.lu_factor_ex(a_cur)
         perm, sw = _perm_from_pivots(piv, a_cur.shape[0])
         swaps += sw
@@ -166,7 +173,11 @@ class InertiaResult:
 
 
 def block_tri_inertia(
-    diag: list[Tensor], upper: list[Tensor], *, alpha: float = 0.1, rtol: float | None = None
+    diag: Sequence[Tensor],
+    upper: Sequence[Tensor],
+    *,
+    alpha: float = 0.1,
+    rtol: float | None = None,
 ) -> InertiaResult:
     """Inertia of a symmetric block-tridiagonal ``K`` (Sylvester, delayed pivots).
 
@@ -187,14 +198,14 @@ def block_tri_inertia(
         rtol: Relative threshold for a zero eigenvalue; default
             ``10 sqrt(f) eps`` for a front of size ``f``.
     """
-    dtype = diag[0].dtype
+    d_cur = diag[0]  # each block is read once, in order (lazy sequences welcome)
+    dtype = d_cur.dtype
     eps = torch.finfo(dtype).eps
     pos = neg = zero = 0
     sign, logabs = 1.0, 0.0
     max_front = 0
-    w_del = diag[0].new_zeros(0)
-    g_del = diag[0].new_zeros(0, diag[0].shape[0])
-    d_cur = diag[0]
+    w_del = d_cur.new_zeros(0)
+    g_del = d_cur.new_zeros(0, d_cur.shape[0])
     for k in range(len(diag)):
         r = w_del.shape[0]
         nk = d_cur.shape[0]

@@ -66,8 +66,7 @@ class HessianFactorization:
         self.op = op
         self.damping = _check_damping(damping)
         self.system = LiftedSystem(op.blocks, self.damping)
-        self.lu = BlockTriLU(self.system.diag, self.system.upper, consume=True)
-        self.system.release()  # the LU holds what solves need; inertia re-assembles K
+        self.lu = BlockTriLU(self.system.diag, self.system.upper)  # blocks built as consumed
         self.m = self.system.m
         self._inertia: InertiaResult | None = None
 
@@ -136,8 +135,7 @@ class HessianFactorization:
         if pos < 0 or neg < 0:
             # Eigenvalues of K near its round-off level were counted as zeros, but K has at
             # least m of each sign: count by sign alone (``eigh`` resolves them).
-            diag, upper = self.system.assemble()
-            r = self._inertia = block_tri_inertia(diag, upper, rtol=0.0)
+            r = self._inertia = block_tri_inertia(self.system.diag, self.system.upper, rtol=0.0)
             pos, neg = r.positive - self.m, r.negative - self.m
         if pos < 0 or neg < 0:  # pragma: no cover - guards numerical breakdown
             raise torch.linalg.LinAlgError("inertia of the lifted system is inconsistent")
@@ -147,8 +145,7 @@ class HessianFactorization:
     def inertia_details(self) -> InertiaResult:
         """The congruence factorization of ``K`` (cached)."""
         if self._inertia is None:
-            diag, upper = self.system.assemble()
-            self._inertia = block_tri_inertia(diag, upper)
+            self._inertia = block_tri_inertia(self.system.diag, self.system.upper)
         return self._inertia
 
 

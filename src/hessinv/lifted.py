@@ -2,17 +2,33 @@
 
 Treat the recursions of :mod:`hessinv.products` as equations in the unknowns
 ``(v_l, u_l, lam_l)`` with right-hand side ``g`` (DESIGN.md section 3; the
-lifting of the paper's eq. 26). Ordered stage by stage, block ``l`` holds
-``[v_l (p_l), u_l (N a_l), lam_l (N a_l)]`` (the last stage only ``v_{L-1}``),
-and the symmetric indefinite (KKT) matrix ``K`` reads::
+lifting of the paper's eq. 26). The symmetric indefinite (KKT) matrix ``K``
+reads::
 
     row v_l  :  (Txx_l + d I) v_l + Tzx_l^T u_{l-1} + Jx_l^T lam_l          = g_l
     row lam_l:  Jz_l u_{l-1} + Jx_l v_l - u_l                                  = 0
     row u_l  :  Tzz_{l+1} u_l + Tzx_{l+1} v_{l+1} + Jz_{l+1}^T lam_{l+1} - lam_l = 0
 
 Eliminating ``u`` (forward, eq. 53) and ``lam`` (backward, eq. 52) leaves
-``(H + d I) v = g``. So ``K`` is block tridiagonal with block sizes
-``n_l = p_l + 2 N a_l``, and:
+``(H + d I) v = g``.
+
+**Ordering.** ``(v_l, lam_l)`` is coupled to the rest only through ``u_{l-1}``
+and ``u_l``, so the ``u_l`` (``N a_l`` unknowns each) separate the stages. We
+order the unknowns ``(v_0, lam_0), u_0, (v_1, lam_1), u_1, ..., v_{L-1}``:
+``K`` is block tridiagonal with ``2L - 1`` blocks of sizes ``p_l + N a_l`` and
+``N a_l`` alternating::
+
+    D(v_l, lam_l)                = [[Txx_l + dI, Jx_l^T], [Jx_l, 0]]
+    D(u_l)                       = Tzz_{l+1}
+    K[(v_l, lam_l), u_l]         = [0; -I]
+    K[u_l, (v_{l+1}, lam_{l+1})] = [Tzx_{l+1}, Jz_{l+1}^T]
+
+A pivoted block LU then costs ``sum_l ~5 (p_l + 2 N a_l)(p_l + N a_l)^2``
+flops instead of ``sum_l ~9 (p_l + 2 N a_l)^3`` with one block of size
+``p_l + 2 N a_l`` per stage (the same unknowns, fewer fill-in), and stores
+about half as much. Its row interchanges are those of LAPACK's banded LU
+with partial pivoting on this ordering. Since ``K`` is only symmetrically
+permuted:
 
 * ``inertia(H + dI) = inertia(K) - (m, m, 0)``, ``m = sum_l N a_l`` (the
   ``(u, lam)`` part ``[[T, B^T], [B, 0]]`` with ``B`` square and unit lower
@@ -26,8 +42,8 @@ all live in the row space of ``d layer/dx``, of dimension at most
 that row space (thin Householder QR, no rank decision). Every direction
 ``q`` orthogonal to it has ``H q = 0``: it is an eigenvector of ``H + dI``
 with eigenvalue ``d``. So ``v_l = Q_l w_l + (I - Q_l Q_l^T) g_l / d``, only
-``w_l`` enters ``K`` (block size ``k_l + 2 N a_l`` instead of
-``p_l + 2 N a_l``), and the dropped directions add ``p_l - k_l`` eigenvalues
+``w_l`` enters ``K`` (block size ``k_l + N a_l`` instead of
+``p_l + N a_l``), and the dropped directions add ``p_l - k_l`` eigenvalues
 ``d`` to the inertia and ``(p_l - k_l) log|d|`` to the log-determinant. With
 ``d = 0`` they make ``H`` exactly singular (the small-batch null space of
 DESIGN.md section 3).
@@ -36,6 +52,8 @@ DESIGN.md section 3).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
+from typing import overload
 
 import torch
 from torch import Tensor
@@ -72,12 +90,37 @@ def _basis(b: StageBlocks) -> Tensor | None:
     return q
 
 
+class _LazyBlocks(Sequence[Tensor]):
+    """A read-only sequence whose items are built on access (never all in memory)."""
+
+    def __init__(self, n: int, build: Callable[[int], Tensor]) -> None:
+        self._n, self._build = n, build
+
+    def __len__(self) -> int:
+        return self._n
+
+    @overload
+    def __getitem__(self, i: int) -> Tensor: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[Tensor]: ...
+    def __getitem__(self, i: int | slice) -> Tensor | list[Tensor]:
+        if isinstance(i, slice):
+            return [self._build(j) for j in range(*i.indices(self._n))]
+        if not -self._n <= i < self._n:
+            raise IndexError(i)
+        return self._build(i % self._n)
+
+
 class LiftedSystem:
     """The lifted matrix ``K`` of ``H + damping I`` in block-tridiagonal form.
 
+    The blocks are built on demand (``diag[i]``, ``upper[i]``), so a
+    factorization that consumes them in order holds ``O(1)`` of them at a time.
+
     Attributes:
-        diag: Diagonal blocks ``D_l``.
-        upper: Super-diagonal blocks ``K[l, l+1]``.
+        diag: Diagonal blocks ``D_i`` (a lazy sequence), ``2 L - 1`` of them.
+        upper: Super-diagonal blocks ``K[i, i+1]`` (a lazy sequence).
+        sizes: The block sizes ``k_l + N a_l`` and ``N a_l`` alternating, then ``k_{L-1}``.
         bases: Per stage ``Q_l`` or ``None`` (see the module doc).
         m: ``sum_l N a_l``, the number of ``u`` (and of ``lam``) unknowns.
         n_dropped: ``sum_l (p_l - k_l)``, eigenvalues equal to ``damping``.
@@ -87,85 +130,96 @@ class LiftedSystem:
         self.blocks = blocks
         self.damping = damping
         self.bases = [_basis(b) for b in blocks]
-        self.m = sum(b.Jx.shape[0] * b.Jx.shape[1] for b in blocks[:-1])
+        self._k = [
+            b.num_params if q is None else q.shape[1]
+            for b, q in zip(blocks, self.bases, strict=True)
+        ]
+        self._m = [b.Jx.shape[0] * b.Jx.shape[1] for b in blocks[:-1]]
+        self.m = sum(self._m)
         self.n_dropped = sum(
             b.num_params - q.shape[1]
             for b, q in zip(blocks, self.bases, strict=True)
             if q is not None
         )
-        self.diag, self.upper = self.assemble()
-
-    def release(self) -> None:
-        """Drop the assembled blocks (``O(sum n_l^2)`` memory); :meth:`assemble` rebuilds them."""
-        self.diag, self.upper = [], []
+        n_st = len(blocks)
+        self.sizes: list[int] = []
+        for l in range(n_st - 1):  # noqa: E741
+            self.sizes += [self._k[l] + self._m[l], self._m[l]]
+        self.sizes.append(self._k[-1])
+        self.diag: Sequence[Tensor] = _LazyBlocks(len(self.sizes), self._diag_block)
+        self.upper: Sequence[Tensor] = _LazyBlocks(len(self.sizes) - 1, self._upper_block)
 
     @staticmethod
     def _cols(t: Tensor, q: Tensor | None) -> Tensor:
         """Restrict the parameter (last) axis of ``t`` to the basis ``q``."""
         return t if q is None else t @ q
 
-    def assemble(self) -> tuple[list[Tensor], list[Tensor]]:
-        """The diagonal blocks ``D_l`` and super-diagonal blocks ``K[l, l+1]``."""
-        blocks, d = self.blocks, self.damping
-        n_st = len(blocks)
-        diag: list[Tensor] = []
-        upper: list[Tensor] = []
-        for l in range(n_st):  # noqa: E741
-            b, q = blocks[l], self.bases[l]
-            ref = b.grad_x
-            k = b.num_params if q is None else q.shape[1]
-            dvv = torch.eye(k, dtype=ref.dtype, device=ref.device) * d
-            if b.Txx is not None:
-                dvv = dvv + (b.Txx if q is None else q.T @ b.Txx @ q)
-            if l == n_st - 1:
-                diag.append(dvv)
-                continue
-            nxt, qn = blocks[l + 1], self.bases[l + 1]
-            n, a, _ = b.Jx.shape
-            m = n * a
-            jx = self._cols(b.Jx.reshape(m, -1), q)
+    def _vv(self, l: int) -> Tensor:  # noqa: E741
+        """``Q_l^T (Txx_l + d I) Q_l``."""
+        b, q, k = self.blocks[l], self.bases[l], self._k[l]
+        ref = b.grad_x
+        dvv = torch.eye(k, dtype=ref.dtype, device=ref.device) * self.damping
+        if b.Txx is not None:
+            dvv = dvv + (b.Txx if q is None else q.T @ b.Txx @ q)
+        return dvv
+
+    def _diag_block(self, i: int) -> Tensor:
+        """``[[Txx + dI, Jx^T], [Jx, 0]]`` for ``(v_l, lam_l)``, ``Tzz_{l+1}`` for ``u_l``."""
+        l, odd = divmod(i, 2)  # noqa: E741
+        if odd:
+            return _block_diag(self.blocks[l + 1].Tzz)
+        dvv = self._vv(l)
+        if l == len(self.blocks) - 1:
+            return dvv
+        k, m = self._k[l], self._m[l]
+        jx = self._cols(self.blocks[l].Jx.reshape(m, -1), self.bases[l])
+        top = torch.cat([dvv, jx.T], dim=1)
+        bottom = torch.cat([jx, jx.new_zeros(m, m)], dim=1)
+        return torch.cat([top, bottom], dim=0).reshape(k + m, k + m)
+
+    def _upper_block(self, i: int) -> Tensor:
+        """``K[i, i+1]``: ``[0; -I]`` (``lam_l`` row, ``u_l`` column), or ``[Tzx, Jz^T]``."""
+        l, odd = divmod(i, 2)  # noqa: E741
+        ref = self.blocks[l].grad_x
+        if not odd:
+            k, m = self._k[l], self._m[l]
             eye = torch.eye(m, dtype=ref.dtype, device=ref.device)
-            dl = ref.new_zeros(k + 2 * m, k + 2 * m)
-            dl[:k, :k] = dvv
-            dl[:k, k + m :] = jx.T
-            dl[k + m :, :k] = jx
-            dl[k : k + m, k : k + m] = _block_diag(nxt.Tzz)
-            dl[k : k + m, k + m :] = -eye
-            dl[k + m :, k : k + m] = -eye
-            diag.append(dl)
-            tzx = self._cols(nxt.Tzx.reshape(m, -1), qn)
-            kn = tzx.shape[1]
-            last_next = l + 1 == n_st - 1
-            mn = 0 if last_next else nxt.Jx.shape[0] * nxt.Jx.shape[1]
-            ul = ref.new_zeros(k + 2 * m, kn + 2 * mn)
-            ul[k : k + m, :kn] = tzx
-            if not last_next:
-                ul[k : k + m, kn + mn :] = _block_diag(nxt.Jz, transpose=True)
-            upper.append(ul)
-        return diag, upper
+            return torch.cat([ref.new_zeros(k, m), -eye], dim=0)
+        nxt = self.blocks[l + 1]
+        tzx = self._cols(nxt.Tzx.reshape(self._m[l], -1), self.bases[l + 1])
+        if l + 1 == len(self.blocks) - 1:
+            return tzx
+        return torch.cat([tzx, _block_diag(nxt.Jz, transpose=True)], dim=1)
+
+    def assemble(self) -> tuple[list[Tensor], list[Tensor]]:
+        """All diagonal blocks ``D_i`` and super-diagonal blocks ``K[i, i+1]``, as lists."""
+        return list(self.diag[:]), list(self.upper[:])
 
     def rhs(self, g: Tensor) -> list[Tensor]:
-        """Right-hand side ``[Q_l^T g_l, 0, 0]`` per block, for ``g`` of shape ``(W, r)``."""
+        """Right-hand side per block, for ``g`` of shape ``(W, r)``.
+
+        ``[Q_l^T g_l; 0]`` for ``(v_l, lam_l)``, ``0`` for ``u_l``, ``Q^T g`` for the last ``v``.
+        """
         out = []
+        r = g.shape[1]
         for l, gl in enumerate(self._split(g)):  # noqa: E741
             q = self.bases[l]
             piece = gl if q is None else q.T @ gl
-            b = self.blocks[l]
-            extra = 0 if l == len(self.blocks) - 1 else 2 * b.Jx.shape[0] * b.Jx.shape[1]
-            if extra:
-                piece = torch.cat([piece, g.new_zeros(extra, g.shape[1])], dim=0)
-            out.append(piece)
+            if l < len(self.blocks) - 1:
+                m = self._m[l]
+                out += [torch.cat([piece, g.new_zeros(m, r)], dim=0), g.new_zeros(m, r)]
+            else:
+                out.append(piece)
         return out
 
     def extract(self, x: list[Tensor], g: Tensor) -> Tensor:
         """``v_l = Q_l w_l + (g_l - Q_l Q_l^T g_l) / d`` from a lifted solution."""
         out = []
         for l, gl in enumerate(self._split(g)):  # noqa: E741
-            q = self.bases[l]
+            q, w = self.bases[l], x[2 * l][: self._k[l]]
             if q is None:
-                out.append(x[l][: gl.shape[0]])
+                out.append(w)
                 continue
-            w = x[l][: q.shape[1]]
             perp = gl - q @ (q.T @ gl)
             out.append(q @ w + perp / self.damping)
         return torch.cat(out, dim=0)
