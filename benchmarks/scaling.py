@@ -6,7 +6,8 @@ run, the medians of 5 repetitions of
 
 * ``build``: the operator (forward pass and all per-stage derivative blocks),
 * ``factor``: the pivoted factorization of the lifted system,
-* ``solve``: one right-hand side (with one step of iterative refinement),
+* ``solve``: one right-hand side (with up to two steps of iterative refinement,
+  each one ``H @ v`` and one pass over the factors),
 * ``dense``: forming ``H`` and ``torch.linalg.solve`` (while ``W <= --dense-max``),
 * ``minres``: MINRES on the exact ``H @ v``, one run each to ``--minres-rtol``
   (1e-10) and, if that was reached, to the lifted solve's own residual, each
@@ -196,11 +197,15 @@ def run_case(width: int, batch: int, depth: int, args: argparse.Namespace) -> di
 
 
 def factor_bytes(width: int, batch: int, depth: int) -> int:
-    """Estimated bytes of the lifted factors: ``4 n^2`` float64 per stage (panel LU and fill)."""
+    """Estimated bytes of the lifted factors: ``2 n^2`` float64 per stage, ``n = k + 2 N a``.
+
+    Per stage the ``(v, lam)`` block (``k + m``) and the ``u`` block (``m``)
+    store their panel LU and fill-in rows: ``2 (k + 2m)(k + m) + 2 m (k + 2m)``.
+    """
     p = width * width + width
     k = min(p, 2 * batch * width)  # directions kept after dropping null ones (lifted.py)
     n = k + 2 * batch * width
-    return 8 * 4 * n * n * depth
+    return 8 * 2 * n * n * depth
 
 
 def fit_slope(rows: list[dict], key: str = "total_s", min_depth: int = 32) -> float:

@@ -424,9 +424,11 @@ class Hessian:
     def cost_model(self) -> dict[str, float]:
         """Flop estimates used by ``method="auto"``.
 
-        ``lifted``: the pivoted panel factorizations, ``sum_l 2 (n_l + n_{l+1}) n_l^2``
-        (``n_l`` after dropping null directions, :mod:`hessinv.lifted`)
-        plus a fixed ``2e5`` per stage for the Python and kernel-launch overhead;
+        ``lifted``: the pivoted panel factorizations of the ``2L - 1`` blocks of
+        the lifted system (sizes ``n_i``: ``k_l + N a_l`` and ``N a_l``
+        alternating, ``k_l`` the directions kept after dropping null ones,
+        :mod:`hessinv.lifted`), ``sum_i 2 (n_i + n_{i+1}) n_i^2``, plus a fixed
+        ``1e5`` per block for the Python and kernel-launch overhead;
         ``dense``: forming ``H`` by ``W`` products (``W * sum_l 4 N (a_l a_{l-1} +
         2 a_l p_l)``) plus an LU, ``2 W^3 / 3``.
         """
@@ -437,11 +439,12 @@ class Hessian:
                 rows = b.x_span.shape[0] * b.x_span.shape[1]
                 rows += 0 if b.Tzx is None else b.Tzx.shape[0] * b.Tzx.shape[1]
                 k = min(k, rows)
-            sizes.append(k + (0 if b.Jx is None else 2 * b.Jx.shape[0] * b.Jx.shape[1]))
+            m = 0 if b.Jx is None else b.Jx.shape[0] * b.Jx.shape[1]
+            sizes += [k + m, m] if m else [k]
         lifted = 0.0
         for i, n in enumerate(sizes):
             n1 = sizes[i + 1] if i + 1 < len(sizes) else 0
-            lifted += 2.0 * (n + n1) * n * n + 2e5
+            lifted += 2.0 * (n + n1) * n * n + 1e5
         w = float(self.num_params)
         per_hv = 0.0
         for b in self.blocks[:-1]:

@@ -56,6 +56,12 @@ def split_rows(v: Tensor, sizes: list[int]) -> list[Tensor]:
     return list(torch.split(v, sizes, dim=0))
 
 
+def _contract(per_sample: Tensor, w: Tensor) -> Tensor:
+    """``sum_n per_sample[n]^T w[n]`` for ``(N, a, p)`` and ``(N, a, k)``: one matrix product."""
+    n, a, p = per_sample.shape
+    return per_sample.reshape(n * a, p).T @ w.reshape(n * a, -1)
+
+
 def hvp(blocks: list[StageBlocks], v: Tensor) -> Tensor:
     """``H v`` for a block of vectors ``v`` of shape ``(W, k)`` (eq. 24)."""
     sizes = [b.num_params for b in blocks]
@@ -74,9 +80,9 @@ def hvp(blocks: list[StageBlocks], v: Tensor) -> Tensor:
         b = blocks[l]
         o = torch.zeros_like(vs[l])
         if lam is not None:
-            o = o + torch.einsum("nap,nak->pk", b.Jx, lam)
+            o = o + _contract(b.Jx, lam)
         if l > 0:
-            o = o + torch.einsum("nip,nik->pk", b.Tzx, us[l - 1])
+            o = o + _contract(b.Tzx, us[l - 1])
         if b.Txx is not None:
             o = o + b.Txx @ vs[l]
         out[l] = o
