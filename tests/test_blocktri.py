@@ -77,3 +77,52 @@ def test_inertia_counts_exact_zeros():
 def test_lu_rejects_bad_block_counts():
     with pytest.raises(ValueError):
         BlockTriLU([torch.eye(2, dtype=DT)], [torch.eye(2, dtype=DT)])
+
+
+def _lifted(depth, width, batch, damping, seed=0):
+    from test_solve import tanh_mlp
+
+    import hessinv
+
+    H = hessinv.Hessian(*tanh_mlp(depth, width, batch, gain=1.2, seed=seed))
+    return H, H.factor(damping)
+
+
+@pytest.mark.parametrize("damping", [1e-3, -0.3])
+@pytest.mark.parametrize("max_carry", [0, 8, None])
+def test_inertia_with_capped_fronts(damping, max_carry):
+    """Forced eliminations (down to ``alpha_floor``) keep the inertia exact here."""
+    _, fac = _lifted(12, 6, 6, damping)
+    diag, upper = fac.system.assemble()
+    ev = torch.linalg.eigvalsh(lifted_dense(diag, upper))
+    ref = (int((ev > 0).sum()), int((ev < 0).sum()), 0)
+    free = block_tri_inertia(diag, upper, alpha=0.01)
+    capped = block_tri_inertia(diag, upper, alpha=0.01, max_carry=max_carry)
+    assert (capped.positive, capped.negative, capped.zero) == ref
+    if max_carry is not None:
+        assert capped.forced > 0  # the cap did bind
+        assert capped.max_front <= free.max_front
+    s, la = fac.lu.slogdet()
+    assert capped.sign == s and abs(capped.logabsdet - la) < 1e-8 * abs(la)
+
+
+def test_factorization_falls_back_when_the_capped_inertia_disagrees(monkeypatch):
+    """A capped congruence whose determinant disagrees with the LU is recomputed safely."""
+    import hessinv.hessian as hh
+
+    H, fac = _lifted(6, 5, 4, 1e-2)
+    calls = []
+    real = hh.block_tri_inertia
+
+    def spoiled(diag, upper, **kw):
+        calls.append(kw)
+        r = real(diag, upper, **kw)
+        if kw.get("max_carry") is not None:  # pretend growth flipped one sign
+            r.positive, r.negative, r.sign, r.forced = r.positive - 1, r.negative + 1, -r.sign, 1
+        return r
+
+    monkeypatch.setattr(hh, "block_tri_inertia", spoiled)
+    ev = torch.linalg.eigvalsh(H.to_dense() + 1e-2 * torch.eye(H.num_params, dtype=DT))
+    assert fac.inertia() == (int((ev > 0).sum()), int((ev < 0).sum()), 0)
+    assert [c.get("max_carry") is None for c in calls] == [False, True]
+    assert calls[1]["alpha"] == 0.1

@@ -170,14 +170,17 @@ class InertiaResult:
     sign: float
     logabsdet: float
     max_front: int
+    forced: int = 0  # directions eliminated below ``alpha`` to respect ``max_carry``
 
 
 def block_tri_inertia(
     diag: Sequence[Tensor],
     upper: Sequence[Tensor],
     *,
-    alpha: float = 0.1,
+    alpha: float = 0.01,
     rtol: float | None = None,
+    max_carry: int | None = None,
+    alpha_floor: float = 1e-4,
 ) -> InertiaResult:
     """Inertia of a symmetric block-tridiagonal ``K`` (Sylvester, delayed pivots).
 
@@ -185,66 +188,90 @@ def block_tri_inertia(
     block ``k``), ``S_F = Q diag(w) Q^T`` and ``c_i = ||(Q^T C)_i||`` the
     coupling of direction ``i`` to block ``k+1``. Direction ``i`` is eliminated
     when ``|w_i| >= alpha c_i`` (bounded growth ``c_i^2/|w_i| <= c_i/alpha`` of
-    the Schur complement ``D_{k+1} - G^T diag(1/w) G``), or when its coupling
-    is negligible; otherwise it is delayed. ``|w_i| <= rtol max(||S_F||, ||C||)``
-    with negligible coupling counts as a zero eigenvalue: the threshold is
-    local to the front, at the level of ``eigh``'s own backward error, so
-    that a tiny but resolvable eigenvalue keeps its sign.
+    the Schur complement ``D_{k+1} - G^T diag(1/w) G``; ``alpha = 0.01`` is the
+    threshold of the multifrontal LDL^T codes MA57 and MUMPS), or when its
+    coupling is negligible; otherwise it is delayed into the next front.
+    ``|w_i| <= rtol max(||S_F||, ||C||)`` with negligible coupling counts as a
+    zero eigenvalue: the threshold is local to the front, at the level of
+    ``eigh``'s own backward error, so that a tiny but resolvable eigenvalue
+    keeps its sign.
+
+    On an ill-conditioned ``K`` many directions fail the test, and delayed
+    directions can pile up along a deep chain (fronts, and the ``O(f^3)`` cost,
+    grow). With ``max_carry``, when more than ``max_carry`` directions would
+    be delayed, the best of them (largest ``|w_i| / c_i``, never below
+    ``alpha_floor``) are eliminated anyway until ``max_carry`` remain. That
+    caps the growth at ``c_i / alpha_floor``; callers verify the result
+    (:class:`hessinv.hessian.HessianFactorization` compares the determinant
+    with that of the pivoted LU and falls back to ``max_carry=None``).
 
     Args:
-        diag: Diagonal blocks.
-        upper: Super-diagonal blocks.
+        diag: Diagonal blocks (read once each, in order).
+        upper: Super-diagonal blocks (read once each, in order).
         alpha: Pivot threshold (larger is safer, with larger fronts).
         rtol: Relative threshold for a zero eigenvalue; default
             ``10 sqrt(f) eps`` for a front of size ``f``.
+        max_carry: Most directions delayed from one front to the next
+            (``None``: no cap).
+        alpha_floor: The smallest threshold a capped front may use.
     """
+    n_bl = len(diag)
     d_cur = diag[0]  # each block is read once, in order (lazy sequences welcome)
-    dtype = d_cur.dtype
-    eps = torch.finfo(dtype).eps
-    pos = neg = zero = 0
+    eps = torch.finfo(d_cur.dtype).eps
+    pos = neg = zero = forced = 0
     sign, logabs = 1.0, 0.0
     max_front = 0
     w_del = d_cur.new_zeros(0)
     g_del = d_cur.new_zeros(0, d_cur.shape[0])
-    for k in range(len(diag)):
-        r = w_del.shape[0]
-        nk = d_cur.shape[0]
-        s = d_cur.new_zeros(r + nk, r + nk)
-        s[:r, :r] = torch.diag(w_del)
-        s[:r, r:] = g_del
-        s[r:, :r] = g_del.T
-        s[r:, r:] = d_cur
-        s = 0.5 * (s + s.T)
+    for k in range(n_bl):
+        r, nk = w_del.shape[0], d_cur.shape[0]
+        s = torch.cat(
+            [
+                torch.cat([torch.diag(w_del), g_del], dim=1),
+                torch.cat([g_del.T, d_cur], dim=1),
+            ],
+            dim=0,
+        )
         max_front = max(max_front, r + nk)
-        w, q = torch.linalg.eigh(s)
         front_rtol = 10.0 * math.sqrt(r + nk) * eps if rtol is None else rtol
-        scale = float(w.abs().max()) if w.numel() else 0.0
-        if k < len(diag) - 1:
+        last = k == n_bl - 1
+        if last:
+            w = torch.linalg.eigvalsh(0.5 * (s + s.T))
+            cn = torch.zeros_like(w)
+        else:
+            w, q = torch.linalg.eigh(0.5 * (s + s.T))
             c = q[r:].T @ upper[k]  # only block k couples to block k+1
             cn = torch.linalg.vector_norm(c, dim=1)
-            scale = max(scale, float(cn.max()) if cn.numel() else 0.0)
+        scale = max(
+            float(w.abs().max()) if w.numel() else 0.0,
+            float(cn.max()) if cn.numel() else 0.0,
+        )
         zero_tol = front_rtol * max(scale, 1e-300)
-        if k < len(diag) - 1:
-            negligible = cn <= zero_tol
-            elim = (w.abs() >= alpha * cn) & (w.abs() > zero_tol) | negligible
-        else:
-            c = None
-            negligible = torch.ones_like(w, dtype=torch.bool)
-            elim = negligible
-        is_zero = elim & (w.abs() <= zero_tol)
-        piv = elim & ~is_zero
+        aw = w.abs()
+        negligible = cn <= zero_tol
+        is_zero = negligible & (aw <= zero_tol)
+        ratio = aw / cn.clamp_min(1e-300)
+        piv = ~is_zero & (((ratio >= alpha) & (aw > zero_tol)) | negligible)
+        if max_carry is not None and not last:
+            excess = int((~piv & ~is_zero).sum()) - max_carry
+            if excess > 0:
+                cand = ~piv & ~is_zero & (aw > zero_tol) & (ratio >= alpha_floor)
+                idx = torch.nonzero(cand).flatten()
+                best = idx[torch.argsort(ratio[idx], descending=True)[:excess]]
+                piv[best] = True
+                forced += best.numel()
         wp = w[piv]
-        pos += int((wp > 0).sum())
-        neg += int((wp < 0).sum())
+        n_neg = int((wp < 0).sum())
+        pos += wp.numel() - n_neg
+        neg += n_neg
         zero += int(is_zero.sum())
-        if is_zero.any():
-            sign, logabs = 0.0, -math.inf
-        elif wp.numel():
-            sign *= -1.0 if int((wp < 0).sum()) % 2 else 1.0
-            logabs += float(torch.log(wp.abs()).sum())
-        if c is not None:
+        sign *= -1.0 if n_neg % 2 else 1.0
+        logabs += float(torch.log(wp.abs()).sum())
+        if not last:
             gp = c[piv]
             d_cur = diag[k + 1] - gp.T @ (gp / wp.unsqueeze(1))
-            keep = ~elim
+            keep = ~(piv | is_zero)
             w_del, g_del = w[keep], c[keep]
-    return InertiaResult(pos, neg, zero, sign, logabs, max_front)
+    if zero:
+        sign, logabs = 0.0, -math.inf
+    return InertiaResult(pos, neg, zero, sign, logabs, max_front, forced)

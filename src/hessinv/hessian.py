@@ -143,10 +143,39 @@ class HessianFactorization:
         return pos + dp, neg + dn, r.zero + dz
 
     def inertia_details(self) -> InertiaResult:
-        """The congruence factorization of ``K`` (cached)."""
+        """The congruence factorization of ``K`` (cached), checked against the LU.
+
+        First with delayed pivots at threshold ``0.01`` and at most
+        ``max_k n_k`` directions carried between fronts (linear cost even on
+        ill-conditioned ``K``, :func:`hessinv.blocktri.block_tri_inertia`).
+        Its determinant must agree with the pivoted LU's (same sign; the same
+        ``log|det|`` to ``sqrt(eps)`` relative): a congruence whose pivot growth
+        had spoiled a sign would change it. If it does not, the inertia is
+        recomputed with threshold ``0.1`` and no cap on the fronts. If the two
+        cannot be compared (``K`` singular to working precision) and the cap
+        forced eliminations, it is recomputed without the cap.
+        """
         if self._inertia is None:
-            self._inertia = block_tri_inertia(self.system.diag, self.system.upper)
+            ls = self.system
+            r = block_tri_inertia(ls.diag, ls.upper, alpha=0.01, max_carry=max(ls.sizes))
+            if r.forced:
+                agree = self._agrees_with_lu(r)
+                if agree is None:
+                    r = block_tri_inertia(ls.diag, ls.upper, alpha=0.01)
+                elif not agree:
+                    r = block_tri_inertia(ls.diag, ls.upper, alpha=0.1)
+            elif self._agrees_with_lu(r) is False:
+                r = block_tri_inertia(ls.diag, ls.upper, alpha=0.1)
+            self._inertia = r
         return self._inertia
+
+    def _agrees_with_lu(self, r: InertiaResult) -> bool | None:
+        """Whether ``r``'s determinant matches the LU's; ``None`` if either is singular."""
+        if r.zero or self.lu.singular:
+            return None
+        s, la = self.lu.slogdet()
+        tol = math.sqrt(torch.finfo(self.op.dtype).eps) * (1.0 + abs(la))
+        return r.sign == s and abs(r.logabsdet - la) <= tol
 
 
 class DenseFactorization:
