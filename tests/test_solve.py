@@ -195,7 +195,7 @@ def test_inertia_when_the_lifted_system_is_badly_scaled():
         return val
 
     opt.step(closure)
-    assert max(float(p.abs().max()) for p in model.parameters()) > 10
+    assert max(float(p.detach().abs().max()) for p in model.parameters()) > 10
     for op in (hessinv.Hessian, hessinv.GaussNewton):
         H = op(model, nn.BCEWithLogitsLoss(reduction="sum"), X, y)
         A = H.to_dense() + torch.eye(H.num_params, dtype=DT)
@@ -204,3 +204,24 @@ def test_inertia_when_the_lifted_system_is_badly_scaled():
         s, la = H.logdet(1.0)
         s_ref, la_ref = torch.linalg.slogdet(A)
         assert s == float(s_ref) and abs(la - float(la_ref)) <= 1e-8 * max(1.0, abs(float(la_ref)))
+
+
+def test_exploding_relu_net_warns_instead_of_answering_silently():
+    """A deep ReLU net with large weights: ||H|| ~ 1e10, H + 0.01 I nonsingular, but the
+    lifted system is singular to working precision. solve refuses; logdet and inertia
+    report singular, with a LiftedPrecisionWarning that says why and what to do."""
+    H = hessinv.Hessian(*tanh_mlp(20, 5, 2, gain=2.5, act=nn.ReLU, seed=27))
+    A = H.to_dense() + 0.01 * torch.eye(H.num_params, dtype=DT)
+    ev = torch.linalg.eigvalsh(A)
+    assert float(ev.abs().min()) > 1e-3 and float(ev.abs().max()) > 1e8
+    fac = H.factor(0.01)
+    assert fac.lu.singular and not fac.system.singular_by_structure
+    with pytest.raises(hessinv.SingularHessianError):
+        H.solve(torch.ones(H.num_params, dtype=DT), damping=0.01, method="lifted")
+    with pytest.warns(hessinv.LiftedPrecisionWarning, match="method='dense'"):
+        assert H.logdet(0.01) == (0.0, float("-inf"))
+    with pytest.warns(hessinv.LiftedPrecisionWarning):
+        H.inertia(0.01)
+    # the dense factorization, as the warning suggests, gets it right
+    dense = H.factor(0.01, method="dense")
+    assert dense.inertia() == (int((ev > 0).sum()), int((ev < 0).sum()), 0)

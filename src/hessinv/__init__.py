@@ -7,7 +7,7 @@ block-tridiagonal system, log-determinants and inertia, for pipelines
 """
 
 from . import approx, check, optim, paper
-from .errors import SingularHessianError
+from .errors import LiftedPrecisionWarning, SingularHessianError
 from .ggn import GaussNewton
 from .hessian import Hessian, HessianFactorization, InverseOperator
 from .pipeline import Pipeline, Stage
@@ -17,6 +17,7 @@ __all__ = [
     "Hessian",
     "HessianFactorization",
     "InverseOperator",
+    "LiftedPrecisionWarning",
     "Pipeline",
     "SingularHessianError",
     "Stage",

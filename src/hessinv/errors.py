@@ -21,3 +21,14 @@ HINT = (
     "has an exact null space (a dense layer's weight enters only through W z); "
     "pass damping > 0, e.g. H.solve(g, damping=1e-3)."
 )
+
+
+class LiftedPrecisionWarning(UserWarning):
+    """The lifted system is singular to working precision where ``H`` may not be.
+
+    Exploding activations or Jacobians (e.g. a deep ReLU network with large
+    weights) make the lifted block-tridiagonal system far worse conditioned
+    than ``H + damping * I`` itself; ``logdet`` and ``inertia`` then report it
+    as singular. Cross-check with ``H.factor(damping, method="dense")`` on a
+    small network, or increase ``damping``.
+    """

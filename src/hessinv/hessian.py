@@ -18,6 +18,7 @@ True
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 
 import torch
@@ -26,7 +27,7 @@ from torch import Tensor, nn
 from . import baselines
 from .blocktri import BlockTriLU, InertiaResult, block_tri_inertia
 from .derivatives import StageBlocks
-from .errors import HINT, SingularHessianError
+from .errors import HINT, LiftedPrecisionWarning, SingularHessianError
 from .layers import stages_from_sequential
 from .lifted import LiftedSystem
 from .pipeline import Pipeline, Stage
@@ -116,9 +117,11 @@ class HessianFactorization:
 
         ``log|det H| = log|det K| + (dropped) log|d|`` and ``sign = (-1)^m
         sign(det K) sign(d)^(dropped)`` (:mod:`hessinv.lifted`); ``(0, -inf)``
-        when singular.
+        when singular (with a :class:`~hessinv.errors.LiftedPrecisionWarning`
+        unless the singularity is structural).
         """
         if self.singular:
+            self._warn_if_lift_lost_precision()
             return 0.0, -math.inf
         s, la = self.lu.slogdet()
         s2, la2 = self.system.dropped_logdet()
@@ -130,6 +133,7 @@ class HessianFactorization:
         Sylvester's law on ``K``: ``inertia(H + dI) = inertia(K) - (m, m, 0)``,
         plus the dropped directions (eigenvalue ``d`` each).
         """
+        self._warn_if_lift_lost_precision()
         r = self.inertia_details()
         pos, neg = r.positive - self.m, r.negative - self.m
         if pos < 0 or neg < 0:
@@ -141,6 +145,20 @@ class HessianFactorization:
             raise torch.linalg.LinAlgError("inertia of the lifted system is inconsistent")
         dp, dn, dz = self.system.dropped_inertia()
         return pos + dp, neg + dn, r.zero + dz
+
+    def _warn_if_lift_lost_precision(self) -> None:
+        """Warn when ``K`` has a round-off-level pivot that the structure does not explain."""
+        if self.lu.singular and not self.system.singular_by_structure:
+            warnings.warn(
+                f"the lifted system is singular to working precision (smallest pivot "
+                f"{self.lu.min_pivot:.1e} <= {self.lu.tol:.1e}, largest entry "
+                f"{self.lu.scale:.1e}): H + damping*I is singular, or too ill-conditioned "
+                "for the lifted factorization (exploding activations or Jacobians make it "
+                "far worse conditioned than H); results treat it as singular. Cross-check "
+                "with H.factor(damping, method='dense') or increase damping.",
+                LiftedPrecisionWarning,
+                stacklevel=3,
+            )
 
     def inertia_details(self) -> InertiaResult:
         """The congruence factorization of ``K`` (cached), checked against the LU.
