@@ -6,7 +6,7 @@ import pytest
 import torch
 from cases import DT
 
-from hessinv.blocktri import BlockTriLU, block_tri_inertia
+from hessinv.blocktri import BlockTriLU, _bunch_kaufman, block_tri_inertia, front_congruence
 from hessinv.lifted import lifted_dense
 
 
@@ -88,22 +88,43 @@ def _lifted(depth, width, batch, damping, seed=0):
     return H, H.factor(damping)
 
 
+@pytest.mark.parametrize("pivoting", ["eigh", "ldl"])
 @pytest.mark.parametrize("damping", [1e-3, -0.3])
 @pytest.mark.parametrize("max_carry", [0, 8, None])
-def test_inertia_with_capped_fronts(damping, max_carry):
+def test_inertia_with_capped_fronts(damping, max_carry, pivoting):
     """Forced eliminations (down to ``alpha_floor``) keep the inertia exact here."""
     _, fac = _lifted(12, 6, 6, damping)
     diag, upper = fac.system.assemble()
     ev = torch.linalg.eigvalsh(lifted_dense(diag, upper))
     ref = (int((ev > 0).sum()), int((ev < 0).sum()), 0)
-    free = block_tri_inertia(diag, upper, alpha=0.01)
-    capped = block_tri_inertia(diag, upper, alpha=0.01, max_carry=max_carry)
+    kw = {"alpha": 0.01, "pivoting": pivoting, "rtol": 0.0 if pivoting == "ldl" else None}
+    free = block_tri_inertia(diag, upper, **kw)
+    capped = block_tri_inertia(diag, upper, max_carry=max_carry, **kw)
     assert (capped.positive, capped.negative, capped.zero) == ref
     if max_carry is not None:
         assert capped.forced > 0  # the cap did bind
         assert capped.max_front <= free.max_front
     s, la = fac.lu.slogdet()
     assert capped.sign == s and abs(capped.logabsdet - la) < 1e-8 * abs(la)
+
+
+def test_front_congruence_both_pivotings():
+    """``X^T s X = diag(w)``: signs of ``s`` and ``c^T s^{-1} c`` from ``(w, X^T c)``, with
+    Bunch-Kaufman 2x2 pivots forced by a zero diagonal."""
+    g = torch.Generator().manual_seed(3)
+    s = torch.randn(30, 30, generator=g, dtype=DT)
+    s = s + s.T
+    s[:10, :10] = 0.0
+    c = torch.randn(30, 4, generator=g, dtype=DT)
+    ev = torch.linalg.eigvalsh(s)
+    ref = c.T @ torch.linalg.solve(s, c)
+    assert (_bunch_kaufman(s)[3] != 0).any()  # 2 x 2 pivots do occur
+    for pivoting in ("eigh", "ldl"):
+        w, y = front_congruence(s, c, pivoting)
+        assert int((w < 0).sum()) == int((ev < 0).sum())
+        assert torch.allclose(y.T @ (y / w.unsqueeze(1)), ref, rtol=1e-9, atol=1e-9)
+    with pytest.raises(ValueError, match="pivoting"):
+        block_tri_inertia([s], [], pivoting="qr")
 
 
 def test_factorization_falls_back_when_the_capped_inertia_disagrees(monkeypatch):
@@ -124,5 +145,10 @@ def test_factorization_falls_back_when_the_capped_inertia_disagrees(monkeypatch)
     monkeypatch.setattr(hh, "block_tri_inertia", spoiled)
     ev = torch.linalg.eigvalsh(H.to_dense() + 1e-2 * torch.eye(H.num_params, dtype=DT))
     assert fac.inertia() == (int((ev > 0).sum()), int((ev < 0).sum()), 0)
-    assert [c.get("max_carry") is None for c in calls] == [False, True]
-    assert calls[1]["alpha"] == 0.1
+    # Bunch-Kaufman capped, eigh capped (both spoiled here), eigh uncapped at threshold 0.1
+    assert [(c.get("pivoting", "eigh"), c.get("max_carry") is None) for c in calls] == [
+        ("ldl", False),
+        ("eigh", False),
+        ("eigh", True),
+    ]
+    assert calls[-1]["alpha"] == 0.1

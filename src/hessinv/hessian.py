@@ -163,27 +163,37 @@ class HessianFactorization:
     def inertia_details(self) -> InertiaResult:
         """The congruence factorization of ``K`` (cached), checked against the LU.
 
-        First with delayed pivots at threshold ``0.01`` and at most
-        ``max_k n_k`` directions carried between fronts (linear cost even on
-        ill-conditioned ``K``, :func:`hessinv.blocktri.block_tri_inertia`).
-        Its determinant must agree with the pivoted LU's (same sign; the same
-        ``log|det|`` to ``sqrt(eps)`` relative): a congruence whose pivot growth
-        had spoiled a sign would change it. If it does not, the inertia is
-        recomputed with threshold ``0.1`` and no cap on the fronts. If the two
-        cannot be compared (``K`` singular to working precision) and the cap
-        forced eliminations, it is recomputed without the cap.
+        :func:`hessinv.blocktri.block_tri_inertia` with delayed pivots at
+        threshold ``0.01`` and at most ``max_k n_k`` directions carried
+        between fronts (linear cost even on ill-conditioned ``K``):
+
+        * ``K`` nonsingular by the pivoted LU: Bunch-Kaufman fronts, signs only
+          (no eigensolver). The determinant must agree with the LU's (same
+          sign, the same ``log|det|`` to ``sqrt(eps)`` relative), as it would
+          not if pivot growth had spoiled a sign. If it does not, orthogonal
+          (``eigh``) fronts with the same cap, then with threshold ``0.1`` and
+          no cap; the first that agrees is kept (the last one otherwise).
+        * ``K`` singular to working precision: orthogonal fronts, whose small
+          eigenvalues with negligible coupling count as zeros; recomputed
+          without the cap if it forced eliminations (nothing to compare with).
         """
         if self._inertia is None:
             ls = self.system
-            r = block_tri_inertia(ls.diag, ls.upper, alpha=0.01, max_carry=max(ls.sizes))
-            if r.forced:
-                agree = self._agrees_with_lu(r)
-                if agree is None:
+            cap = max(ls.sizes)
+            if not self.lu.singular:
+                attempts: list[dict] = [
+                    {"alpha": 0.01, "max_carry": cap, "rtol": 0.0, "pivoting": "ldl"},
+                    {"alpha": 0.01, "max_carry": cap},
+                    {"alpha": 0.1},
+                ]
+                for kw in attempts:
+                    r = block_tri_inertia(ls.diag, ls.upper, **kw)
+                    if self._agrees_with_lu(r):
+                        break
+            else:
+                r = block_tri_inertia(ls.diag, ls.upper, alpha=0.01, max_carry=cap)
+                if r.forced:
                     r = block_tri_inertia(ls.diag, ls.upper, alpha=0.01)
-                elif not agree:
-                    r = block_tri_inertia(ls.diag, ls.upper, alpha=0.1)
-            elif self._agrees_with_lu(r) is False:
-                r = block_tri_inertia(ls.diag, ls.upper, alpha=0.1)
             self._inertia = r
         return self._inertia
 
