@@ -225,3 +225,13 @@ def test_exploding_relu_net_warns_instead_of_answering_silently():
     # the dense factorization, as the warning suggests, gets it right
     dense = H.factor(0.01, method="dense")
     assert dense.inertia() == (int((ev > 0).sum()), int((ev < 0).sum()), 0)
+
+
+def test_unverifiable_inertia_warns():
+    """Here K is nonsingular by its LU but so badly conditioned that no congruence agrees
+    with the LU's determinant: the inertia comes with a warning, not silently."""
+    H = hessinv.Hessian(*tanh_mlp(20, 5, 6, gain=2.5, act=nn.ReLU, seed=31))
+    fac = H.factor(0.01)
+    assert not fac.lu.singular
+    with pytest.warns(hessinv.LiftedPrecisionWarning, match="may be wrong"):
+        fac.inertia()

@@ -168,11 +168,12 @@ class HessianFactorization:
         between fronts (linear cost even on ill-conditioned ``K``):
 
         * ``K`` nonsingular by the pivoted LU: Bunch-Kaufman fronts, signs only
-          (no eigensolver). The determinant must agree with the LU's (same
+          (``rtol=0``; no eigensolver). The determinant must agree with the LU's (same
           sign, the same ``log|det|`` to ``sqrt(eps)`` relative), as it would
           not if pivot growth had spoiled a sign. If it does not, orthogonal
           (``eigh``) fronts with the same cap, then with threshold ``0.1`` and
-          no cap; the first that agrees is kept (the last one otherwise).
+          no cap; the first that agrees is kept (the last one otherwise, with a
+          :class:`~hessinv.errors.LiftedPrecisionWarning`).
         * ``K`` singular to working precision: orthogonal fronts, whose small
           eigenvalues with negligible coupling count as zeros; recomputed
           without the cap if it forced eliminations (nothing to compare with).
@@ -182,14 +183,22 @@ class HessianFactorization:
             cap = max(ls.sizes)
             if not self.lu.singular:
                 attempts: list[dict] = [
-                    {"alpha": 0.01, "max_carry": cap, "rtol": 0.0, "pivoting": "ldl"},
+                    {"alpha": 0.01, "max_carry": cap, "pivoting": "ldl"},
                     {"alpha": 0.01, "max_carry": cap},
                     {"alpha": 0.1},
                 ]
-                for kw in attempts:
-                    r = block_tri_inertia(ls.diag, ls.upper, **kw)
+                for kw in attempts:  # the LU says no zero eigenvalues: count signs only
+                    r = block_tri_inertia(ls.diag, ls.upper, rtol=0.0, **kw)
                     if self._agrees_with_lu(r):
                         break
+                else:
+                    warnings.warn(
+                        "the inertia of the lifted system does not agree with the determinant "
+                        "of its LU (K is badly conditioned): the counts may be wrong. "
+                        "Cross-check with H.factor(damping, method='dense') or increase damping.",
+                        LiftedPrecisionWarning,
+                        stacklevel=3,
+                    )
             else:
                 r = block_tri_inertia(ls.diag, ls.upper, alpha=0.01, max_carry=cap)
                 if r.forced:
