@@ -152,3 +152,20 @@ def test_factorization_falls_back_when_the_capped_inertia_disagrees(monkeypatch)
         ("eigh", True),
     ]
     assert calls[-1]["alpha"] == 0.1
+
+
+def test_inertia_that_no_attempt_can_verify_warns(monkeypatch):
+    import hessinv
+    import hessinv.hessian as hh
+
+    _, fac = _lifted(6, 5, 4, 1e-2)
+    real = hh.block_tri_inertia
+
+    def spoiled(diag, upper, **kw):
+        r = real(diag, upper, **kw)
+        r.sign = -r.sign  # no attempt agrees with the LU
+        return r
+
+    monkeypatch.setattr(hh, "block_tri_inertia", spoiled)
+    with pytest.warns(hessinv.LiftedPrecisionWarning, match="may be wrong"):
+        fac.inertia()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from cases import DT, rel
@@ -227,11 +229,14 @@ def test_exploding_relu_net_warns_instead_of_answering_silently():
     assert dense.inertia() == (int((ev > 0).sum()), int((ev < 0).sum()), 0)
 
 
-def test_unverifiable_inertia_warns():
-    """Here K is nonsingular by its LU but so badly conditioned that no congruence agrees
-    with the LU's determinant: the inertia comes with a warning, not silently."""
+def test_inertia_verified_on_a_badly_conditioned_lift():
+    """K nonsingular by its LU but badly conditioned (||K||_max ~ 4e6, exploding ReLU net):
+    here the orthogonal-front congruences miscount, the Bunch-Kaufman one is right, and the
+    determinant check against the LU tells them apart, with no warning."""
     H = hessinv.Hessian(*tanh_mlp(20, 5, 6, gain=2.5, act=nn.ReLU, seed=31))
     fac = H.factor(0.01)
     assert not fac.lu.singular
-    with pytest.warns(hessinv.LiftedPrecisionWarning, match="may be wrong"):
-        fac.inertia()
+    ev = torch.linalg.eigvalsh(H.to_dense() + 0.01 * torch.eye(H.num_params, dtype=DT))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert fac.inertia() == (int((ev > 0).sum()), int((ev < 0).sum()), 0)
