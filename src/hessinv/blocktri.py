@@ -11,12 +11,14 @@
   ``slogdet``. The unpivoted stage-wise recursion is unstable on indefinite
   matrices (DESIGN.md section 3); this one is not.
 * :func:`block_tri_inertia` -- inertia by a congruence ``K = X diag(...) X^T``
-  built front by front with orthogonal eigen-decompositions and *delayed
-  pivots*: at front ``k`` the directions whose eigenvalue is large compared
-  with their coupling to the next block are eliminated (their signs counted,
-  Sylvester's law of inertia), the others are delayed into the next front,
-  as multifrontal LDL^T solvers delay unstable pivots. ``O(sum_k f_k^3)``
-  with front sizes ``f_k <= n_k + n_{k-1}``.
+  built front by front (each front diagonalized by Bunch-Kaufman ``LDL^T`` or
+  by an orthogonal eigendecomposition, :func:`front_congruence`) with
+  *delayed pivots*: at front ``k`` the directions whose pivot is large
+  compared with their coupling to the next block are eliminated (their signs
+  counted, Sylvester's law of inertia), the others are delayed into the next
+  front, as multifrontal LDL^T solvers delay unstable pivots.
+  ``O(sum_k f_k^3)``, the fronts ``f_k`` bounded by ``n_k`` plus the carried
+  directions (capped by ``max_carry``).
 """
 
 from __future__ import annotations
