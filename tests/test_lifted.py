@@ -1,0 +1,56 @@
+"""The lifted system itself: its layout, its Schur complement onto ``v``, its inertia."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from cases import DT
+from test_solve import tanh_mlp
+
+import hessinv
+from hessinv.lifted import LiftedSystem
+
+
+@pytest.mark.parametrize("depth,width,batch", [(4, 3, 2), (5, 4, 3), (3, 6, 1)])
+@pytest.mark.parametrize("damping", [0.5, -0.2])
+def test_schur_complement_onto_v_is_the_damped_hessian(depth, width, batch, damping):
+    """``K`` (``2L - 1`` blocks ``(v_l, lam_l)``, ``u_l``) is symmetric, block tridiagonal, and
+    its Schur complement onto the kept ``v`` directions is ``Q^T (H + dI) Q``."""
+    H = hessinv.Hessian(*tanh_mlp(depth, width, batch, gain=1.2))
+    ls = LiftedSystem(H.blocks, damping)
+    assert len(ls.diag) == 2 * depth - 1 == len(ls.upper) + 1
+    assert [d.shape[0] for d in ls.diag[:]] == ls.sizes
+    K = ls.dense()
+    assert torch.allclose(K, K.T, rtol=0, atol=1e-13 * float(K.abs().max()))  # Tzz: round-off
+    # indices of w_l (the first k_l entries of block 2l) in K
+    offs = [0]
+    for n in ls.sizes:
+        offs.append(offs[-1] + n)
+    v_idx = torch.cat([torch.arange(offs[2 * s], offs[2 * s] + k) for s, k in enumerate(ls._k)])
+    rest = torch.tensor([i for i in range(K.shape[0]) if i not in set(v_idx.tolist())])
+    S = K[v_idx][:, v_idx] - K[v_idx][:, rest] @ torch.linalg.solve(
+        K[rest][:, rest], K[rest][:, v_idx]
+    )
+    Q = torch.block_diag(
+        *[
+            torch.eye(b.num_params, dtype=DT) if q is None else q
+            for b, q in zip(H.blocks, ls.bases, strict=True)
+        ]
+    )
+    ref = Q.T @ (H.to_dense() + damping * torch.eye(H.num_params, dtype=DT)) @ Q
+    assert torch.allclose(S, ref, rtol=1e-9, atol=1e-9 * float(ref.abs().max()))
+    # Haynsworth: inertia(K) = inertia(S) + (m, m, 0)
+    ek, es = torch.linalg.eigvalsh(K), torch.linalg.eigvalsh(0.5 * (S + S.T))
+    assert int((ek > 0).sum()) == int((es > 0).sum()) + ls.m
+    assert int((ek < 0).sum()) == int((es < 0).sum()) + ls.m
+
+
+def test_rhs_and_extract_round_trip():
+    """``extract`` reads ``v`` back from a lifted vector laid out as ``rhs`` lays out ``g``."""
+    H = hessinv.Hessian(*tanh_mlp(4, 3, 2, gain=1.2))
+    ls = LiftedSystem(H.blocks, 1.0)
+    g = torch.randn(H.num_params, 2, dtype=DT, generator=torch.Generator().manual_seed(0))
+    pieces = ls.rhs(g)
+    assert [p.shape[0] for p in pieces] == ls.sizes
+    # with w_l = Q_l^T g_l, extract returns Q w + (g - Q Q^T g) / d = g for d = 1
+    assert torch.allclose(ls.extract(pieces, g), g, atol=1e-12)
