@@ -219,6 +219,19 @@ def fit_slope(rows: list[dict], key: str = "total_s", min_depth: int = 32) -> fl
     return num / den
 
 
+def save_figure(fig, axes, path: Path, *, legend_size: int) -> str:  # noqa: ANN001
+    """Legends and log grids on ``axes``, then write ``fig`` to ``path`` and close it."""
+    import matplotlib.pyplot as plt
+
+    for a in axes:
+        a.legend(fontsize=legend_size)
+        a.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)
+
+
 def plot(result: dict, out: Path, tag: str) -> list[str]:
     import matplotlib
 
@@ -279,15 +292,7 @@ def plot(result: dict, out: Path, tag: str) -> list[str]:
         ylabel="peak memory (MiB)",
         title="peak memory, fresh-process high-water mark: exact (o), dense (s)",
     )
-    axes[0].legend(fontsize=7)
-    axes[1].legend(fontsize=7)
-    for a in axes:
-        a.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
-    f1 = out / f"scaling_depth_{tag}.png"
-    fig.savefig(f1, dpi=110)
-    plt.close(fig)
-    files.append(str(f1))
+    files.append(save_figure(fig, axes, out / f"scaling_depth_{tag}.png", legend_size=7))
 
     bs = sorted(result["batch_sweep"], key=lambda r: r["batch"])
     if bs:
@@ -309,13 +314,7 @@ def plot(result: dict, out: Path, tag: str) -> list[str]:
             ylabel="seconds",
             title=f"batch sweep, depth {r0['depth']}, width {r0['width']} [{tag}]",
         )
-        ax.legend(fontsize=8)
-        ax.grid(True, which="both", alpha=0.3)
-        fig.tight_layout()
-        f2 = out / f"scaling_batch_{tag}.png"
-        fig.savefig(f2, dpi=110)
-        plt.close(fig)
-        files.append(str(f2))
+        files.append(save_figure(fig, [ax], out / f"scaling_batch_{tag}.png", legend_size=8))
     return files
 
 

@@ -170,10 +170,10 @@ class HessianFactorization:
         * ``K`` nonsingular by the pivoted LU: Bunch-Kaufman fronts, signs only
           (``rtol=0``; no eigensolver). The determinant must agree with the LU's
           (the same sign, which one spoiled sign would flip; ``log|det|`` to
-          ``0.1 + sqrt(eps) |log|det||``, against gross pivot growth). If it does not, orthogonal
-          (``eigh``) fronts with the same cap, then with threshold ``0.1`` and
-          no cap; the first that agrees is kept (the last one otherwise, with a
-          :class:`~hessinv.errors.LiftedPrecisionWarning`).
+          ``0.1 + sqrt(eps) |log|det||``, against gross pivot growth). If it
+          does not, orthogonal (``eigh``) fronts with the same cap, then with
+          threshold ``0.1`` and no cap; the first that agrees is kept (the
+          last one otherwise, with a :class:`~hessinv.errors.LiftedPrecisionWarning`).
         * ``K`` singular to working precision: orthogonal fronts, whose small
           eigenvalues with negligible coupling count as zeros; recomputed
           without the cap if it forced eliminations (nothing to compare with).

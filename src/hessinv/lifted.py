@@ -137,11 +137,7 @@ class LiftedSystem:
         ]
         self._m = [b.Jx.shape[0] * b.Jx.shape[1] for b in blocks[:-1]]
         self.m = sum(self._m)
-        self.n_dropped = sum(
-            b.num_params - q.shape[1]
-            for b, q in zip(blocks, self.bases, strict=True)
-            if q is not None
-        )
+        self.n_dropped = sum(b.num_params for b in blocks) - sum(self._k)
         n_st = len(blocks)
         self.sizes: list[int] = []
         for l in range(n_st - 1):  # noqa: E741
@@ -172,11 +168,11 @@ class LiftedSystem:
         dvv = self._vv(l)
         if l == len(self.blocks) - 1:
             return dvv
-        k, m = self._k[l], self._m[l]
+        m = self._m[l]
         jx = self._cols(self.blocks[l].Jx.reshape(m, -1), self.bases[l])
         top = torch.cat([dvv, jx.T], dim=1)
         bottom = torch.cat([jx, jx.new_zeros(m, m)], dim=1)
-        return torch.cat([top, bottom], dim=0).reshape(k + m, k + m)
+        return torch.cat([top, bottom], dim=0)
 
     def _upper_block(self, i: int) -> Tensor:
         """``K[i, i+1]``: ``[0; -I]`` (``lam_l`` row, ``u_l`` column), or ``[Tzx, Jz^T]``."""
