@@ -6,16 +6,24 @@ block-tridiagonal system, log-determinants and inertia, for pipelines
 ``z_l = f_l(z_{l-1}; x_l)`` ending in a scalar loss.
 """
 
-from . import approx, check, optim, paper
-from .errors import LiftedPrecisionWarning, SingularHessianError
+from . import approx, check, optim, paper, solvers
+from .errors import (
+    InaccurateSolveError,
+    LiftedPrecisionError,
+    LiftedPrecisionWarning,
+    SingularHessianError,
+)
 from .ggn import GaussNewton
-from .hessian import Hessian, HessianFactorization, InverseOperator
+from .hessian import Hessian, InverseOperator
 from .pipeline import Pipeline, Stage
+from .solvers import Inertia
 
 __all__ = [
     "GaussNewton",
     "Hessian",
-    "HessianFactorization",
+    "InaccurateSolveError",
+    "Inertia",
+    "LiftedPrecisionError",
     "InverseOperator",
     "LiftedPrecisionWarning",
     "Pipeline",
@@ -25,5 +33,6 @@ __all__ = [
     "check",
     "optim",
     "paper",
+    "solvers",
 ]
 __version__ = "0.1.0"

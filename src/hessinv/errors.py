@@ -32,3 +32,24 @@ class LiftedPrecisionWarning(UserWarning):
     as singular. Cross-check with ``H.factor(damping, method="dense")`` on a
     small network, or increase ``damping``.
     """
+
+
+class InaccurateSolveError(SingularHessianError):
+    """A solve could not meet the contract's normwise backward error.
+
+    ``||(H + dI) x - g|| / (||H + dI|| ||x|| + ||g||)`` stayed above
+    :func:`hessinv.solvers.solve_tolerance` after refinement: the method
+    cannot vouch for ``x``, so none is returned. A subclass of
+    :class:`SingularHessianError` (the usual cure is the same: more damping,
+    or another method).
+    """
+
+
+class LiftedPrecisionError(SingularHessianError):
+    """The lifted system is singular to working precision where ``H + dI`` may not be.
+
+    Raised by the lifted factorization when it cannot count signs or solve
+    reliably (exploding activations or Jacobians make ``K`` far worse
+    conditioned than ``H + dI``). The way out: ``method="dense"`` for small
+    ``W``, or a larger damping.
+    """

@@ -48,6 +48,18 @@ with eigenvalue ``d``. So ``v_l = Q_l w_l + (I - Q_l Q_l^T) g_l / d``, only
 ``d`` to the inertia and ``(p_l - k_l) log|d|`` to the log-determinant. With
 ``d = 0`` they make ``H`` exactly singular (the small-batch null space of
 DESIGN.md section 3).
+
+**Equilibration.** ``K`` mixes blocks that do not depend on the loss's scale
+(``Jz``, ``Jx``, ``-I``) with curvature blocks that scale with it (``Txx + dI``,
+``Tzz``, ``Tzx``): for the loss ``c l`` at damping ``c d`` a pivot threshold
+global to ``K`` would see a different matrix. With ``s`` the power of two
+nearest to the largest curvature entry (:func:`curvature_scale`) the system is
+built as ``K' = S K S``, ``S = diag(s^{-1/2}`` on ``v, u``; ``s^{1/2}`` on
+``lam)``: the curvature blocks are divided by ``s``, the Jacobian blocks are
+unchanged, the right-hand side of the ``v`` rows is ``g / s``, and the solution
+is ``(v, u, lam / s)``. A congruence keeps the inertia, and ``log|det K| =
+log|det K'| + (sum_l k_l) log s``. Since ``s`` is a power of two, ``K'`` for
+``c = 2^j`` is bit for bit the ``K'`` for ``c = 1``.
 """
 
 from __future__ import annotations
@@ -125,11 +137,13 @@ class LiftedSystem:
         bases: Per stage ``Q_l`` or ``None`` (see the module doc).
         m: ``sum_l N a_l``, the number of ``u`` (and of ``lam``) unknowns.
         n_dropped: ``sum_l (p_l - k_l)``, eigenvalues equal to ``damping``.
+        scale: The equilibration ``s`` (module doc): curvature blocks are divided by it.
     """
 
-    def __init__(self, blocks: list[StageBlocks], damping: float) -> None:
+    def __init__(self, blocks: list[StageBlocks], damping: float, scale: float = 1.0) -> None:
         self.blocks = blocks
         self.damping = damping
+        self.scale = scale
         self.bases = [_basis(b) for b in blocks]
         self._k = [
             b.num_params if q is None else q.shape[1]
@@ -155,16 +169,16 @@ class LiftedSystem:
         """``Q_l^T (Txx_l + d I) Q_l``."""
         b, q, k = self.blocks[l], self.bases[l], self._k[l]
         ref = b.grad_x
-        dvv = torch.eye(k, dtype=ref.dtype, device=ref.device) * self.damping
+        dvv = torch.eye(k, dtype=ref.dtype, device=ref.device) * (self.damping / self.scale)
         if b.Txx is not None:
-            dvv = dvv + (b.Txx if q is None else q.T @ b.Txx @ q)
+            dvv = dvv + (b.Txx if q is None else q.T @ b.Txx @ q) / self.scale
         return dvv
 
     def _diag_block(self, i: int) -> Tensor:
         """``[[Txx + dI, Jx^T], [Jx, 0]]`` for ``(v_l, lam_l)``, ``Tzz_{l+1}`` for ``u_l``."""
         l, odd = divmod(i, 2)  # noqa: E741
         if odd:
-            return _block_diag(self.blocks[l + 1].Tzz)
+            return _block_diag(self.blocks[l + 1].Tzz / self.scale)
         dvv = self._vv(l)
         if l == len(self.blocks) - 1:
             return dvv
@@ -183,7 +197,7 @@ class LiftedSystem:
             eye = torch.eye(m, dtype=ref.dtype, device=ref.device)
             return torch.cat([ref.new_zeros(k, m), -eye], dim=0)
         nxt = self.blocks[l + 1]
-        tzx = self._cols(nxt.Tzx.reshape(self._m[l], -1), self.bases[l + 1])
+        tzx = self._cols(nxt.Tzx.reshape(self._m[l], -1), self.bases[l + 1]) / self.scale
         if l + 1 == len(self.blocks) - 1:
             return tzx
         return torch.cat([tzx, _block_diag(nxt.Jz, transpose=True)], dim=1)
@@ -195,13 +209,14 @@ class LiftedSystem:
     def rhs(self, g: Tensor) -> list[Tensor]:
         """Right-hand side per block, for ``g`` of shape ``(W, r)``.
 
-        ``[Q_l^T g_l; 0]`` for ``(v_l, lam_l)``, ``0`` for ``u_l``, ``Q^T g`` for the last ``v``.
+        ``[Q_l^T g_l / s; 0]`` for ``(v_l, lam_l)``, ``0`` for ``u_l``, ``Q^T g / s`` for
+        the last ``v``.
         """
         out = []
         r = g.shape[1]
         for l, gl in enumerate(self._split(g)):  # noqa: E741
             q = self.bases[l]
-            piece = gl if q is None else q.T @ gl
+            piece = (gl if q is None else q.T @ gl) / self.scale
             if l < len(self.blocks) - 1:
                 m = self._m[l]
                 out += [torch.cat([piece, g.new_zeros(m, r)], dim=0), g.new_zeros(m, r)]
@@ -209,17 +224,36 @@ class LiftedSystem:
                 out.append(piece)
         return out
 
-    def extract(self, x: list[Tensor], g: Tensor) -> Tensor:
-        """``v_l = Q_l w_l + (g_l - Q_l Q_l^T g_l) / d`` from a lifted solution."""
+    def extract(self, x: list[Tensor], g: Tensor, kept_only: bool = False) -> Tensor:
+        """``v_l = Q_l w_l + (g_l - Q_l Q_l^T g_l) / d`` from a lifted solution.
+
+        ``kept_only``: leave out the dropped directions' part (the solve
+        restricted to the kept directions, defined also for ``d = 0``).
+        """
         out = []
         for l, gl in enumerate(self._split(g)):  # noqa: E741
             q, w = self.bases[l], x[2 * l][: self._k[l]]
             if q is None:
                 out.append(w)
                 continue
+            if kept_only:
+                out.append(q @ w)
+                continue
             perp = gl - q @ (q.T @ gl)
             out.append(q @ w + perp / self.damping)
         return torch.cat(out, dim=0)
+
+    def project_kept(self, g: Tensor) -> Tensor:
+        """``Q_l Q_l^T g_l`` per stage: the part of ``g`` in the kept directions."""
+        out = []
+        for q, gl in zip(self.bases, self._split(g), strict=True):
+            out.append(gl if q is None else q @ (q.T @ gl))
+        return torch.cat(out, dim=0)
+
+    @property
+    def n_kept(self) -> int:
+        """``sum_l k_l``: the ``v`` unknowns of ``K``."""
+        return sum(self._k)
 
     def _split(self, g: Tensor) -> list[Tensor]:
         return list(torch.split(g, [b.num_params for b in self.blocks], dim=0))
@@ -251,6 +285,22 @@ class LiftedSystem:
     def dense(self) -> Tensor:
         """Assemble ``K`` densely (tests and small problems only)."""
         return lifted_dense(*self.assemble())
+
+
+def curvature_scale(blocks: list[StageBlocks], damping: float) -> float:
+    """The equilibration ``s``: the power of two nearest the largest curvature entry.
+
+    ``max(|d|, max |Txx|, max |Tzz|, max |Tzx|)`` over the stages, rounded to a
+    power of two (so that scaling is exact); ``1`` when all of them vanish.
+    """
+    big = abs(damping)
+    for b in blocks:
+        for t in (b.Txx, b.Tzz, b.Tzx):
+            if t is not None and t.numel():
+                big = max(big, float(t.abs().max()))
+    if big == 0.0 or not math.isfinite(big):
+        return 1.0
+    return 2.0 ** round(math.log2(big))
 
 
 def lifted_dense(diag: list[Tensor], upper: list[Tensor]) -> Tensor:

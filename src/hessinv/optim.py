@@ -52,7 +52,8 @@ from torch import Tensor, nn
 
 from .errors import SingularHessianError
 from .ggn import GaussNewton
-from .hessian import DenseFactorization, Hessian, HessianFactorization
+from .hessian import Hessian
+from .solvers import Factorization
 
 STRATEGIES = ("trust-region", "levenberg-marquardt")
 CURVATURES = ("hessian", "gauss-newton")
@@ -187,9 +188,9 @@ class Newton:
         return cls(self.model, self.loss_func, X, y), scale
 
     @staticmethod
-    def _pd(fac: HessianFactorization | DenseFactorization) -> tuple[bool, tuple[int, int, int]]:
+    def _pd(fac: Factorization) -> tuple[bool, tuple[int, int, int]]:
         inertia = fac.inertia()
-        return inertia[1] == 0 and inertia[2] == 0, inertia
+        return inertia[1] == 0 and inertia[2] == 0, tuple(inertia)
 
     def _solve(self, C: Hessian, c: float, lam: float, g: Tensor):  # noqa: ANN202, N803
         """Factor ``c C + lam I`` (as ``c (C + lam/c I)``); return ``(fac, pd, inertia, s)``."""

@@ -1,0 +1,395 @@
+"""The solver protocol: ``H + damping I`` factored once; solves, log-determinant, inertia.
+
+Every method (:mod:`~hessinv.solvers.lifted`, :mod:`~hessinv.solvers.dense`,
+:mod:`~hessinv.solvers.krylov`, :mod:`~hessinv.solvers.woodbury`, the
+Gauss-Newton kernel form) is a :class:`Factorization` of ``A = H + dI`` and
+keeps one contract, modelled on lineax's solver classes:
+
+* **A solve is exact or it raises.** :meth:`Factorization.solve` returns ``x``
+  only if its normwise backward error (Rigal-Gaches)
+
+  ``eta(x) = ||A x - g|| / (||A|| ||x|| + ||g||)``
+
+  is at most :func:`solve_tolerance` (``SOLVE_TOL_FACTOR * eps``) for every
+  column; otherwise it refines, and then raises
+  :class:`~hessinv.errors.InaccurateSolveError`. ``eta`` is the smallest
+  relative perturbation of ``A`` and ``g`` for which ``x`` is the exact
+  solution, so it is the measure of a solve that does not depend on the
+  condition of ``A`` (a dense LU with partial pivoting achieves a small
+  multiple of ``eps``). ``||A||`` is a Lanczos estimate from below
+  (:func:`~hessinv.solvers.estimates.spectral_bounds`), which can only make
+  the check stricter.
+* **A singular ``A`` raises.** ``A`` is *numerically singular* when it has an
+  eigenvalue with ``|lambda| <= zero_threshold * ||A||``, ``zero_threshold =
+  W eps`` (the default rank tolerance of ``numpy.linalg.matrix_rank``). Every
+  method decides this the same way (:meth:`Factorization.zero_count`): from
+  its eigenvalues where it has them, otherwise from an estimate of the
+  smallest singular value by inverse iteration with the factorization itself
+  (as LAPACK's condition estimators), confirmed where it falls near the
+  threshold by exact eigenvalue counts of ``A -+ t I`` (Sylvester).
+  :meth:`Factorization.solve` then raises
+  :class:`~hessinv.errors.SingularHessianError` with the hint to pass
+  ``damping``; :meth:`Factorization.logdet` returns ``(0.0, -inf)`` as
+  ``torch.linalg.slogdet`` does; :meth:`Factorization.inertia` counts the
+  zero eigenvalues.
+* **An inertia says how it was verified** (:class:`Inertia`), and
+  :meth:`Factorization.is_positive_definite` returns ``True`` only for a proof.
+
+Everything is relative: answers, thresholds and refusals for the loss ``c l``
+at damping ``c d`` are those for ``l`` at ``d``.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+from torch import Tensor
+
+from ..errors import HINT, InaccurateSolveError, SingularHessianError
+from .estimates import smallest_singular_value
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..hessian import Hessian
+
+VectorLike = Tensor | Sequence[Tensor]
+
+#: A solve's normwise backward error may be at most this many ``eps``.
+SOLVE_TOL_FACTOR = 64.0
+
+
+def solve_tolerance(dtype: torch.dtype) -> float:
+    """The contract's bound on a solve's normwise backward error: ``64 eps``.
+
+    ``2.8e-14`` in float64, ``7.6e-6`` in float32. A dense LU with partial
+    pivoting, and the lifted factorization after one step of refinement,
+    reach a few ``eps``.
+    """
+    return SOLVE_TOL_FACTOR * torch.finfo(dtype).eps
+
+
+def zero_threshold(dtype: torch.dtype, size: int) -> float:
+    """Relative size below which an eigenvalue of ``A`` counts as zero: ``W eps``.
+
+    ``|lambda| <= W eps ||A||`` is at the level of the round-off a backward
+    stable eigensolver makes on a ``W x W`` matrix, so its sign is not
+    determined by the data (the rank tolerance of ``numpy.linalg.matrix_rank``).
+    """
+    return max(size, 1) * torch.finfo(dtype).eps
+
+
+class Inertia(tuple):
+    """``(positive, negative, zero)`` eigenvalue counts of ``H + damping I``.
+
+    A plain tuple to compare and unpack, with two more attributes:
+
+    Attributes:
+        verified: ``True`` when the counts were confirmed independently (an
+            orthogonal eigendecomposition, or two different congruences that
+            agree); ``False`` when they rest on one factorization only.
+        how: A sentence saying how the counts were obtained and checked.
+    """
+
+    verified: bool
+    how: str
+
+    def __new__(cls, positive: int, negative: int, zero: int, *, verified: bool, how: str):  # noqa: D102
+        self = super().__new__(cls, (int(positive), int(negative), int(zero)))
+        self.verified = bool(verified)
+        self.how = how
+        return self
+
+    @property
+    def positive(self) -> int:
+        """Number of positive eigenvalues."""
+        return self[0]
+
+    @property
+    def negative(self) -> int:
+        """Number of negative eigenvalues."""
+        return self[1]
+
+    @property
+    def zero(self) -> int:
+        """Number of eigenvalues counted as zero (:func:`zero_threshold`)."""
+        return self[2]
+
+    def __getnewargs_ex__(self):  # noqa: ANN204
+        return (self[0], self[1], self[2]), {"verified": self.verified, "how": self.how}
+
+
+class Factorization(ABC):
+    """``A = H + damping I`` factored once (the protocol every method implements).
+
+    Subclasses implement :meth:`_apply` (one application of ``A^{-1}`` to a
+    ``(W, k)`` block, without checks) and, where the method provides them,
+    :meth:`_logdet`, :meth:`_signs` and :meth:`_positive_definite`. This class
+    does the rest: input forms, refinement, the backward-error contract and
+    the singularity decision.
+
+    Args:
+        op: The operator (``Hessian``, ``GaussNewton``).
+        damping: The shift ``d`` (already validated).
+    """
+
+    method: ClassVar[str] = "abstract"
+
+    def __init__(self, op: Hessian, damping: float) -> None:
+        self.op = op
+        self.damping = float(damping)
+        self._zero: int | None = None
+        self._sigma_min: float | None = None
+
+    # -- what a method provides ---------------------------------------------------------
+    @abstractmethod
+    def _apply(self, g: Tensor) -> Tensor:
+        """One application of ``A^{-1}`` to ``g`` of shape ``(W, k)`` (no checks)."""
+
+    def _logdet(self) -> tuple[float, float]:
+        """``(sign, log|det A|)`` for a nonsingular ``A``."""
+        raise NotImplementedError(
+            f"method={self.method!r} gives solves only, no log-determinant; "
+            "use method='lifted' or 'dense'"
+        )
+
+    def _signs(self) -> Inertia:
+        """Inertia of a nonsingular ``A`` (``zero == 0``)."""
+        raise NotImplementedError(
+            f"method={self.method!r} gives solves only, no inertia; use method='lifted' or 'dense'"
+        )
+
+    def _positive_definite(self) -> bool | None:
+        """A proof that ``A`` is (``True``) or is not (``False``) positive definite, or ``None``."""
+        return None
+
+    @property
+    def structurally_singular(self) -> bool:
+        """``A`` has exact null directions known from the structure (``damping == 0``)."""
+        return False
+
+    def _apply_for_estimates(self, g: Tensor) -> Tensor:
+        """``A^{-1}`` on the part of ``A`` that is not structurally singular."""
+        return self._apply(g)
+
+    def _shifted(self, shift: float) -> Factorization:
+        """The same method's factorization of ``A + shift I`` (for exact counts)."""
+        return type(self)(self.op, self.damping + shift)
+
+    # -- shared machinery ----------------------------------------------------------------
+    @property
+    def size(self) -> int:
+        """``W``."""
+        return self.op.num_params
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The working precision."""
+        return self.op.dtype
+
+    def norm(self) -> float:
+        """An estimate of ``||A||_2`` from below (:func:`shifted_norm`)."""
+        return shifted_norm(self.op, self.damping)
+
+    def zero_threshold(self) -> float:
+        """Absolute zero threshold ``t = W eps ||A||`` (:func:`zero_threshold`)."""
+        return zero_threshold(self.dtype, self.size) * self.norm()
+
+    def sigma_min_estimate(self) -> float:
+        """An estimate (from above) of ``A``'s smallest singular value, by inverse iteration."""
+        if self._sigma_min is None:
+            self._sigma_min = smallest_singular_value(
+                self._apply_for_estimates, self.size, self.dtype, self.op.device
+            )
+        return self._sigma_min
+
+    def zero_count(self) -> int:
+        """Number of eigenvalues with ``|lambda| <= t`` (:meth:`zero_threshold`).
+
+        When the inverse-iteration estimate of the smallest singular value is
+        above ``1000 t`` there is none. Otherwise the band is counted exactly
+        by Sylvester's law: ``neg(A - tI) - neg(A + tI)`` eigenvalues lie in
+        ``[-t, t)``.
+        """
+        if self._zero is None:
+            t = self.zero_threshold()
+            if self.structurally_singular:
+                self._zero = self._structural_zeros() + self._band_count(t, kept_only=True)
+            else:
+                self._zero = self._band_count(t, kept_only=False)
+        return self._zero
+
+    def _structural_zeros(self) -> int:
+        return 0
+
+    def _band_count(self, t: float, kept_only: bool) -> int:
+        if t == 0.0:  # A == 0: every eigenvalue is zero
+            return self.size
+        sigma = self.sigma_min_estimate()
+        if sigma > 1e3 * t:
+            return 0
+        below = self._shifted(-t)._signs().negative  # eigenvalues < t
+        above = self._shifted(t)._signs().negative  # eigenvalues < -t
+        band = below - above
+        if kept_only:  # the structural zeros lie inside the band too
+            band -= self._structural_zeros()
+        return max(band, 0)
+
+    @property
+    def singular(self) -> bool:
+        """``A`` is numerically singular (an eigenvalue within :meth:`zero_threshold`)."""
+        return self.structurally_singular or self.zero_count() > 0
+
+    def _singular_message(self) -> str:
+        if self.structurally_singular:
+            return (
+                f"H + damping*I has exact null directions ({self._structural_zeros()} "
+                f"parameter directions no output depends on at this batch). {HINT}"
+            )
+        return (
+            f"H + damping*I has {self.zero_count()} eigenvalue(s) within "
+            f"{self.zero_threshold():.1e} (= W eps ||H + dI||) of zero. {HINT}"
+        )
+
+    def solve(self, g: VectorLike, *, check: bool = True, refine: int = 2) -> VectorLike:
+        """``x = (H + damping I)^{-1} g`` for ``g`` flat, ``(W, k)`` or per-parameter.
+
+        Up to ``refine`` steps of iterative refinement follow (each one
+        ``H @ v`` and one application of the factors, kept only if it lowers
+        the residual).
+
+        Raises:
+            SingularHessianError: ``H + dI`` is numerically singular.
+            InaccurateSolveError: ``check`` and a column's normwise backward
+                error exceeds :func:`solve_tolerance`.
+        """
+        gm, form = self.op.layout.to_matrix(g, "g")
+        if gm.shape[1] == 0:
+            return self.op.layout.from_matrix(gm.clone(), form)
+        if self.singular:
+            raise SingularHessianError(self._singular_message())
+        x = refined_solve(self.op.matmat, self._apply, gm, self.damping, refine)
+        if check:
+            self.check(x, gm)
+        return self.op.layout.from_matrix(x, form)
+
+    def backward_error(self, x: Tensor, g: Tensor) -> Tensor:
+        """Per-column ``||A x - g|| / (||A|| ||x|| + ||g||)`` (``||A||`` from :meth:`norm`)."""
+        r = self.op.matmat(x) + self.damping * x - g
+        return normwise_backward_error(r, x, g, self.norm())
+
+    def check(self, x: Tensor, g: Tensor) -> None:
+        """Raise :class:`InaccurateSolveError` unless ``x`` meets :func:`solve_tolerance`."""
+        tol = solve_tolerance(self.dtype)
+        eta = self.backward_error(x, g)
+        worst = float(eta.max()) if eta.numel() else 0.0
+        if not worst <= tol:
+            raise InaccurateSolveError(
+                f"method={self.method!r}: the solve's normwise backward error {worst:.1e} "
+                f"exceeds {tol:.1e} (= {SOLVE_TOL_FACTOR:g} eps). H + damping*I is too "
+                "ill-conditioned for this method at this precision: use method='dense' "
+                "(small W), float64, or a larger damping."
+            )
+
+    def logdet(self) -> tuple[float, float]:
+        """``(sign, log|det(H + damping I)|)``; ``(0.0, -inf)`` when numerically singular."""
+        if self.singular:
+            return 0.0, -math.inf
+        return self._logdet()
+
+    def inertia(self) -> Inertia:
+        """``(n_pos, n_neg, n_zero)`` of ``H + damping I`` (:class:`Inertia`).
+
+        Zeros are eigenvalues within :meth:`zero_threshold`; they are counted
+        exactly from the inertias of ``A -+ t I`` when there are any.
+        """
+        if not self.singular:
+            return self._signs()
+        t = self.zero_threshold()
+        if t == 0.0:
+            return Inertia(0, 0, self.size, verified=True, how="H + damping*I is zero")
+        lo, hi = self._shifted(t)._signs(), self._shifted(-t)._signs()
+        neg = lo.negative  # eigenvalues < -t
+        pos = hi.positive  # eigenvalues >= t
+        return Inertia(
+            pos,
+            neg,
+            self.size - pos - neg,
+            verified=lo.verified and hi.verified,
+            how=f"eigenvalues in [-t, t], t = {t:.1e}, counted from the inertias of A -+ tI "
+            f"({lo.how})",
+        )
+
+    def is_positive_definite(self) -> bool | None:
+        """``True`` only if ``H + damping I`` is proven positive definite.
+
+        ``False`` when proven not to be (a verified inertia with a nonpositive
+        eigenvalue, or a failed stage Cholesky pass), ``None`` when undecided.
+        """
+        if self.structurally_singular:
+            return False
+        proof = self._positive_definite()
+        if proof is not None:
+            return proof
+        try:
+            inert = self.inertia()
+        except NotImplementedError:
+            return None
+        if inert.verified:
+            return inert.negative == 0 and inert.zero == 0
+        if inert.negative or inert.zero:
+            return None
+        return None
+
+
+def shifted_norm(op: Hessian, damping: float) -> float:
+    """``max(|theta_max + d|, |theta_min + d|)``: ``||H + dI||_2`` from below (Lanczos on ``H``)."""
+    lo, hi = op.spectral_bounds()
+    return max(abs(hi + damping), abs(lo + damping))
+
+
+def normwise_backward_error(r: Tensor, x: Tensor, g: Tensor, norm_a: float) -> Tensor:
+    """Per column ``||r|| / (||A|| ||x|| + ||g||)`` for the residual ``r = A x - g``."""
+    num = torch.linalg.vector_norm(r, dim=0)
+    den = norm_a * torch.linalg.vector_norm(x, dim=0) + torch.linalg.vector_norm(g, dim=0)
+    return torch.where(den > 0, num / den.clamp_min(torch.finfo(r.dtype).tiny), num * 0.0)
+
+
+def refined_solve(
+    matmat: Callable[[Tensor], Tensor],
+    apply: Callable[[Tensor], Tensor],
+    g: Tensor,
+    damping: float,
+    refine: int,
+) -> Tensor:
+    """``apply(g)`` and up to ``refine`` steps of iterative refinement.
+
+    A step ``x <- x + apply(g - A x)`` is kept only if it lowers the largest
+    relative residual (on a system too ill-conditioned for the working
+    precision refinement diverges, and the better vector is kept); none is
+    taken once the residual is at round-off level.
+
+    Raises:
+        SingularHessianError: The solve overflowed.
+    """
+    x = apply(g)
+    if not torch.isfinite(x).all():
+        raise SingularHessianError(f"the solve overflowed. {HINT}")
+    if refine <= 0:
+        return x
+    gn = torch.linalg.vector_norm(g, dim=0).clamp_min(torch.finfo(g.dtype).tiny)
+    r = g - matmat(x) - damping * x
+    worst = float((torch.linalg.vector_norm(r, dim=0) / gn).max())
+    eps = torch.finfo(g.dtype).eps
+    for _ in range(refine):
+        if worst <= 4 * eps:
+            break
+        x_new = x + apply(r)
+        r_new = g - matmat(x_new) - damping * x_new
+        worst_new = float((torch.linalg.vector_norm(r_new, dim=0) / gn).max())
+        if not math.isfinite(worst_new) or worst_new >= worst:
+            break
+        x, r, worst = x_new, r_new, worst_new
+    return x
