@@ -78,7 +78,7 @@ def smallest_singular_value(
     size: int,
     dtype: torch.dtype,
     device: torch.device,
-    steps: int = 3,
+    steps: int = 5,
     seed: int = 1,
 ) -> float:
     """An estimate from above of ``sigma_min(A)`` from ``steps`` inverse iterations.

@@ -98,7 +98,7 @@ class LiftedFactorization(Factorization):
             attempts: list[dict] = [
                 {"alpha": 0.01, "max_carry": cap, "pivoting": "ldl"},
                 {"alpha": 0.01, "max_carry": cap},
-                {"alpha": 0.1},
+                {"alpha": 0.1, "max_carry": 4 * cap},
             ]
             for kw in attempts:
                 r = block_tri_inertia(ls.diag, ls.upper, rtol=0.0, **kw)
