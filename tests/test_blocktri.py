@@ -141,20 +141,21 @@ def test_factorization_falls_back_when_the_capped_inertia_disagrees(monkeypatch)
     def spoiled(diag, upper, **kw):
         calls.append(kw)
         r = real(diag, upper, **kw)
-        if kw.get("max_carry") is not None:  # pretend growth flipped one sign
+        if kw.get("alpha") == 0.01:  # pretend growth flipped one sign
             r.positive, r.negative, r.sign, r.forced = r.positive - 1, r.negative + 1, -r.sign, 1
         return r
 
     monkeypatch.setattr(hh, "block_tri_inertia", spoiled)
     ev = torch.linalg.eigvalsh(H.to_dense() + 1e-2 * torch.eye(H.num_params, dtype=DT))
     assert fac.inertia() == (int((ev > 0).sum()), int((ev < 0).sum()), 0)
-    # Bunch-Kaufman capped, eigh capped (both spoiled here), eigh uncapped at threshold 0.1
-    assert [(c.get("pivoting", "eigh"), c.get("max_carry") is None) for c in calls] == [
-        ("ldl", False),
-        ("eigh", False),
-        ("eigh", True),
+    # Bunch-Kaufman and eigh at threshold 0.01 (both spoiled here), eigh at 0.1 with a
+    # wider cap (bounded cost)
+    assert [(c.get("pivoting", "eigh"), c["alpha"]) for c in calls] == [
+        ("ldl", 0.01),
+        ("eigh", 0.01),
+        ("eigh", 0.1),
     ]
-    assert calls[-1]["alpha"] == 0.1
+    assert calls[-1]["max_carry"] == 4 * calls[0]["max_carry"]
 
 
 def test_inertia_that_no_attempt_can_verify_raises(monkeypatch):

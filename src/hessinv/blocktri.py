@@ -217,7 +217,9 @@ def front_congruence(s: Tensor, c: Tensor, pivoting: str = "eigh") -> tuple[Tens
     whatever ``c`` describes.
     """
     if pivoting == "eigh":
-        w, q = torch.linalg.eigh(s)
+        from .solvers.estimates import robust_eigh
+
+        w, q = robust_eigh(s)
         return w, q.T @ c
     perm, lt, d, sub = _bunch_kaufman(s)
     y = torch.linalg.solve_triangular(lt, c[perm], upper=False, unitriangular=True)

@@ -33,7 +33,7 @@ from .products import compute_blocks, gradient, hvp
 from .solvers import FACTORIZATIONS, Factorization, Inertia, KrylovSolver
 from .solvers import select as _select
 from .solvers.base import normwise_backward_error, shifted_norm
-from .solvers.estimates import spectral_bounds
+from .solvers.estimates import robust_eigh, spectral_bounds
 from .vectors import Layout
 
 VectorLike = Tensor | Sequence[Tensor]
@@ -317,7 +317,7 @@ class Hessian:
     def _eigh(self) -> tuple[Tensor, Tensor]:
         """Eigendecomposition of the dense ``H`` (cached)."""
         if self._dense_eigh is None:
-            self._dense_eigh = torch.linalg.eigh(self.to_dense())
+            self._dense_eigh = robust_eigh(self.to_dense())
         return self._dense_eigh
 
     def _with_fallback(self, damping: float, method: str, what: Callable[[Factorization], object]):  # noqa: ANN202

@@ -99,3 +99,25 @@ def smallest_singular_value(
         best = min(best, float(torch.linalg.vector_norm(y)) / nz)
         y = z / nz
     return best
+
+
+def robust_eigh(a: Tensor) -> tuple[Tensor, Tensor]:
+    """``torch.linalg.eigh``; where it fails to converge (seen in float32), in float64.
+
+    Raises:
+        LiftedPrecisionError: Not even the float64 eigensolver converged.
+    """
+    try:
+        return torch.linalg.eigh(a)
+    except torch.linalg.LinAlgError:
+        pass
+    try:
+        w, q = torch.linalg.eigh(a.double())
+    except torch.linalg.LinAlgError as e:
+        from ..errors import LiftedPrecisionError
+
+        raise LiftedPrecisionError(
+            f"the symmetric eigensolver did not converge on a {tuple(a.shape)} matrix even in "
+            "float64 (is it finite and reasonably scaled?); try a larger damping"
+        ) from e
+    return w.to(a.dtype), q.to(a.dtype)
