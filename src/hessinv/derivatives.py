@@ -125,7 +125,9 @@ class AutodiffDerivatives:
         n = z.shape[0]
         zf = z.reshape(n, -1).detach()
         a_in = zf.shape[1]
-        xf = flatten_params(self.params).to(device=z.device, dtype=zf.dtype).detach()
+        # The first stage's input may be integer data (Embedding indices): never differentiated.
+        dtype = zf.dtype if zf.is_floating_point() or not self.params else self.params[0].dtype
+        xf = flatten_params(self.params).to(device=z.device, dtype=dtype).detach()
         p = xf.numel()
         shape_in = z.shape
 
@@ -154,7 +156,7 @@ class AutodiffDerivatives:
             if p:
                 jx = jacrev(lambda xx: f(zf, xx).reshape(n, a_out))(xf)
             else:
-                jx = zf.new_zeros(n, a_out, 0)
+                jx = xf.new_zeros(n, a_out, 0)
         if not first and second:
             tzz = comb_jacobian(lambda zz: grad(s, argnums=0)(zz, xf), zf, a_in)
             if p:

@@ -27,13 +27,13 @@ from torch import Tensor, nn
 
 from .derivatives import StageBlocks
 from .errors import InaccurateSolveError, LiftedPrecisionError
-from .layers import stages_from_sequential
 from .pipeline import Pipeline, Stage
 from .products import compute_blocks, gradient, hvp
 from .solvers import FACTORIZATIONS, Factorization, Inertia, KrylovSolver
 from .solvers import select as _select
 from .solvers.base import normwise_backward_error, shifted_norm
 from .solvers.estimates import robust_eigh, spectral_bounds
+from .trace import ParamsArg, stages_for_model
 from .vectors import Layout
 
 VectorLike = Tensor | Sequence[Tensor]
@@ -76,9 +76,10 @@ class Hessian:
     """The exact Hessian of a layered network, as a linear operator.
 
     ``Hessian(model, loss_func, X, y)`` for an ``nn.Sequential`` (nested ones
-    flattened) and a loss with reduction ``"sum"`` or ``"mean"``; or
-    :meth:`from_stages` for a functional pipeline. Parameters with
-    ``requires_grad=False`` are constants, left out of ``H``.
+    flattened) or any module ``torch.fx`` traces (:mod:`hessinv.trace`) and a
+    loss with reduction ``"sum"`` or ``"mean"``; or :meth:`from_stages` for a
+    functional pipeline. Parameters with ``requires_grad=False``, or left out
+    of ``params``, are constants, left out of ``H``.
 
     The per-stage derivative blocks are computed once, at construction; ``H @ v``
     then costs one forward and one backward sweep (eq. 24), and
@@ -89,6 +90,9 @@ class Hessian:
         loss_func: ``loss_func(model(X), y)`` is the scalar loss.
         X: Inputs, batch first.
         y: Targets, batch first.
+        params: The variables, an iterable of the model's parameters or a dict
+            name -> parameter, in flat-vector order (default: those with
+            ``requires_grad``, ``model.parameters()`` order).
         generic: Use generic autodiff for every block (no fast paths).
         max_memory: Bytes this operator may allocate for its blocks and
             factorizations (default: the memory available on the device);
@@ -106,6 +110,7 @@ class Hessian:
         X: Tensor,  # noqa: N803
         y: Tensor,
         *,
+        params: ParamsArg = None,
         generic: bool = False,
         max_memory: float | None = None,
     ) -> None:
@@ -115,7 +120,7 @@ class Hessian:
             raise ValueError(f"X has {X.shape[0]} samples but y has {y.shape[0]}")
         if y.dtype.is_floating_point and not torch.isfinite(y).all():
             raise ValueError("y contains NaN or Inf")
-        stages, z0 = stages_from_sequential(model, loss_func, X, y)
+        stages, z0 = stages_for_model(model, loss_func, X, y, params)
         self._init(Pipeline(stages, z0), generic=generic, check_mixing=False, max_memory=max_memory)
 
     @classmethod

@@ -202,7 +202,12 @@ def _is_elementwise(m: nn.Module) -> bool:
 
 
 def stages_from_sequential(
-    model: nn.Module, loss_func: Callable[..., Tensor], X: Tensor, y: Tensor
+    model: nn.Module,
+    loss_func: Callable[..., Tensor],
+    X: Tensor,
+    y: Tensor,
+    *,
+    frozen: set[int] | frozenset[int] = frozenset(),
 ) -> tuple[list[Stage], Tensor]:
     """Split ``model`` into stages; return them and the input ``z0``.
 
@@ -211,6 +216,8 @@ def stages_from_sequential(
         loss_func: ``loss_func(output, y)``, reduction ``"sum"`` or ``"mean"``.
         X: The inputs, batch first.
         y: The targets, batch first.
+        frozen: The ids of modules whose parameters are all constants here
+            (left out of a ``params=`` selection): they act as parameter-free.
 
     Raises:
         ValueError: An unsupported or unsafe module, a model without trainable
@@ -227,7 +234,7 @@ def stages_from_sequential(
     z0 = X
     groups: list[list[nn.Module]] = []
     for m in mods:
-        if trainable(m):
+        if trainable(m) and id(m) not in frozen:
             groups.append([m])
         elif groups:
             groups[-1].append(m)
