@@ -396,13 +396,15 @@ class SegmentFn:
             m = self.model.get_submodule(n.target)
             pre = n.target + "."
             local = {k[len(pre) :]: v for k, v in pm.items() if k.startswith(pre)}
+            # the parameters that are not variables enter as detached constants
+            full = {k: v.detach() for k, v in m.named_parameters()}
+            full.update(local)
             if isinstance(m, nn.LayerNorm):
-                w = local.get("weight", m.weight)
-                b = local.get("bias", m.bias)
+                w, b = full.get("weight"), full.get("bias")
                 return layer_norm(args[0], tuple(m.normalized_shape), w, b, m.eps)
-            if not local:
+            if not full:
                 return m(*args, **kwargs)
-            return torch.func.functional_call(m, local, args, kwargs)
+            return torch.func.functional_call(m, full, args, kwargs)
         raise ValueError(f"unexpected fx node {n.op} {n.name}")  # pragma: no cover
 
 

@@ -197,6 +197,27 @@ class StageStructure:
         return y
 
 
+class FrozenModule(nn.Module):
+    """A module whose parameters are all constants here (left out of ``params=``).
+
+    Runs the module with detached parameters, so that nothing computed from it
+    joins the caller's autograd graph; LayerNorm from elementary operations.
+    """
+
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        object.__setattr__(self, "inner", inner)  # not registered: no parameters here
+
+    def forward(self, y: Tensor) -> Tensor:
+        """``inner(y)`` with its parameters detached."""
+        m = self.inner
+        consts = {n: p.detach() for n, p in m.named_parameters()}
+        if isinstance(m, nn.LayerNorm):
+            w, b = consts.get("weight"), consts.get("bias")
+            return layer_norm(y, tuple(m.normalized_shape), w, b, m.eps)
+        return torch.func.functional_call(m, consts, (y,))
+
+
 def _is_elementwise(m: nn.Module) -> bool:
     return isinstance(m, ELEMENTWISE) or _is_dropout(m) or _is_flatten_per_sample(m)
 
@@ -233,8 +254,9 @@ def stages_from_sequential(
         check_module(m)
     z0 = X
     groups: list[list[nn.Module]] = []
+    mods = [FrozenModule(m) if id(m) in frozen else m for m in mods]
     for m in mods:
-        if trainable(m) and id(m) not in frozen:
+        if trainable(m):
             groups.append([m])
         elif groups:
             groups[-1].append(m)

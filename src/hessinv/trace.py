@@ -11,11 +11,14 @@ is traced by ``torch.fx`` and cut at its articulation points
 blocks.
 
 The flat parameter vector (``H @ v``, ``gradient``, ``solve``, the list form of
-vectors) follows the order of ``params=`` (default: the parameters with
-``requires_grad`` in ``model.named_parameters()`` order). The pipeline keeps
-each stage's parameters together and the stages in the order forward runs
-them, so an order that interleaves two stages, or puts a later stage first, is
-refused with the order to use.
+vectors) follows the order of ``params=``. The pipeline keeps each stage's
+parameters together and the stages in the order forward runs them, so a
+``params=`` order that interleaves two stages, or puts a later stage first, is
+refused with the order to use. Without ``params=`` the variables are the
+parameters with ``requires_grad``; their order is ``model.parameters()`` order
+where forward uses them in that order (a plain ``nn.Sequential``, a class that
+registers its modules in the order it calls them), else the order in which
+forward first uses them, with a warning that names it.
 """
 
 from __future__ import annotations
@@ -76,8 +79,9 @@ def stages_from_module(
         raise TypeError("loss_func must be callable")
     loss_reduction_check(loss_func)
     check_tied(model)
+    explicit = params is not None
     if params is None:
-        params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        params = resolve_params(model, None)
     selected = {n: i for i, (n, _) in enumerate(params)}
     tensors = dict(params)
     gm = trace(model)
@@ -123,7 +127,7 @@ def stages_from_module(
         loss = (loss_func, y) if k == len(groups) - 1 else None
         fn = SegmentFn(model, start, body, end, names, plan.baked, dep, loss)
         stages.append(Stage(fn, tuple(tensors[n].detach() for n in names)))
-    check_order([n for n, _ in params], [list(s.fn.names) for s in stages])
+    check_order([n for n, _ in params], [list(s.fn.names) for s in stages], explicit=explicit)
     return stages, z0.detach()
 
 
@@ -155,10 +159,21 @@ def check_tied(model: nn.Module) -> None:
         seen[id(p)] = name
 
 
-def check_order(order: list[str], stage_names: list[list[str]]) -> None:
-    """Refuse a ``params`` order that does not follow the stages (flat order = ``params``)."""
+def check_order(order: list[str], stage_names: list[list[str]], *, explicit: bool = True) -> None:
+    """Refuse a ``params=`` order that does not follow the stages (flat order = ``params``).
+
+    Without ``params=`` (``explicit=False``) the stages' order is kept, with a
+    warning naming it when it differs from ``model.named_parameters()``.
+    """
     flat = [n for names in stage_names for n in names]
-    if flat != order:
+    if flat != order and not explicit:
+        warnings.warn(
+            "the flat parameter vector of this traced model follows the order in which forward "
+            f"uses the parameters, {flat}, not model.parameters() order; vectors given as lists "
+            "must follow it too (pass params= in this order to make it explicit)",
+            stacklevel=4,
+        )
+    elif flat != order:
         raise ValueError(
             "the flat vector follows the order of params=, so the parameters of one stage must "
             "be contiguous and the stages in the order forward uses them; pass params= in the "
@@ -282,7 +297,7 @@ def stages_for_model(
         frozen = _sequential_frozen(model, chosen)
         if frozen is not None:
             return stages_from_sequential(model, loss_func, X, y, frozen=frozen)
-    stages, z0 = stages_from_module(model, loss_func, X, y, chosen)
+    stages, z0 = stages_from_module(model, loss_func, X, y, None if params is None else chosen)
     check_no_mixing(Pipeline(stages, z0))
     return stages, z0
 
