@@ -521,3 +521,37 @@ def test_batchnorm_eval_in_class_accepted():
         warnings.simplefilter("error")
         H = hessinv.Hessian(model, nn.MSELoss(), X, y)
     _check_against(H, *_reference(model, nn.MSELoss(), X, y))
+
+
+@pytest.mark.parametrize("c", [1e-12, 1.0, 1e12])
+def test_mixing_check_follows_loss_scale(c):
+    """loss * c: the mixing stage is refused and a clean model accepted, at every c."""
+    X, y = _reg(4, 3, 2, torch.Generator().manual_seed(0))
+
+    def loss(out, t):
+        return c * F.mse_loss(out, t)
+
+    with pytest.raises(ValueError, match="mixes samples"):
+        hessinv.Hessian(Centre(late=True).to(DT), loss, X, y)
+
+    class LateCentreInLoss(nn.Module):  # the mixing op in the last (loss) stage
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 3), nn.Linear(3, 2)
+
+        def forward(self, x):
+            h = self.b(torch.tanh(self.a(x)))
+            return h * h.sum(0, keepdim=True)
+
+    with pytest.raises(ValueError, match="stage 1 of the traced model mixes samples"):
+        hessinv.Hessian(LateCentreInLoss().to(DT), loss, X, y)
+    model, _, X2, y2 = _build(m_resmlp)
+    H = hessinv.Hessian(model, loss, X2, y2)
+    assert len(H.pipeline.stages) == 5
+
+
+def test_embedding_max_norm_refused():
+    m = nn.Sequential(nn.Embedding(5, 2, max_norm=1.0), nn.Flatten(), nn.Linear(6, 2)).to(DT)
+    X = torch.randint(0, 5, (4, 3))
+    with pytest.raises(ValueError, match="max_norm"):
+        hessinv.Hessian(m, nn.MSELoss(), X, torch.randn(4, 2, dtype=DT))

@@ -166,6 +166,11 @@ def _check_graph(model: nn.Module, graph: fx.Graph) -> fx.Node:
             m = model.get_submodule(n.target)
             if isinstance(m, CHECKED):
                 check_module(m)  # raises for training-mode dropout/batch norm, instance norm, RNN
+            if isinstance(m, nn.Embedding) and m.max_norm is not None:
+                raise ValueError(
+                    f"Embedding {n.target} has max_norm: it rescales its weight in place during "
+                    "forward; hessinv needs a forward without side effects"
+                )
         elif n.op == "call_function" and n.target in _WRONG:
             raise ValueError(
                 f"{_WRONG[n.target]} (node {n.name}) is not supported: torch's fused kernel has "
