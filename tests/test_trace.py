@@ -200,6 +200,24 @@ def m_seq_convtranspose(g):
     return m.to(DT), nn.MSELoss(), X, torch.randn(3, 2, generator=g, dtype=DT)
 
 
+def m_seq_extras(g):
+    """More traced leaves: PReLU, CELU, GroupNorm, Hardtanh, ReLU6."""
+    m = nn.Sequential(
+        nn.Linear(3, 4),
+        nn.PReLU(),
+        nn.Linear(4, 4),
+        nn.CELU(0.7),
+        nn.Unflatten(1, (2, 2)),
+        nn.GroupNorm(1, 2),
+        nn.Flatten(),
+        nn.Hardtanh(-0.5, 0.5),
+        nn.Linear(4, 3),
+        nn.ReLU6(),
+        nn.Linear(3, 2),
+    )
+    return m.to(DT), nn.MSELoss(), *_reg(4, 3, 2, g)
+
+
 def m_seq_subclass(g):
     m = SeqSubclass(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 4), nn.Linear(4, 2))
     return m.to(DT), nn.MSELoss(), *_reg(4, 3, 2, g)
@@ -220,6 +238,7 @@ MODELS = [
     m_seq_conv3d,
     m_seq_convtranspose,
     m_seq_subclass,
+    m_seq_extras,
 ]
 
 
@@ -555,3 +574,17 @@ def test_embedding_max_norm_refused():
     X = torch.randint(0, 5, (4, 3))
     with pytest.raises(ValueError, match="max_norm"):
         hessinv.Hessian(m, nn.MSELoss(), X, torch.randn(4, 2, dtype=DT))
+
+
+def test_subclass_of_leaf_module_traced_through():
+    """A user subclass of nn.Linear with its own forward runs that forward, not Linear's."""
+
+    class Doubled(nn.Linear):
+        def forward(self, x):
+            return 2.0 * super().forward(x) + self.weight.sum()
+
+    model = nn.Sequential(Doubled(3, 4), nn.Tanh(), nn.Linear(4, 2)).to(DT)
+    X, y = _reg(4, 3, 2, torch.Generator().manual_seed(0))
+    H = hessinv.Hessian(model, nn.MSELoss(), X, y)
+    assert all(st.structure is None for st in H.pipeline.stages)
+    _check_against(H, *_reference(model, nn.MSELoss(), X, y, _flat_names(H)))

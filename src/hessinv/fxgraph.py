@@ -123,7 +123,10 @@ class _Tracer(fx.Tracer):
         self.path: list[str] = []
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return isinstance(m, LEAVES + CHECKED)
+        # a user subclass of a leaf type (its own forward) is traced through
+        return isinstance(m, CHECKED) or (
+            isinstance(m, LEAVES) and type(m).__module__.startswith("torch.nn")
+        )
 
     def call_module(self, m, forward, args, kwargs):  # noqa: ANN001, ANN201, D102
         self.path.append(f"{self.path_of_module(m) or '(root)'} ({type(m).__name__})")
@@ -254,7 +257,10 @@ def plan_graph(
         )
     n_batch = x.shape[0]
     vals = _record(gm, x)
-    vals2 = _record(gm, torch.cat([x, x[:1]]))  # one more sample: tells the batch dimension
+    try:  # one more sample tells the batch dimension from a coincidence of sizes
+        vals2 = _record(gm, torch.cat([x, x[:1]]))
+    except Exception:  # noqa: BLE001 - a forward written for this batch size only
+        vals2 = vals
     if not isinstance(vals[res], Tensor):
         raise ValueError("the model's forward does not return a tensor")
 
@@ -285,7 +291,7 @@ def plan_graph(
             and v.shape[0] == n_batch
             and isinstance(v2, Tensor)
             and v2.dim() >= 1
-            and v2.shape[0] == n_batch + 1
+            and v2.shape[0] == v.shape[0] + (vals2 is not vals)
             and v.shape[1:] == v2.shape[1:]
         )
 

@@ -246,7 +246,11 @@ def _plain_sequential(model: nn.Module) -> bool:
     for m in model.modules():
         if isinstance(m, nn.Sequential) and type(m).forward is not nn.Sequential.forward:
             return False
-    return all(isinstance(m, _SEQ_KNOWN) for m in flatten_sequential(model))
+    # torch's own classes only: a user subclass (its own forward) is traced
+    return all(
+        isinstance(m, _SEQ_KNOWN) and type(m).__module__.startswith("torch.nn")
+        for m in flatten_sequential(model)
+    )
 
 
 def _sequential_frozen(model: nn.Module, chosen: list[tuple[str, Tensor]]) -> set[int] | None:
