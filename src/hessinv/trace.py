@@ -162,18 +162,20 @@ def check_tied(model: nn.Module) -> None:
 def check_order(order: list[str], stage_names: list[list[str]], *, explicit: bool = True) -> None:
     """Refuse a ``params=`` order that does not follow the stages (flat order = ``params``).
 
-    Without ``params=`` (``explicit=False``) the stages' order is kept, with a
-    warning naming it when it differs from ``model.named_parameters()``.
+    Without ``params=`` (``explicit=False``) the flat order would be
+    ``model.parameters()`` order; when forward uses the parameters in another
+    order, that is refused too (a user's vector in ``model.parameters()`` order
+    would be read in the wrong order without an error), naming the order to
+    pass as ``params=``.
     """
     flat = [n for names in stage_names for n in names]
     if flat != order and not explicit:
-        warnings.warn(
-            "the flat parameter vector of this traced model follows the order in which forward "
-            f"uses the parameters, {flat}, not model.parameters() order; vectors given as lists "
-            "must follow it too (pass params= in this order to make it explicit)",
-            stacklevel=4,
+        raise ValueError(
+            "forward uses this model's parameters in another order than model.parameters(), "
+            "and hessinv's flat vectors follow the order of use; to make that order explicit "
+            f"(and vectors in it unambiguous), pass params= in the order {flat}"
         )
-    elif flat != order:
+    if flat != order:
         raise ValueError(
             "the flat vector follows the order of params=, so the parameters of one stage must "
             "be contiguous and the stages in the order forward uses them; pass params= in the "
