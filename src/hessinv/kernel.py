@@ -1,0 +1,413 @@
+"""The kernel form of the Gauss-Newton matrix: exact solves, log-determinant and inertia.
+
+The Gauss-Newton matrix of a network with per-sample output Jacobians ``J_n``
+(``o x W``, ``o`` the output width) and per-sample loss Hessians in the
+outputs ``L_n`` (``o x o``, positive semi-definite for MSE, cross-entropy,
+BCE-with-logits) is ``G = sum_n J_n^T L_n J_n = B^T B`` with
+``B = L^{1/2} J`` (``N o x W``; ``L_n^{1/2}`` the symmetric square root). So the
+eigenvalues of ``G`` are the squared singular values of ``B`` plus
+``W - N o`` zeros, and with the thin SVD ``B = U S V^T`` (``k = min(N o, W)``
+singular values), for every shift ``lam`` (negative too)::
+
+    (G + lam I)^{-1} g = V diag(1 / (s^2 + lam)) V^T g + (g - V V^T g) / lam
+    det(G + lam I)     = prod_i (s_i^2 + lam) * lam^(W - k)
+
+(the second term and the power are absent when ``k = W``). This is the push-through
+(Woodbury) identity ``(G + lam I)^{-1} = (I - B^T (lam I + B B^T)^{-1} B) / lam``
+written so that it also holds at ``lam = 0`` when ``B`` has full column rank.
+One SVD, ``O(N o W min(N o, W))``, serves every ``lam``; ``J`` costs about one
+backward pass per output coordinate (:func:`output_jacobian`).
+
+**Thresholds.** An eigenvalue ``mu`` of ``G + lam I`` (``s_i^2 + lam``, or
+``lam`` itself for the ``W - k`` directions outside ``B``'s row space) counts as
+zero when ``|mu| <= tol = max(W, N o) * eps * max_i s_i^2``: the SVD is
+backward stable, so the computed ``s_i^2`` are exact for a ``B`` perturbed by
+about ``eps ||B||`` and carry an absolute error of order ``eps ||G||``; ``tol``
+bounds that error with a margin of ``max(W, N o)``. ``solve`` refuses
+(:class:`~hessinv.errors.SingularHessianError`) when any eigenvalue is zero in
+that sense; ``inertia`` counts it as zero; ``logdet`` returns ``(0, -inf)``.
+The loss Hessian must be positive semi-definite: an eigenvalue of ``L_n`` below
+``-100 o eps max_n ||L_n||`` means a non-convex loss, and the kernel route
+raises ``ValueError`` (use ``method="lifted"``); eigenvalues above that bound
+are round-off of a PSD matrix and are set to zero.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+from torch.func import jacrev, vjp, vmap
+
+from .derivatives import comb_jacobian
+from .errors import HINT, SingularHessianError
+
+VectorLike = Tensor | Sequence[Tensor]
+
+#: Eigenvalues of ``L_n`` below ``-L_PSD_RTOL * o * eps * max_n ||L_n||`` reject the kernel route.
+L_PSD_RTOL = 100.0
+
+
+def output_jacobian(
+    net: Callable[[Tensor, Tensor], Tensor], flat: Tensor, z0: Tensor, chunk_size: int | None = None
+) -> Tensor:
+    """Per-sample Jacobians ``J_n = d y_n / d theta`` of shape ``(N, o, W)``.
+
+    ``vmap`` over samples of ``jacrev`` of the per-sample output: ``o``
+    vector-Jacobian products, each one backward pass over the batch.
+
+    Args:
+        net: ``net(flat, z) -> y``, the network output (batch first) as a
+            function of the flat trainable parameters, for a batch ``z``.
+        flat: The flat parameters ``theta`` (``W``).
+        z0: The inputs, batch first.
+        chunk_size: Samples per vectorized chunk (``None``: all at once).
+    """
+
+    def one(f: Tensor, x: Tensor) -> Tensor:
+        return net(f, x.unsqueeze(0)).reshape(-1)
+
+    return vmap(jacrev(one), in_dims=(None, 0), chunk_size=chunk_size)(flat, z0)
+
+
+def loss_output_hessians(loss: Callable[[Tensor], Tensor], y: Tensor) -> Tensor:
+    """Per-sample Hessians ``L_n`` (``(N, o, o)``) of a loss in the network outputs.
+
+    ``o`` Hessian-vector products with comb directions (:func:`hessinv.derivatives.comb_jacobian`),
+    then two checks that make them exact or refused: the loss must not couple
+    samples (one more product with a direction on sample 0 only must vanish on
+    the others) and ``L_n`` must be symmetric (to ``1e3 eps`` relative).
+
+    Raises:
+        ValueError: The loss couples samples, or its Hessian is not symmetric.
+    """
+    n = y.shape[0]
+    o = y[0].numel()
+    shape = y.shape
+
+    def grad_flat(yf: Tensor) -> Tensor:
+        return torch.func.grad(lambda q: loss(q.reshape(shape)).reshape(()))(yf)
+
+    yf = y.detach().reshape(n, o)
+    lam = comb_jacobian(grad_flat, yf, o)  # (N, o, o): lam[n, a, :] = row a of L_n
+    eps = torch.finfo(y.dtype).eps
+    scale = float(lam.abs().max()) if lam.numel() else 0.0
+    if n > 1:
+        _, pull = vjp(grad_flat, yf)
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        c = torch.zeros_like(yf)
+        c[0] = torch.randn(o, generator=gen, dtype=yf.dtype).to(yf.device)
+        out = pull(c)[0]
+        leak = float(out[1:].abs().max())
+        if leak > 1e3 * eps * max(scale, float(out[0].abs().max()), 1e-300):
+            raise ValueError(
+                "the loss couples samples (its Hessian in the outputs is not block diagonal "
+                f"by sample: leak {leak:.2e}); the Gauss-Newton kernel needs a loss that is "
+                "a sum or mean of per-sample terms"
+            )
+    asym = float((lam - lam.transpose(1, 2)).abs().max()) if lam.numel() else 0.0
+    if asym > 1e3 * eps * max(scale, 1e-300):
+        raise ValueError(
+            f"the loss Hessian in the outputs is not symmetric (asymmetry {asym:.2e} against "
+            f"{scale:.2e}): its second derivatives are wrong (e.g. a fused op with a bad "
+            "double backward); write the loss from elementary operations"
+        )
+    return 0.5 * (lam + lam.transpose(1, 2))
+
+
+def psd_sqrt(lam: Tensor) -> tuple[Tensor | None, float]:
+    """Symmetric square roots ``L_n^{1/2}`` of per-sample PSD matrices.
+
+    Returns:
+        ``(root, ratio)``: ``root`` of shape ``(N, o, o)``, or ``None`` when some
+        eigenvalue is below ``-L_PSD_RTOL o eps max_n ||L_n||`` (not PSD);
+        ``ratio`` is the most negative eigenvalue over the largest magnitude.
+    """
+    w, q = torch.linalg.eigh(lam)
+    top = float(w.abs().max()) if w.numel() else 0.0
+    low = float(w.min()) if w.numel() else 0.0
+    ratio = low / top if top > 0 else 0.0
+    o = lam.shape[-1]
+    if low < -L_PSD_RTOL * o * torch.finfo(lam.dtype).eps * top:
+        return None, ratio
+    root = (q * w.clamp_min(0).sqrt().unsqueeze(1)) @ q.transpose(1, 2)
+    return root, ratio
+
+
+class GaussNewtonKernel:
+    """``G = J^T L J`` held as ``B = L^{1/2} J`` (or as ``J``, ``L`` when ``L`` is indefinite).
+
+    Args:
+        jac: Per-sample output Jacobians ``(N, o, W)``.
+        lam: Per-sample loss Hessians in the outputs ``(N, o, o)``, symmetric.
+    """
+
+    def __init__(self, jac: Tensor, lam: Tensor) -> None:
+        self.n, self.o, self.w = jac.shape
+        self.dtype = jac.dtype
+        root, self.psd_ratio = psd_sqrt(lam)
+        self.psd = root is not None
+        self.B: Tensor | None = None
+        self.J: Tensor | None = None
+        self.L: Tensor | None = None
+        if root is not None:
+            self.B = (root @ jac).reshape(self.n * self.o, self.w)
+        else:
+            self.J, self.L = jac, lam
+        self._svd: tuple[Tensor, Tensor] | None = None
+
+    def require_psd(self) -> Tensor:
+        """``B``; raise ``ValueError`` if the loss Hessian is not PSD."""
+        if self.B is None:
+            raise ValueError(
+                "the loss Hessian in the network outputs is not positive semi-definite "
+                f"(most negative eigenvalue {self.psd_ratio:.2e} times the largest): a "
+                "non-convex loss has no Gauss-Newton kernel form; use method='lifted'"
+            )
+        return self.B
+
+    def matmat(self, v: Tensor) -> Tensor:
+        """``G V = J^T (L (J V))`` for ``V`` of shape ``(W, k)``."""
+        if self.B is not None:
+            return self.B.T @ (self.B @ v)
+        jv = torch.einsum("naw,wk->nak", self.J, v)
+        return torch.einsum("naw,nak->wk", self.J, self.L @ jv)
+
+    def to_dense(self) -> Tensor:
+        """The ``W x W`` matrix ``G`` (exactly symmetric)."""
+        if self.B is not None:
+            return self.B.T @ self.B
+        j = self.J.reshape(self.n * self.o, self.w)
+        lj = (self.L @ self.J).reshape(self.n * self.o, self.w)
+        g = j.T @ lj
+        return 0.5 * (g + g.T)
+
+    def diagonal(self) -> Tensor:
+        """``diag(G)``: the squared column norms of ``B`` (``sum_n diag(J_n^T L_n J_n)``)."""
+        if self.B is not None:
+            return (self.B * self.B).sum(0)
+        return torch.einsum("naw,naw->w", self.J, self.L @ self.J)
+
+    def svd(self) -> tuple[Tensor, Tensor]:
+        """``(s2, V)``: the squared singular values of ``B`` and its right vectors (cached)."""
+        if self._svd is None:
+            b = self.require_psd()
+            _, s, vh = torch.linalg.svd(b, full_matrices=False)
+            self._svd = (s * s, vh.T.contiguous())
+        return self._svd
+
+    @property
+    def tol(self) -> float:
+        """Zero threshold on ``|s_i^2 + lam|``: ``max(W, N o) eps max s^2`` (module doc)."""
+        s2, _ = self.svd()
+        top = float(s2.max()) if s2.numel() else 0.0
+        return max(self.w, self.n * self.o) * torch.finfo(self.dtype).eps * top
+
+
+class KernelInertia(tuple):
+    """``(pos, neg, zero)`` with ``verified`` and ``how``, as the solver protocol's ``Inertia``."""
+
+    verified: bool
+    how: str
+
+    def __new__(cls, pos: int, neg: int, zero: int, how: str) -> KernelInertia:  # noqa: D102
+        self = super().__new__(cls, (pos, neg, zero))
+        self.verified = True
+        self.how = how
+        return self
+
+
+def kernel_backward_tol(dtype: torch.dtype, size: int) -> float:
+    """Default bound on the normwise backward error of a kernel solve: ``10 sqrt(size) eps``."""
+    return 10.0 * math.sqrt(max(size, 1)) * torch.finfo(dtype).eps
+
+
+class KernelFactorization:
+    """``G + damping I`` through the SVD of ``B = L^{1/2} J`` (module doc).
+
+    The SVD belongs to the operator (``op.kernel()``) and is shared by every
+    damping; a factorization only adds the shift.
+
+    Args:
+        op: An operator with ``kernel() -> GaussNewtonKernel``, ``layout`` and
+            ``num_params`` (a :class:`hessinv.GaussNewton`).
+        damping: The shift ``lam`` (any finite real; ``G + lam I`` is
+            indefinite for ``lam < 0``).
+
+    Raises:
+        ValueError: The loss Hessian is not PSD (use ``method="lifted"``).
+    """
+
+    def __init__(self, op, damping: float) -> None:  # noqa: ANN001
+        damping = float(damping)
+        if not math.isfinite(damping):
+            raise ValueError(f"damping must be a finite number, got {damping!r}")
+        self.op = op
+        self.damping = damping
+        self.kernel: GaussNewtonKernel = op.kernel()
+        s2, self.V = self.kernel.svd()
+        self.mu = s2 + damping
+        self.k = s2.shape[0]
+        self.n_extra = self.kernel.w - self.k  # directions with eigenvalue exactly ``damping``
+        self.tol = self.kernel.tol
+        self.norm = max(float(self.mu.abs().max()) if self.k else 0.0, abs(damping))
+
+    @property
+    def singular(self) -> bool:
+        """True if an eigenvalue of ``G + damping I`` is within ``tol`` of zero."""
+        if self.n_extra and abs(self.damping) <= self.tol:
+            return True
+        return bool((self.mu.abs() <= self.tol).any())
+
+    def _apply(self, g: Tensor) -> Tensor:
+        """``(G + lam I)^{-1} g`` for ``g`` of shape ``(W, k)``, from the SVD."""
+        c = self.V.T @ g
+        if not self.n_extra:
+            return self.V @ (c / self.mu.unsqueeze(1))
+        p = g - self.V @ c
+        c2 = self.V.T @ p  # project twice: p / lam must not carry range(V) round-off
+        p = p - self.V @ c2
+        return self.V @ ((c + c2) / self.mu.unsqueeze(1)) + p / self.damping
+
+    def _backward_error(self, x: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+        r = g - self.kernel.matmat(x) - self.damping * x
+        xn = torch.linalg.vector_norm(x, dim=0)
+        gn = torch.linalg.vector_norm(g, dim=0)
+        den = (self.norm * xn + gn).clamp_min(torch.finfo(g.dtype).tiny)
+        return r, torch.linalg.vector_norm(r, dim=0) / den
+
+    def solve(
+        self,
+        g: VectorLike,
+        *,
+        check: bool = True,
+        check_rtol: float | None = None,
+        refine: int = 1,
+    ) -> VectorLike:
+        """``x = (G + damping I)^{-1} g`` for ``g`` flat ``(W,)``, ``(W, k)`` or per-parameter.
+
+        Up to ``refine`` steps of iterative refinement (each one product
+        ``G @ x`` through ``B`` and one application of the SVD) are kept while
+        they lower the normwise backward error
+        ``||(G + lam I) x - g|| / (||G + lam I|| ||x|| + ||g||)`` (``||G + lam I||``
+        known exactly from the SVD).
+
+        Args:
+            g: The right-hand side(s).
+            check: Raise if the backward error exceeds ``check_rtol``.
+            check_rtol: Backward-error bound (default :func:`kernel_backward_tol`
+                with ``max(W, N o)``).
+            refine: Maximal refinement steps.
+
+        Raises:
+            SingularHessianError: ``G + damping I`` singular to working precision
+                (module doc), or the backward error above ``check_rtol``.
+        """
+        gm, form = self.op.layout.to_matrix(g, "g")
+        if self.singular:
+            raise SingularHessianError(
+                f"G + damping*I is singular to working precision: an eigenvalue within "
+                f"{self.tol:.1e} (= max(W, N o) eps ||G||) of zero"
+                + (
+                    f"; G has rank at most N*o = {self.kernel.n * self.kernel.o} < W = "
+                    f"{self.kernel.w}"
+                    if self.n_extra
+                    else ""
+                )
+                + f". {HINT}"
+            )
+        x = self._apply(gm)
+        r, err = self._backward_error(x, gm)
+        eps = torch.finfo(gm.dtype).eps
+        for _ in range(refine):
+            if float(err.max()) <= 2 * eps:
+                break
+            x_new = x + self._apply(r)
+            r_new, err_new = self._backward_error(x_new, gm)
+            if not float(err_new.max()) < float(err.max()):
+                break
+            x, r, err = x_new, r_new, err_new
+        if not bool(torch.isfinite(x).all()):
+            raise SingularHessianError(f"the kernel solve overflowed. {HINT}")
+        if check:
+            tol = (
+                kernel_backward_tol(gm.dtype, max(self.kernel.w, self.kernel.n * self.kernel.o))
+                if check_rtol is None
+                else check_rtol
+            )
+            worst = float(err.max())
+            if not worst <= tol:
+                raise SingularHessianError(
+                    f"kernel solve: backward error {worst:.2e} exceeds {tol:.1e}. {HINT}"
+                )
+        return self.op.layout.from_matrix(x, form)
+
+    def logdet(self) -> tuple[float, float]:
+        """``(sign, log|det(G + damping I)|)``; ``(0, -inf)`` when singular (``tol``)."""
+        if self.singular:
+            return 0.0, -math.inf
+        neg = int((self.mu < 0).sum()) + (self.n_extra if self.damping < 0 else 0)
+        la = float(torch.log(self.mu.abs()).sum())
+        if self.n_extra:
+            la += self.n_extra * math.log(abs(self.damping))
+        return (-1.0 if neg % 2 else 1.0), la
+
+    def inertia(self) -> KernelInertia:
+        """``(pos, neg, zero)`` of ``G + damping I``; zero means ``|mu| <= tol`` (module doc)."""
+        zero = self.mu.abs() <= self.tol
+        pos = int(((self.mu > 0) & ~zero).sum())
+        neg = int(((self.mu < 0) & ~zero).sum())
+        nz = int(zero.sum())
+        if self.n_extra:
+            if abs(self.damping) <= self.tol:
+                nz += self.n_extra
+            elif self.damping > 0:
+                pos += self.n_extra
+            else:
+                neg += self.n_extra
+        how = f"svd of L^(1/2) J; |s^2 + damping| <= {self.tol:.1e} counted as zero"
+        return KernelInertia(pos, neg, nz, how)
+
+    def is_positive_definite(self) -> bool | None:
+        """Whether ``G + damping I`` is positive definite.
+
+        ``True`` for ``damping > 0`` (``L`` is PSD, so ``G`` is: a proof). For
+        ``damping <= 0``: ``False`` when ``W > N o`` (``G`` has an exact null
+        space, eigenvalue ``damping``) or an eigenvalue is below ``-tol``;
+        ``True`` when every ``s_i^2 + damping`` exceeds ``tol`` (which bounds
+        the SVD's error); ``None`` otherwise.
+        """
+        if self.damping > 0:
+            return True
+        if self.n_extra:
+            return False
+        if self.k and float(self.mu.min()) < -self.tol:
+            return False
+        if self.k and float(self.mu.min()) > self.tol:
+            return True
+        return None
+
+    def cost(self) -> dict[str, float]:
+        """This factorization's own cost once the SVD exists: ``O(W k)`` per solve column."""
+        return {
+            "flops_per_rhs": 4.0 * self.kernel.w * self.k
+            + 4.0 * self.kernel.n * self.kernel.o * self.kernel.w,
+            "bytes": float(self.V.numel() * self.V.element_size()),
+        }
+
+
+def kernel_cost(n: int, o: int, w: int, forward_flops: float, itemsize: int) -> dict[str, float]:
+    """Flops and bytes of the kernel route from scratch.
+
+    ``J``: one forward pass and ``o`` backward passes (``2 F`` each, ``F`` the
+    forward flops); ``B = L^{1/2} J``: ``2 N o^2 W``; the thin SVD of the
+    ``N o x W`` matrix ``B``: ``4 m n k + 8 k^3`` (``k = min(m, n)``).
+    Memory: ``J`` and ``B`` (``N o W`` each) plus the SVD's ``U`` and ``V``.
+    """
+    m = n * o
+    k = min(m, w)
+    flops = (1 + 2 * o) * forward_flops + 2.0 * n * o * o * w + 4.0 * m * w * k + 8.0 * k**3
+    nbytes = float(itemsize) * (2.0 * m * w + k * (m + w))
+    return {"flops": flops, "bytes": nbytes}
