@@ -298,6 +298,16 @@ class GaussNewton(Hessian):
             self._fwd_flops = float(fc.get_total_flops()) + float(y.numel())
         return self._fwd_flops
 
+    def kernel_cost(self) -> dict[str, float]:
+        """``{"flops", "bytes"}`` of the kernel route from scratch.
+
+        :func:`hessinv.kernel.kernel_cost`; needs one forward pass (counted by
+        ``torch.utils.flop_counter``), no ``J``.
+        """
+        o = self.output()[0].numel()
+        n = self.pipeline.batch_size
+        return kernel_cost(n, o, self.num_params, self._forward_flops(), self._itemsize())
+
     def cost_model(self) -> dict[str, float]:
         """Flop estimates: ``kernel``, ``lifted``, ``dense``, and ``kernel_bytes``.
 
@@ -326,7 +336,7 @@ class GaussNewton(Hessian):
         for i, m in enumerate(sizes):
             m1 = sizes[i + 1] if i + 1 < len(sizes) else 0
             lifted += 2.0 * (m + m1) * m * m + 1e5
-        kc = kernel_cost(n, o, int(w), self._forward_flops(), self._itemsize())
+        kc = self.kernel_cost()
         dense = kc["flops"] + 2.0 * n * o * w * w + 9.0 * w**3
         return {
             "kernel": kc["flops"],

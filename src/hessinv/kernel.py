@@ -389,6 +389,15 @@ class KernelFactorization:
             return True
         return None
 
+    @staticmethod
+    def estimate(op) -> dict[str, float]:  # noqa: ANN001
+        """Flops and bytes of building the kernel route for ``op`` from scratch (no ``J`` formed).
+
+        ``op.kernel_cost()`` (:meth:`hessinv.GaussNewton.kernel_cost`), i.e.
+        :func:`kernel_cost`; for ``method="auto"`` to weigh against other routes.
+        """
+        return op.kernel_cost()
+
     def cost(self) -> dict[str, float]:
         """This factorization's own cost once the SVD exists: ``O(W k)`` per solve column."""
         return {
