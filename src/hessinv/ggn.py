@@ -34,6 +34,7 @@ Its gradient is the true gradient.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -42,6 +43,7 @@ from torch import Tensor, nn
 from torch.func import grad, jvp, vjp, vmap
 
 from .derivatives import AutodiffDerivatives, StageBlocks, comb_jacobian, stage_blocks
+from .errors import LiftedPrecisionWarning
 from .hessian import Hessian, VectorLike, _check_damping
 from .kernel import (
     GaussNewtonKernel,
@@ -431,7 +433,23 @@ class GaussNewton(Hessian):
         The kernel counts an eigenvalue ``s_i^2 + damping`` (or ``damping``
         for the ``W - N o`` directions outside the row space of ``J``) as zero
         when it is within ``max(W, N o) eps ||G||`` of zero
-        (:mod:`hessinv.kernel`).
+        (:mod:`hessinv.kernel`). Another method that reports negative entries
+        for ``damping >= 0`` although the loss Hessian is PSD (the lifted count
+        on a singular system can) is overruled by the kernel, with a
+        :class:`~hessinv.errors.LiftedPrecisionWarning`.
         """
         d = _check_damping(damping)
-        return self.factor(d, self._resolve(method, for_solve=False)).inertia()
+        method = self._resolve(method, for_solve=False)
+        r = self.factor(d, method).inertia()
+        if method != "kernel" and d >= 0 and r[1] > 0 and self._loss_is_convex_here():
+            # G is PSD (L is): a negative count is the lifted system's round-off on a
+            # singular K, not a property of G. Answer with the kernel, or refuse.
+            msg = (
+                f"the {method} inertia {tuple(r)} of G + {d:g} I has negative entries, but G "
+                "is positive semi-definite (its loss Hessian in the outputs is)"
+            )
+            if not self._kernel_fits():
+                raise torch.linalg.LinAlgError(msg + "; increase damping")
+            warnings.warn(msg + "; returning the kernel's count", LiftedPrecisionWarning, 2)
+            return self.factor(d, "kernel").inertia()
+        return r
