@@ -44,7 +44,7 @@ from torch.func import grad, jvp, vjp, vmap
 
 from .derivatives import AutodiffDerivatives, StageBlocks, comb_jacobian, stage_blocks
 from .errors import LiftedPrecisionWarning
-from .hessian import Hessian, VectorLike, _check_damping
+from .hessian import Hessian, _check_damping
 from .kernel import (
     GaussNewtonKernel,
     KernelFactorization,
@@ -54,6 +54,7 @@ from .kernel import (
     psd_sqrt,
 )
 from .pipeline import Pipeline, flatten_params, unflatten_params
+from .solvers import Factorization, Inertia
 
 #: ``J`` (and ``B``) are materialized for products only below this many bytes.
 J_MEMORY_BUDGET = 2**30
@@ -187,10 +188,14 @@ class GaussNewton(Hessian):
         self._fwd_flops: float | None = None
         return pipeline.forward()[-1], None
 
+    def _check_block_memory(self, pipeline: Pipeline) -> None:
+        """Nothing at construction: the stage blocks are built (and checked) on first use."""
+
     @property
     def blocks(self) -> list[StageBlocks]:  # type: ignore[override]
         """The lifted Gauss-Newton stage blocks (:func:`ggn_blocks`), built on first use."""
         if getattr(self, "_blocks", None) is None:
+            Hessian._check_block_memory(self, self.pipeline)
             self._blocks = ggn_blocks(self.pipeline, self._generic)[1]
         return self._blocks
 
@@ -310,21 +315,24 @@ class GaussNewton(Hessian):
         n = self.pipeline.batch_size
         return kernel_cost(n, o, self.num_params, self._forward_flops(), self._itemsize())
 
-    def cost_model(self) -> dict[str, float]:
-        """Flop estimates: ``kernel``, ``lifted``, ``dense``, and ``kernel_bytes``.
+    def costs(self) -> dict[str, tuple[float, float]]:
+        """``method -> (flops, bytes)`` for GN's exact methods, no stage block built.
 
-        ``kernel``: :func:`hessinv.kernel.kernel_cost` (``J`` by ``o`` backward
-        passes, the SVD of the ``N o x W`` matrix ``B``), the forward flops
-        counted by ``torch.utils.flop_counter``. ``lifted``: the panel
-        factorizations of the lifted system (as :meth:`Hessian.cost_model`,
-        with every stage keeping ``min(p_l, N (a_l + a_{l-1}))`` directions), from
-        the activation shapes alone (no stage block is built). ``dense``: ``G``
-        from ``B`` (``2 N o W^2``) plus its eigendecomposition (``9 W^3``).
+        ``kernel`` (only when the loss Hessian is PSD): :meth:`kernel_cost`.
+        ``lifted``: the stage blocks (:func:`hessinv.solvers.select.block_memory`)
+        and the panel factorizations of the lifted system (as
+        :func:`hessinv.solvers.select.lifted_cost`, with every stage keeping
+        ``min(p_l, N (a_l + a_{l-1}))`` directions), from the activation shapes.
+        ``dense``: ``J`` and ``G = B^T B`` (``2 N o W^2``) plus its
+        eigendecomposition (``9 W^3``); memory ``J``, ``B`` and ``3 W^2``.
         """
+        from .solvers import select as _select
+
         zs = self.pipeline.forward()
         n = self.pipeline.batch_size
         o = self.output()[0].numel()
         w = float(self.num_params)
+        item = self._itemsize()
         sizes: list[int] = []
         st = self.pipeline.stages
         for l, s in enumerate(st):  # noqa: E741
@@ -334,118 +342,121 @@ class GaussNewton(Hessian):
             else:
                 a = zs[l + 1][0].numel()
                 sizes += [min(s.num_params, n * (a + a_in)) + n * a, n * a]
-        lifted = 0.0
+        flops = stored = 0.0
         for i, m in enumerate(sizes):
             m1 = sizes[i + 1] if i + 1 < len(sizes) else 0
-            lifted += 2.0 * (m + m1) * m * m + 1e5
+            m2 = sizes[i + 2] if i + 2 < len(sizes) else 0
+            flops += 2.0 * (m + m1) * m * m + 1e5
+            stored += (m + m1) * m + m * (m1 + m2)
+        big = max(sizes)
+        lifted_bytes = (stored + 6.0 * big * big) * item + _select.block_memory(self.pipeline, zs)
         kc = self.kernel_cost()
-        dense = kc["flops"] + 2.0 * n * o * w * w + 9.0 * w**3
-        return {
-            "kernel": kc["flops"],
-            "lifted": lifted,
-            "dense": dense,
-            "kernel_bytes": kc["bytes"],
+        out = {
+            "lifted": (flops, lifted_bytes),
+            "dense": (
+                kc["flops"] + 2.0 * n * o * w * w + 9.0 * w**3,
+                2.0 * n * o * w * item + 3.0 * w * w * item,
+            ),
         }
+        if self._loss_is_convex_here():
+            out["kernel"] = (kc["flops"], kc["bytes"])
+        return out
 
-    def _resolve(self, method: str, *, for_solve: bool) -> str:
-        if method != "auto":
-            return method
-        if not (self._loss_is_convex_here() and self._kernel_fits()):
-            return "lifted"
-        if not for_solve:
-            return "kernel"
-        c = self.cost_model()
-        return "kernel" if c["kernel"] <= c["lifted"] else "lifted"
+    def cost_model(self) -> dict[str, float]:
+        """Flop estimates of the exact methods (:meth:`costs`)."""
+        return {k: v[0] for k, v in self.costs().items()}
+
+    def _method(self, method: str) -> str:
+        """``"auto"``: the cheapest exact method that fits in memory (:meth:`costs`)."""
+        from .solvers import FACTORIZATIONS
+        from .solvers import select as _select
+
+        if method == "auto":
+            cs = self.costs()
+            budget = _select.available_memory(self.device)
+            if self.max_memory is not None:
+                budget = float(self.max_memory)
+            fits = {k: v for k, v in cs.items() if v[1] <= budget}
+            if not fits:
+                name, (_, need) = min(cs.items(), key=lambda kv: kv[1][1])
+                _select.check_memory(
+                    need, f"the cheapest factorization ({name!r})", self.max_memory, self.device
+                )
+            return min(fits, key=lambda k: fits[k][0])
+        if method != "kernel" and method not in FACTORIZATIONS:
+            raise ValueError(
+                f"unknown method {method!r} (no such factorization); "
+                f"use one of {sorted([*FACTORIZATIONS, 'kernel'])} or 'auto'"
+            )
+        return method
 
     # -- factorizations ----------------------------------------------------------
-    def factor(self, damping: float = 0.0, method: str = "auto"):  # noqa: ANN201
-        """Factor ``G + damping I`` (cached per damping and method).
+    def factor(self, damping: float = 0.0, method: str = "auto") -> Factorization:
+        """Factor ``G + damping I`` once (cached as :meth:`hessinv.Hessian.factor`).
 
         Args:
             damping: The shift (any finite real).
             method: ``"kernel"`` (:class:`hessinv.kernel.KernelFactorization`),
-                ``"lifted"``, ``"dense"`` or ``"auto"`` (class doc).
+                ``"lifted"``, ``"dense"``, ``"woodbury"``, ``"minres"``, ``"cg"``
+                or ``"auto"`` (the cheapest exact one that fits, by :meth:`costs`;
+                the kernel only for a PSD loss Hessian).
 
         Raises:
             ValueError: ``method="kernel"`` with a loss whose Hessian in the
                 outputs is not PSD (use ``"lifted"``), or an unknown method.
+            MemoryError: The method's estimated memory exceeds ``max_memory``.
         """
+        from .solvers import FACTORIZATIONS
+        from .solvers import select as _select
+
         d = _check_damping(damping)
-        method = self._resolve(method, for_solve=True)
-        if method != "kernel":
-            return super().factor(d, method)
-        key = (d, "kernel")
-        if key not in self._factors:
-            self._factors[key] = KernelFactorization(self, d)
-        return self._factors[key]
-
-    def solve(
-        self,
-        g: VectorLike,
-        damping: float = 0.0,
-        method: str = "auto",
-        *,
-        check: bool = True,
-        check_rtol: float | None = None,
-        rtol: float = 1e-10,
-        maxiter: int | None = None,
-        refine: int = 2,
-    ) -> VectorLike:
-        """``x`` with ``(G + damping I) x = g``.
-
-        ``method`` as :meth:`factor`, plus the Krylov and woodbury methods of
-        :meth:`hessinv.Hessian.solve`.
-
-        With ``method="kernel"``, ``check_rtol`` bounds the normwise backward
-        error (:meth:`hessinv.kernel.KernelFactorization.solve`).
-        """
-        d = _check_damping(damping)
-        method = self._resolve(method, for_solve=True)
-        if method in ("kernel", "lifted"):  # Hessian.solve would call factor(d) with "auto"
-            return self.factor(d, method).solve(
-                g, check=check, check_rtol=check_rtol, refine=refine
+        name = self._method(method)
+        key = (d, name)
+        if key in self._factors:
+            self._factors.move_to_end(key)
+            return self._factors[key]
+        if name == "kernel":
+            self.kernel_or_raise()
+        cost = self.costs().get(name)
+        if cost is not None:
+            _select.check_memory(
+                cost[1], f"the {name!r} factorization", self.max_memory, self.device
             )
-        return super().solve(
-            g,
-            d,
-            method,
-            check=check,
-            check_rtol=check_rtol,
-            rtol=rtol,
-            maxiter=maxiter,
-            refine=refine,
-        )
+        cls = KernelFactorization if name == "kernel" else FACTORIZATIONS[name]
+        fac = cls(self, d)
+        self._factors[key] = fac
+        while len(self._factors) > max(self.max_cached_factorizations, 0):
+            self._factors.popitem(last=False)
+        return fac
 
-    def inverse(self, damping: float = 0.0, method: str = "auto"):  # noqa: ANN201
-        """``(G + damping I)^{-1}`` as a linear operator."""
-        from .hessian import InverseOperator
+    def kernel_or_raise(self) -> None:
+        """Raise ``ValueError`` (use method='lifted') unless the loss Hessian is PSD."""
+        if not self._loss_is_convex_here():
+            _, ratio = psd_sqrt(self.loss_hessians())
+            raise ValueError(
+                "the loss Hessian in the network outputs is not positive semi-definite "
+                f"(most negative eigenvalue {ratio:.2e} times the largest): a non-convex "
+                "loss has no Gauss-Newton kernel form; use method='lifted'"
+            )
 
-        return InverseOperator(self.factor(damping, method))
-
-    def logdet(self, damping: float = 0.0, method: str = "auto") -> tuple[float, float]:
-        """``(sign, log|det(G + damping I)|)`` (``"auto"``: the kernel's eigenvalues)."""
-        d = _check_damping(damping)
-        return self.factor(d, self._resolve(method, for_solve=False)).logdet()
-
-    def inertia(self, damping: float = 0.0, method: str = "auto") -> tuple[int, int, int]:
-        """``(pos, neg, zero)`` of ``G + damping I`` (``"auto"``: the kernel's eigenvalues).
+    def inertia(self, damping: float = 0.0, method: str = "auto") -> Inertia:
+        """``(pos, neg, zero)`` of ``G + damping I`` (:class:`hessinv.solvers.Inertia`).
 
         The kernel counts an eigenvalue ``s_i^2 + damping`` (or ``damping``
         for the ``W - N o`` directions outside the row space of ``J``) as zero
-        when it is within ``max(W, N o) eps ||G||`` of zero
-        (:mod:`hessinv.kernel`). Another method that reports negative entries
-        for ``damping >= 0`` although the loss Hessian is PSD (the lifted count
-        on a singular system can) is overruled by the kernel, with a
+        when it is within ``W eps ||G + dI||`` of zero (:mod:`hessinv.kernel`).
+        Another method that reports negative entries for ``damping >= 0``
+        although the loss Hessian is PSD (the lifted count on a singular system
+        can) is overruled by the kernel, with a
         :class:`~hessinv.errors.LiftedPrecisionWarning`.
         """
         d = _check_damping(damping)
-        method = self._resolve(method, for_solve=False)
-        r = self.factor(d, method).inertia()
-        if method != "kernel" and d >= 0 and r[1] > 0 and self._loss_is_convex_here():
-            # G is PSD (L is): a negative count is the lifted system's round-off on a
-            # singular K, not a property of G. Answer with the kernel, or refuse.
+        r = super().inertia(d, method)
+        if d >= 0 and r.negative > 0 and self._loss_is_convex_here():
+            # G is PSD (L is): a negative count is round-off of another method on a
+            # singular system, not a property of G. Answer with the kernel, or refuse.
             msg = (
-                f"the {method} inertia {tuple(r)} of G + {d:g} I has negative entries, but G "
+                f"the inertia {tuple(r)} of G + {d:g} I ({r.how}) has negative entries, but G "
                 "is positive semi-definite (its loss Hessian in the outputs is)"
             )
             if not self._kernel_fits():

@@ -18,14 +18,16 @@ written so that it also holds at ``lam = 0`` when ``B`` has full column rank.
 One SVD, ``O(N o W min(N o, W))``, serves every ``lam``; ``J`` costs about one
 backward pass per output coordinate (:func:`output_jacobian`).
 
-**Thresholds.** An eigenvalue ``mu`` of ``G + lam I`` (``s_i^2 + lam``, or
-``lam`` itself for the ``W - k`` directions outside ``B``'s row space) counts as
-zero when ``|mu| <= tol = max(W, N o) * eps * max_i s_i^2``: the SVD is
-backward stable, so the computed ``s_i^2`` are exact for a ``B`` perturbed by
-about ``eps ||B||`` and carry an absolute error of order ``eps ||G||``; ``tol``
-bounds that error with a margin of ``max(W, N o)``. ``solve`` refuses
-(:class:`~hessinv.errors.SingularHessianError`) when any eigenvalue is zero in
-that sense; ``inertia`` counts it as zero; ``logdet`` returns ``(0, -inf)``.
+**Thresholds.** As every factorization of :mod:`hessinv.solvers`, an
+eigenvalue ``mu`` of ``G + lam I`` (``s_i^2 + lam``, or ``lam`` itself for the
+``W - k`` directions outside ``B``'s row space) counts as zero when
+``|mu| <= W eps ||G + lam I||`` (:func:`hessinv.solvers.zero_threshold`;
+``||G + lam I|| = max |mu|``, known exactly here). The SVD is backward stable:
+the computed ``s_i`` are exact for a ``B`` perturbed by about ``eps ||B||``, so
+``s_i^2`` carries an absolute error of order ``eps s_max s_i <= eps ||G||``, well
+inside the band. ``solve`` refuses (:class:`~hessinv.errors.SingularHessianError`)
+when any eigenvalue is zero in that sense; ``inertia`` counts it as zero;
+``logdet`` returns ``(0, -inf)``.
 The loss Hessian must be positive semi-definite: an eigenvalue of ``L_n`` below
 ``-100 o eps max_n ||L_n||`` means a non-convex loss, and the kernel route
 raises ``ValueError`` (use ``method="lifted"``); eigenvalues above that bound
@@ -42,7 +44,8 @@ from torch import Tensor
 from torch.func import jacrev, vjp, vmap
 
 from .derivatives import comb_jacobian
-from .errors import HINT, SingularHessianError
+from .errors import HINT
+from .solvers.base import Factorization, Inertia, zero_threshold
 
 VectorLike = Tensor | Sequence[Tensor]
 
@@ -198,165 +201,99 @@ class GaussNewtonKernel:
             self._svd = (s * s, vh.T.contiguous())
         return self._svd
 
-    @property
-    def tol(self) -> float:
-        """Zero threshold on ``|s_i^2 + lam|``: ``max(W, N o) eps max s^2`` (module doc)."""
-        s2, _ = self.svd()
-        top = float(s2.max()) if s2.numel() else 0.0
-        return max(self.w, self.n * self.o) * torch.finfo(self.dtype).eps * top
 
-
-class KernelInertia(tuple):
-    """``(pos, neg, zero)`` with ``verified`` and ``how``, as the solver protocol's ``Inertia``."""
-
-    verified: bool
-    how: str
-
-    def __new__(cls, pos: int, neg: int, zero: int, how: str) -> KernelInertia:  # noqa: D102
-        self = super().__new__(cls, (pos, neg, zero))
-        self.verified = True
-        self.how = how
-        return self
-
-
-def kernel_backward_tol(dtype: torch.dtype, size: int) -> float:
-    """Default bound on the normwise backward error of a kernel solve: ``10 sqrt(size) eps``."""
-    return 10.0 * math.sqrt(max(size, 1)) * torch.finfo(dtype).eps
-
-
-class KernelFactorization:
+class KernelFactorization(Factorization):
     """``G + damping I`` through the SVD of ``B = L^{1/2} J`` (module doc).
 
-    The SVD belongs to the operator (``op.kernel()``) and is shared by every
-    damping; a factorization only adds the shift.
+    A :class:`hessinv.solvers.Factorization`: the protocol's solve (refinement,
+    normwise backward-error check), with everything else read off the exact
+    eigenvalues ``mu_i = s_i^2 + damping`` (and ``damping`` itself, ``W - k``
+    times): ``||G + dI||`` exactly, the zero band ``|mu| <= W eps ||G + dI||``
+    (:func:`hessinv.solvers.zero_threshold`), a verified inertia, the
+    log-determinant. The SVD belongs to the operator (``op.kernel()``) and
+    is shared by every damping.
 
     Args:
-        op: An operator with ``kernel() -> GaussNewtonKernel``, ``layout`` and
-            ``num_params`` (a :class:`hessinv.GaussNewton`).
-        damping: The shift ``lam`` (any finite real; ``G + lam I`` is
-            indefinite for ``lam < 0``).
+        op: An operator with ``kernel() -> GaussNewtonKernel``, ``layout``,
+            ``matmat`` and ``num_params`` (a :class:`hessinv.GaussNewton`).
+        damping: The shift (any finite real; ``G + dI`` is indefinite for
+            some ``damping < 0``).
 
     Raises:
         ValueError: The loss Hessian is not PSD (use ``method="lifted"``).
     """
 
+    method = "kernel"
+
     def __init__(self, op, damping: float) -> None:  # noqa: ANN001
-        damping = float(damping)
-        if not math.isfinite(damping):
-            raise ValueError(f"damping must be a finite number, got {damping!r}")
-        self.op = op
-        self.damping = damping
+        super().__init__(op, damping)
         self.kernel: GaussNewtonKernel = op.kernel()
         s2, self.V = self.kernel.svd()
-        self.mu = s2 + damping
+        self.mu = s2 + self.damping
         self.k = s2.shape[0]
         self.n_extra = self.kernel.w - self.k  # directions with eigenvalue exactly ``damping``
-        self.tol = self.kernel.tol
-        self.norm = max(float(self.mu.abs().max()) if self.k else 0.0, abs(damping))
+        top = float(self.mu.abs().max()) if self.k else 0.0
+        self._norm = max(top, abs(self.damping) if self.n_extra else 0.0)
+        self.tol = zero_threshold(self.dtype, self.size) * self._norm
 
-    @property
-    def singular(self) -> bool:
-        """True if an eigenvalue of ``G + damping I`` is within ``tol`` of zero."""
-        if self.n_extra and abs(self.damping) <= self.tol:
-            return True
-        return bool((self.mu.abs() <= self.tol).any())
+    def norm(self) -> float:
+        """``||G + dI||_2``, exactly ``max(max_i |s_i^2 + d|, |d|)``."""
+        return self._norm
+
+    def zero_threshold(self) -> float:
+        """``W eps ||G + dI||``."""
+        return self.tol
+
+    def _zero_mask(self) -> Tensor:
+        return self.mu.abs() <= self.tol
+
+    def zero_count(self) -> int:
+        """Eigenvalues ``mu`` with ``|mu| <= W eps ||G + dI||``."""
+        if self._zero is None:
+            z = int(self._zero_mask().sum())
+            if self.n_extra and abs(self.damping) <= self.tol:
+                z += self.n_extra
+            self._zero = z
+        return self._zero
+
+    def _singular_message(self) -> str:
+        extra = (
+            f"; G = J^T L J has rank at most N*o = {self.kernel.n * self.kernel.o} < W = "
+            f"{self.kernel.w}"
+            if self.n_extra and abs(self.damping) <= self.tol
+            else ""
+        )
+        return (
+            f"G + damping*I has {self.zero_count()} eigenvalue(s) within {self.tol:.1e} "
+            f"(= W eps ||G + dI||) of zero{extra}. {HINT}"
+        )
 
     def _apply(self, g: Tensor) -> Tensor:
-        """``(G + lam I)^{-1} g`` for ``g`` of shape ``(W, k)``, from the SVD."""
+        """``(G + d I)^{-1} g`` for ``g`` of shape ``(W, k)``, from the SVD."""
         c = self.V.T @ g
         if not self.n_extra:
             return self.V @ (c / self.mu.unsqueeze(1))
         p = g - self.V @ c
-        c2 = self.V.T @ p  # project twice: p / lam must not carry range(V) round-off
+        c2 = self.V.T @ p  # project twice: p / d must not carry range(V) round-off
         p = p - self.V @ c2
         return self.V @ ((c + c2) / self.mu.unsqueeze(1)) + p / self.damping
 
-    def _backward_error(self, x: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
-        r = g - self.kernel.matmat(x) - self.damping * x
-        xn = torch.linalg.vector_norm(x, dim=0)
-        gn = torch.linalg.vector_norm(g, dim=0)
-        den = (self.norm * xn + gn).clamp_min(torch.finfo(g.dtype).tiny)
-        return r, torch.linalg.vector_norm(r, dim=0) / den
-
-    def solve(
-        self,
-        g: VectorLike,
-        *,
-        check: bool = True,
-        check_rtol: float | None = None,
-        refine: int = 1,
-    ) -> VectorLike:
-        """``x = (G + damping I)^{-1} g`` for ``g`` flat ``(W,)``, ``(W, k)`` or per-parameter.
-
-        Up to ``refine`` steps of iterative refinement (each one product
-        ``G @ x`` through ``B`` and one application of the SVD) are kept while
-        they lower the normwise backward error
-        ``||(G + lam I) x - g|| / (||G + lam I|| ||x|| + ||g||)`` (``||G + lam I||``
-        known exactly from the SVD).
-
-        Args:
-            g: The right-hand side(s).
-            check: Raise if the backward error exceeds ``check_rtol``.
-            check_rtol: Backward-error bound (default :func:`kernel_backward_tol`
-                with ``max(W, N o)``).
-            refine: Maximal refinement steps.
-
-        Raises:
-            SingularHessianError: ``G + damping I`` singular to working precision
-                (module doc), or the backward error above ``check_rtol``.
-        """
-        gm, form = self.op.layout.to_matrix(g, "g")
-        if self.singular:
-            raise SingularHessianError(
-                f"G + damping*I is singular to working precision: an eigenvalue within "
-                f"{self.tol:.1e} (= max(W, N o) eps ||G||) of zero"
-                + (
-                    f"; G has rank at most N*o = {self.kernel.n * self.kernel.o} < W = "
-                    f"{self.kernel.w}"
-                    if self.n_extra
-                    else ""
-                )
-                + f". {HINT}"
-            )
-        x = self._apply(gm)
-        r, err = self._backward_error(x, gm)
-        eps = torch.finfo(gm.dtype).eps
-        for _ in range(refine):
-            if float(err.max()) <= 2 * eps:
-                break
-            x_new = x + self._apply(r)
-            r_new, err_new = self._backward_error(x_new, gm)
-            if not float(err_new.max()) < float(err.max()):
-                break
-            x, r, err = x_new, r_new, err_new
-        if not bool(torch.isfinite(x).all()):
-            raise SingularHessianError(f"the kernel solve overflowed. {HINT}")
-        if check:
-            tol = (
-                kernel_backward_tol(gm.dtype, max(self.kernel.w, self.kernel.n * self.kernel.o))
-                if check_rtol is None
-                else check_rtol
-            )
-            worst = float(err.max())
-            if not worst <= tol:
-                raise SingularHessianError(
-                    f"kernel solve: backward error {worst:.2e} exceeds {tol:.1e}. {HINT}"
-                )
-        return self.op.layout.from_matrix(x, form)
-
-    def logdet(self) -> tuple[float, float]:
-        """``(sign, log|det(G + damping I)|)``; ``(0, -inf)`` when singular (``tol``)."""
-        if self.singular:
-            return 0.0, -math.inf
+    def _logdet(self) -> tuple[float, float]:
         neg = int((self.mu < 0).sum()) + (self.n_extra if self.damping < 0 else 0)
         la = float(torch.log(self.mu.abs()).sum())
         if self.n_extra:
             la += self.n_extra * math.log(abs(self.damping))
         return (-1.0 if neg % 2 else 1.0), la
 
-    def inertia(self) -> KernelInertia:
-        """``(pos, neg, zero)`` of ``G + damping I``; zero means ``|mu| <= tol`` (module doc)."""
-        zero = self.mu.abs() <= self.tol
+    def logdet(self) -> tuple[float, float]:
+        """``(sign, log|det(G + damping I)|)``; ``(0, -inf)`` when numerically singular."""
+        if self.zero_count():
+            return 0.0, -math.inf
+        return self._logdet()
+
+    def inertia(self) -> Inertia:
+        """``(pos, neg, zero)`` of ``G + damping I``; zero means ``|mu| <= W eps ||G + dI||``."""
+        zero = self._zero_mask()
         pos = int(((self.mu > 0) & ~zero).sum())
         neg = int(((self.mu < 0) & ~zero).sum())
         nz = int(zero.sum())
@@ -367,27 +304,30 @@ class KernelFactorization:
                 pos += self.n_extra
             else:
                 neg += self.n_extra
-        how = f"svd of L^(1/2) J; |s^2 + damping| <= {self.tol:.1e} counted as zero"
-        return KernelInertia(pos, neg, nz, how)
+        how = (
+            f"SVD of L^(1/2) J (eigenvalues s^2 + d, and d {self.n_extra} times); "
+            f"zero band |lambda| <= {self.tol:.1e}"
+        )
+        return Inertia(pos, neg, nz, verified=True, how=how)
 
-    def is_positive_definite(self) -> bool | None:
-        """Whether ``G + damping I`` is positive definite.
+    def _signs(self) -> Inertia:
+        return self.inertia()
 
-        ``True`` for ``damping > 0`` (``L`` is PSD, so ``G`` is: a proof). For
-        ``damping <= 0``: ``False`` when ``W > N o`` (``G`` has an exact null
-        space, eigenvalue ``damping``) or an eigenvalue is below ``-tol``;
-        ``True`` when every ``s_i^2 + damping`` exceeds ``tol`` (which bounds
-        the SVD's error); ``None`` otherwise.
+    def _positive_definite(self) -> bool | None:
+        """``True`` for ``damping > 0`` (``L`` PSD, so ``G`` is: a proof); else by the counts.
+
+        For ``damping <= 0``: ``False`` when ``W > N o`` (``G`` has an exact null
+        space, eigenvalue ``damping``) or some ``s_i^2 + d`` is below the zero
+        band; ``True`` when every ``s_i^2 + d`` is above it (the band bounds the
+        SVD's error); ``False`` also for an eigenvalue inside the band
+        (numerically singular), as :class:`hessinv.solvers.DenseFactorization`.
         """
         if self.damping > 0:
             return True
         if self.n_extra:
             return False
-        if self.k and float(self.mu.min()) < -self.tol:
-            return False
-        if self.k and float(self.mu.min()) > self.tol:
-            return True
-        return None
+        inert = self.inertia()
+        return inert.negative == 0 and inert.zero == 0
 
     @staticmethod
     def estimate(op) -> dict[str, float]:  # noqa: ANN001
@@ -399,10 +339,10 @@ class KernelFactorization:
         return op.kernel_cost()
 
     def cost(self) -> dict[str, float]:
-        """This factorization's own cost once the SVD exists: ``O(W k)`` per solve column."""
+        """This factorization's own cost once the SVD exists: per solve column and stored."""
+        w, no = self.kernel.w, self.kernel.n * self.kernel.o
         return {
-            "flops_per_rhs": 4.0 * self.kernel.w * self.k
-            + 4.0 * self.kernel.n * self.kernel.o * self.kernel.w,
+            "flops_per_rhs": 4.0 * w * self.k + 4.0 * no * w,
             "bytes": float(self.V.numel() * self.V.element_size()),
         }
 
