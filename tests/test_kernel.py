@@ -3,7 +3,7 @@
 Reference: ``J`` by ``torch.func.jacrev`` of the model output (``functional_call``),
 the loss Hessian in the outputs by ``torch.func.hessian``, ``G = J^T L J``, then
 ``torch.linalg`` on ``G + lam I``. Zero eigenvalues are counted with the documented
-threshold ``max(W, N o) eps max|eig|`` applied to the reference's own eigenvalues, and
+threshold ``W eps ||G + lam I||`` applied to the reference's own eigenvalues, and
 every such test asserts a clear gap around the threshold (so the count is not decided
 by round-off).
 """

@@ -16,11 +16,13 @@ of ``CrossEntropyLoss`` get (:func:`output_split`).
 
 **Three routes, chosen lazily.**
 
-* The kernel form (:mod:`hessinv.kernel`, default whenever the loss Hessian
-  is PSD): ``J`` by one backward pass per output coordinate, ``B = Lambda^{1/2} J``,
-  and ``G @ v = B^T (B v)``, ``diagonal``, ``to_dense`` from ``B``; ``solve``,
-  ``logdet`` and ``inertia`` from one SVD of ``B`` shared by all dampings. ``G``
-  is PSD, so the inertia never has negative entries for ``damping >= 0``.
+* The kernel form (:mod:`hessinv.kernel`; for a PSD loss Hessian, usually
+  the cheapest, so what ``method="auto"`` picks): ``J`` by one backward pass
+  per output coordinate, ``B = Lambda^{1/2} J``, and ``G @ v = B^T (B v)``,
+  ``diagonal``, ``to_dense`` from ``B``; ``solve``, ``logdet`` and
+  ``inertia`` from one SVD of ``B`` shared by all dampings. ``G`` is PSD,
+  so the inertia never has negative entries for ``damping >= 0``.
+  ``method="dense"`` forms ``G = B^T B`` from the same ``B``.
 * The lifted system (``method="lifted"``): ``G`` is the Hessian of the same
   pipeline with every stage's second-derivative blocks set to zero except the
   loss's own curvature, which enters the last stage as ``Tzz = Jz^T Lambda Jz``,
@@ -164,10 +166,10 @@ class GaussNewton(Hessian):
     ``W > N o``.
 
     ``factor``/``solve``/``logdet``/``inertia`` take ``method="kernel"`` (the
-    SVD of ``Lambda^{1/2} J``, :mod:`hessinv.kernel`), ``"lifted"``, ``"dense"``
-    or ``"auto"`` (the default: the kernel whenever the loss Hessian is PSD and
-    its memory fits, for ``solve``/``factor`` also only when
-    :meth:`cost_model` says it is the cheaper; ``"lifted"`` otherwise).
+    SVD of ``Lambda^{1/2} J``, :mod:`hessinv.kernel`), the methods of
+    :class:`hessinv.Hessian`, or ``"auto"`` (the default: the cheapest exact
+    method that fits in memory by :meth:`costs`, estimated without building
+    any stage block; the kernel only when the loss Hessian is PSD).
     Nothing is computed at construction beyond a forward pass.
     """
 
@@ -328,6 +330,8 @@ class GaussNewton(Hessian):
         """
         from .solvers import select as _select
 
+        if getattr(self, "_costs", None) is not None:
+            return dict(self._costs)
         zs = self.pipeline.forward()
         n = self.pipeline.batch_size
         o = self.output()[0].numel()
@@ -360,7 +364,8 @@ class GaussNewton(Hessian):
         }
         if self._loss_is_convex_here():
             out["kernel"] = (kc["flops"], kc["bytes"])
-        return out
+        self._costs = out
+        return dict(out)
 
     def cost_model(self) -> dict[str, float]:
         """Flop estimates of the exact methods (:meth:`costs`)."""
