@@ -73,6 +73,12 @@ def test_becker_lecun_exact_when_curvature_is_diagonal():
 
 
 def dense_ggn(model, loss, X, y):
+    """J^T L J at the model's output; a final LogSoftmax + NLLLoss is cross-entropy on the logits
+    (the documented convention: the literal split gives 0, NLL being linear)."""
+    mods = list(model)
+    if isinstance(loss, nn.NLLLoss) and isinstance(mods[-1], nn.LogSoftmax):
+        model = nn.Sequential(*mods[:-1])
+        loss = nn.CrossEntropyLoss(reduction=loss.reduction)
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
 

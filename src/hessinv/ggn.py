@@ -7,56 +7,131 @@ the outer-product (Gauss-Newton) approximation keeps the first. For any loss
 with ``J_n = d y_n / d theta`` and ``Lambda_n = d2 l / dy_n dy_n`` (positive
 semi-definite for convex losses such as MSE and cross-entropy).
 
-In the pipeline's terms, ``G`` is the Hessian of the same pipeline with every
-stage's second-derivative blocks set to zero except the loss's own curvature,
-which enters the last stage as ``Tzz = Jz^T Lambda Jz``, ``Tzx = Jz^T Lambda Jx``,
-``Txx = sum_n Jx^T Lambda Jx`` (``Jz``, ``Jx`` of the last layer and its tail). So
-:class:`GaussNewton` is a :class:`hessinv.Hessian` built from those blocks, and
-every method -- ``@``, exact ``solve`` (linear in depth), ``logdet``,
-``inertia``, ``to_dense``, ``diagonal`` -- works unchanged. Its gradient is the
-true gradient.
+**Where the network ends.** The output ``y`` is the model's output, except
+that a final ``nn.LogSoftmax`` followed by ``nn.NLLLoss`` is read as
+cross-entropy on the logits: NLL is linear in the log-probabilities, so the
+literal Gauss-Newton matrix of that split is zero; ``y`` is then the input of
+the ``LogSoftmax`` and the loss ``NLL(LogSoftmax(y))``, which is what users
+of ``CrossEntropyLoss`` get (:func:`output_split`).
+
+**Three routes, chosen lazily.**
+
+* The kernel form (:mod:`hessinv.kernel`; for a PSD loss Hessian, usually
+  the cheapest, so what ``method="auto"`` picks): ``J`` by one backward pass
+  per output coordinate, ``B = Lambda^{1/2} J``, and ``G @ v = B^T (B v)``,
+  ``diagonal``, ``to_dense`` from ``B``; ``solve``, ``logdet`` and
+  ``inertia`` from one SVD of ``B`` shared by all dampings. ``G`` is PSD,
+  so the inertia never has negative entries for ``damping >= 0``.
+  ``method="dense"`` forms ``G = B^T B`` from the same ``B``.
+* The lifted system (``method="lifted"``): ``G`` is the Hessian of the same
+  pipeline with every stage's second-derivative blocks set to zero except the
+  loss's own curvature, which enters the last stage as ``Tzz = Jz^T Lambda Jz``,
+  ``Tzx = Jz^T Lambda Jx``, ``Txx = sum_n Jx^T Lambda Jx``; those stage blocks
+  (:func:`ggn_blocks`) are built only when a lifted solve asks for them.
+* Matrix-free products when ``J`` would exceed :data:`J_MEMORY_BUDGET`:
+  ``G v = J^T (Lambda (J v))`` by one ``jvp`` and one ``vjp``.
+
+Its gradient is the true gradient.
 """
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
-from torch import Tensor
-from torch.func import grad
+from torch import Tensor, nn
+from torch.func import grad, jvp, vjp, vmap
 
 from .derivatives import AutodiffDerivatives, StageBlocks, comb_jacobian, stage_blocks
-from .hessian import Hessian
-from .pipeline import Pipeline
+from .errors import LiftedPrecisionWarning
+from .hessian import Hessian, _check_damping
+from .kernel import (
+    GaussNewtonKernel,
+    KernelFactorization,
+    kernel_cost,
+    loss_output_hessians,
+    output_jacobian,
+    psd_sqrt,
+)
+from .pipeline import Pipeline, flatten_params, unflatten_params
+from .solvers import Factorization, Inertia
+
+#: ``J`` (and ``B``) are materialized for products only below this many bytes.
+J_MEMORY_BUDGET = 2**30
 
 
-def ggn_blocks(pipeline: Pipeline, generic: bool = False) -> tuple[Tensor, list[StageBlocks]]:
-    """The loss and the Gauss-Newton stage blocks of a model pipeline."""
-    zs = pipeline.forward()
-    stages = pipeline.stages
-    n_st = len(stages)
-    last = stages[-1]
-    st = last.structure
-    if st is None or st.loss is None:
+@dataclass
+class OutputSplit:
+    """Where the network ends and the loss begins.
+
+    Attributes:
+        net_last: ``net_last(z, params)``: the last stage without the loss
+            (and without a final ``LogSoftmax`` folded into the loss).
+        loss: ``loss(y)``: the scalar loss of the network output ``y``.
+        folded: True if a final ``LogSoftmax`` + ``NLLLoss`` was read as
+            cross-entropy on the logits.
+    """
+
+    net_last: Callable[[Tensor, tuple[Tensor, ...]], Tensor]
+    loss: Callable[[Tensor], Tensor]
+    folded: bool
+
+
+def output_split(pipeline: Pipeline) -> OutputSplit:
+    """The network/loss split of a model pipeline (module doc, LogSoftmax + NLLLoss).
+
+    Raises:
+        ValueError: The pipeline does not come from ``(model, loss_func, X, y)``.
+    """
+    st = pipeline.stages[-1].structure
+    if st is None or getattr(st, "loss", None) is None:
         raise ValueError(
             "GaussNewton needs a model and a loss: use GaussNewton(model, loss_func, X, y)"
         )
     loss_func, target = st.loss
+    tail = list(st.tail)
+    folded = (
+        isinstance(loss_func, nn.NLLLoss) and len(tail) > 0 and isinstance(tail[-1], nn.LogSoftmax)
+    )
+    head = tail[:-1] if folded else tail
+    log_softmax = tail[-1] if folded else None
+
+    def net_last(z: Tensor, params: tuple[Tensor, ...]) -> Tensor:
+        y = st.layer_fn(z, params)
+        for m in head:
+            y = m(y)
+        return y
+
+    def loss(y: Tensor) -> Tensor:
+        if log_softmax is not None:
+            y = log_softmax(y)
+        return loss_func(y, target).reshape(())
+
+    return OutputSplit(net_last, loss, folded)
+
+
+def ggn_blocks(pipeline: Pipeline, generic: bool = False) -> tuple[Tensor, list[StageBlocks]]:
+    """The loss and the Gauss-Newton stage blocks of a model pipeline (lifted route)."""
+    zs = pipeline.forward()
+    stages = pipeline.stages
+    n_st = len(stages)
+    last = stages[-1]
+    split = output_split(pipeline)
     z = zs[-2]
     n = z.shape[0]
-
-    def net(zz: Tensor, params: tuple[Tensor, ...]) -> Tensor:
-        return st.net_fn(st.layer_fn(zz, params))
-
-    y = net(z, last.params).detach()
+    y = split.net_last(z, last.params).detach()
     a_out = y[0].numel()
 
     def loss_flat(yf: Tensor) -> Tensor:
-        return loss_func(yf.reshape(y.shape), target).reshape(())
+        return split.loss(yf.reshape(y.shape))
 
     yf = y.reshape(n, a_out)
     b_y = grad(loss_flat)(yf)
     lam = comb_jacobian(grad(loss_flat), yf, a_out)  # (N, a_out, a_out)
     lam = 0.5 * (lam + lam.transpose(1, 2))
-    fo = AutodiffDerivatives(net, last.params).blocks(
+    fo = AutodiffDerivatives(split.net_last, last.params).blocks(
         z, b_y.reshape(y.shape), first=n_st == 1, last=False, second=False
     )
     lam_jx = lam @ fo.Jx
@@ -79,12 +154,23 @@ def ggn_blocks(pipeline: Pipeline, generic: bool = False) -> tuple[Tensor, list[
 
 
 class GaussNewton(Hessian):
-    """The generalized Gauss-Newton matrix ``sum_n J_n^T Lambda_n J_n`` of a model.
+    """The generalized Gauss-Newton matrix ``G = sum_n J_n^T Lambda_n J_n`` of a model.
 
-    Same interface as :class:`hessinv.Hessian`: ``GaussNewton(model, loss_func, X, y)``.
-    It is positive semi-definite for convex losses, so ``inertia`` has no
-    negative entries and ``solve`` needs ``damping > 0`` whenever ``W`` exceeds
-    ``N`` times the output width (its rank).
+    Same interface as :class:`hessinv.Hessian`: ``GaussNewton(model, loss_func, X, y)``;
+    ``@``, ``solve``, ``factor``, ``inverse``, ``logdet``, ``inertia``,
+    ``to_dense``, ``diagonal``. A final ``nn.LogSoftmax`` with ``nn.NLLLoss``
+    is treated as cross-entropy on the logits (module doc). ``G`` is positive
+    semi-definite for convex losses (checked: the loss Hessian in the outputs
+    must be PSD for the kernel route) and has rank at most ``N o``
+    (``o`` the output width), so ``solve`` needs ``damping > 0`` when
+    ``W > N o``.
+
+    ``factor``/``solve``/``logdet``/``inertia`` take ``method="kernel"`` (the
+    SVD of ``Lambda^{1/2} J``, :mod:`hessinv.kernel`), the methods of
+    :class:`hessinv.Hessian`, or ``"auto"`` (the default: the cheapest exact
+    method that fits in memory by :meth:`costs`, estimated without building
+    any stage block; the kernel only when the loss Hessian is PSD).
+    Nothing is computed at construction beyond a forward pass.
     """
 
     @classmethod
@@ -94,7 +180,292 @@ class GaussNewton(Hessian):
             "use GaussNewton(model, loss_func, X, y)"
         )
 
-    def _compute_blocks(
-        self, pipeline: Pipeline, generic: bool
-    ) -> tuple[Tensor, list[StageBlocks]]:
-        return ggn_blocks(pipeline, generic)
+    # -- lazy state -------------------------------------------------------------
+    def _compute_blocks(self, pipeline: Pipeline, generic: bool) -> tuple[Tensor, None]:
+        """The loss only: stage blocks are built on demand (:attr:`blocks`)."""
+        self._generic = generic
+        self._split = output_split(pipeline)
+        self._kern: GaussNewtonKernel | None = None
+        self._lam: Tensor | None = None
+        self._fwd_flops: float | None = None
+        return pipeline.forward()[-1], None
+
+    def _check_block_memory(self, pipeline: Pipeline) -> None:
+        """Nothing at construction: the stage blocks are built (and checked) on first use."""
+
+    @property
+    def blocks(self) -> list[StageBlocks]:  # type: ignore[override]
+        """The lifted Gauss-Newton stage blocks (:func:`ggn_blocks`), built on first use."""
+        if getattr(self, "_blocks", None) is None:
+            Hessian._check_block_memory(self, self.pipeline)
+            self._blocks = ggn_blocks(self.pipeline, self._generic)[1]
+        return self._blocks
+
+    @blocks.setter
+    def blocks(self, value: list[StageBlocks] | None) -> None:
+        self._blocks = value
+
+    def _flat(self) -> Tensor:
+        return flatten_params(self.pipeline.params)
+
+    def _net(self, flat: Tensor, z: Tensor) -> Tensor:
+        """The network output for inputs ``z`` (batch first) at flat parameters ``flat``."""
+        stages = self.pipeline.stages
+        i = 0
+        for l, st in enumerate(stages):  # noqa: E741
+            p = unflatten_params(flat[i : i + st.num_params], st.params)
+            i += st.num_params
+            z = st.fn(z, p) if l < len(stages) - 1 else self._split.net_last(z, p)
+        return z
+
+    def output(self) -> Tensor:
+        """The network output ``y`` (batch first) at the current parameters."""
+        with torch.no_grad():
+            return self._net(self._flat(), self.pipeline.z0)
+
+    def loss_hessians(self) -> Tensor:
+        """``Lambda_n``, the per-sample loss Hessians in the outputs, ``(N, o, o)`` (cached)."""
+        if self._lam is None:
+            self._lam = loss_output_hessians(self._split.loss, self.output())
+        return self._lam
+
+    def kernel(self) -> GaussNewtonKernel:
+        """``J`` (one backward pass per output coordinate) and ``B = Lambda^{1/2} J`` (cached)."""
+        if self._kern is None:
+            lam = self.loss_hessians()
+            jac = output_jacobian(self._net, self._flat(), self.pipeline.z0)
+            self._kern = GaussNewtonKernel(jac.detach(), lam)
+        return self._kern
+
+    def _kernel_fits(self) -> bool:
+        n, o = self.loss_hessians().shape[:2]
+        return 2 * n * o * self.num_params * self._itemsize() <= J_MEMORY_BUDGET
+
+    def _itemsize(self) -> int:
+        return torch.empty((), dtype=self.dtype).element_size()
+
+    def _loss_is_convex_here(self) -> bool:
+        return psd_sqrt(self.loss_hessians())[0] is not None
+
+    # -- operator basics ---------------------------------------------------------
+    def gradient(self) -> Tensor:
+        """The flat gradient of the loss (the true gradient), by reverse mode."""
+        return grad(self.pipeline.loss_of_flat)(self._flat())
+
+    def matmat(self, v: Tensor) -> Tensor:
+        """``G V = J^T (Lambda (J V))`` for ``V`` of shape ``(W, k)``."""
+        if self._kern is not None or self._kernel_fits():
+            return self.kernel().matmat(v)
+        return self._matmat_free(v)
+
+    def _matmat_free(self, v: Tensor) -> Tensor:
+        """``G V`` by one ``jvp`` and one ``vjp`` per column, without forming ``J``."""
+        flat, z0 = self._flat(), self.pipeline.z0
+
+        def net(f: Tensor) -> Tensor:
+            return self._net(f, z0)
+
+        y, pull_net = vjp(net, flat)
+        _, pull_loss = vjp(grad(self._split.loss), y.detach())
+
+        def col(t: Tensor) -> Tensor:
+            jv = jvp(net, (flat,), (t,))[1]
+            return pull_net(pull_loss(jv)[0])[0]
+
+        return vmap(col)(v.T).T
+
+    def to_dense(self) -> Tensor:
+        """The ``W x W`` matrix ``G`` (from ``B``; exactly symmetric)."""
+        return self.kernel().to_dense()
+
+    def diagonal(self) -> Tensor:
+        """The exact diagonal of ``G``: squared column norms of ``Lambda^{1/2} J``."""
+        return self.kernel().diagonal()
+
+    def block_diagonal(self) -> list[Tensor]:
+        """The exact ``p_l x p_l`` diagonal blocks of ``G``, one per stage."""
+        g = self.kernel()
+        out, i = [], 0
+        for p in self.pipeline.stage_sizes:
+            if g.B is not None:
+                b = g.B[:, i : i + p]
+                out.append(b.T @ b)
+            else:
+                j = g.J[:, :, i : i + p]
+                blk = torch.einsum("nap,naq->pq", j, g.L @ j)
+                out.append(0.5 * (blk + blk.T))
+            i += p
+        return out
+
+    # -- cost --------------------------------------------------------------------
+    def _forward_flops(self) -> float:
+        if self._fwd_flops is None:
+            from torch.utils.flop_counter import FlopCounterMode
+
+            with FlopCounterMode(display=False) as fc, torch.no_grad():
+                y = self._net(self._flat(), self.pipeline.z0)
+            self._fwd_flops = float(fc.get_total_flops()) + float(y.numel())
+        return self._fwd_flops
+
+    def kernel_cost(self) -> dict[str, float]:
+        """``{"flops", "bytes"}`` of the kernel route from scratch.
+
+        :func:`hessinv.kernel.kernel_cost`; needs one forward pass (counted by
+        ``torch.utils.flop_counter``), no ``J``.
+        """
+        o = self.output()[0].numel()
+        n = self.pipeline.batch_size
+        return kernel_cost(n, o, self.num_params, self._forward_flops(), self._itemsize())
+
+    def costs(self) -> dict[str, tuple[float, float]]:
+        """``method -> (flops, bytes)`` for GN's exact methods, no stage block built.
+
+        ``kernel`` (only when the loss Hessian is PSD): :meth:`kernel_cost`.
+        ``lifted``: the stage blocks (:func:`hessinv.solvers.select.block_memory`)
+        and the panel factorizations of the lifted system (as
+        :func:`hessinv.solvers.select.lifted_cost`, with every stage keeping
+        ``min(p_l, N (a_l + a_{l-1}))`` directions), from the activation shapes.
+        ``dense``: ``J`` and ``G = B^T B`` (``2 N o W^2``) plus its
+        eigendecomposition (``9 W^3``); memory ``J``, ``B`` and ``3 W^2``.
+        """
+        from .solvers import select as _select
+
+        if getattr(self, "_costs", None) is not None:
+            return dict(self._costs)
+        zs = self.pipeline.forward()
+        n = self.pipeline.batch_size
+        o = self.output()[0].numel()
+        w = float(self.num_params)
+        item = self._itemsize()
+        sizes: list[int] = []
+        st = self.pipeline.stages
+        for l, s in enumerate(st):  # noqa: E741
+            a_in = zs[l][0].numel() if l else 0
+            if l == len(st) - 1:
+                sizes.append(min(s.num_params, n * (o + a_in)))
+            else:
+                a = zs[l + 1][0].numel()
+                sizes += [min(s.num_params, n * (a + a_in)) + n * a, n * a]
+        flops = stored = 0.0
+        for i, m in enumerate(sizes):
+            m1 = sizes[i + 1] if i + 1 < len(sizes) else 0
+            m2 = sizes[i + 2] if i + 2 < len(sizes) else 0
+            flops += 2.0 * (m + m1) * m * m + 1e5
+            stored += (m + m1) * m + m * (m1 + m2)
+        big = max(sizes)
+        lifted_bytes = (stored + 6.0 * big * big) * item + _select.block_memory(self.pipeline, zs)
+        kc = self.kernel_cost()
+        out = {
+            "lifted": (flops, lifted_bytes),
+            "dense": (
+                kc["flops"] + 2.0 * n * o * w * w + 9.0 * w**3,
+                2.0 * n * o * w * item + 3.0 * w * w * item,
+            ),
+        }
+        if self._loss_is_convex_here():
+            out["kernel"] = (kc["flops"], kc["bytes"])
+        self._costs = out
+        return dict(out)
+
+    def cost_model(self) -> dict[str, float]:
+        """Flop estimates of the exact methods (:meth:`costs`)."""
+        return {k: v[0] for k, v in self.costs().items()}
+
+    def _method(self, method: str) -> str:
+        """``"auto"``: the cheapest exact method that fits in memory (:meth:`costs`)."""
+        from .solvers import FACTORIZATIONS
+        from .solvers import select as _select
+
+        if method == "auto":
+            cs = self.costs()
+            budget = _select.available_memory(self.device)
+            if self.max_memory is not None:
+                budget = float(self.max_memory)
+            fits = {k: v for k, v in cs.items() if v[1] <= budget}
+            if not fits:
+                name, (_, need) = min(cs.items(), key=lambda kv: kv[1][1])
+                _select.check_memory(
+                    need, f"the cheapest factorization ({name!r})", self.max_memory, self.device
+                )
+            return min(fits, key=lambda k: fits[k][0])
+        if method != "kernel" and method not in FACTORIZATIONS:
+            raise ValueError(
+                f"unknown method {method!r} (no such factorization); "
+                f"use one of {sorted([*FACTORIZATIONS, 'kernel'])} or 'auto'"
+            )
+        return method
+
+    # -- factorizations ----------------------------------------------------------
+    def factor(self, damping: float = 0.0, method: str = "auto") -> Factorization:
+        """Factor ``G + damping I`` once (cached as :meth:`hessinv.Hessian.factor`).
+
+        Args:
+            damping: The shift (any finite real).
+            method: ``"kernel"`` (:class:`hessinv.kernel.KernelFactorization`),
+                ``"lifted"``, ``"dense"``, ``"woodbury"``, ``"minres"``, ``"cg"``
+                or ``"auto"`` (the cheapest exact one that fits, by :meth:`costs`;
+                the kernel only for a PSD loss Hessian).
+
+        Raises:
+            ValueError: ``method="kernel"`` with a loss whose Hessian in the
+                outputs is not PSD (use ``"lifted"``), or an unknown method.
+            MemoryError: The method's estimated memory exceeds ``max_memory``.
+        """
+        from .solvers import FACTORIZATIONS
+        from .solvers import select as _select
+
+        d = _check_damping(damping)
+        name = self._method(method)
+        key = (d, name)
+        if key in self._factors:
+            self._factors.move_to_end(key)
+            return self._factors[key]
+        if name == "kernel":
+            self.kernel_or_raise()
+        cost = self.costs().get(name)
+        if cost is not None:
+            _select.check_memory(
+                cost[1], f"the {name!r} factorization", self.max_memory, self.device
+            )
+        cls = KernelFactorization if name == "kernel" else FACTORIZATIONS[name]
+        fac = cls(self, d)
+        self._factors[key] = fac
+        while len(self._factors) > max(self.max_cached_factorizations, 0):
+            self._factors.popitem(last=False)
+        return fac
+
+    def kernel_or_raise(self) -> None:
+        """Raise ``ValueError`` (use method='lifted') unless the loss Hessian is PSD."""
+        if not self._loss_is_convex_here():
+            _, ratio = psd_sqrt(self.loss_hessians())
+            raise ValueError(
+                "the loss Hessian in the network outputs is not positive semi-definite "
+                f"(most negative eigenvalue {ratio:.2e} times the largest): a non-convex "
+                "loss has no Gauss-Newton kernel form; use method='lifted'"
+            )
+
+    def inertia(self, damping: float = 0.0, method: str = "auto") -> Inertia:
+        """``(pos, neg, zero)`` of ``G + damping I`` (:class:`hessinv.solvers.Inertia`).
+
+        The kernel counts an eigenvalue ``s_i^2 + damping`` (or ``damping``
+        for the ``W - N o`` directions outside the row space of ``J``) as zero
+        when it is within ``W eps ||G + dI||`` of zero (:mod:`hessinv.kernel`).
+        Another method that reports negative entries for ``damping >= 0``
+        although the loss Hessian is PSD (the lifted count on a singular system
+        can) is overruled by the kernel, with a
+        :class:`~hessinv.errors.LiftedPrecisionWarning`.
+        """
+        d = _check_damping(damping)
+        r = super().inertia(d, method)
+        if d >= 0 and r.negative > 0 and self._loss_is_convex_here():
+            # G is PSD (L is): a negative count is round-off of another method on a
+            # singular system, not a property of G. Answer with the kernel, or refuse.
+            msg = (
+                f"the inertia {tuple(r)} of G + {d:g} I ({r.how}) has negative entries, but G "
+                "is positive semi-definite (its loss Hessian in the outputs is)"
+            )
+            if not self._kernel_fits():
+                raise torch.linalg.LinAlgError(msg + "; increase damping")
+            warnings.warn(msg + "; returning the kernel's count", LiftedPrecisionWarning, 2)
+            return self.factor(d, "kernel").inertia()
+        return r

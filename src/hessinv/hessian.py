@@ -156,6 +156,18 @@ class Hessian:
         """The loss and the stage blocks this operator is made of (``H``'s own)."""
         return compute_blocks(pipeline, generic=generic)
 
+    def _check_block_memory(self, pipeline: Pipeline) -> None:
+        """Refuse before computing stage blocks that would not fit (``MemoryError``).
+
+        A hook: ``GaussNewton`` builds its stage blocks lazily and checks then.
+        """
+        _select.check_memory(
+            _select.block_memory(pipeline, pipeline.forward()),
+            "computing the per-stage derivative blocks",
+            self.max_memory,
+            pipeline.device,
+        )
+
     def _init(
         self,
         pipeline: Pipeline,
@@ -168,12 +180,7 @@ class Hessian:
         self.max_memory = max_memory
         if check_mixing:
             _check_no_mixing(pipeline)
-        _select.check_memory(
-            _select.block_memory(pipeline, pipeline.forward()),
-            "computing the per-stage derivative blocks",
-            max_memory,
-            pipeline.device,
-        )
+        self._check_block_memory(pipeline)
         self._loss, self.blocks = self._compute_blocks(pipeline, generic)
         self.layout = Layout(tuple(pipeline.param_shapes), pipeline.dtype, pipeline.device)
         self._factors: OrderedDict[tuple[float, str], Factorization] = OrderedDict()
