@@ -24,25 +24,35 @@ eigenvectors with eigenvalue ``d`` and are added at the end.
 **Rounding and the certificate.** Everything below is computed for the stage
 blocks as given (the ``H`` hessinv represents). Let ``e_l`` bound the error of
 the computed pivot ``fl(Q_vv)`` against the exact ``Q_vv`` of the given
-blocks; it has two parts, both tracked by a running (a-posteriori) bound in
-Frobenius norms, with ``g_l = (n_l + 4) eps`` and ``n_l = p_l + M_l +
-M_{l-1} + k_l`` the longest inner dimension of stage ``l``'s products:
+blocks. It has two parts, both tracked at run time, with ``g_l = (n_l + 4)
+eps`` and ``n_l = p_l + M_l + M_{l-1} + k_l`` the longest inner dimension of
+stage ``l``'s products:
 
-* rounding of this stage's products and sums (``|fl(A B) - A B|_F <= g
-  |A|_F |B|_F``): ``g (|Txx| + |d| sqrt(k) + 2 |Jx|^2 |P|)``, and the
-  backward error of the Cholesky (or ``eigh``) of the pivot, ``g |Q_vv|``;
-* the error ``e_P`` of the computed ``P`` carried in from later stages,
-  ``|Jx|^2 e_P``. ``e_P`` is propagated to first order through the update of
-  ``P``: ``e_uu + 2 e_vu |K| + e_l |K|^2`` plus the rounding of ``Y^T Y``,
-  where ``K = Q_vv^{-1} Q_vu``.
+* this stage's rounding ``r_l`` (``|fl(A B) - A B|_F <= g |A|_F |B|_F``):
+  ``g (|Txx| + |d| sqrt(k) + 2 |Jx|^2 |P|)`` plus the backward error of the
+  Cholesky (or ``eigh``) of the pivot, ``(k + 4) eps |Q_vv|`` (Frobenius);
+* the error ``E`` of the computed ``P`` carried in from later stages, bounded
+  in the Loewner order by a positive semidefinite majorant ``-B <= E <= B``:
+  it contributes ``|Jx^T B Jx|_F``. ``B`` is carried to the next ``P`` by the
+  exact Schur-complement perturbation formula: ``P <- Q_uu - Q_uv Q_vv^{-1}
+  Q_vu`` changes by ``A^T E A - G^T (Q_vv + Jx^T E Jx)^{-1} G`` with the
+  closed loop ``A = Jz - Jx K``, ``K = Q_vv^{-1} Q_vu``, ``G = Jx^T E A``, so
+  ``B <- A^T B A + (|Jx^T B Jx| |A^T B A| / gap + r (1 + |K|)^2 (1 + r / gap)
+  + rounding of Q_uu - Y^T Y) I`` (``gap``: the pivot's smallest
+  ``|eigenvalue|`` less ``e_l``; the stage's rounding ``r`` is a perturbation
+  of its cost matrix ``[[Q_vv, Q_vu], [Q_uv, Q_uu]]``). A matrix majorant,
+  not a norm: norms of products of closed-loop maps would compound
+  exponentially with depth (measured: a depth-32 tanh net's norm bound grew
+  to 1e3 where the matrix one stays at 4e-9).
 
-An error ``E`` in ``P`` is exactly the perturbation ``R^T E R`` of ``H + dI``
-(``R = d u_l / d v``, the forward sensitivity, whose stage-``l`` block is
-``Jx_l``), and an error in ``Q_vv`` a perturbation of ``H``'s diagonal block:
-so the computed pivots are those of ``H + dI + E_H`` for a backward error
-``E_H`` of the size the dense ``H`` itself carries from eq. 24 (relative to
-``|Jx|^2 |P|``, not to ``|H + dI|``), and ``e_l`` bounds its effect on each
-pivot. The decisions (a factor 2 covers the neglected second-order terms):
+Equivalently, the computed pivots are exactly those of ``H + dI + E_H``,
+``E_H = sum_l R_l^T D_l R_l``, where ``D_l`` perturbs stage ``l``'s cost
+matrix by its rounding and ``R_l = d (v_l, u_{l-1}) / d v`` is the forward
+sensitivity: a backward error of the size the dense ``H`` itself carries
+from eq. 24 (relative to the terms ``|Jx|^2 |P|`` it is summed from, not to
+``|H + dI|``); ``e_l`` bounds its effect on each
+pivot. The decisions (a factor 2 over ``e_l`` covers what the bound neglects:
+the rounding of ``K`` and of the closed loop ``A``, and of the bound itself):
 
 * ``positive_definite`` is True only if every pivot's smallest eigenvalue
   (bounded below by ``1 / |L^{-1}|_F^2`` from its Cholesky factor ``L``, or
@@ -61,7 +71,8 @@ every block, ``P``, ``e_l`` and eigenvalue scales by ``c`` and the decisions
 are unchanged.
 
 Cost per stage: ``O(M_l^2 k_l + M_l k_l^2 + k_l^3 + N^2 a_l^2 a_{l-1} +
-M_{l-1} (M_l + k_l)^2)`` (``P`` couples the samples: it is a dense ``M x M``
+M_{l-1} (M_l + k_l)^2 + M_l^2 M_{l-1})`` (the last term and half the first
+are the majorant ``B``) (``P`` couples the samples: it is a dense ``M x M``
 matrix), linear in depth.
 """
 
@@ -75,9 +86,9 @@ from torch import Tensor
 
 from .derivatives import StageBlocks
 from .errors import HINT, SingularHessianError
-from .lifted import _basis
+from .lifted import _basis, _block_diag
 
-MARGIN = 2.0  # factor over the first-order error bound that a decision needs
+MARGIN = 2.0  # factor over the error bound e_l that a decision needs
 MODES = ("cholesky", "inertia")
 
 
@@ -137,6 +148,9 @@ class RiccatiResult:
         logdet: ``(sign, log|det(H + dI)|)``, or None with ``inertia``.
         margins: Per stage, the pivot's smallest ``|eigenvalue|`` (or a lower
             bound) divided by its error bound ``e_l`` (inf when ``e_l = 0``).
+        errors: Per stage, ``e_l``: the bound on ``|fl(Q_vv) - Q_vv|_F``.
+        pivot_eigvals: Per stage the computed pivot's eigenvalues (``"inertia"``
+            mode; None in ``"cholesky"`` mode).
         mode: ``"cholesky"`` or ``"inertia"``.
     """
 
@@ -147,6 +161,8 @@ class RiccatiResult:
     reliable: bool
     logdet: tuple[float, float] | None
     margins: list[float]
+    errors: list[float]
+    pivot_eigvals: list[Tensor | None]
     mode: str
     damping: float
     blocks: list[StageBlocks] = field(repr=False)
@@ -248,6 +264,40 @@ def _add_block_diag(q: Tensor, blocks: Tensor) -> Tensor:
     return q4.reshape(n * a, n * a)
 
 
+def _next_majorant(
+    b_mat: Tensor | None,
+    b_ok: bool,
+    *,
+    closed_loop: Tensor | None,
+    c_vv: float,
+    fresh: float,
+    n_k: float,
+    gap: float,
+    rounding: float,
+    m_in: int,
+    ref: Tensor,
+) -> tuple[Tensor | None, bool]:
+    """The Loewner majorant of the error of the next ``P`` (see the module doc).
+
+    With ``-B <= E <= B`` for the error ``E`` of the computed ``P`` and the
+    closed loop ``A = Jz - Jx K``, the exact Schur-complement perturbation
+    ``A^T E A - G^T (Q_vv + Jx^T E Jx)^{-1} G`` (``G = Jx^T E A``) is bounded
+    by ``A^T B A + |Jx^T B Jx| |A^T B A| / gap``, where ``gap`` is a lower bound
+    of the smallest ``|eigenvalue|`` of ``Q_vv + Jx^T E Jx``; the stage's own
+    rounding ``r`` (a perturbation of the stage's cost matrix) adds
+    ``r (1 + |K|)^2 (1 + r / gap)`` and the final ``Q_uu - Y^T Y`` its rounding.
+    """
+    if not b_ok or not gap > 0 or not math.isfinite(n_k):
+        return None, False
+    scalar = fresh * (1 + n_k) ** 2 * (1 + fresh / gap) + rounding
+    eye = torch.eye(m_in, dtype=ref.dtype, device=ref.device)
+    if b_mat is None:
+        return scalar * eye, True
+    aba = closed_loop.T @ b_mat @ closed_loop
+    scalar += c_vv * _fro(aba) / gap
+    return _sym(aba) + scalar * eye, True
+
+
 def riccati_pass(  # noqa: C901, PLR0912, PLR0915
     blocks: list[StageBlocks],
     damping: float,
@@ -280,6 +330,8 @@ def riccati_pass(  # noqa: C901, PLR0912, PLR0915
     n_st = len(blocks)
     stages: list[_Stage] = [None] * n_st  # type: ignore[list-item]
     margins: list[float] = [math.nan] * n_st
+    errors: list[float] = [math.nan] * n_st
+    eigs: list[Tensor | None] = [None] * n_st
     pos = neg = zero = 0
     sign, logabs = 1.0, 0.0
     pd_status: bool | None = True
@@ -287,7 +339,8 @@ def riccati_pass(  # noqa: C901, PLR0912, PLR0915
     separated = True  # every pivot so far: min |lambda| > MARGIN * e
     stopped = False
     p_mat: Tensor | None = None  # cost-to-go Hessian in the state entering stage l + 1
-    e_p = 0.0  # bound on |fl(P) - P|_F
+    b_mat: Tensor | None = None  # Loewner majorant: -B <= fl(P) - P <= B (None: B = 0)
+    b_ok = True  # False once B could not be bounded (a pivot not separated from singular)
     for l in reversed(range(n_st)):  # noqa: E741
         b, q = blocks[l], bases[l]
         pl = b.num_params
@@ -311,8 +364,12 @@ def riccati_pass(  # noqa: C901, PLR0912, PLR0915
             pjx = p_mat @ jx
             qvv = qvv + jx.T @ pjx
         qvv = _sym(qvv)
-        e_vv = gam * (_fro(txx) + abs(d) * math.sqrt(k) + 2 * n_jx**2 * n_p) + n_jx**2 * e_p
-        e_vv += (k + 4) * eps * _fro(qvv)
+        # fresh rounding of this stage (Frobenius: elementwise product bounds), then the
+        # error carried in through P, E -> Jx^T E Jx (spectral norms)
+        r_vv = gam * (_fro(txx) + abs(d) * math.sqrt(k) + 2 * n_jx**2 * n_p)
+        r_vv += (k + 4) * eps * _fro(qvv)  # backward error of the pivot's Cholesky / eigh
+        c_vv = 0.0 if b_mat is None else _fro(jx.T @ b_mat @ jx)  # |Jx^T E Jx| <= it
+        e_vv = r_vv + c_vv if b_ok else math.inf
         thresh = MARGIN * e_vv
         # -- the pivot: Cholesky (mode "cholesky") or eigh ------------------------
         piv, lam_min, lam_abs_min, vals = _Pivot(), math.nan, math.nan, None
@@ -334,6 +391,8 @@ def riccati_pass(  # noqa: C901, PLR0912, PLR0915
             lam_min, lam_abs_min = float(vals.min()), float(vals.abs().min())
             piv.vecs, piv.vals = vecs, vals
         margins[l] = lam_abs_min / e_vv if e_vv > 0 else math.inf
+        errors[l] = e_vv
+        eigs[l] = vals if mode == "inertia" else None
         # -- decisions --------------------------------------------------------------
         if not math.isfinite(lam_min):
             pd_status, failed, stopped, separated = None, l, True, False
@@ -377,17 +436,27 @@ def riccati_pass(  # noqa: C901, PLR0912, PLR0915
         else:  # eigh: Z = V^T Q_vu, P = Q_uu - Z^T diag(1/lam) Z
             z = piv.vecs.T @ qvu
             zl = z / piv.vals.unsqueeze(1)
-            kmat = zl
+            kmat = piv.vecs @ zl
             p_new = quu - z.T @ zl
             n_y2 = float((z * zl).abs().sum())
             y = (z / piv.vals.clamp_min(0).sqrt().unsqueeze(1)) if lam_min > 0 else None
         n_k = _fro(kmat)
-        e_vu = gam * (n_tzx + 2 * n_jx * n_p * n_jz) + n_jx * n_jz * e_p
-        e_uu = gam * (_fro(b.Tzz) + 2 * n_jz**2 * n_p) + n_jz**2 * e_p
-        e_p = e_uu + 2 * e_vu * n_k + e_vv * n_k**2 + gam * n_y2 + 2 * eps * (_fro(quu) + n_y2)
+        b_mat, b_ok = _next_majorant(
+            b_mat,
+            b_ok,
+            closed_loop=None if b_mat is None else _block_diag(b.Jz) - jx @ kmat,
+            c_vv=c_vv,
+            fresh=r_vv + 2 * gam * (n_tzx + 2 * n_jx * n_p * n_jz)
+            + gam * (_fro(b.Tzz) + 2 * n_jz**2 * n_p),
+            n_k=n_k,
+            gap=lam_abs_min - e_vv,
+            rounding=gam * n_y2 + 2 * eps * (_fro(quu) + n_y2),
+            m_in=m_in,
+            ref=ref,
+        )
         p_mat = _sym(p_new)
         stages[l] = _Stage(piv, y, jx, q)
-        if not (math.isfinite(e_p) and bool(torch.isfinite(p_mat).all())):
+        if not bool(torch.isfinite(p_mat).all()):
             pd_status, separated, stopped = (None if pd_status else pd_status), False, True
             failed = l if failed is None else failed
             break
@@ -414,6 +483,8 @@ def riccati_pass(  # noqa: C901, PLR0912, PLR0915
         reliable=separated and not stopped,
         logdet=logdet,
         margins=margins,
+        errors=errors,
+        pivot_eigvals=eigs,
         mode=mode,
         damping=d,
         blocks=list(blocks),
