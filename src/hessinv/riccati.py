@@ -446,7 +446,8 @@ def riccati_pass(  # noqa: C901, PLR0912, PLR0915
             b_ok,
             closed_loop=None if b_mat is None else _block_diag(b.Jz) - jx @ kmat,
             c_vv=c_vv,
-            fresh=r_vv + 2 * gam * (n_tzx + 2 * n_jx * n_p * n_jz)
+            fresh=r_vv
+            + 2 * gam * (n_tzx + 2 * n_jx * n_p * n_jz)
             + gam * (_fro(b.Tzz) + 2 * n_jz**2 * n_p),
             n_k=n_k,
             gap=lam_abs_min - e_vv,
