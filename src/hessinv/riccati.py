@@ -364,6 +364,11 @@ def riccati_pass(  # noqa: C901, PLR0912, PLR0915
             pjx = p_mat @ jx
             qvv = qvv + jx.T @ pjx
         qvv = _sym(qvv)
+        if not bool(torch.isfinite(qvv).all()):  # overflow (or NaN blocks): undecided
+            pd_status = None if pd_status is True else pd_status
+            failed = l if failed is None else failed
+            stopped, separated = True, False
+            break
         # fresh rounding of this stage (Frobenius: elementwise product bounds), then the
         # error carried in through P, E -> Jx^T E Jx (spectral norms)
         r_vv = gam * (_fro(txx) + abs(d) * math.sqrt(k) + 2 * n_jx**2 * n_p)
@@ -429,8 +434,8 @@ def riccati_pass(  # noqa: C901, PLR0912, PLR0915
             quu_core = _jz_t_p_jz(b.Jz, p_mat)
         quu = _add_block_diag(quu_core, b.Tzz) if b.Tzz is not None else quu_core
         if chol_ok:  # positive definite pivot: Y = L^{-1} Q_vu, P = Q_uu - Y^T Y
-            y = linv @ qvu
-            kmat = linv.T @ y
+            y = torch.linalg.solve_triangular(piv.chol, qvu, upper=False)
+            kmat = torch.linalg.solve_triangular(piv.chol.T, y, upper=True)
             p_new = quu - y.T @ y
             n_y2 = _fro(y) ** 2
         else:  # eigh: Z = V^T Q_vu, P = Q_uu - Z^T diag(1/lam) Z
