@@ -87,7 +87,15 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--dense-max", type=int, default=5000)
     ap.add_argument("--out", default=str(HERE / "results"))
     args = ap.parse_args(argv)
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    try:
+        return _sweep(args)
+    finally:  # called in-process by the tests: leave the thread count as found
+        torch.set_num_threads(threads)
+
+
+def _sweep(args: argparse.Namespace) -> dict:
     if args.quick:
         grid = [(4, 4, 2), (8, 4, 2)]
         args.repeats = 1
