@@ -7,7 +7,7 @@ that the lifted LU's inertia calls positive definite. Medians of
 
 * ``riccati``: :func:`hessinv.riccati.riccati_pass` in ``"cholesky"`` mode
   (the PD certificate, with its error bound), and in ``"inertia"`` mode,
-* ``lifted``: ``HessianFactorization(H, d)`` (the pivoted block LU), and the
+* ``lifted``: ``LiftedFactorization(H, d)`` (the pivoted block LU), and the
   same plus its ``inertia()``,
 * ``dense``: ``H.to_dense()`` and ``torch.linalg.eigvalsh`` (while
   ``W <= --dense-max``),
@@ -29,8 +29,8 @@ import torch
 
 import hessinv
 from hessinv.cli import make_mlp
-from hessinv.hessian import HessianFactorization
 from hessinv.riccati import riccati_pass
+from hessinv.solvers.lifted import LiftedFactorization
 
 HERE = Path(__file__).resolve().parent
 
@@ -49,7 +49,7 @@ def run_one(depth: int, width: int, batch: int, repeats: int, dense_max: int) ->
     m, lf, X, y = make_mlp(depth, width, batch, dtype=torch.float64, device="cpu", gain=1.0)
     H = hessinv.Hessian(m, lf, X, y)
     d = 1e-2
-    while HessianFactorization(H, d).inertia()[1] > 0:
+    while LiftedFactorization(H, d).inertia()[1] > 0:
         d *= 4
     r = riccati_pass(H.blocks, d)
     ri = riccati_pass(H.blocks, d, mode="inertia")
@@ -61,14 +61,14 @@ def run_one(depth: int, width: int, batch: int, repeats: int, dense_max: int) ->
         "damping": d,
         "certified_pd": r.positive_definite,
         "inertia_reliable": ri.reliable,
-        "inertia_agrees_with_lu": ri.inertia == tuple(HessianFactorization(H, d).inertia()),
+        "inertia_agrees_with_lu": ri.inertia == tuple(LiftedFactorization(H, d).inertia()),
         "riccati_cholesky_s": _median_time(lambda: riccati_pass(H.blocks, d), repeats),
         "riccati_inertia_s": _median_time(
             lambda: riccati_pass(H.blocks, d, mode="inertia"), repeats
         ),
-        "lifted_factor_s": _median_time(lambda: HessianFactorization(H, d), repeats),
+        "lifted_factor_s": _median_time(lambda: LiftedFactorization(H, d), repeats),
         "lifted_factor_inertia_s": _median_time(
-            lambda: HessianFactorization(H, d).inertia(), repeats
+            lambda: LiftedFactorization(H, d).inertia(), repeats
         ),
         "dense_eigvalsh_s": None,
     }
