@@ -53,3 +53,12 @@ def test_training_quick(tmp_path):
             for r in runs[kind]:  # every recorded loss is non-increasing (only accepted steps move)
                 assert all(b <= a for a, b in zip(r["loss"], r["loss"][1:], strict=False))
     assert Path(res["plot"]).exists()
+
+
+def test_riccati_quick(tmp_path):
+    mod = _load("riccati")
+    res = mod.main(["--quick", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "riccati_quick.json").read_text())
+    assert len(data["rows"]) == len(res["rows"]) == 2
+    for r in data["rows"]:  # PD by the LU's inertia: the certificate must be obtained
+        assert r["certified_pd"] and r["inertia_reliable"] and r["inertia_agrees_with_lu"]
