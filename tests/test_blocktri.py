@@ -150,12 +150,13 @@ def test_factorization_falls_back_when_the_capped_inertia_disagrees(monkeypatch)
     assert fac.inertia() == (int((ev > 0).sum()), int((ev < 0).sum()), 0)
     # Bunch-Kaufman and eigh at threshold 0.01 (both spoiled here), eigh at 0.1 with a
     # wider cap (bounded cost)
-    assert [(c.get("pivoting", "eigh"), c["alpha"]) for c in calls] == [
+    # (then possibly the reverse-order congruence, which verifies the count)
+    assert [(c.get("pivoting", "eigh"), c["alpha"]) for c in calls[:3]] == [
         ("ldl", 0.01),
         ("eigh", 0.01),
         ("eigh", 0.1),
     ]
-    assert calls[-1]["max_carry"] == 4 * calls[0]["max_carry"]
+    assert calls[2]["max_carry"] == 4 * calls[0]["max_carry"]
 
 
 def test_inertia_that_no_attempt_can_verify_raises(monkeypatch):

@@ -204,3 +204,38 @@ def test_inertia_says_how_it_was_obtained():
     assert tuple(i_lift) == tuple(i_dense) and isinstance(i_lift.how, str)
     pos, neg, zero = i_lift  # unpacks as a tuple
     assert pos + neg + zero == H.num_params
+
+
+@pytest.mark.parametrize("d", [1e-3, 0.5, 3.0])
+def test_two_misclassified_eigenvalues_are_never_verified(monkeypatch, d):
+    """Two eigenvalues counted with the wrong sign keep the determinant's sign and size,
+    which fooled the old parity check. A verified inertia must be right: the Riccati pass or
+    the reverse-order congruence catches the spoiled count."""
+    import hessinv.solvers.lifted as hl
+
+    H, A1 = _problem(1.0, batch=6)
+    ev = torch.linalg.eigvalsh(A1 + d * torch.eye(H.num_params, dtype=DT))
+    ref = (int((ev > 0).sum()), int((ev < 0).sum()), 0)
+    real = hl.block_tri_inertia
+    calls = []
+
+    def spoiled(diag, upper, **kw):
+        r = real(diag, upper, **kw)
+        calls.append(r)
+        if len(calls) == 1:  # the first (forward) congruence: two signs swapped, parity kept
+            r.positive, r.negative = r.positive - 2, r.negative + 2
+        return r
+
+    monkeypatch.setattr(hl, "block_tri_inertia", spoiled)
+    inert = H.factor(d, "lifted").inertia()
+    assert not inert.verified or tuple(inert) == ref, inert.how
+    assert tuple(inert) != ref or inert.verified  # here the truth is also recovered
+
+
+def test_positive_definiteness_is_proven_or_refuted():
+    H, A1 = _problem(1.0, batch=6)
+    lam = torch.linalg.eigvalsh(A1)
+    for d, expect in [(float(-lam[0]) * 1.5 + 1e-3, True), (float(-lam[0]) * 0.5, False)]:
+        fac = H.factor(d, "lifted")
+        assert fac.is_positive_definite() is expect
+        assert H.is_positive_definite(d) is expect

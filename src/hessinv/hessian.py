@@ -38,6 +38,12 @@ from .vectors import Layout
 
 VectorLike = Tensor | Sequence[Tensor]
 
+#: Under ``method="auto"``, the dense route takes over where the lifted one gives up, up to this W.
+DENSE_FALLBACK_MAX_W = 20000
+#: Under ``method="auto"``, an inertia the lifted route could not verify is recounted
+#: densely (verified) up to this W.
+DENSE_VERIFY_MAX_W = 2500
+
 
 def _check_damping(damping: object) -> float:
     """A finite real scalar (Python, NumPy or 0-d tensor); booleans are refused."""
@@ -340,11 +346,7 @@ class Hessian:
         except (LiftedPrecisionError, InaccurateSolveError):
             if method != "auto" or fac.method != "lifted":
                 raise
-            flops, need = _select.dense_cost(self)
-            budget = _select.available_memory(self.device)
-            if self.max_memory is not None:
-                budget = self.max_memory
-            if need > budget or self.num_params > 20000:
+            if not self._dense_affordable(DENSE_FALLBACK_MAX_W):
                 raise
             return what(self.factor(damping, "dense"))
 
@@ -363,7 +365,19 @@ class Hessian:
         (:func:`hessinv.solvers.zero_threshold`); ``.verified`` and ``.how`` say
         how the counts were checked.
         """
-        return self._with_fallback(damping, method, lambda f: f.inertia())
+        inert = self._with_fallback(damping, method, lambda f: f.inertia())
+        if not inert.verified and method == "auto" and self._dense_affordable(DENSE_VERIFY_MAX_W):
+            return self.factor(damping, "dense").inertia()  # verified
+        return inert
+
+    def _dense_affordable(self, max_w: int) -> bool:
+        """Whether the dense route fits in memory and ``W <= max_w``."""
+        if self.num_params > max_w:
+            return False
+        budget = _select.available_memory(self.device)
+        if self.max_memory is not None:
+            budget = self.max_memory
+        return _select.dense_cost(self)[1] <= budget
 
     def is_positive_definite(self, damping: float = 0.0, method: str = "auto") -> bool | None:
         """``True`` only if ``H + damping I`` is proven positive definite (else False/None)."""

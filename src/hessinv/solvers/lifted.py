@@ -13,12 +13,25 @@ across block boundaries in ``O(sum_k n_k^3)``, linear in depth.
 * Inertia: ``inertia(H + dI) = inertia(K) - (m, m, 0)`` plus the dropped
   directions (Sylvester, Haynsworth), from a congruence of ``K`` built front
   by front (:func:`hessinv.blocktri.block_tri_inertia`), whose determinant
-  must match the LU's.
+  must match the LU's. It is *verified* when a second, independent
+  congruence agrees: the stage Riccati pass (:func:`hessinv.riccati.riccati_pass`,
+  a block LDL^T of ``H + dI`` itself, eliminating ``v_{L-1}, ..., v_0``) whose
+  every pivot is separated from singular by more than twice its running
+  error bound. Where that pass cannot vouch for itself (a stage pivot near
+  singular: common on indefinite ``H``), the second congruence is the same
+  delayed-pivot LDL^T of ``K`` eliminated in the opposite block order (last
+  block first: different pivots, different fronts), whose determinant must
+  also match the LU's. A parity check alone cannot tell two misclassified
+  eigenvalues apart; two different congruences that agree on every count can.
+* Positive definiteness (:meth:`LiftedFactorization.is_positive_definite`):
+  proven by the Riccati pass, ``H + dI > 0`` exactly when every stage pivot
+  has a Cholesky factor with a margin above its error bound.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -26,6 +39,7 @@ from torch import Tensor
 from ..blocktri import BlockTriLU, InertiaResult, block_tri_inertia
 from ..errors import LiftedPrecisionError
 from ..lifted import LiftedSystem, curvature_scale
+from ..riccati import RiccatiResult, riccati_pass
 from .base import Factorization, Inertia
 
 
@@ -41,6 +55,7 @@ class LiftedFactorization(Factorization):
         self.lu = BlockTriLU(self.system.diag, self.system.upper)  # blocks built as consumed
         self.m = self.system.m
         self._congruence: InertiaResult | None = None
+        self._riccati: dict[str, RiccatiResult] = {}
 
     @property
     def structurally_singular(self) -> bool:
@@ -114,12 +129,45 @@ class LiftedFactorization(Factorization):
             self._congruence = r
         return self._congruence
 
+    def reversed_congruence(self) -> InertiaResult | None:
+        """The same congruence of ``K`` with the blocks eliminated last to first.
+
+        ``P K P^T`` (block order reversed) has the inertia and determinant of
+        ``K``; its fronts and delayed pivots are different. ``None`` when no
+        attempt agrees with the LU's determinant.
+        """
+        ls = self.system
+        n = len(ls.sizes)
+        diag = _Reversed(n, lambda i: ls.diag[n - 1 - i])
+        upper = _Reversed(n - 1, lambda i: ls.upper[n - 2 - i].T)
+        cap = max(ls.sizes)
+        for kw in (
+            {"alpha": 0.01, "max_carry": cap, "pivoting": "ldl"},
+            {"alpha": 0.01, "max_carry": cap},
+        ):
+            r = block_tri_inertia(diag, upper, rtol=0.0, **kw)
+            if self._agrees_with_lu(r):
+                return r
+        return None
+
     def _agrees_with_lu(self, r: InertiaResult) -> bool:
         if r.zero:
             return False
         s, la = self.lu.slogdet()
         tol = 0.1 + math.sqrt(torch.finfo(self.dtype).eps) * abs(la)
         return r.sign == s and abs(r.logabsdet - la) <= tol
+
+    def riccati(self, mode: str = "inertia") -> RiccatiResult:
+        """The stage Riccati pass of ``H + damping I`` (cached per mode)."""
+        if mode not in self._riccati:
+            self._riccati[mode] = riccati_pass(
+                self.op.blocks, self.damping, self.system.bases, mode=mode
+            )
+        return self._riccati[mode]
+
+    def _positive_definite(self) -> bool | None:
+        """The Riccati pass's verdict: proven PD, proven not PD, or ``None``."""
+        return self.riccati("cholesky").pd_status
 
     def _signs(self) -> Inertia:
         r = self.congruence()
@@ -130,8 +178,51 @@ class LiftedFactorization(Factorization):
                 "conditioned to count signs): use method='dense' or a larger damping."
             )
         dp, dn, _ = self.system.dropped_inertia()
-        agrees = self._agrees_with_lu(r)
-        how = "signs of a delayed-pivot LDL^T congruence of the lifted system " + (
-            "(determinant agrees with the pivoted LU)" if agrees else "(NOT matching the LU)"
+        counts = (pos + dp, neg + dn, 0)
+        ric = self.riccati("inertia")
+        if ric.reliable and ric.inertia is not None:
+            if tuple(ric.inertia) == counts:
+                how = (
+                    "two independent congruences agree: a delayed-pivot LDL^T of the lifted "
+                    "system (determinant checked against its pivoted LU) and the stage Riccati "
+                    "pass (every pivot separated from singular by its error bound)"
+                )
+                return Inertia(*counts, verified=True, how=how)
+            how = (
+                "the stage Riccati pass (every pivot separated from singular by its error "
+                f"bound); the lifted LDL^T congruence counted {counts} and is overruled"
+            )
+            return Inertia(*ric.inertia, verified=True, how=how)
+        rev = self.reversed_congruence()
+        if rev is not None and (rev.positive - self.m + dp, rev.negative - self.m + dn) == (
+            counts[0],
+            counts[1],
+        ):
+            how = (
+                "two congruences of the lifted system agree: delayed-pivot LDL^T eliminating "
+                "its blocks first to last and last to first (both determinants checked against "
+                "the pivoted LU)"
+            )
+            return Inertia(*counts, verified=True, how=how)
+        how = (
+            "signs of a delayed-pivot LDL^T congruence of the lifted system, whose determinant "
+            "agrees with the pivoted LU's; NOT verified (the stage Riccati pass had a pivot "
+            "within its error bound of singular, and the reverse-order congruence "
+            + ("disagreed)" if rev is not None else "did not match the LU)")
         )
-        return Inertia(pos + dp, neg + dn, 0, verified=False, how=how)
+        return Inertia(*counts, verified=False, how=how)
+
+
+class _Reversed(Sequence[Tensor]):
+    """A lazy read-only sequence ``i -> build(i)`` (the lifted blocks in reverse order)."""
+
+    def __init__(self, n: int, build: Callable[[int], Tensor]) -> None:
+        self._n, self._build = n, build
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, i: int) -> Tensor:  # type: ignore[override]
+        if not -self._n <= i < self._n:
+            raise IndexError(i)
+        return self._build(i % self._n)
