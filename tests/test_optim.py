@@ -24,22 +24,6 @@ CONFIGS = [
 ]
 
 
-def _flat_loss(model, loss, X, y):
-    """The loss as a function of the flat parameters (the independent reference)."""
-    names = [n for n, _ in model.named_parameters()]
-    shapes = [p.shape for p in model.parameters()]
-
-    def f(v):
-        d, i = {}, 0
-        for n, s in zip(names, shapes, strict=True):
-            d[n] = v[i : i + s.numel()].reshape(s)
-            i += s.numel()
-        return loss(functional_call(model, d, (X,)), y)
-
-    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-    return f, flat
-
-
 @pytest.mark.parametrize("strategy,curvature,route", CONFIGS)
 def test_accepted_steps_decrease_loss_certified_and_stay_in_region(strategy, curvature, route):
     model, loss, X, y = make_mlp(5, 4, 6, dtype=DT, device="cpu", seed=1)
@@ -175,38 +159,42 @@ def test_factored_route_certifies_only_by_proof(verdict, inertia, pd, certified)
     assert ("unverified" in t.how) is (not certified)
 
 
-def test_kernel_spectrum_matches_dense_gauss_newton():
-    """Kernel-form spectrum against J^T Lambda J from torch.func (MSE and cross-entropy)."""
+def _outputs(model, X):
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for p in model.parameters()]
+
+    def out(v):
+        d, i = {}, 0
+        for n, s in zip(names, shapes, strict=True):
+            d[n] = v[i : i + s.numel()].reshape(s)
+            i += s.numel()
+        return functional_call(model, d, (X,)).reshape(-1)
+
+    return out
+
+
+@pytest.mark.parametrize("loss", [nn.MSELoss(), nn.CrossEntropyLoss()], ids=["mse", "xent"])
+def test_kernel_spectrum_matches_dense_gauss_newton(loss):
+    """Kernel-form spectrum against J^T Lambda J from torch.func (Lambda singular for xent)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3)).to(DT)
     X = torch.randn(5, 3, dtype=DT)
-    cases = [(nn.MSELoss(), torch.randn(5, 3, dtype=DT)), (nn.CrossEntropyLoss(), torch.arange(5) % 3)]
-    for loss, y in cases:
-        params = list(model.parameters())
-        spec = kernel_spectrum(model, params, loss, X, y, 1.0)
-        f, flat = _flat_loss(model, loss, X, y)
-        names = [n for n, _ in model.named_parameters()]
-        shapes = [p.shape for p in model.parameters()]
-
-        def out(v):
-            d, i = {}, 0
-            for n, s in zip(names, shapes, strict=True):
-                d[n] = v[i : i + s.numel()].reshape(s)
-                i += s.numel()
-            return functional_call(model, d, (X,)).reshape(-1)
-
-        J = jacrev(out)(flat)
-        Lam = hessian(lambda o: loss(o.reshape(5, 3), y))(out(flat).detach())
-        G = J.T @ Lam @ J
-        rec = spec.q @ torch.diag(spec.w) @ spec.q.T
-        assert torch.allclose(rec, G, rtol=0, atol=1e-12 * float(G.abs().max()))
-        ref = torch.linalg.eigvalsh(G)
-        top = ref[-spec.w.numel() :]
-        assert torch.allclose(spec.w, top, rtol=0, atol=1e-12 * float(ref.abs().max()))
-        g = torch.randn(flat.numel(), dtype=DT)
-        s = ShiftedSolver(spec, g).step(1e-3)
-        x = torch.linalg.solve(G + 1e-3 * torch.eye(flat.numel(), dtype=DT), -g)
-        assert torch.allclose(s, x, rtol=1e-8, atol=1e-10 * float(x.abs().max()))
+    y = torch.randn(5, 3, dtype=DT) if isinstance(loss, nn.MSELoss) else torch.arange(5) % 3
+    spec = kernel_spectrum(model, list(model.parameters()), loss, X, y, 1.0)
+    out = _outputs(model, X)
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    J = jacrev(out)(flat)
+    Lam = hessian(lambda o: loss(o.reshape(5, 3), y))(out(flat).detach())
+    G = J.T @ Lam @ J
+    rec = spec.q @ torch.diag(spec.w) @ spec.q.T
+    assert torch.allclose(rec, G, rtol=0, atol=1e-12 * float(G.abs().max()))
+    ref = torch.linalg.eigvalsh(G)
+    top = ref[-spec.w.numel() :]
+    assert torch.allclose(spec.w, top, rtol=0, atol=1e-12 * float(ref.abs().max()))
+    g = torch.randn(flat.numel(), dtype=DT)
+    s = ShiftedSolver(spec, g).step(1e-3)
+    x = torch.linalg.solve(G + 1e-3 * torch.eye(flat.numel(), dtype=DT), -g)
+    assert torch.allclose(s, x, rtol=1e-8, atol=1e-10 * float(x.abs().max()))
 
 
 def test_gauss_newton_refuses_a_nonconvex_loss():
@@ -302,7 +290,8 @@ def test_optimizer_protocol_state_dict_round_trip_and_resume():
 
 def test_subsampled_curvature_and_float32():
     model, loss, X, y = make_mlp(4, 4, 64, dtype=torch.float32, device="cpu", seed=3)
-    for strategy, curvature in (("levenberg-marquardt", "gauss-newton"), ("trust-region", "hessian")):
+    pairs = (("levenberg-marquardt", "gauss-newton"), ("trust-region", "hessian"))
+    for strategy, curvature in pairs:
         m = copy.deepcopy(model)
         opt = Newton(m, loss, strategy=strategy, curvature=curvature, curvature_batch=8)
         first = opt.step(X, y)

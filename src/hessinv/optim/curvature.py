@@ -98,8 +98,8 @@ def loss_curvature_sqrt(loss_func: Callable, out: Tensor, y: Tensor, shape: torc
     if float(d.min()) < -o * torch.finfo(d.dtype).eps * 16 * max(top, 1e-300):
         raise ValueError(
             "curvature='gauss-newton': the loss has negative curvature in the model's "
-            "outputs (min eigenvalue {:.2e}); its Gauss-Newton matrix is not positive "
-            "semi-definite. Use a convex loss or curvature='hessian'.".format(float(d.min()))
+            f"outputs (min eigenvalue {float(d.min()):.2e}); its Gauss-Newton matrix is not "
+            "positive semi-definite. Use a convex loss or curvature='hessian'."
         )
     return (v * d.clamp(min=0.0).sqrt().unsqueeze(1)) @ v.transpose(1, 2)
 

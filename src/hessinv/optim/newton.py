@@ -318,8 +318,11 @@ class Newton(torch.optim.Optimizer):
 
     # -- state -------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """``torch.optim`` state (param groups with the hyperparameters) plus the radius,
-        damping, step count, sampler state and history under ``"newton"``."""
+        """``torch.optim``'s state dict plus this optimizer's own state.
+
+        The param group carries the hyperparameters; ``"newton"`` holds the radius,
+        damping, step count, sampler state and history.
+        """
         sd = super().state_dict()
         sd["newton"] = {
             "radius": self.radius,
