@@ -14,13 +14,19 @@ from torch.func import functional_call, hessian, jacrev
 import hessinv
 from hessinv.cli import make_mlp
 from hessinv.optim import Newton, ShiftedSolver, Spectrum
+from hessinv.optim.cholesky import ShiftedCholesky
 from hessinv.optim.curvature import kernel_spectrum
 from hessinv.optim.factored import FactoredSolver
 
 CONFIGS = [
     (s, c, f)
     for s in ("trust-region", "levenberg-marquardt")
-    for c, f in (("hessian", "dense"), ("gauss-newton", "kernel"), ("gauss-newton", "dense"))
+    for c, f in (
+        ("hessian", "dense"),
+        ("hessian", "eigh"),
+        ("gauss-newton", "kernel"),
+        ("gauss-newton", "dense"),
+    )
 ]
 
 
@@ -87,7 +93,7 @@ def test_trust_region_hard_case():
     def loss(out, t):
         return (0.5 * t[:, :1] * out**2 + t[:, 1:] * out).sum()
 
-    for route in ("dense", "lifted"):
+    for route in ("dense", "eigh", "lifted"):
         model = nn.Linear(3, 1, bias=False).to(DT)
         with torch.no_grad():
             model.weight.zero_()
@@ -114,11 +120,38 @@ def test_certificate_is_not_fooled_by_parity():
     def loss(out, t):
         return (0.5 * t[:, :1] * out**2 + t[:, 1:] * out).sum()
 
-    model = nn.Linear(3, 1, bias=False).to(DT)
-    opt = Newton(model, loss, strategy="levenberg-marquardt", damping=1e-9, min_damping=1e-12)
-    opt.step(X, y)
-    h = opt.history[-1]
-    assert h.certified and h.damping > 2.0 and h.min_eigenvalue == pytest.approx(-2.0)
+    for route in ("dense", "eigh"):
+        model = nn.Linear(3, 1, bias=False).to(DT)
+        opt = Newton(
+            model,
+            loss,
+            strategy="levenberg-marquardt",
+            damping=1e-9,
+            min_damping=1e-12,
+            factorization=route,
+        )
+        opt.step(X, y)
+        h = opt.history[-1]
+        assert h.certified and h.damping > 2.0, route
+    assert h.min_eigenvalue == pytest.approx(-2.0)
+    # the Cholesky proof: refused below lambda_min, given above it
+    chol = ShiftedCholesky(H, g)
+    assert not chol.prove(0.5)[0] and not chol.prove(1.99)[0] and chol.prove(2.01)[0]
+    assert chol.delta(2.01) < 1e-10
+
+
+def test_cholesky_trust_region_matches_eigh():
+    """The Cholesky iteration's step is the eigendecomposition's within its tolerance."""
+    for neg in (0, 2):
+        H, g = _random_symmetric(10, neg, seed=11 + neg)
+        w, q = torch.linalg.eigh(H)
+        exact = ShiftedSolver(Spectrum(w, q, 10, how="test"), g)
+        chol = ShiftedCholesky(H, g)
+        for radius in (0.1, 1.0):
+            lam, s = chol.trust_region(radius, 0.0, iters=50, tol=1e-8)
+            lam_e, _, _ = exact.trust_region(radius, tol=1e-10)
+            assert lam == pytest.approx(lam_e, rel=1e-6)
+            assert torch.allclose(s, exact.step(lam), rtol=1e-9, atol=1e-12)
 
 
 class _FakeFactorization:

@@ -1,10 +1,13 @@
 """The curvature of one batch, decomposed once per step.
 
-Three routes, chosen by :func:`choose_route`:
+Four routes, chosen by :func:`choose_route`:
 
 * ``"dense"``: the exact ``W x W`` matrix (``hessinv.Hessian.to_dense`` or
   ``hessinv.GaussNewton.to_dense``: ``W`` exact products, linear in depth) and
-  one ``eigh``; every shift is then ``O(W^2)`` (:mod:`.spectral`).
+  one Cholesky per trial shift (:mod:`.cholesky`), with ``eigh`` as the
+  fallback for the trust region's hard case;
+* ``"eigh"``: the same matrix and one ``eigh`` per step; every shift is then
+  ``O(W^2)`` (:mod:`.spectral`).
 * ``"kernel"`` (Gauss-Newton only): ``G = A^T A`` with
   ``A = Lambda^{1/2} J``, ``J`` the ``(N o) x W`` per-sample output Jacobian and
   ``Lambda`` the block-diagonal Hessian of the loss in the outputs. One thin
@@ -30,7 +33,7 @@ from ..ggn import GaussNewton
 from ..hessian import Hessian
 from .spectral import Spectrum
 
-ROUTES = ("auto", "dense", "kernel", "lifted")
+ROUTES = ("auto", "dense", "eigh", "kernel", "lifted")
 DENSE_MAX_W = 2500  # eigh of W = 2500 costs about 2 s on one core; beyond it, factor
 
 

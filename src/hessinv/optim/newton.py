@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import Tensor, nn
 
+from .cholesky import ShiftedCholesky
 from .curvature import ROUTES, choose_route, dense_spectrum, kernel_spectrum, operator
 from .factored import FactoredSolver
 from .spectral import ShiftedSolver, Spectrum
@@ -26,8 +27,10 @@ class StepInfo:
     definite for the step taken (all eigenvalues above a round-off margin, or a
     factorization's ``is_positive_definite()``); ``certificate`` says how, or
     why not. ``times`` splits ``seconds`` into ``gradient``, ``curvature``
-    (building ``C`` or ``J``), ``decompose`` (``eigh``/SVD/factorizations),
-    ``subproblem`` (shifts, steps) and ``evaluate`` (trial losses).
+    (the curvature operator's stage blocks), ``decompose`` (the dense matrix, its
+    ``eigh``, or the Jacobian and its SVD), ``subproblem`` (trial shifts: their
+    Cholesky or lifted factorizations and solves), ``evaluate`` (trial losses)
+    and ``other``.
     """
 
     step: int
@@ -74,8 +77,9 @@ class Newton(torch.optim.Optimizer):
             damping, reusing the curvature decomposition).
         curvature_batch: Sub-batch size for the curvature (``None``: full batch).
         max_subproblem_iters: Shifts per trust-region solve on the lifted route.
-        factorization: ``"auto"``, ``"dense"``, ``"kernel"`` (Gauss-Newton) or
-            ``"lifted"`` (see :mod:`hessinv.optim.curvature`).
+        factorization: ``"auto"``, ``"dense"`` (Cholesky per shift), ``"eigh"``,
+            ``"kernel"`` (Gauss-Newton) or ``"lifted"`` (see
+            :mod:`hessinv.optim.curvature`).
         seed: Seed of the sub-batch sampler.
     """
 
@@ -199,19 +203,21 @@ class Newton(torch.optim.Optimizer):
             with torch.no_grad():
                 n_rows = Xc.shape[0] * int(self.model(Xc[:1]).numel())
         route = choose_route(self.factorization, self.curvature, g.numel(), n_rows)
-        if route == "lifted":
+        spec = None
+        if route == "kernel":
+            spec = kernel_spectrum(self.model, self._params(), self.loss_func, Xc, yc, scale)
+            t2 = t1
+        else:
             op = operator(self.curvature, self.model, self.loss_func, Xc, yc)
             t2 = time.perf_counter()
+        if route == "lifted":
             solver = FactoredSolver(op, scale, g)
-            spec = None
             cnorm = _norm_estimate(op, self.generator) * scale
+        elif route == "dense":
+            solver = ShiftedCholesky(op.to_dense() * scale, g)
+            cnorm = solver.norm1
         else:
-            if route == "kernel":
-                spec = kernel_spectrum(self.model, self._params(), self.loss_func, Xc, yc, scale)
-                t2 = t1
-            else:
-                op = operator(self.curvature, self.model, self.loss_func, Xc, yc)
-                t2 = time.perf_counter()
+            if route == "eigh":
                 spec = dense_spectrum(op, scale)
             solver = ShiftedSolver(spec, g)
             cnorm = spec.norm
@@ -221,7 +227,7 @@ class Newton(torch.optim.Optimizer):
         info = None
         for attempt in range(1, self.max_attempts + 1):
             ta = time.perf_counter()
-            s, lam, cert, how, hard, predicted = self._subproblem(solver, spec, g, cnorm, scale)
+            s, lam, cert, how, hard, predicted, solver = self._subproblem(solver, g, cnorm, scale)
             tb = time.perf_counter()
             self._add(s)
             new_loss = self._loss(X, y)
@@ -244,12 +250,12 @@ class Newton(torch.optim.Optimizer):
                 actual=actual,
                 rho=rho,
                 attempts=attempt,
-                factorizations=solver.factorizations if spec is None else 1,
+                factorizations=getattr(solver, "factorizations", 1),
                 seconds=0.0,
                 certified=cert,
                 certificate=how,
                 route=route,
-                min_eigenvalue=spec.min_eigenvalue if spec is not None else math.nan,
+                min_eigenvalue=solver.spec.min_eigenvalue if hasattr(solver, "spec") else math.nan,
                 hard_case=hard,
             )
             self._adapt(rho, accepted, snorm, lam, cnorm)
@@ -263,15 +269,36 @@ class Newton(torch.optim.Optimizer):
         self.steps += 1
         return loss0
 
-    def _subproblem(self, solver, spec: Spectrum | None, g: Tensor, cnorm: float, scale: float):  # noqa: ANN001, ANN202
-        """``(s, lam, certified, certificate, hard_case, predicted decrease)``."""
+    def _subproblem(self, solver, g: Tensor, cnorm: float, scale: float):  # noqa: ANN001, ANN202
+        """``(s, lam, certified, certificate, hard_case, predicted decrease, solver)``.
+
+        The dense Cholesky route hands over to the eigendecomposition (returned as the
+        new solver, reused by later attempts) when its iteration stalls.
+        """
         floor = self.min_damping * cnorm
-        if spec is not None:
-            if self.strategy == "trust-region":
+        tr = self.strategy == "trust-region"
+        if isinstance(solver, ShiftedCholesky):
+            if tr:
+                res = solver.trust_region(self.radius, self.shift)
+            else:
+                res = solver.levenberg_marquardt(max(self.damping * cnorm, floor))
+            if res is not None:
+                lam, s = res
+                self.shift = lam
+                cert, how = solver.prove(lam)
+                predicted = -float(g @ s + 0.5 * (s @ (solver.c @ s)))
+                return s, lam, cert, how, False, predicted, solver
+            w, q = torch.linalg.eigh(solver.c)
+            spec = Spectrum(w, q, w.shape[0], how="eigh of the dense matrix (fallback)")
+            solver = ShiftedSolver(spec, g)
+        if isinstance(solver, ShiftedSolver):
+            spec = solver.spec
+            if tr:
                 lam, extra, _ = solver.trust_region(self.radius)
             else:
                 extra = None
                 lam = max(self.damping * cnorm, floor, -spec.min_eigenvalue + 2.0 * spec.margin)
+            self.shift = lam
             cert = spec.certified(lam)
             how = (
                 f"{spec.how}: lambda_min(C) + lam = {spec.min_eigenvalue + lam:.3e} > margin "
@@ -280,15 +307,10 @@ class Newton(torch.optim.Optimizer):
                 else f"not proven: lambda_min(C) + lam = {spec.min_eigenvalue + lam:.3e} "
                 f"<= margin {spec.margin:.1e}"
             )
-            return (
-                solver.step(lam, extra),
-                lam,
-                cert,
-                how,
-                extra is not None,
-                solver.predicted(lam, extra),
-            )
-        if self.strategy == "trust-region":
+            s = solver.step(lam, extra)
+            predicted = solver.predicted(lam, extra)
+            return s, lam, cert, how, extra is not None, predicted, solver
+        if tr:
             t, hard = solver.trust_region(
                 self.radius, self.shift, self.max_subproblem_iters, cnorm * 1.5, floor
             )
@@ -297,7 +319,7 @@ class Newton(torch.optim.Optimizer):
             t, hard = solver.levenberg_marquardt(max(self.damping * cnorm, floor)), False
         cs = scale * (solver.op @ t.s)
         predicted = -float(g @ t.s + 0.5 * (t.s @ cs))
-        return t.s, t.lam, t.certified, t.how, hard, predicted
+        return t.s, t.lam, t.certified, t.how, hard, predicted, solver
 
     def _adapt(self, rho: float, accepted: bool, snorm: float, lam: float, cnorm: float) -> None:
         """Radius or damping from the ratio ``rho`` of actual to predicted decrease."""
