@@ -46,7 +46,14 @@ def test_training_quick(tmp_path):
     mod = _load("training")
     res = mod.main(["--quick", "--out", str(tmp_path), "--budget", "0.1"])
     data = json.loads((tmp_path / "training_quick.json").read_text())
-    assert set(data["tasks"]) == {"hp-1d", "hp-2d", "hp-3d", "synthetic", "digits"}
+    assert set(data["tasks"]) == {
+        "hp-1d",
+        "hp-2d",
+        "hp-3d",
+        "synthetic",
+        "synthetic-scaled",
+        "digits",
+    }
     for task in data["tasks"].values():
         runs = task["runs"]
         assert set(runs) == {"newton-tr", "lm-gn", "adam", "sgd-momentum", "lbfgs"}
