@@ -290,9 +290,10 @@ def summarize(res: dict) -> None:
 def table(result: dict) -> str:
     budget = result["config"]["budget"]
     lines = [
-        f"Budget {budget:g} s per run, one thread, {result['config']['seeds']} seeds, medians; "
-        f"load average {result['config'].get('load_average', '?')} (start, end) on a shared "
-        "machine. "
+        f"Budget {budget:g} CPU seconds per run (one thread), {result['config']['seeds']} "
+        f"seeds, medians; load average {result['config'].get('load_average', '?')} (start, end) "
+        "on a shared 2-core machine. s/step: CPU seconds per optimizer step (for L-BFGS, per "
+        "call of up to 20 iterations). "
         "`t(f)`: seconds to reach `f` x the initial loss (`-`: not reached). Best learning "
         "rates: "
         + "; ".join(
@@ -369,7 +370,16 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--budget", type=float, default=5.0, help="wall-clock seconds per run")
     p.add_argument("--tasks", nargs="+", default=list(TASKS))
     p.add_argument("--out", type=Path, default=HERE / "results")
+    p.add_argument(
+        "--merge",
+        nargs="+",
+        type=Path,
+        help="combine the JSON of runs made in separate processes (e.g. one per task) "
+        "into one table and plot under --out",
+    )
     args = p.parse_args(argv)
+    if args.merge:
+        return merge(args.merge, args.out)
     if args.quick:
         args.seeds = 1
         args.budget = min(args.budget, 0.3)
@@ -411,6 +421,31 @@ def main(argv: list[str] | None = None) -> dict:
     md = table(result)
     (args.out / f"{tag}.md").write_text(md)
     result["plot"] = plot(result, args.out / f"{tag}.png")
+    print(md)
+    return result
+
+
+def merge(paths: list[Path], out: Path) -> dict:
+    """One ``training.{json,md,png}`` from several partial runs (same budget and seeds)."""
+    parts = [json.loads(p.read_text()) for p in paths]
+    result = {"config": parts[0]["config"], "tasks": {}}
+    result["config"]["tasks"] = []
+    result["config"]["load_average"] = [x["config"].get("load_average") for x in parts]
+    for part in parts:
+        if (part["config"]["budget"], part["config"]["seeds"]) != (
+            result["config"]["budget"],
+            result["config"]["seeds"],
+        ):
+            raise ValueError("merge: the parts were run with different budgets or seeds")
+        result["tasks"].update(part["tasks"])
+        result["config"]["tasks"] += part["config"]["tasks"]
+    order = [t for t in TASKS if t in result["tasks"]]
+    result["tasks"] = {t: result["tasks"][t] for t in order}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "training.json").write_text(json.dumps(result, indent=0, default=str))
+    md = table(result)
+    (out / "training.md").write_text(md)
+    result["plot"] = plot(result, out / "training.png")
     print(md)
     return result
 
