@@ -17,6 +17,7 @@ from .spectral import ShiftedSolver, Spectrum
 
 STRATEGIES = ("trust-region", "levenberg-marquardt")
 CURVATURES = ("hessian", "gauss-newton")
+MAX_DAMPING = 1e12  # relative to |C|: beyond it a step is a gradient step of length ~0
 
 
 @dataclass
@@ -336,7 +337,7 @@ class Newton(torch.optim.Optimizer):
             rel /= 5.0
         elif rho > 0.4:
             rel /= 2.0
-        self.damping = max(rel, self.min_damping)
+        self.damping = min(max(rel, self.min_damping), MAX_DAMPING)
 
     # -- state -------------------------------------------------------------------------
     def state_dict(self) -> dict:
