@@ -147,11 +147,12 @@ def run_second_order(task: str, kind: str, seed: int, args) -> dict:  # noqa: AN
     opt = hessinv.optim.Newton(
         model, loss, curvature_batch=CURVATURE_BATCH.get(task), **SECOND[kind]
     )
-    ts, ls, t = [0.0], [_loss(model, loss, X, y)], 0.0
+    ts, ls, t, cpu = [0.0], [_loss(model, loss, X, y)], 0.0, []
     while t < args.budget:
         t0 = CLOCK()
         opt.step(X, y)
-        t += CLOCK() - t0
+        cpu.append(CLOCK() - t0)
+        t += cpu[-1]
         ts.append(t)
         ls.append(opt.history[-1].new_loss)
     h = opt.history
@@ -163,8 +164,8 @@ def run_second_order(task: str, kind: str, seed: int, args) -> dict:  # noqa: AN
         "accepted": sum(x.accepted for x in h),
         "certified": sum(x.certified for x in h),
         "route": h[0].route,
-        "median_step_s": statistics.median(x.seconds for x in h),
-        "median_parts_s": parts,
+        "median_step_s": statistics.median(cpu),
+        "median_parts_wall_s": parts,
         "median_attempts": statistics.median(x.attempts for x in h),
         "never_increased": all(b <= a for a, b in zip(ls, ls[1:], strict=False)),
     }
@@ -208,6 +209,36 @@ def run_first_order(task: str, kind: str, lr: float, seed: int, args) -> dict:  
     return {"seconds": ts, "loss": ls, "steps": steps, "lr": lr, "median_step_s": t / max(steps, 1)}
 
 
+def step_costs(quick: bool, steps: int = 20) -> dict:
+    """CPU seconds per step of each second-order method on ``synthetic`` (``W = 321``).
+
+    Median over ``steps`` steps from the initial point of seed 0, after one untimed
+    step; the parts are :attr:`StepInfo.times` (wall-clock) medians.
+    """
+    out = {}
+    for kind in SECOND:
+        model, loss, X, y = task_synthetic(0, quick)  # noqa: N806
+        opt = hessinv.optim.Newton(model, loss, **SECOND[kind])
+        opt.step(X, y)
+        cpu = []
+        for _ in range(steps):
+            t0 = CLOCK()
+            opt.step(X, y)
+            cpu.append(CLOCK() - t0)
+        h = opt.history[1:]
+        out[kind] = {
+            "W": sum(p.numel() for p in model.parameters()),
+            "median_step_cpu_s": statistics.median(cpu),
+            "median_attempts": statistics.median(x.attempts for x in h),
+            "median_factorizations": statistics.median(x.factorizations for x in h),
+            "route": h[0].route,
+            "median_parts_wall_s": {
+                k: statistics.median(x.times.get(k, 0.0) for x in h) for k in h[0].times
+            },
+        }
+    return out
+
+
 def time_to(run: dict, target: float) -> float:
     """Seconds until the running loss first reaches ``target`` (inf if never)."""
     for t, v in zip(run["seconds"], run["loss"], strict=True):
@@ -216,9 +247,13 @@ def time_to(run: dict, target: float) -> float:
     return math.inf
 
 
-def thin(run: dict, points: int = 120) -> None:
-    """Keep a history small enough to commit: log-spaced entries, the last and every
-    entry where the running minimum fell by 10x (times to targets are measured first)."""
+def thin(run: dict, points: int = 30) -> None:
+    """Keep a history small enough to commit (times to targets are measured first).
+
+    Kept: about ``points`` log-spaced and ``points`` evenly spaced entries, the last,
+    and every entry where the running minimum fell by 10x; ``step`` records the step
+    numbers kept (thinning again keeps a subset).
+    """
     n = len(run["loss"])
     if n <= 2 * points:
         return
@@ -231,9 +266,10 @@ def thin(run: dict, points: int = 120) -> None:
             best = v
             keep.add(i)
     idx = sorted(keep)
-    run["step"] = idx
+    steps = run.get("step", list(range(n)))
+    run["step"] = [steps[i] for i in idx]
     for key in ("seconds", "loss"):
-        run[key] = [float(f"{run[key][i]:.6g}") for i in idx]
+        run[key] = [float(f"{run[key][i]:.4g}") for i in idx]
 
 
 def _med(xs: list[float]) -> float:
@@ -257,7 +293,7 @@ def summarize(res: dict) -> None:
             "final_rel": rel,
             "final_rel_median": _med(rel),
             "steps_median": _med([r["steps"] for r in runs]),
-            "step_s_median": _med([r["median_step_s"] for r in runs]),
+            "step_s_median": _med([r["seconds"][-1] / max(r["steps"], 1) for r in runs]),
             "time_to": {
                 f"{f:g}": _med([time_to(r, f * r["loss"][0]) for r in runs]) for f in FRACTIONS
             },
@@ -292,8 +328,9 @@ def table(result: dict) -> str:
     lines = [
         f"Budget {budget:g} CPU seconds per run (one thread), {result['config']['seeds']} "
         f"seeds, medians; load average {result['config'].get('load_average', '?')} (start, end) "
-        "on a shared 2-core machine. s/step: CPU seconds per optimizer step (for L-BFGS, per "
-        "call of up to 20 iterations). "
+        "on a shared 2-core machine. s/step: mean CPU seconds per optimizer step over the run "
+        "(for L-BFGS, per call of up to 20 iterations; for the second-order methods it "
+        "includes the retries after convergence). "
         "`t(f)`: seconds to reach `f` x the initial loss (`-`: not reached). Best learning "
         "rates: "
         + "; ".join(
@@ -317,6 +354,18 @@ def table(result: dict) -> str:
                 f"{s['step_s_median'] * 1e3:.3g} ms | {ts} |"
             )
     lines.append("")
+    costs = result.get("step_costs", {})
+    if costs:
+        lines.append(
+            "Step cost on `synthetic` (seed 0, first 20 steps, CPU, one thread): "
+            + "; ".join(
+                f"{k} ({c['route']}, W = {c['W']}) {c['median_step_cpu_s'] * 1e3:.3g} ms "
+                f"(median {c['median_factorizations']:g} factorizations, "
+                f"{c['median_attempts']:g} attempts)"
+                for k, c in costs.items()
+            )
+            + ".\n"
+        )
     lines.append(
         "| task | best hessinv | best first-order | reaches its final loss x sooner | "
         "final loss x lower | loss never increased | steps certified |"
@@ -327,10 +376,14 @@ def table(result: dict) -> str:
         s2 = res["summary"][r["best_second"]]
         lines.append(
             f"| {task} | {r['best_second']} | {r['best_first']} | "
-            f"{r['speedup_to_first_final_median']:.3g} | {r['final_ratio_median']:.3g} | "
+            f"{_speed(r['speedup_to_first_final_median'])} | {r['final_ratio_median']:.3g} | "
             f"{s2['never_increased']} | {s2['certified_fraction']:.0%} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _speed(x: float) -> str:
+    return "never reached" if x == 0 else f"{x:.3g}"
 
 
 def plot(result: dict, path: Path) -> str:
@@ -354,11 +407,11 @@ def plot(result: dict, path: Path) -> str:
                 ax.semilogy(
                     r["seconds"], rel, color=colors[kind], alpha=0.7, label=kind if i == 0 else None
                 )
-        ax.set(xlabel="wall-clock seconds", ylabel="loss / initial loss", title=task)
+        ax.set(xlabel="CPU seconds (one thread)", ylabel="loss / initial loss", title=task)
         ax.grid(True, which="both", alpha=0.3)
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=60)
     plt.close(fig)
     return str(path)
 
@@ -416,8 +469,9 @@ def main(argv: list[str] | None = None) -> dict:
             for r in runs:
                 thin(r)
         result["tasks"][task] = res
+    result["step_costs"] = step_costs(args.quick)
     result["config"]["load_average"] = [load_start, os.getloadavg()[0]]  # a shared machine
-    (args.out / f"{tag}.json").write_text(json.dumps(result, indent=0, default=str))
+    (args.out / f"{tag}.json").write_text(json.dumps(result, separators=(",", ":"), default=str))
     md = table(result)
     (args.out / f"{tag}.md").write_text(md)
     result["plot"] = plot(result, args.out / f"{tag}.png")
@@ -439,10 +493,21 @@ def merge(paths: list[Path], out: Path) -> dict:
             raise ValueError("merge: the parts were run with different budgets or seeds")
         result["tasks"].update(part["tasks"])
         result["config"]["tasks"] += part["config"]["tasks"]
+    for res in result["tasks"].values():
+        for kind, summ in res["summary"].items():
+            runs = res["runs"][kind]
+            if kind in FIRST_LRS:
+                runs = [r for r in runs if r["lr"] == res["best_lr"][kind]]
+            summ["step_s_median"] = _med([r["seconds"][-1] / max(r["steps"], 1) for r in runs])
+        for runs in res["runs"].values():
+            for r in runs:
+                thin(r)
+    torch.set_num_threads(1)
+    result["step_costs"] = step_costs(False)
     order = [t for t in TASKS if t in result["tasks"]]
     result["tasks"] = {t: result["tasks"][t] for t in order}
     out.mkdir(parents=True, exist_ok=True)
-    (out / "training.json").write_text(json.dumps(result, indent=0, default=str))
+    (out / "training.json").write_text(json.dumps(result, separators=(",", ":"), default=str))
     md = table(result)
     (out / "training.md").write_text(md)
     result["plot"] = plot(result, out / "training.png")
