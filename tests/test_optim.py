@@ -361,3 +361,18 @@ def test_dense_factorization_matches_lifted():
         a, b = H.factor(d, method="lifted"), H.factor(d, method="dense")
         assert torch.allclose(a.solve(g), b.solve(g), rtol=1e-9, atol=1e-12)
         assert a.inertia() == b.inertia()
+
+
+def test_kernel_route_agrees_with_the_library_kernel_factorization():
+    """The optimizer's own kernel spectrum against ``GaussNewton.factor(method="kernel")``."""
+    model, loss, X, y = make_mlp(4, 4, 6, dtype=DT, device="cpu", seed=8)
+    spec = kernel_spectrum(model, list(model.parameters()), loss, X, y, 1.0)
+    op = hessinv.GaussNewton(model, loss, X, y)
+    g = op.gradient()
+    solver = ShiftedSolver(spec, g)
+    eps = torch.finfo(DT).eps
+    for lam in (1e-6, 1e-2, 1.0):
+        ref = -op.factor(lam, method="kernel").solve(g)
+        cond = (spec.norm + lam) / lam  # both solves carry errors of order eps * cond
+        err = float(torch.linalg.vector_norm(solver.step(lam) - ref))
+        assert err <= 100 * eps * cond * float(torch.linalg.vector_norm(ref)), (lam, err)
