@@ -44,14 +44,24 @@ def test_training_quick(tmp_path):
     pytest.importorskip("matplotlib")
     pytest.importorskip("sklearn")
     mod = _load("training")
-    res = mod.main(["--quick", "--out", str(tmp_path), "--budget", "0.3", "--sweep-budget", "0.1"])
+    res = mod.main(["--quick", "--out", str(tmp_path), "--budget", "0.1"])
     data = json.loads((tmp_path / "training_quick.json").read_text())
-    for task in ("synthetic", "digits"):
-        runs = data["tasks"][task]["runs"]
-        assert set(runs) == {"newton-tr", "lm-hessian", "gauss-newton", "adam", "sgd-momentum"}
-        for kind in ("newton-tr", "lm-hessian", "gauss-newton"):
-            for r in runs[kind]:  # every recorded loss is non-increasing (only accepted steps move)
+    assert set(data["tasks"]) == {
+        "hp-1d",
+        "hp-2d",
+        "hp-3d",
+        "synthetic",
+        "synthetic-scaled",
+        "digits",
+    }
+    for task in data["tasks"].values():
+        runs = task["runs"]
+        assert set(runs) == {"newton-tr", "lm-gn", "adam", "sgd-momentum", "lbfgs"}
+        for kind in ("newton-tr", "lm-gn"):
+            for r in runs[kind]:  # the loss never increases (only accepted steps move)
                 assert all(b <= a for a, b in zip(r["loss"], r["loss"][1:], strict=False))
+                assert r["certified"] == r["steps"]  # dense and kernel routes prove every step
+        assert set(task["summary"]) == set(runs) and "race" in task
     assert Path(res["plot"]).exists()
 
 
