@@ -100,8 +100,10 @@ def evaluate(p: Problem, quantities: set[str] | None = None) -> list[dict]:
     """Records ``{case, quantity, dtype, damping, outcome, detail}`` for every quantity."""
     recs: list[dict] = []
 
-    def rec(q: str, dt: torch.dtype, d: float | None, res: tuple[str, dict]) -> None:
+    def rec(q: str, dt: torch.dtype, d: float | None, res) -> None:
+        """Record ``res`` (an outcome, or a thunk computing it only if ``q`` is wanted)."""
         if quantities is None or q in quantities:
+            res = res() if callable(res) else res
             recs.append(
                 {
                     "case": p.name,
@@ -136,17 +138,17 @@ def _products(p: Problem, H, dt: torch.dtype, rec: Callable) -> None:
     """Gradient, ``H @ V`` (3 random columns) and the diagonal."""
     ref = p.ref
     judge_g = lambda v: vector_ok(v, ref.g, ref.g32, dt)  # noqa: E731
-    rec("gradient", dt, None, outcome(H.gradient, judge_g, False))
+    rec("gradient", dt, None, lambda: outcome(H.gradient, judge_g, False))
     V = torch.randn(ref.W, 3, generator=torch.Generator().manual_seed(2), dtype=F64)
     hv32 = None if ref.H32 is None else ref.H32 @ V.to(F32)
     rec(
         "H@V", dt, None,
-        outcome(lambda: H @ V.to(dt), lambda v: vector_ok(v, ref.H @ V, hv32, dt), False),
+        lambda: outcome(lambda: H @ V.to(dt), lambda v: vector_ok(v, ref.H @ V, hv32, dt), False),
     )  # fmt: skip
     d32 = None if ref.H32 is None else torch.diagonal(ref.H32)
     rec(
         "diagonal", dt, None,
-        outcome(H.diagonal, lambda v: vector_ok(v, torch.diagonal(ref.H), d32, dt), False),
+        lambda: outcome(H.diagonal, lambda v: vector_ok(v, torch.diagonal(ref.H), d32, dt), False),
     )  # fmt: skip
 
 
@@ -160,19 +162,31 @@ def _factored(p: Problem, H, dt: torch.dtype, d: float, G: torch.Tensor, rec: Ca
             return False, {"shape": str(getattr(x, "shape", type(x)))}
         return solve_ok(ref, d, x, G, dt)
 
-    rec("solve", dt, d, outcome(lambda: H.solve(G, damping=d), judge_x, just))
-    rec("solve_lifted", dt, d,
-        outcome(lambda: H.solve(G, damping=d, method="lifted"), judge_x, just))  # fmt: skip
+    def solve(method: str | None, justified: bool):
+        kw = {} if method is None else {"method": method}
+        return lambda: outcome(lambda: H.solve(G, damping=d, **kw), judge_x, justified)
+
+    rec("solve", dt, d, solve(None, just))
+    rec("solve_lifted", dt, d, solve("lifted", just))
     if p.woodbury:
-        rec("solve_woodbury", dt, d,
-            outcome(lambda: H.solve(G, damping=d, method="woodbury"), judge_x, True))  # fmt: skip
-    rec("logdet", dt, d, outcome(lambda: H.logdet(d), lambda v: logdet_ok(ref, d, v, dt), just))
-    rec("inertia", dt, d,
-        outcome(lambda: H.inertia(d), lambda v: inertia_ok(ref, d, v, dt), just))  # fmt: skip
+        rec("solve_woodbury", dt, d, solve("woodbury", True))
+
+    def judge_logdet(v):
+        return logdet_ok(ref, d, v, dt)
+
+    def judge_inertia(v):
+        return inertia_ok(ref, d, v, dt)
+
+    rec("logdet", dt, d, lambda: outcome(lambda: H.logdet(d), judge_logdet, just))
+    rec("inertia", dt, d, lambda: outcome(lambda: H.inertia(d), judge_inertia, just))
     fac, _, _ = attempt(lambda: H.factor(d))
-    if fac is not None and hasattr(fac, "is_positive_definite"):
+    if fac is not None and hasattr(fac, "is_positive_definite"):  # the solver protocol's verdict
+
+        def judge_pd(v):
+            return pd_ok(ref, d, v, dt)
+
         rec("is_positive_definite", dt, d,
-            outcome(fac.is_positive_definite, lambda v: pd_ok(ref, d, v, dt), just))  # fmt: skip
+            lambda: outcome(fac.is_positive_definite, judge_pd, just))  # fmt: skip
 
 
 def _jsonable(x):

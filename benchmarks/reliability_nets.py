@@ -149,9 +149,11 @@ def _copy_to(model: nn.Module, dt: torch.dtype) -> nn.Module:
     return copy.deepcopy(model).to(dt)
 
 
-def random_mlp(seed: int, rng: np.random.Generator, gen: torch.Generator, cnn: bool) -> Problem:
+def random_mlp(
+    seed: int, rng: np.random.Generator, gen: torch.Generator, cnn: bool, max_depth: int = 40
+) -> Problem:
     """A random ``nn.Sequential`` (MLP, or convolutions then an MLP) with a random loss."""
-    depth = int(rng.integers(1, 41))
+    depth = int(rng.integers(1, max_depth + 1))
     wmax = int(np.clip(math.isqrt(max(1, 300 // depth)), 1, 12))
     n = int(rng.integers(1, 11))
     kind, red = LOSSES[int(rng.integers(4))], ["sum", "mean"][int(rng.integers(2))]
@@ -222,9 +224,11 @@ def _stage_fn(kind: str, act: Callable) -> Callable:
     return lambda z, p: act(z @ p[0].T + p[1] ** 2)  # "square-bias"
 
 
-def random_stages(seed: int, rng: np.random.Generator, gen: torch.Generator) -> Problem:
+def random_stages(
+    seed: int, rng: np.random.Generator, gen: torch.Generator, max_depth: int = 40
+) -> Problem:
     """A functional pipeline whose stages have nonzero ``Txx`` (parameters enter nonlinearly)."""
-    depth = int(rng.integers(1, 41))
+    depth = int(rng.integers(1, max_depth + 1))
     wmax = int(np.clip(math.isqrt(max(1, 300 // depth)), 1, 10))
     n, gain = int(rng.integers(1, 11)), float(rng.uniform(0.1, 3.0))
     a = int(rng.integers(1, wmax + 1))
@@ -262,9 +266,11 @@ def random_stages(seed: int, rng: np.random.Generator, gen: torch.Generator) -> 
     return _stage_problem(seed, fns, params, z0, rng, arch, c, gain, "stages")
 
 
-def random_woodbury(seed: int, rng: np.random.Generator, gen: torch.Generator) -> Problem:
+def random_woodbury(
+    seed: int, rng: np.random.Generator, gen: torch.Generator, max_depth: int = 40
+) -> Problem:
     """A one-sample pipeline with one parameter per activation (Section 6's assumptions)."""
-    depth = int(rng.integers(2, 41))
+    depth = int(rng.integers(2, max(2, max_depth) + 1))
     a, gain = int(rng.integers(1, 7)), float(rng.uniform(0.1, 3.0))
     z0 = _round32(torch.randn(1, a, generator=gen, dtype=F64))
     fns, params = [], []
@@ -301,15 +307,19 @@ def _stage_problem(seed, fns, params, z0, rng, arch, c, gain, family) -> Problem
     return Problem(f"random-{seed}", make_op, ref, pick_dampings(ref, rng), meta=meta)
 
 
-def random_problem(seed: int) -> Problem:
-    """The network of ``seed``: 45% MLP, 20% CNN, 25% stage pipeline, 10% Woodbury pipeline."""
+def random_problem(seed: int, max_depth: int = 40) -> Problem:
+    """The network of ``seed``: 45% MLP, 20% CNN, 25% stage pipeline, 10% Woodbury pipeline.
+
+    ``max_depth`` (default 40) caps the number of parameter layers (the test suite's
+    fast subset uses a smaller cap).
+    """
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(seed)
     r = rng.random()
     if r < 0.45:
-        return random_mlp(seed, rng, gen, cnn=False)
+        return random_mlp(seed, rng, gen, cnn=False, max_depth=max_depth)
     if r < 0.65:
-        return random_mlp(seed, rng, gen, cnn=True)
+        return random_mlp(seed, rng, gen, cnn=True, max_depth=max_depth)
     if r < 0.9:
-        return random_stages(seed, rng, gen)
-    return random_woodbury(seed, rng, gen)
+        return random_stages(seed, rng, gen, max_depth=max_depth)
+    return random_woodbury(seed, rng, gen, max_depth=max_depth)

@@ -1,0 +1,153 @@
+"""Fast subset of the reliability campaign (benchmarks/reliability.py).
+
+Random networks (hypothesis draws the seed of the campaign's generator, depth
+capped at 8) must give no ``silently_wrong``, ``wrong_warned`` or
+``unclear_error`` outcome: every quantity is exact (within 100x of the dense
+method in the same dtype, against an independent ``torch.func`` reference), or
+a clear, justified error. The criteria are in the campaign's docstring.
+
+The named off-path cases of the issue that hessinv does not handle yet are
+``xfail(strict=False)`` here with the reason; the campaign reports them.
+"""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import reliability_cases as cases  # noqa: E402
+from reliability_eval import evaluate  # noqa: E402
+from reliability_nets import random_problem  # noqa: E402
+
+FAILING = ("silently_wrong", "wrong_warned", "unclear_error")
+PRODUCTS_AND_SOLVES = {"gradient", "H@V", "diagonal", "solve", "solve_lifted", "solve_woodbury"}
+SPECTRAL = {"logdet", "inertia", "is_positive_definite"}
+
+
+def _failures(recs):
+    return [
+        (r["case"], r["quantity"], r["dtype"], r["damping"], r["outcome"], r["detail"])
+        for r in recs
+        if r["outcome"] in FAILING
+    ]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
+@given(seed=st.integers(0, 10**6))
+def test_random_networks_products_and_solves(seed):
+    p = random_problem(seed, max_depth=8)
+    assert _failures(evaluate(p, PRODUCTS_AND_SOLVES)) == []
+
+
+@pytest.mark.xfail(
+    strict=False,
+    reason="known (campaign findings): the lifted inertia/logdet count eigenvalues well above "
+    "the round-off band as zero in float32 and miss log|det| in float64 on some networks",
+)
+@settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
+@given(seed=st.integers(0, 10**6))
+def test_random_networks_logdet_inertia(seed):
+    p = random_problem(seed, max_depth=8)
+    assert _failures(evaluate(p, SPECTRAL)) == []
+
+
+def test_campaign_flags_a_wrong_answer():
+    """The criteria can fail: a solve that returns ``2 x`` is classified silently wrong."""
+    p = random_problem(3, max_depth=4)
+    make = p.make_op
+
+    class Wrong:
+        def __init__(self, H):
+            self.H = H
+
+        def __getattr__(self, k):
+            return getattr(self.H, k)
+
+        def __matmul__(self, v):
+            return self.H @ v
+
+        def solve(self, g, damping=0.0, **kw):
+            return 2 * self.H.solve(g, damping=damping, method="dense", check=False)
+
+    p.make_op = lambda dt: Wrong(make(dt))
+    p.dampings = [1e-2 * p.ref.hnorm]
+    recs = evaluate(p, {"solve", "gradient"})
+    assert {r["quantity"]: r["outcome"] for r in recs if r["dtype"] == "float64"} == {
+        "solve": "silently_wrong",
+        "gradient": "correct",
+    }
+
+
+OFFPATH_XFAIL = {
+    "mixing: Softmax(dim=0)": "mixing check not run for nn.Sequential models",
+    "mixing: LayerNorm((N, 4))": "mixing check not run for nn.Sequential models",
+    "mixing: BatchNorm1d(track_running_stats=False) in eval": "mixing check not run for models",
+    "mixing: callable loss ((o - t).sum(0) ** 2).sum()": "mixing check not run for losses",
+    "tied weights (one Linear used twice)": "tied parameters counted twice",
+    "nn.Sequential subclass overriding forward": "overridden forward ignored",
+    "parametrize: symmetric weight": "parametrizations not supported or refused",
+    "parametrize: orthogonal weight": "parametrizations not supported or refused",
+    "in-place activations": "in-place activations raise a torch RuntimeError",
+}
+
+
+def _structural():
+    return {p.name: p for p in cases.structural_problems()}
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(n, marks=pytest.mark.xfail(strict=False, reason=OFFPATH_XFAIL[n]))
+        if n in OFFPATH_XFAIL
+        else n
+        for n in [
+            "mixing: Softmax(dim=0)",
+            "mixing: LayerNorm((N, 4))",
+            "mixing: callable loss ((o - t).sum(0) ** 2).sum()",
+            "MSELoss() mean (must not be refused by a mixing check)",
+            "mixing: BatchNorm1d(track_running_stats=False) in eval",
+            "tied weights (one Linear used twice)",
+            "nn.Sequential subclass overriding forward",
+            "parametrize: symmetric weight",
+            "parametrize: orthogonal weight",
+            "in-place activations",
+        ]
+    ],
+)
+def test_offpath_structural(name):
+    p = _structural()[name]
+    p.dtypes = (torch.float64,)
+    assert _failures(evaluate(p)) == []
+
+
+@pytest.mark.xfail(strict=False, reason="default solve (dense) returns a vector for singular H")
+def test_offpath_singular_in_range():
+    assert _failures(cases.case_singular_in_range()) == []
+
+
+@pytest.mark.xfail(
+    strict=False,
+    reason="float16 accepted, (W, 0) rhs crashes, np.float32 damping refused, True accepted",
+)
+def test_offpath_input_checks():
+    recs = cases.case_input_checks()
+    assert [r for r in recs if r["outcome"] not in ("correct", "clear_error")] == []
+
+
+@pytest.mark.xfail(strict=False, reason="a stale operator still describes the old weights")
+def test_offpath_stale_operator():
+    assert _failures(cases.case_stale()) == []
