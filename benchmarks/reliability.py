@@ -95,6 +95,7 @@ def _init_worker() -> None:
 def run_seed(seed: int) -> tuple[dict, list[dict], float]:
     """``(meta, records, seconds)`` of random network ``seed``."""
     _init_worker()
+    import torch
     from reliability_eval import evaluate, exc_info
     from reliability_nets import random_problem
 
@@ -106,6 +107,7 @@ def run_seed(seed: int) -> tuple[dict, list[dict], float]:
     recs = evaluate(p)
     for r in recs:
         r["seed"] = seed
+    p.meta["forming_error_f32"] = p.ref.forming_error(torch.float32)
     return p.meta, recs, time.time() - t
 
 
@@ -205,6 +207,8 @@ def main(argv: list[str] | None = None) -> dict:
             fut = None if args.no_offpath else pool.apply_async(run_offpath_records)
             for res in pool.imap_unordered(run_seed, seeds, chunksize=4):
                 results.append(res)
+                if len(results) % 50 == 0:
+                    print(f"{len(results)}/{n} networks, {time.time() - t0:.0f} s", file=sys.stderr)
             off = [] if fut is None else fut.get()
     else:
         results = [run_seed(s) for s in seeds]
