@@ -233,6 +233,9 @@ def main(argv: list[str] | None = None) -> dict:
             "clear_errors": dict(clear.most_common()),
             "bad": bad,
             "bad_networks": bad_metas,
+            "float32_forming_error_above_1e-3": sum(
+                1 for m in metas.values() if m.get("forming_error_f32", 0.0) > 1e-3
+            ),
             "W": {
                 "max": max((m.get("W", 0) for m in metas.values()), default=0),
                 "median": sorted(m.get("W", 0) for m in metas.values())[len(metas) // 2]
