@@ -187,17 +187,56 @@ CAPTION = (
 )
 
 
+def offpath_summary(off: list[dict], seconds: float) -> dict:
+    return {
+        "seconds": round(seconds, 1),
+        "counts": counts(off),
+        "failure_modes": failure_modes(off),
+        "table": offpath_table(off),
+        "records": [_compact(r) for r in off if r["outcome"] != "correct"],
+    }
+
+
+def render(out: dict) -> str:
+    """The Markdown tables of a campaign result."""
+    s = out["seeds"]
+    md = [
+        "# Reliability campaign",
+        "",
+        f"{out['networks']} random networks (seeds {s[0]}..{s[-1]}), {out['seconds']} s. "
+        + CAPTION,
+        "",
+        "## Random networks",
+        "",
+        table(out["random"]["counts"]),
+        "",
+    ]
+    if out.get("offpath", {}).get("counts"):
+        o = out["offpath"]
+        md += ["## Off-path cases", "", table(o["counts"]), "", o["table"], ""]
+    return "\n".join(md)
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", type=int, default=None, help="only the first N random networks")
     ap.add_argument("--seed0", type=int, default=0, help="first seed")
     ap.add_argument("--jobs", type=int, default=2, help="worker processes")
     ap.add_argument("--no-offpath", action="store_true", help="skip the named off-path cases")
+    ap.add_argument(
+        "--offpath-only",
+        action="store_true",
+        help="rerun only the off-path cases and update an existing result in --out",
+    )
     ap.add_argument("--out", default=str(HERE / "results"), help="output folder")
     args = ap.parse_args(argv)
+    t0 = time.time()
+    if args.offpath_only:
+        out = json.loads(Path(args.out, "reliability.json").read_text())
+        out["offpath"] = offpath_summary(run_offpath_records(), time.time() - t0)
+        return _write(out, args.out)
     n = args.quick if args.quick is not None else N_DEFAULT
     seeds = list(range(args.seed0, args.seed0 + n))
-    t0 = time.time()
     results = []
     off: list[dict] = []
     if args.jobs > 1:
@@ -217,14 +256,14 @@ def main(argv: list[str] | None = None) -> dict:
     recs = [r for _, rs, _ in results for r in rs]
     metas = {m["seed"]: m for m, _, _ in results}
     bad = [_compact(r) for r in recs if r["outcome"] in BAD]
-    bad_metas = {r["seed"]: metas[r["seed"]] for r in bad}
     clear: collections.Counter = collections.Counter()
     for r in recs:
         if r["outcome"] == "clear_error":
             clear[f"{r['detail'].get('exception')}: {r['detail'].get('message', '')[:60]}"] += 1
+    ws = sorted(m.get("W", 0) for m in metas.values()) or [0]
     out = {
         "networks": n,
-        "seeds": [seeds[0], seeds[-1]] if seeds else [],
+        "seeds": [seeds[0], seeds[-1]] if seeds else [0, -1],
         "seconds": round(time.time() - t0, 1),
         "reference_failed": [m for m in metas.values() if "reference_failed" in m],
         "random": {
@@ -232,41 +271,23 @@ def main(argv: list[str] | None = None) -> dict:
             "failure_modes": failure_modes(recs),
             "clear_errors": dict(clear.most_common()),
             "bad": bad,
-            "bad_networks": bad_metas,
+            "bad_networks": {r["seed"]: metas[r["seed"]] for r in bad},
             "float32_forming_error_above_1e-3": sum(
                 1 for m in metas.values() if m.get("forming_error_f32", 0.0) > 1e-3
             ),
-            "W": {
-                "max": max((m.get("W", 0) for m in metas.values()), default=0),
-                "median": sorted(m.get("W", 0) for m in metas.values())[len(metas) // 2]
-                if metas
-                else 0,
-            },  # fmt: skip
+            "W": {"max": ws[-1], "median": ws[len(ws) // 2]},
         },
-        "offpath": {
-            "counts": counts(off),
-            "failure_modes": failure_modes(off),
-            "records": [_compact(r) for r in off if r["outcome"] != "correct"],
-        },
+        "offpath": offpath_summary(off, 0.0) if off else {},
     }
-    md = [
-        "# Reliability campaign",
-        "",
-        f"{n} random networks (seeds {seeds[0]}..{seeds[-1]}), {out['seconds']} s. {CAPTION}",
-        "",
-        "## Random networks",
-        "",
-        table(out["random"]["counts"]),
-        "",
-    ]
-    if off:
-        md += ["## Off-path cases", "", table(out["offpath"]["counts"]), "",
-               offpath_table(off), ""]  # fmt: skip
-    text = "\n".join(md)
+    return _write(out, args.out)
+
+
+def _write(out: dict, folder: str) -> dict:
+    text = render(out)
     print(text)
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    Path(args.out, "reliability.json").write_text(json.dumps(out, indent=1, default=str))
-    Path(args.out, "reliability.md").write_text(text)
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    Path(folder, "reliability.json").write_text(json.dumps(out, indent=1, default=str))
+    Path(folder, "reliability.md").write_text(text)
     return out
 
 

