@@ -128,6 +128,21 @@ def _compact(r: dict) -> dict:
     return {k: r[k] for k in keys if k in r} | {"detail": det}
 
 
+KEEP = {"silently_wrong": 200, "unclear_error": 200, "wrong_warned": 30, "false_refusal": 30}
+
+
+def trim(bad: list[dict]) -> list[dict]:
+    """At most ``KEEP[outcome]`` detailed records per quantity, dtype and outcome (all counted)."""
+    seen: collections.Counter = collections.Counter()
+    out = []
+    for r in bad:
+        key = (r["quantity"], r["dtype"], r["outcome"])
+        seen[key] += 1
+        if seen[key] <= KEEP.get(r["outcome"], 30):
+            out.append(r)
+    return out
+
+
 def counts(recs: list[dict]) -> dict:
     """``{quantity: {dtype: {outcome: n}}}``."""
     c: dict = collections.defaultdict(lambda: collections.defaultdict(collections.Counter))
@@ -270,8 +285,8 @@ def main(argv: list[str] | None = None) -> dict:
             "counts": counts(recs),
             "failure_modes": failure_modes(recs),
             "clear_errors": dict(clear.most_common()),
-            "bad": bad,
-            "bad_networks": {r["seed"]: metas[r["seed"]] for r in bad},
+            "bad": trim(bad),
+            "bad_networks": {r["seed"]: metas[r["seed"]] for r in trim(bad)},
             "float32_forming_error_above_1e-3": sum(
                 1 for m in metas.values() if m.get("forming_error_f32", 0.0) > 1e-3
             ),
