@@ -202,9 +202,23 @@ CAPTION = (
 )
 
 
+def by_case(off: list[dict]) -> str:
+    """One row per off-path case: its outcome counts over quantities, dtypes and dampings."""
+    from reliability_eval import CLASSES
+
+    agg: dict = {}
+    for r in off:
+        agg.setdefault(r["case"], collections.Counter())[r["outcome"]] += 1
+    lines = ["| case | outcomes (all quantities, dtypes, dampings) |", "|---|---|"]
+    for case, c in agg.items():
+        lines.append(f"| {case} | " + ", ".join(f"{k} {c[k]}" for k in CLASSES if c[k]) + " |")
+    return "\n".join(lines)
+
+
 def offpath_summary(off: list[dict], seconds: float) -> dict:
     return {
         "seconds": round(seconds, 1),
+        "by_case": by_case(off),
         "counts": counts(off),
         "failure_modes": failure_modes(off),
         "table": offpath_table(off),
@@ -228,7 +242,8 @@ def render(out: dict) -> str:
     ]
     if out.get("offpath", {}).get("counts"):
         o = out["offpath"]
-        md += ["## Off-path cases", "", table(o["counts"]), "", o["table"], ""]
+        md += ["## Off-path cases", "", o.get("by_case", ""), "", table(o["counts"]), "",
+               "### Per case, quantity and dtype", "", o["table"], ""]  # fmt: skip
     return "\n".join(md)
 
 
@@ -301,7 +316,7 @@ def _write(out: dict, folder: str) -> dict:
     text = render(out)
     print(text)
     Path(folder).mkdir(parents=True, exist_ok=True)
-    Path(folder, "reliability.json").write_text(json.dumps(out, indent=1, default=str))
+    Path(folder, "reliability.json").write_text(json.dumps(out, separators=(",", ":"), default=str))
     Path(folder, "reliability.md").write_text(text)
     return out
 
