@@ -216,7 +216,10 @@ def _consistency(q, a, ea, b, eb, c, base, d, dt, hw):
         ok, det = diff <= 100 * W * eps * cond, {"rel_diff": diff, "cond": cond}
     elif q == "logdet":
         shift = W * math.log(c)
-        diff = abs(b[1] - shift - a[1]) if math.isfinite(a[1]) and math.isfinite(b[1]) else math.inf
+        if math.isfinite(a[1]) and math.isfinite(b[1]):
+            diff = abs(b[1] - shift - a[1])
+        else:  # both singular is consistent; one singular is not
+            diff = 0.0 if a[1] == b[1] else math.inf
         ok = a[0] == b[0] and diff <= 1e-8 * W * max(1.0, eps / 2.2e-16)
         det = {"base": list(a), "scaled": list(b), "shifted_diff": diff}
     else:
