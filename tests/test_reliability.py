@@ -128,8 +128,6 @@ OFFPATH_XFAIL = {
     "mixing: LayerNorm((N, 4))": "mixing check not run for nn.Sequential models",
     "mixing: BatchNorm1d(track_running_stats=False) in eval": "mixing check not run for models",
     "mixing: callable loss ((o - t).sum(0) ** 2).sum()": "mixing check not run for losses",
-    "tied weights (one Linear used twice)": "tied parameters counted twice",
-    "nn.Sequential subclass overriding forward": "overridden forward ignored",
     "parametrize: symmetric weight": "parametrizations not supported or refused",
     "parametrize: orthogonal weight": "parametrizations not supported or refused",
     "in-place activations": "in-place activations raise a torch RuntimeError",
