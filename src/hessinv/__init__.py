@@ -11,6 +11,7 @@ from .errors import (
     InaccurateSolveError,
     LiftedPrecisionError,
     LiftedPrecisionWarning,
+    NonFiniteError,
     SingularHessianError,
 )
 from .ggn import GaussNewton
@@ -26,6 +27,7 @@ __all__ = [
     "LiftedPrecisionError",
     "InverseOperator",
     "LiftedPrecisionWarning",
+    "NonFiniteError",
     "Pipeline",
     "SingularHessianError",
     "Stage",

@@ -53,3 +53,11 @@ class LiftedPrecisionError(SingularHessianError):
     conditioned than ``H + dI``). The way out: ``method="dense"`` for small
     ``W``, or a larger damping.
     """
+
+
+class NonFiniteError(ValueError):
+    """A product with ``H`` overflowed: the Hessian's entries exceed the dtype's range.
+
+    Seen in float32 with large loss scales or exploding activations; float64
+    (or a smaller loss scale) is the way out.
+    """

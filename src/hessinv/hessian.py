@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from .derivatives import StageBlocks
-from .errors import InaccurateSolveError, LiftedPrecisionError
+from .errors import InaccurateSolveError, LiftedPrecisionError, NonFiniteError
 from .pipeline import Pipeline, Stage
 from .products import compute_blocks, gradient, hvp
 from .solvers import FACTORIZATIONS, Factorization, Inertia, KrylovSolver
@@ -225,7 +225,7 @@ class Hessian:
 
     def gradient(self) -> Tensor:
         """The flat gradient, ``e_L M^{-1} D_x`` (paper eq. 8)."""
-        return gradient(self.blocks)
+        return _finite(gradient(self.blocks), "the gradient", self.dtype)
 
     def matmat(self, v: Tensor) -> Tensor:
         """``H V`` for ``V`` of shape ``(W, k)`` (no checks)."""
@@ -233,19 +233,21 @@ class Hessian:
 
     def __matmul__(self, v: VectorLike) -> VectorLike:
         vm, form = self.layout.to_matrix(v, "v")
-        return self.layout.from_matrix(self.matmat(vm), form)
+        return self.layout.from_matrix(_finite(self.matmat(vm), "H @ v", self.dtype), form)
 
     def diagonal(self) -> Tensor:
         """The exact diagonal of ``H`` (length ``W``), linear in depth (:mod:`hessinv.diagonal`)."""
         from .diagonal import diagonal
 
-        return diagonal(self.blocks)
+        return _finite(diagonal(self.blocks), "the diagonal of H", self.dtype)
 
     def block_diagonal(self) -> list[Tensor]:
         """The exact ``p_l x p_l`` diagonal blocks of ``H``, one per stage, linear in depth."""
         from .diagonal import block_diagonal
 
-        return block_diagonal(self.blocks)
+        return [
+            _finite(b, "a diagonal block of H", self.dtype) for b in block_diagonal(self.blocks)
+        ]
 
     def to_dense(self) -> Tensor:
         """The ``W x W`` matrix, ``H @ I``."""
@@ -280,7 +282,13 @@ class Hessian:
     def spectral_bounds(self) -> tuple[float, float]:
         """Extreme Ritz values of 16 Lanczos steps on ``H`` (cached): estimates from inside."""
         if self._bounds is None:
-            self._bounds = spectral_bounds(self.matmat, self.num_params, self.dtype, self.device)
+            lo, hi = spectral_bounds(self.matmat, self.num_params, self.dtype, self.device)
+            if not (math.isfinite(lo) and math.isfinite(hi)):
+                raise NonFiniteError(
+                    f"H @ v overflowed in {self.dtype} while estimating ||H||: the Hessian's "
+                    "entries exceed this dtype's range; use float64 or a smaller loss scale"
+                )
+            self._bounds = (lo, hi)
         return self._bounds
 
     def _method(self, method: str) -> str:
@@ -435,6 +443,16 @@ class Hessian:
         """Per-column ``||(H + dI) x - g|| / (||H + dI|| ||x|| + ||g||)`` (Lanczos ``||.||``)."""
         r = self.matmat(x) + damping * x - g
         return normwise_backward_error(r, x, g, shifted_norm(self, damping))
+
+
+def _finite(t: Tensor, what: str, dtype: torch.dtype) -> Tensor:
+    """``t``, or :class:`~hessinv.errors.NonFiniteError` if it has NaN or Inf entries."""
+    if not bool(torch.isfinite(t).all()):
+        raise NonFiniteError(
+            f"{what} overflowed in {dtype} (NaN or Inf entries): the Hessian's entries exceed "
+            "this dtype's range; use float64 or a smaller loss scale"
+        )
+    return t
 
 
 def _check_no_mixing(pipeline: Pipeline) -> None:

@@ -138,12 +138,21 @@ class LiftedSystem:
         m: ``sum_l N a_l``, the number of ``u`` (and of ``lam``) unknowns.
         n_dropped: ``sum_l (p_l - k_l)``, eigenvalues equal to ``damping``.
         scale: The equilibration ``s`` (module doc): curvature blocks are divided by it.
+        dtype: Working dtype of ``K`` (e.g. float64 for counting the signs of a
+            float32 operator's ``K``); ``None`` keeps the blocks' dtype.
     """
 
-    def __init__(self, blocks: list[StageBlocks], damping: float, scale: float = 1.0) -> None:
+    def __init__(
+        self,
+        blocks: list[StageBlocks],
+        damping: float,
+        scale: float = 1.0,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         self.blocks = blocks
         self.damping = damping
         self.scale = scale
+        self.dtype = dtype  # blocks are cast to it as they are built (None: as the blocks)
         self.bases = [_basis(b) for b in blocks]
         self._k = [
             b.num_params if q is None else q.shape[1]
@@ -157,8 +166,15 @@ class LiftedSystem:
         for l in range(n_st - 1):  # noqa: E741
             self.sizes += [self._k[l] + self._m[l], self._m[l]]
         self.sizes.append(self._k[-1])
-        self.diag: Sequence[Tensor] = _LazyBlocks(len(self.sizes), self._diag_block)
-        self.upper: Sequence[Tensor] = _LazyBlocks(len(self.sizes) - 1, self._upper_block)
+        self.diag: Sequence[Tensor] = _LazyBlocks(len(self.sizes), self._cast(self._diag_block))
+        self.upper: Sequence[Tensor] = _LazyBlocks(
+            len(self.sizes) - 1, self._cast(self._upper_block)
+        )
+
+    def _cast(self, build: Callable[[int], Tensor]) -> Callable[[int], Tensor]:
+        if self.dtype is None:
+            return build
+        return lambda i: build(i).to(self.dtype)
 
     @staticmethod
     def _cols(t: Tensor, q: Tensor | None) -> Tensor:

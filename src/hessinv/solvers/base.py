@@ -306,6 +306,14 @@ class Factorization(ABC):
         Zeros are eigenvalues within :meth:`zero_threshold`; they are counted
         exactly from the inertias of ``A -+ t I`` when there are any.
         """
+        out = self._inertia_unchecked()
+        if sum(out) != self.size or min(out) < 0:  # pragma: no cover - a guard, never expected
+            raise torch.linalg.LinAlgError(
+                f"method={self.method!r} counted {tuple(out)} eigenvalues for W = {self.size}"
+            )
+        return out
+
+    def _inertia_unchecked(self) -> Inertia:
         if not self.singular:
             return self._signs()
         t = self.zero_threshold()

@@ -48,10 +48,10 @@ class LiftedFactorization(Factorization):
 
     method = "lifted"
 
-    def __init__(self, op, damping: float) -> None:  # noqa: ANN001
+    def __init__(self, op, damping: float, count_dtype: torch.dtype | None = None) -> None:  # noqa: ANN001
         super().__init__(op, damping)
         s = curvature_scale(op.blocks, self.damping)
-        self.system = LiftedSystem(op.blocks, self.damping, scale=s)
+        self.system = LiftedSystem(op.blocks, self.damping, scale=s, dtype=count_dtype)
         self.lu = BlockTriLU(self.system.diag, self.system.upper)  # blocks built as consumed
         self.m = self.system.m
         self._congruence: InertiaResult | None = None
@@ -69,6 +69,14 @@ class LiftedFactorization(Factorization):
     def lifted_singular(self) -> bool:
         """``K`` has a pivot at round-off level (``<= eps max_k n_k ||K'||_max``)."""
         return self.lu.singular
+
+    def _shifted(self, shift: float) -> LiftedFactorization:
+        """``A + shift I`` for the exact band counts (signs only).
+
+        A float32 operator's ``K`` is factored in float64 there.
+        """
+        count = torch.float64 if self.dtype == torch.float32 else None
+        return LiftedFactorization(self.op, self.damping + shift, count_dtype=count)
 
     def _apply(self, g: Tensor) -> Tensor:
         return self.system.extract(self.lu.solve(self.system.rhs(g)), g)
@@ -154,7 +162,7 @@ class LiftedFactorization(Factorization):
         if r.zero:
             return False
         s, la = self.lu.slogdet()
-        tol = 0.1 + math.sqrt(torch.finfo(self.dtype).eps) * abs(la)
+        tol = 0.1 + math.sqrt(torch.finfo(self.lu.last.lu.dtype).eps) * abs(la)
         return r.sign == s and abs(r.logabsdet - la) <= tol
 
     def riccati(self, mode: str = "inertia") -> RiccatiResult:
