@@ -38,6 +38,7 @@ the exact histogram.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -45,7 +46,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .errors import HINT, SingularHessianError
+from .errors import HINT, LiftedPrecisionWarning, SingularHessianError
 
 if TYPE_CHECKING:
     from .hessian import Hessian
@@ -63,12 +64,18 @@ def _inertia_at(op: Hessian, sigma: float) -> tuple[int, int, int, bool | None]:
     cache = getattr(op, "_factors", None)
     before = set(cache) if isinstance(cache, dict) else set()
     try:
-        r = op.factor(d).inertia()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            r = op.factor(d).inertia()
     finally:
         if isinstance(cache, dict):
             for key in [k for k in cache if k not in before]:
                 del cache[key]
     verified = getattr(r, "verified", None)
+    for w in caught:  # passed on; a precision warning means the count is not verified
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+        if issubclass(w.category, LiftedPrecisionWarning):
+            verified = False
     return int(r[0]), int(r[1]), int(r[2]), verified
 
 
@@ -97,8 +104,10 @@ class SpectralHistogram:
         above: Eigenvalues at or above ``edges[-1]``.
         at_edges: Per edge, the eigenvalues equal to it to working precision
             (the factorization's zero count; ``0`` at a shift in a gap).
-        verified: ``True``/``False`` if every count's factorization says it was
-            verified / one was not; ``None`` if the factorization does not say.
+        verified: ``False`` if a count came with a
+            :class:`~hessinv.errors.LiftedPrecisionWarning` or its inertia says it
+            is not verified (``.verified``); ``True`` if every inertia says it is
+            verified; ``None`` otherwise (the inertia does not say).
         total: ``W``.
     """
 
@@ -135,7 +144,10 @@ def spectral_histogram(op: Hessian, edges: Any) -> SpectralHistogram:
         ver.append(v)
     nb = np.asarray(below, dtype=np.int64)
     w = op.num_params
-    verified: bool | None = None if any(v is None for v in ver) else all(ver)
+    if any(v is False for v in ver):
+        verified: bool | None = False
+    else:
+        verified = None if any(v is None for v in ver) else True
     return SpectralHistogram(
         edges=e,
         counts=np.diff(nb),
@@ -305,7 +317,7 @@ def _shift_below_spectrum(op: Hessian, nrm: float) -> float:
         bound *= 2.0
     else:  # pragma: no cover - a count that never reaches 0
         raise RuntimeError("hessinv.spectrum: could not bracket the spectrum by counts")
-    lo, hi = -bound, bound
+    lo, hi = -bound, 1.0137 * bound  # asymmetric: no midpoint at exactly 0
     while hi - lo > 1e-3 * bound:
         mid = 0.5 * (lo + hi)
         above, below, at, _ = _inertia_at(op, mid)
