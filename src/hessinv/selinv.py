@@ -43,11 +43,12 @@ Q)^{-1}]_{ll}`` in the kept basis; with the dropped directions (eigenvalue
 from an orthonormal complement ``C_l`` (no cancellation in ``1 - ||q_i||^2``).
 
 **Scaling.** ``K``'s curvature blocks (``Txx + dI``, ``Tzz``, ``Tzx``) scale with
-the loss but its Jacobian blocks do not. With ``c`` the largest curvature
-entry, ``S = diag(c^{-1/2} I_v, c^{-1/2} I_u, c^{1/2} I_lam)`` makes ``S K S``
-equal to the system of ``loss / c`` at ``d / c``, so the elimination and its
-singularity test do not depend on the scale of the loss;
-``K^{-1} = S (S K S)^{-1} S`` gives the ``v`` blocks as ``X_vv / c``.
+the loss but its Jacobian blocks do not. The elimination runs on the lifted
+system of ``loss / c`` at ``d / c`` (``c`` = :func:`hessinv.lifted.curvature_scale`,
+a power of two, so the scaling is exact), which equals ``S K S`` for
+``S = diag(c^{-1/2} I_v, c^{-1/2} I_u, c^{1/2} I_lam)``; ``K^{-1} = S (S K S)^{-1} S``
+gives the ``v`` blocks as ``X_vv / c``. The elimination and its singularity
+test therefore do not depend on the scale of the loss.
 """
 
 from __future__ import annotations
@@ -59,43 +60,7 @@ from torch import Tensor
 
 from .derivatives import StageBlocks
 from .errors import HINT, SingularHessianError
-from .lifted import LiftedSystem, _LazyBlocks
-
-
-def curvature_scale(blocks: Sequence[StageBlocks], damping: float) -> float:
-    """``c = max(|d|, max |Txx|, max |Tzz|, max |Tzx|)`` (1 if all vanish): the scale of ``K``."""
-    c = abs(damping)
-    for b in blocks:
-        for t in (b.Txx, b.Tzz, b.Tzx):
-            if t is not None and t.numel():
-                c = max(c, float(t.abs().max()))
-    return c if c > 0.0 else 1.0
-
-
-class _ScaledSystem:
-    """``S K S`` as lazy block sequences (see the module doc for ``S``)."""
-
-    def __init__(self, ls: LiftedSystem, c: float) -> None:
-        self.ls, self.c = ls, c
-        n_st = len(ls.blocks)
-        s_lo, s_hi = c**-0.5, c**0.5
-        self.row_scale: list[Tensor] = []
-        ref = ls.blocks[0].grad_x
-        for i, n in enumerate(ls.sizes):
-            l, odd = divmod(i, 2)  # noqa: E741
-            s = torch.full((n,), s_lo, dtype=ref.dtype, device=ref.device)
-            if not odd and l < n_st - 1:
-                s[ls._k[l] :] = s_hi  # the lam_l unknowns
-            self.row_scale.append(s)
-        self.diag = _LazyBlocks(len(ls.sizes), self._diag)
-        self.upper = _LazyBlocks(len(ls.sizes) - 1, self._upper)
-
-    def _diag(self, i: int) -> Tensor:
-        s = self.row_scale[i]
-        return s[:, None] * self.ls.diag[i] * s[None, :]
-
-    def _upper(self, i: int) -> Tensor:
-        return self.row_scale[i][:, None] * self.ls.upper[i] * self.row_scale[i + 1][None, :]
+from .lifted import LiftedSystem, _LazyBlocks, curvature_scale
 
 
 def _interfaces(diag: Sequence[Tensor], upper: Sequence[Tensor]) -> Iterator[tuple[Tensor, Tensor]]:
@@ -209,15 +174,14 @@ def inverse_block_diagonal(blocks: list[StageBlocks], damping: float) -> list[Te
         SingularHessianError: ``d = 0`` with exact null directions (dropped
             by the lifting), or a zero pivot of the lifted LU.
     """
-    ls = LiftedSystem(blocks, damping)
+    c = curvature_scale(blocks, damping)
+    ls = LiftedSystem(blocks, damping, scale=c)  # the system of loss / c at d / c
     if ls.singular_by_structure:
         raise SingularHessianError(
             f"H has at least {ls.n_dropped} exact null directions (parameter directions no "
             f"output depends on at this batch), so H + 0*I is singular. {HINT}"
         )
-    c = curvature_scale(blocks, damping)
-    sc = _ScaledSystem(ls, c)
-    xs = band_inverse_diagonal(sc.diag, sc.upper, range(0, len(ls.sizes), 2))
+    xs = band_inverse_diagonal(ls.diag, ls.upper, range(0, len(ls.sizes), 2))
     out = []
     for l, q in enumerate(ls.bases):  # noqa: E741
         k = ls._k[l]
