@@ -72,3 +72,15 @@ def test_riccati_quick(tmp_path):
     assert len(data["rows"]) == len(res["rows"]) == 2
     for r in data["rows"]:  # PD by the LU's inertia: the certificate must be obtained
         assert r["certified_pd"] and r["inertia_reliable"] and r["inertia_agrees_with_lu"]
+
+
+def test_spectrum_quick(tmp_path):
+    pytest.importorskip("matplotlib")
+    mod = _load("spectrum")
+    res = mod.main(["--quick", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "spectrum_quick.json").read_text())
+    for r in data["rows"]:  # every quick net fits the dense reference
+        assert r["bins_differing"] == 0
+        assert r["eig_err"] <= 1e-8 and r["invdiag_err"] <= 1e-8
+        assert sum(r["counts"]) == r["W"]
+    assert Path(res["plot"]).exists()

@@ -433,6 +433,38 @@ class Hessian:
             return KrylovSolver(self, d, method, maxiter).solve(g, check=check)
         return self._with_fallback(d, method, lambda f: f.solve(g, check=check, refine=refine))
 
+    # -- spectrum and selected inversion: thin wrappers (hessinv.selinv, hessinv.spectrum) --
+    def inverse_diagonal(self, damping: float = 0.0) -> Tensor:
+        """The diagonal of ``(H + damping I)^{-1}`` (length ``W``), by selected inversion."""
+        from .selinv import inverse_diagonal
+
+        return inverse_diagonal(self.blocks, _check_damping(damping))
+
+    def inverse_block_diagonal(self, damping: float = 0.0) -> list[Tensor]:
+        """The ``p_l x p_l`` diagonal blocks of ``(H + damping I)^{-1}``, one per stage."""
+        from .selinv import inverse_block_diagonal
+
+        return inverse_block_diagonal(self.blocks, _check_damping(damping))
+
+    def eigsh(self, k: int = 6, sigma: float | None = None, which: str = "LM", **kwargs):  # noqa: ANN003, ANN201
+        """``k`` eigenpairs, as ``scipy.sparse.linalg.eigsh`` (:func:`hessinv.spectrum.eigsh`)."""
+        from .spectrum import eigsh
+
+        return eigsh(self, k, sigma, which, **kwargs)
+
+    def eigenvalue_count(self, sigma: float) -> int:
+        """The number of eigenvalues below ``sigma``, exactly (inertia of ``H - sigma I``)."""
+        from .spectrum import eigenvalue_count
+
+        return eigenvalue_count(self, sigma)
+
+    def spectral_histogram(self, edges):  # noqa: ANN001, ANN201
+        """Exact eigenvalue counts in ``[edges[i], edges[i+1])`` (:mod:`hessinv.spectrum`)."""
+        from .spectrum import spectral_histogram
+
+        return spectral_histogram(self, edges)
+
+    # -- residuals -------------------------------------------------------------
     def residual(self, x: Tensor, g: Tensor, damping: float = 0.0) -> Tensor:
         """Per-column relative residuals ``||(H + dI) x - g|| / ||g||``."""
         r = self.matmat(x) + damping * x - g
