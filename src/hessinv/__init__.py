@@ -18,6 +18,7 @@ from .ggn import GaussNewton
 from .hessian import Hessian, InverseOperator
 from .pipeline import Pipeline, Stage
 from .solvers import Inertia
+from .validate import StaleOperatorError
 
 __all__ = [
     "GaussNewton",
@@ -31,6 +32,7 @@ __all__ = [
     "Pipeline",
     "SingularHessianError",
     "Stage",
+    "StaleOperatorError",
     "approx",
     "check",
     "optim",

@@ -18,7 +18,6 @@ True
 from __future__ import annotations
 
 import math
-import numbers
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
@@ -34,6 +33,7 @@ from .solvers import select as _select
 from .solvers.base import normwise_backward_error, shifted_norm
 from .solvers.estimates import robust_eigh, spectral_bounds
 from .trace import ParamsArg, stages_for_model
+from .validate import ParameterSnapshot, check_damping, check_no_mixing
 from .vectors import Layout
 
 VectorLike = Tensor | Sequence[Tensor]
@@ -47,18 +47,7 @@ DENSE_VERIFY_MAX_W = 2500
 
 def _check_damping(damping: object) -> float:
     """A finite real scalar (Python, NumPy or 0-d tensor); booleans are refused."""
-    if isinstance(damping, Tensor):
-        if damping.numel() != 1 or damping.dtype == torch.bool or damping.is_complex():
-            raise TypeError(f"damping must be a real scalar, got a tensor {damping!r}")
-        damping = damping.item()
-    if isinstance(damping, bool) or type(damping).__name__ == "bool_":
-        raise TypeError(f"damping must be a real number, not a boolean ({damping!r})")
-    if not isinstance(damping, numbers.Real):
-        raise TypeError(f"damping must be a real number, got {type(damping).__name__}")
-    d = float(damping)
-    if not math.isfinite(d):
-        raise ValueError(f"damping must be finite, got {d!r}")
-    return d
+    return check_damping(damping)
 
 
 class InverseOperator:
@@ -127,7 +116,7 @@ class Hessian:
         if y.dtype.is_floating_point and not torch.isfinite(y).all():
             raise ValueError("y contains NaN or Inf")
         stages, z0 = stages_for_model(model, loss_func, X, y, params)
-        self._init(Pipeline(stages, z0), generic=generic, check_mixing=False, max_memory=max_memory)
+        self._init(Pipeline(stages, z0), generic=generic, check_mixing=True, max_memory=max_memory)
 
     @classmethod
     def from_stages(
@@ -146,7 +135,7 @@ class Hessian:
                 scalar loss (a sum or mean over samples).
             z0: The input, batch first.
             generic: Unused for functional stages (always generic autodiff).
-            check_mixing: Verify with one Jacobian-vector product per stage
+            check_mixing: Verify with random probes (:func:`hessinv.validate.check_no_mixing`)
                 that no stage mixes samples (raises ``ValueError``).
             max_memory: As for the constructor.
         """
@@ -185,7 +174,8 @@ class Hessian:
         self.pipeline = pipeline
         self.max_memory = max_memory
         if check_mixing:
-            _check_no_mixing(pipeline)
+            check_no_mixing(pipeline)
+        self._snapshot = ParameterSnapshot.of_pipeline(pipeline)
         self._check_block_memory(pipeline)
         self._loss, self.blocks = self._compute_blocks(pipeline, generic)
         self.layout = Layout(tuple(pipeline.param_shapes), pipeline.dtype, pipeline.device)
@@ -219,19 +209,27 @@ class Hessian:
         """The per-stage derivative blocks (DESIGN.md section 1)."""
         return self.blocks
 
+    def _check_fresh(self) -> None:
+        """Raise :class:`hessinv.StaleOperatorError` if the parameters changed since build."""
+        self._snapshot.check()
+
     def loss(self) -> Tensor:
         """The loss ``z_L`` at the current parameters."""
+        self._check_fresh()
         return self._loss
 
     def gradient(self) -> Tensor:
         """The flat gradient, ``e_L M^{-1} D_x`` (paper eq. 8)."""
+        self._check_fresh()
         return _finite(gradient(self.blocks), "the gradient", self.dtype)
 
     def matmat(self, v: Tensor) -> Tensor:
-        """``H V`` for ``V`` of shape ``(W, k)`` (no checks)."""
+        """``H V`` for ``V`` of shape ``(W, k)`` (no checks of ``V``)."""
+        self._check_fresh()
         return hvp(self.blocks, v)
 
     def __matmul__(self, v: VectorLike) -> VectorLike:
+        self._check_fresh()
         vm, form = self.layout.to_matrix(v, "v")
         return self.layout.from_matrix(_finite(self.matmat(vm), "H @ v", self.dtype), form)
 
@@ -239,18 +237,21 @@ class Hessian:
         """The exact diagonal of ``H`` (length ``W``), linear in depth (:mod:`hessinv.diagonal`)."""
         from .diagonal import diagonal
 
+        self._check_fresh()
         return _finite(diagonal(self.blocks), "the diagonal of H", self.dtype)
 
     def block_diagonal(self) -> list[Tensor]:
         """The exact ``p_l x p_l`` diagonal blocks of ``H``, one per stage, linear in depth."""
         from .diagonal import block_diagonal
 
+        self._check_fresh()
         return [
             _finite(b, "a diagonal block of H", self.dtype) for b in block_diagonal(self.blocks)
         ]
 
     def to_dense(self) -> Tensor:
         """The ``W x W`` matrix, ``H @ I``."""
+        self._check_fresh()
         eye = torch.eye(self.num_params, dtype=self.dtype, device=self.device)
         h = self.matmat(eye)
         return 0.5 * (h + h.T)
@@ -276,6 +277,7 @@ class Hessian:
 
     def to_scipy(self):  # noqa: ANN201
         """A ``scipy.sparse.linalg.LinearOperator`` for ``H`` (symmetric)."""
+        self._check_fresh()
         return self._scipy(self.matmat)
 
     # -- solves ---------------------------------------------------------------
@@ -318,6 +320,7 @@ class Hessian:
         Raises:
             MemoryError: The method's estimated memory exceeds ``max_memory``.
         """
+        self._check_fresh()
         d = _check_damping(damping)
         name = self._method(method)
         key = (d, name)
@@ -360,10 +363,12 @@ class Hessian:
 
     def inverse(self, damping: float = 0.0, method: str = "auto") -> InverseOperator:
         """``(H + damping I)^{-1}`` as a linear operator."""
+        self._check_fresh()
         return InverseOperator(self.factor(damping, method))
 
     def logdet(self, damping: float = 0.0, method: str = "auto") -> tuple[float, float]:
         """``(sign, log|det(H + damping I)|)``; ``(0.0, -inf)`` if numerically singular."""
+        self._check_fresh()
         return self._with_fallback(damping, method, lambda f: f.logdet())
 
     def inertia(self, damping: float = 0.0, method: str = "auto") -> Inertia:
@@ -373,6 +378,7 @@ class Hessian:
         (:func:`hessinv.solvers.zero_threshold`); ``.verified`` and ``.how`` say
         how the counts were checked.
         """
+        self._check_fresh()
         inert = self._with_fallback(damping, method, lambda f: f.inertia())
         if not inert.verified and method == "auto" and self._dense_affordable(DENSE_VERIFY_MAX_W):
             return self.factor(damping, "dense").inertia()  # verified
@@ -389,6 +395,7 @@ class Hessian:
 
     def is_positive_definite(self, damping: float = 0.0, method: str = "auto") -> bool | None:
         """``True`` only if ``H + damping I`` is proven positive definite (else False/None)."""
+        self._check_fresh()
         return self._with_fallback(damping, method, lambda f: f.is_positive_definite())
 
     def cost_model(self) -> dict[str, float]:
@@ -427,7 +434,9 @@ class Hessian:
             MemoryError: The method's estimated memory exceeds ``max_memory``.
             ValueError: Unknown method, bad ``g`` or ``damping``, or (woodbury) a
                 violated assumption of Section 6, named in the message.
+            StaleOperatorError: The parameters changed since construction.
         """
+        self._check_fresh()
         d = _check_damping(damping)
         if method in ("minres", "cg"):
             return KrylovSolver(self, d, method, maxiter).solve(g, check=check)
@@ -467,12 +476,14 @@ class Hessian:
     # -- residuals -------------------------------------------------------------
     def residual(self, x: Tensor, g: Tensor, damping: float = 0.0) -> Tensor:
         """Per-column relative residuals ``||(H + dI) x - g|| / ||g||``."""
+        self._check_fresh()
         r = self.matmat(x) + damping * x - g
         gn = torch.linalg.vector_norm(g, dim=0).clamp_min(torch.finfo(g.dtype).tiny)
         return torch.linalg.vector_norm(r, dim=0) / gn
 
     def backward_error(self, x: Tensor, g: Tensor, damping: float = 0.0) -> Tensor:
         """Per-column ``||(H + dI) x - g|| / (||H + dI|| ||x|| + ||g||)`` (Lanczos ``||.||``)."""
+        self._check_fresh()
         r = self.matmat(x) + damping * x - g
         return normwise_backward_error(r, x, g, shifted_norm(self, damping))
 
@@ -486,33 +497,3 @@ def _finite(t: Tensor, what: str, dtype: torch.dtype) -> Tensor:
         )
     return t
 
-
-def _check_no_mixing(pipeline: Pipeline) -> None:
-    """Raise if a stage mixes samples: one JVP with a tangent on sample 0 only."""
-    n = pipeline.batch_size
-    if n < 2:
-        return
-    zs = pipeline.forward()
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    for i, st in enumerate(pipeline.stages):
-        z = zs[i]
-        if not z.dtype.is_floating_point:
-            continue
-        t = torch.zeros_like(z)
-        t[0] = torch.randn(z[0].shape, generator=gen, dtype=z.dtype).to(z.device)
-        last = i == len(pipeline.stages) - 1
-        if last:
-
-            def gz(zz: Tensor, st: Stage = st) -> Tensor:
-                return torch.func.grad(lambda q: st.fn(q, st.params).reshape(()))(zz)
-
-            out = torch.func.jvp(gz, (z,), (t,))[1]
-        else:
-            out = torch.func.jvp(lambda zz, st=st: st.fn(zz, st.params), (z,), (t,))[1]
-        leak = float(out[1:].abs().max())
-        ref = float(out[:1].abs().max()) + 1e-30
-        if leak > 1e3 * torch.finfo(z.dtype).eps * max(ref, 1.0):
-            raise ValueError(
-                f"stage {i} mixes samples (a change to sample 0 changes sample 1..N-1 by "
-                f"{leak:.2e}); every stage must treat samples independently"
-            )

@@ -19,7 +19,15 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
-from .pipeline import Stage
+from .model_checks import (
+    check_leaf,
+    check_params_covered,
+    check_untied,
+    leaf_modules,
+    out_of_place,
+)
+from .pipeline import Stage, check_dtype
+from .validate import ParameterSource
 
 #: Modules applied coordinate by coordinate (or a per-sample reshape): their
 #: Jacobian is diagonal in the flattened per-sample coordinates.
@@ -110,13 +118,13 @@ def check_module(m: nn.Module) -> None:
 
 
 def flatten_sequential(model: nn.Module) -> list[nn.Module]:
-    """The leaf modules of a (nested) ``nn.Sequential``, in order."""
-    if isinstance(model, nn.Sequential):
-        out: list[nn.Module] = []
-        for m in model:
-            out.extend(flatten_sequential(m))
-        return out
-    return [model]
+    """The leaf modules of a (nested) ``nn.Sequential``, in order.
+
+    Raises:
+        ValueError: A container whose ``forward`` is not a plain chain
+            (:func:`hessinv.model_checks.check_plain_sequential`).
+    """
+    return [m for _, m in leaf_modules(model)]
 
 
 def trainable(m: nn.Module) -> list[tuple[str, Tensor]]:
@@ -174,6 +182,8 @@ class StageStructure:
         tail: The parameter-free modules after it, in order.
         elementwise_tail: True if every tail module is elementwise.
         loss: ``(loss_func, target)`` for the last stage, else ``None``.
+        sources: The model's parameters behind the stage's tensors, with their
+            qualified names (for :class:`hessinv.validate.ParameterSnapshot`).
     """
 
     layer: nn.Module
@@ -181,6 +191,7 @@ class StageStructure:
     tail: list[nn.Module] = field(default_factory=list)
     elementwise_tail: bool = True
     loss: tuple[Callable[..., Tensor], Tensor] | None = None
+    sources: list[ParameterSource] | None = None
 
     def net_fn(self, y: Tensor) -> Tensor:
         """Apply the parameter-free tail, without the loss."""
@@ -222,6 +233,30 @@ def _is_elementwise(m: nn.Module) -> bool:
     return isinstance(m, ELEMENTWISE) or _is_dropout(m) or _is_flatten_per_sample(m)
 
 
+def _check_data_dtype(t: Tensor, what: str) -> None:
+    if isinstance(t, Tensor) and (t.dtype.is_floating_point or t.dtype.is_complex):
+        check_dtype(t.dtype, what)
+
+
+def _sources(modules: list[tuple[str, nn.Module]]) -> list[ParameterSource]:
+    """Every tensor of ``modules`` that ``H`` depends on, and where it lives.
+
+    The trainable parameters, and the constants: frozen parameters and buffers
+    (e.g. a BatchNorm's running statistics). A change to any of them makes an
+    operator stale (:class:`hessinv.validate.ParameterSnapshot`).
+    """
+    out = []
+    for mod_name, m in modules:
+        if isinstance(m, FrozenModule):
+            m = m.inner  # noqa: PLW2901 - its parameters are constants of H
+        for attr, t in [*m.named_parameters(), *m.named_buffers()]:
+            owner_path, _, leaf = attr.rpartition(".")
+            owner = m.get_submodule(owner_path) if owner_path else m
+            name = f"{mod_name}.{attr}" if mod_name else attr
+            out.append(ParameterSource(name, t, owner, leaf))
+    return out
+
+
 def stages_from_sequential(
     model: nn.Module,
     loss_func: Callable[..., Tensor],
@@ -242,38 +277,61 @@ def stages_from_sequential(
 
     Raises:
         ValueError: An unsupported or unsafe module, a model without trainable
-            parameters, or a loss reduction other than sum/mean.
+            parameters, a loss reduction other than sum/mean, tied weights, a
+            parametrized or hooked module, a container or module whose
+            ``forward`` is overridden (:mod:`hessinv.model_checks`), or a module
+            before the first stage that fails on ``X``.
+        TypeError: ``X`` or ``y`` of a dtype other than float32/float64
+            (integer targets are fine).
+
+    In-place activations are replaced by out-of-place copies inside the
+    stages (the user's modules are not changed).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if not callable(loss_func):
         raise TypeError("loss_func must be callable")
     loss_reduction_check(loss_func)
-    mods = flatten_sequential(model)
-    for m in mods:
+    _check_data_dtype(X, "X")
+    _check_data_dtype(y, "y")
+    named = leaf_modules(model)
+    for name, m in named:
         check_module(m)
+        check_leaf(m, name)
+    check_untied(model)
+    check_params_covered(model, named)
     z0 = X
-    groups: list[list[nn.Module]] = []
-    mods = [FrozenModule(m) if id(m) in frozen else m for m in mods]
-    for m in mods:
+    before: list[tuple[str, nn.Module]] = []  # applied to X once, before the first stage
+    groups: list[list[tuple[str, nn.Module]]] = []
+    named = [(name, FrozenModule(m) if id(m) in frozen else m) for name, m in named]
+    for name, m in named:
         if trainable(m):
-            groups.append([m])
+            groups.append([(name, m)])
         elif groups:
-            groups[-1].append(m)
+            groups[-1].append((name, m))
         else:
-            with torch.no_grad():
-                z0 = m(z0)
+            before.append((name, m))
+            try:
+                with torch.no_grad():
+                    z0 = out_of_place(m)(z0)
+            except Exception as e:
+                raise ValueError(
+                    f"module '{name}' ({m!r}), applied to the input before the first "
+                    f"parametrised module, failed on input of shape {tuple(z0.shape)}: "
+                    f"{type(e).__name__}: {e}"
+                ) from e
     if not groups:
         raise ValueError("the model has no trainable parameters")
     stages = []
     for i, group in enumerate(groups):
-        layer, tail = group[0], group[1:]
+        layer, tail = group[0][1], [out_of_place(m) for _, m in group[1:]]
         st = StageStructure(
             layer=layer,
             layer_fn=layer_function(layer),
             tail=tail,
             elementwise_tail=all(_is_elementwise(t) for t in tail),
             loss=(loss_func, y) if i == len(groups) - 1 else None,
+            sources=_sources((before if i == 0 else []) + group),
         )
 
         def fn(z: Tensor, params: tuple[Tensor, ...], st: StageStructure = st) -> Tensor:

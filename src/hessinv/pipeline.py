@@ -56,6 +56,44 @@ class Stage:
         return self.fn(z, self.params)
 
 
+#: The dtypes hessinv computes in (half precision has too few digits for the lifted
+#: factorization's pivoting and residual checks; complex parameters need a Hermitian theory).
+SUPPORTED_DTYPES = (torch.float32, torch.float64)
+
+
+def check_dtype(dtype: torch.dtype, what: str) -> None:
+    """Raise ``TypeError`` unless ``dtype`` is float32 or float64."""
+    if dtype not in SUPPORTED_DTYPES:
+        raise TypeError(
+            f"{what} has dtype {dtype}; hessinv supports float32 and float64 only "
+            "(convert with .double() or .float())"
+        )
+
+
+def describe_stage(stage: Stage) -> str:
+    """A short description of a stage for error messages: its module, or its function."""
+    layer = getattr(stage.structure, "layer", None)
+    if layer is not None:
+        return repr(layer).replace("\n", " ")
+    fn = stage.fn
+    return getattr(fn, "__qualname__", None) or type(fn).__name__
+
+
+def run_stage(stage: Stage, z: Tensor, index: int) -> Tensor:
+    """``stage(z)``, with an error inside the stage re-raised naming the stage and module.
+
+    Raises:
+        ValueError: Chained to the stage's own exception.
+    """
+    try:
+        return stage(z)
+    except Exception as e:
+        raise ValueError(
+            f"stage {index} ({describe_stage(stage)}) failed on input of shape "
+            f"{tuple(z.shape)} ({z.dtype}): {type(e).__name__}: {e}"
+        ) from e
+
+
 def flatten_params(params: Sequence[Tensor]) -> Tensor:
     """Concatenate tensors into one flat vector (row-major per tensor)."""
     if len(params) == 0:
@@ -72,6 +110,49 @@ def unflatten_params(flat: Tensor, like: Sequence[Tensor]) -> tuple[Tensor, ...]
         out.append(flat[i : i + n].reshape(p.shape))
         i += n
     return tuple(out)
+
+
+def memory_span(t: Tensor) -> tuple[int, int]:
+    """The byte range ``[start, end)`` that ``t``'s elements occupy (for overlap tests)."""
+    start = t.data_ptr()
+    if t.numel() == 0:
+        return start, start
+    extent = 1 + sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride(), strict=True))
+    return start, start + extent * t.element_size()
+
+
+def first_overlap(named: Sequence[tuple[str, Tensor]]) -> tuple[str, str] | None:
+    """The names of two tensors whose memory overlaps (tied parameters), else ``None``.
+
+    Disjoint views of one buffer (a flat parameter store) do not count.
+    """
+    spans = sorted(
+        (memory_span(t) + (name,) for name, t in named if t.numel()), key=lambda s: s[:2]
+    )
+    for (_, end0, name0), (start1, _, name1) in zip(spans, spans[1:], strict=False):
+        if start1 < end0:
+            return name0, name1
+    return None
+
+
+def _check_no_shared_tensors(stages: Sequence[Stage]) -> None:
+    """Refuse a parameter tensor (or memory) used in two places: ``H`` would be of the untied.
+
+    Raises:
+        ValueError: Naming both places.
+    """
+    named = [
+        (f"stages[{i}].params[{j}]", p)
+        for i, s in enumerate(stages)
+        for j, p in enumerate(s.params)
+    ]
+    pair = first_overlap(named)
+    if pair is not None:
+        raise ValueError(
+            f"{pair[1]} shares memory with {pair[0]} (a tied parameter): hessinv treats "
+            "every tensor as its own parameter, so H would be that of the untied "
+            "pipeline. Pass the tensor once, to one stage, and reuse it inside that stage"
+        )
 
 
 class Pipeline:
@@ -104,8 +185,11 @@ class Pipeline:
         if not params:
             raise ValueError("the pipeline has no parameters")
         dtype, device = params[0].dtype, params[0].device
-        if not dtype.is_floating_point:
-            raise TypeError(f"parameters must be floating point, got {dtype}")
+        for i, s in enumerate(stages):
+            for j, p in enumerate(s.params):
+                check_dtype(p.dtype, f"parameter {j} of stage {i} ({describe_stage(s)})")
+        if z0.dtype.is_floating_point or z0.dtype.is_complex:
+            check_dtype(z0.dtype, "the input")
         for p in params:
             if p.dtype != dtype:
                 raise TypeError(f"all parameters must share one dtype: found {dtype} and {p.dtype}")
@@ -115,6 +199,7 @@ class Pipeline:
                 )
             if not torch.isfinite(p).all():
                 raise ValueError("a parameter contains NaN or Inf")
+        _check_no_shared_tensors(stages)
         if z0.device != device:
             raise ValueError(f"z0 is on {z0.device} but the parameters are on {device}")
         if z0.dtype.is_floating_point and z0.dtype != dtype:
@@ -140,7 +225,7 @@ class Pipeline:
         zs = [self.z0]
         with torch.no_grad():
             for i, s in enumerate(self.stages):
-                z = s(zs[-1])
+                z = run_stage(s, zs[-1], i)
                 if not isinstance(z, Tensor):
                     raise TypeError(f"stage {i} returned {type(z).__name__}, not a tensor")
                 last = i == len(self.stages) - 1

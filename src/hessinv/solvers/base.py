@@ -265,7 +265,9 @@ class Factorization(ABC):
             SingularHessianError: ``H + dI`` is numerically singular.
             InaccurateSolveError: ``check`` and a column's normwise backward
                 error exceeds :func:`solve_tolerance`.
+            StaleOperatorError: The parameters changed since ``H`` was built.
         """
+        self.op._check_fresh()
         gm, form = self.op.layout.to_matrix(g, "g")
         if gm.shape[1] == 0:
             return self.op.layout.from_matrix(gm.clone(), form)
@@ -296,6 +298,7 @@ class Factorization(ABC):
 
     def logdet(self) -> tuple[float, float]:
         """``(sign, log|det(H + damping I)|)``; ``(0.0, -inf)`` when numerically singular."""
+        self.op._check_fresh()
         if self.singular:
             return 0.0, -math.inf
         return self._logdet()
@@ -306,6 +309,7 @@ class Factorization(ABC):
         Zeros are eigenvalues within :meth:`zero_threshold`; they are counted
         exactly from the inertias of ``A -+ t I`` when there are any.
         """
+        self.op._check_fresh()
         out = self._inertia_unchecked()
         if sum(out) != self.size or min(out) < 0:  # pragma: no cover - a guard, never expected
             raise torch.linalg.LinAlgError(
@@ -337,6 +341,7 @@ class Factorization(ABC):
         ``False`` when proven not to be (a verified inertia with a nonpositive
         eigenvalue, or a failed stage Cholesky pass), ``None`` when undecided.
         """
+        self.op._check_fresh()
         if self.structurally_singular:
             return False
         proof = self._positive_definite()

@@ -1,0 +1,319 @@
+"""Checks run before any long computation: sample mixing, damping, stale parameters.
+
+**Sample mixing.** Every stage must treat the ``N`` samples of its input
+independently: the Jacobian ``d z_l / d z_{l-1}`` is block diagonal over samples
+(``J_{mn} = 0`` for ``m != n``) and the loss's Hessian ``d2 z_L / d z_{L-1}^2`` is
+block diagonal too. The derivative blocks (DESIGN.md section 1; the paper's
+eqs. 10-13) are computed per sample, so a stage that mixes samples (batch
+statistics, a softmax over the batch, a loss of batch sums) would give a wrong
+``H`` without any error. :func:`check_no_mixing` probes each stage (each module of
+a model stage) with random vectors supported on part of the batch:
+
+* a non-final map ``f``: two vector-Jacobian products, ``u`` zero on sample 0
+  (then ``(J^T u)_0 = sum_{m>0} J_{m0}^T u_m`` must vanish) and ``u`` zero off
+  sample 0 (then ``(J^T u)_n = J_{0n}^T u_0``, ``n > 0``, must vanish);
+* the scalar loss: one Hessian-vector product by reverse over reverse, ``v`` zero
+  on sample 0 (``H`` is symmetric, so ``(H v)_0 = sum_{m>0} H_{0m} v_m`` covers
+  both directions).
+
+For a stage that treats samples independently the leaks are exact zeros (a
+zero cotangent row stays zero through per-sample operations); the threshold,
+``100 eps`` times the in-support response, only absorbs round-off of stages that
+add and subtract batch sums. Both are measured in the same products, so the
+test is invariant under scaling the loss (``1e-12`` and ``1e12`` give the same
+verdict). Cost: one forward and two backward passes per stage; a stage that
+leaks is probed again module by module, to name the module at fault.
+
+**Damping.** :func:`check_damping` accepts any real scalar and returns a float.
+
+**Stale operators.** :class:`ParameterSnapshot` keeps a copy of the trainable
+parameters at construction; :meth:`ParameterSnapshot.check` raises
+:class:`StaleOperatorError` once they change (an optimizer step,
+``p.data.copy_(...)``, ``p.add_`` under ``no_grad``, a replaced parameter).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .pipeline import Pipeline, Stage, describe_stage
+
+#: Leak (relative to the in-support response) above which a map mixes samples.
+MIXING_RTOL_EPS = 100.0
+
+
+class StaleOperatorError(RuntimeError):
+    """The parameters changed after the operator was built; rebuild it.
+
+    A :class:`hessinv.Hessian` holds the derivative blocks of the parameters it
+    was built at; after an optimizer step (or any in-place change) it would
+    answer for the old parameters.
+    """
+
+
+# -- damping ---------------------------------------------------------------------------------
+def check_damping(damping: object) -> float:
+    """Return ``damping`` as a Python float, or raise naming it.
+
+    Accepts Python ``int``/``float``, numpy real scalars (``np.float32``,
+    ``np.int64``, 0-d arrays) and one-element real tensors; ``H + damping I``
+    is formed for any finite real (negative shifts too).
+
+    Raises:
+        TypeError: ``bool`` (Python, numpy or tensor), complex, a string, ``None``,
+            a multi-element tensor or array, or any other non-real object.
+        ValueError: NaN or infinity.
+    """
+    what = (
+        "damping must be a real number (int, float, numpy scalar or 0-d tensor), "
+        f"got {type(damping).__name__} {damping!r}"
+    )
+    if isinstance(damping, Tensor):
+        if damping.numel() != 1:
+            raise TypeError(
+                f"damping must be a scalar; got a tensor of shape {tuple(damping.shape)}"
+            )
+        if damping.dtype == torch.bool or damping.dtype.is_complex:
+            raise TypeError(f"damping must be real, got a {damping.dtype} tensor")
+        value = float(damping.detach().reshape(()).item())
+    else:
+        try:
+            import numpy as np
+        except ImportError:  # pragma: no cover - numpy ships with torch's usual installs
+            np = None  # type: ignore[assignment]
+        if np is not None and isinstance(damping, np.ndarray):
+            if damping.size != 1 or damping.ndim != 0:
+                raise TypeError(f"damping must be a scalar; got an array of shape {damping.shape}")
+            damping = damping[()]
+        if isinstance(damping, bool) or (np is not None and isinstance(damping, np.bool_)):
+            raise TypeError(f"damping must be a real number, not a bool ({damping!r})")
+        if not isinstance(damping, numbers.Real):
+            raise TypeError(what)
+        value = float(damping)
+    if not math.isfinite(value):
+        raise ValueError(f"damping must be finite, got {value!r}")
+    return value
+
+
+# -- sample mixing ---------------------------------------------------------------------------
+@dataclass
+class _Probe:
+    label: str
+    fn: Callable[[Tensor], Tensor]
+    module: nn.Module | None = None
+
+
+def _stage_probes(stage: Stage) -> list[_Probe]:
+    """The maps of a stage to probe: each module of a model stage, else the whole stage."""
+    st = stage.structure
+    layer_fn = getattr(st, "layer_fn", None)
+    if st is None or layer_fn is None:
+        return [_Probe(describe_stage(stage), lambda z: stage.fn(z, stage.params))]
+    probes = [_Probe(repr(st.layer), lambda z: layer_fn(z, stage.params), st.layer)]
+    for m in st.tail:
+        probes.append(_Probe(repr(m), m, m))
+    if st.loss is not None:
+        loss_func, target = st.loss
+        name = repr(loss_func) if isinstance(loss_func, nn.Module) else _callable_name(loss_func)
+        probes.append(_Probe(f"the loss {name}", lambda o: loss_func(o, target)))
+    return probes
+
+
+def _callable_name(f: object) -> str:
+    return getattr(f, "__qualname__", None) or type(f).__name__
+
+
+def _randn_like(t: Tensor, gen: torch.Generator) -> Tensor:
+    return torch.randn(t.shape, generator=gen, dtype=t.dtype).to(t.device)
+
+
+def _norm(t: Tensor | None) -> float:
+    return 0.0 if t is None else float(torch.linalg.vector_norm(t))
+
+
+def _jacobian_leak(out: Tensor, z: Tensor, gen: torch.Generator) -> tuple[float, float]:
+    """``(leak, ref)`` of the Jacobian of ``out`` (batch first) w.r.t. ``z`` (two VJPs)."""
+    n = z.shape[0]
+    u = _randn_like(out, gen)
+    u_rest = u.clone()
+    u_rest[0] = 0
+    u_first = torch.zeros_like(u)
+    u_first[0] = u[0]
+    (g_rest,) = torch.autograd.grad(out, z, u_rest, retain_graph=True, allow_unused=True)
+    (g_first,) = torch.autograd.grad(out, z, u_first, allow_unused=True)
+    if g_rest is None and g_first is None:
+        return 0.0, 0.0
+    leak = max(
+        _norm(None if g_rest is None else g_rest[0]),
+        _norm(None if g_first is None else g_first[1:]),
+    )
+    ref = max(
+        _norm(None if g_rest is None else g_rest[1:]) / math.sqrt(n - 1),
+        _norm(None if g_first is None else g_first[0]),
+    )
+    return leak, ref
+
+
+def _hessian_leak(loss: Tensor, z: Tensor, gen: torch.Generator) -> tuple[float, float]:
+    """``(leak, ref)`` of the Hessian of the scalar ``loss`` w.r.t. ``z`` (reverse over reverse)."""
+    n = z.shape[0]
+    (g,) = torch.autograd.grad(loss.reshape(()), z, create_graph=True, allow_unused=True)
+    if g is None or not g.requires_grad:
+        return 0.0, 0.0  # affine in z: zero Hessian
+    v = _randn_like(z, gen)
+    v[0] = 0
+    (hv,) = torch.autograd.grad(g, z, v, allow_unused=True)
+    if hv is None:
+        return 0.0, 0.0
+    return _norm(hv[0]), _norm(hv[1:]) / math.sqrt(n - 1)
+
+
+def _mixing_hint(module: nn.Module | None) -> str:
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return (
+            " (a BatchNorm without running statistics normalises with batch statistics even "
+            "in eval mode: use track_running_stats=True and model.eval())"
+        )
+    return ""
+
+
+def _leak(
+    fn: Callable[[Tensor], Tensor], z: Tensor, scalar: bool, gen: torch.Generator
+) -> tuple[float, float, Tensor]:
+    """``(leak, ref, fn(z))``: the probe of one map (Hessian probe if ``scalar``)."""
+    zz = z.clone().requires_grad_(True)
+    with torch.enable_grad():
+        out = fn(zz)
+        if not out.requires_grad:
+            return 0.0, 0.0, out.detach()
+        if scalar:
+            leak, ref = _hessian_leak(out, zz, gen)
+        else:
+            leak, ref = _jacobian_leak(out, zz, gen)
+    return leak, ref, out.detach()
+
+
+def check_no_mixing(pipeline: Pipeline, zs: Sequence[Tensor] | None = None) -> None:
+    """Raise ``ValueError`` if a stage mixes samples, naming the module that does.
+
+    Each stage is probed as a whole (one forward, two backward passes; reverse
+    over reverse for the loss stage); only a stage that leaks is probed module
+    by module, to name the culprit.
+
+    Args:
+        pipeline: The pipeline to check.
+        zs: Its forward states ``[z_0, ..., z_L]`` if already computed.
+
+    Raises:
+        ValueError: Naming the stage index, the module (or stage function) and
+            the relative size of the leak.
+    """
+    n = pipeline.batch_size
+    if n < 2:
+        return
+    if zs is None:
+        zs = pipeline.forward()
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    n_st = len(pipeline.stages)
+    for i, stage in enumerate(pipeline.stages):
+        z = zs[i].detach()
+        if not z.dtype.is_floating_point:
+            continue  # integer inputs (token ids): no direction to probe
+        tol = MIXING_RTOL_EPS * torch.finfo(z.dtype).eps
+        scalar = i == n_st - 1
+        leak, ref, _ = _leak(lambda zz, s=stage: s.fn(zz, s.params), z, scalar, gen)
+        if not leak > tol * ref:
+            continue
+        probes = _stage_probes(stage)
+        culprit = probes[0] if len(probes) == 1 else _Probe(describe_stage(stage), stage)
+        if len(probes) > 1:  # a model stage: find the module
+            zj = z
+            for j, probe in enumerate(probes):
+                sc = scalar and j == len(probes) - 1
+                lj, rj, zj = _leak(probe.fn, zj, sc, gen)
+                if lj > tol * rj:
+                    culprit, leak, ref, scalar = probe, lj, rj, sc
+                    break
+        what = "Hessian" if scalar else "Jacobian"
+        raise ValueError(
+            f"stage {i}: {culprit.label} mixes samples (its {what} couples sample 0 "
+            f"with the others: leak {leak:.2e} against {ref:.2e} within samples)"
+            f"{_mixing_hint(culprit.module)}; every stage must treat the samples "
+            "(first dimension) independently, or H would come out wrong"
+        )
+
+
+# -- stale parameters ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ParameterSource:
+    """Where a trainable tensor of the operator lives in the user's objects.
+
+    Attributes:
+        name: Its qualified name (``"0.weight"`` or ``"stages[1].params[0]"``).
+        tensor: The user's tensor (an ``nn.Parameter`` of the model, or a stage's tensor).
+        owner: The module holding it as attribute ``attr`` (``None`` for a stage).
+        attr: The attribute name in ``owner``.
+    """
+
+    name: str
+    tensor: Tensor
+    owner: nn.Module | None = None
+    attr: str = ""
+
+
+def pipeline_sources(pipeline: Pipeline) -> list[ParameterSource]:
+    """The user-side tensors of a pipeline: a model's parameters, else the stage tensors."""
+    out: list[ParameterSource] = []
+    for i, s in enumerate(pipeline.stages):
+        src = getattr(s.structure, "sources", None)
+        if src is not None:
+            out.extend(src)
+        else:
+            out.extend(
+                ParameterSource(f"stages[{i}].params[{j}]", p) for j, p in enumerate(s.params)
+            )
+    return out
+
+
+class ParameterSnapshot:
+    """A copy of the trainable parameters, to detect that an operator went stale.
+
+    ``O(W)`` memory and an ``O(W)`` comparison (``torch.equal``) per check,
+    negligible against one product ``H @ v``. Values are compared, not version
+    counters: ``p.data`` does not share ``p``'s version counter.
+    """
+
+    def __init__(self, sources: Sequence[ParameterSource]) -> None:
+        self.sources = list(sources)
+        self.values = [s.tensor.detach().clone() for s in self.sources]
+
+    @classmethod
+    def of_pipeline(cls, pipeline: Pipeline) -> ParameterSnapshot:
+        """Snapshot the tensors a pipeline was built from."""
+        return cls(pipeline_sources(pipeline))
+
+    def changed(self) -> str | None:
+        """The name of the first parameter that changed (or was replaced), else ``None``."""
+        for s, v in zip(self.sources, self.values, strict=True):
+            if s.owner is not None and getattr(s.owner, s.attr, None) is not s.tensor:
+                return f"{s.name} (replaced by another tensor)"
+            t = s.tensor.detach()
+            if t.shape != v.shape or t.dtype != v.dtype or not torch.equal(t, v):
+                return s.name
+        return None
+
+    def check(self) -> None:
+        """Raise :class:`StaleOperatorError` if a parameter changed since the snapshot."""
+        name = self.changed()
+        if name is not None:
+            raise StaleOperatorError(
+                f"{name} changed after this operator was built (an optimizer step "
+                "or an in-place update): the operator describes the old parameters. "
+                "Rebuild it, e.g. hessinv.Hessian(model, loss_func, X, y)."
+            )
