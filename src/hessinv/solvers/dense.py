@@ -57,6 +57,7 @@ class DenseFactorization(Factorization):
 
     def inertia(self) -> Inertia:
         """Counts of ``w + d`` above, below and within the zero band."""
+        self.op._check_fresh()
         t = zero_threshold(self.dtype, self.size) * self._norm
         zero = self.w.abs() <= t
         return Inertia(
@@ -72,6 +73,7 @@ class DenseFactorization(Factorization):
 
     def logdet(self) -> tuple[float, float]:
         """``(sign, log|det(H + damping I)|)``; ``(0.0, -inf)`` when numerically singular."""
+        self.op._check_fresh()
         if self.zero_count():
             return 0.0, -math.inf
         return self._logdet()
