@@ -24,6 +24,11 @@ test is invariant under scaling the loss (``1e-12`` and ``1e12`` give the same
 verdict). Cost: one forward and two backward passes per stage; a stage that
 leaks is probed again module by module, to name the module at fault.
 
+The first stage of a functional (or traced) pipeline is exempt: its input is
+data and its generic blocks (``Jx``, ``Txx``, the gradient) are full Jacobians
+of the batch, exact whether or not it mixes. A model stage on the fast path
+is probed even first: its tail's per-sample Jacobians assume no mixing.
+
 **Damping.** :func:`check_damping` accepts any real scalar and returns a float.
 
 **Stale operators.** :class:`ParameterSnapshot` keeps a copy of the trainable
@@ -225,6 +230,8 @@ def check_no_mixing(pipeline: Pipeline, zs: Sequence[Tensor] | None = None) -> N
         z = zs[i].detach()
         if not z.dtype.is_floating_point:
             continue  # integer inputs (token ids): no direction to probe
+        if i == 0 and getattr(stage.structure, "layer_fn", None) is None:
+            continue  # generic first stage: its blocks are full batch Jacobians, exact anyway
         tol = MIXING_RTOL_EPS * torch.finfo(z.dtype).eps
         scalar = i == n_st - 1
         leak, ref, _ = _leak(lambda zz, s=stage: s.fn(zz, s.params), z, scalar, gen)
