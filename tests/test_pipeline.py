@@ -154,7 +154,10 @@ def test_mixing_stage_is_detected():
     mixing = Stage(lambda z, p: torch.tanh(z @ p[0].T - z.mean(0, keepdim=True)), (w,))
     loss = mse_stage(torch.randn(1, 3, generator=g, dtype=DT), torch.zeros(4, 1, dtype=DT))
     with pytest.raises(ValueError, match="mixes samples"):
-        hessinv.Hessian.from_stages([mixing, loss], z0)
+        # after the first stage (a generic first stage's blocks are full batch Jacobians)
+        hessinv.Hessian.from_stages(
+            [dense_stage(w, torch.zeros(3, dtype=DT), torch.tanh), mixing, loss], z0
+        )
     bad_loss = Stage(
         lambda z, p: (z @ p[0].T).sum() ** 2, (torch.randn(1, 3, generator=g, dtype=DT),)
     )
