@@ -156,7 +156,7 @@ def test_mixing_stage_is_detected():
     with pytest.raises(ValueError, match="mixes samples"):
         # after the first stage (a generic first stage's blocks are full batch Jacobians)
         hessinv.Hessian.from_stages(
-            [dense_stage(w, torch.zeros(3, dtype=DT), torch.tanh), mixing, loss], z0
+            [dense_stage(w.clone(), torch.zeros(3, dtype=DT), torch.tanh), mixing, loss], z0
         )
     bad_loss = Stage(
         lambda z, p: (z @ p[0].T).sum() ** 2, (torch.randn(1, 3, generator=g, dtype=DT),)

@@ -230,6 +230,7 @@ class Newton(torch.optim.Optimizer):
             ta = time.perf_counter()
             s, lam, cert, how, hard, predicted, solver = self._subproblem(solver, g, cnorm, scale)
             tb = time.perf_counter()
+            saved = [p.detach().clone() for p in self._params()]
             self._add(s)
             new_loss = self._loss(X, y)
             tc = time.perf_counter()
@@ -262,7 +263,9 @@ class Newton(torch.optim.Optimizer):
             self._adapt(rho, accepted, snorm, lam, cnorm)
             if accepted:
                 break
-            self._add(-s)  # undo
+            with torch.no_grad():  # undo exactly ((p + s) - s differs from p by round-off)
+                for p, p0 in zip(self._params(), saved, strict=True):
+                    p.copy_(p0)
         info.seconds = time.perf_counter() - t0
         times["other"] = info.seconds - sum(times.values())
         info.times = times
