@@ -496,4 +496,3 @@ def _finite(t: Tensor, what: str, dtype: torch.dtype) -> Tensor:
             "this dtype's range; use float64 or a smaller loss scale"
         )
     return t
-
