@@ -81,7 +81,7 @@ KNOWN_BAD_SEEDS = {
     148: ({"logdet", "inertia"}, "093fd0a: float32 logdet (0, -inf) and 2 zeros, all decidable"),
 }
 
-STILL_BAD = {518, 148}
+STILL_BAD: set[int] = set()  # every known-bad seed is fixed
 
 
 @pytest.mark.parametrize(
@@ -123,15 +123,7 @@ def test_campaign_flags_a_wrong_answer():
     }
 
 
-OFFPATH_XFAIL = {
-    "mixing: Softmax(dim=0)": "mixing check not run for nn.Sequential models",
-    "mixing: LayerNorm((N, 4))": "mixing check not run for nn.Sequential models",
-    "mixing: BatchNorm1d(track_running_stats=False) in eval": "mixing check not run for models",
-    "mixing: callable loss ((o - t).sum(0) ** 2).sum()": "mixing check not run for losses",
-    "parametrize: symmetric weight": "parametrizations not supported or refused",
-    "parametrize: orthogonal weight": "parametrizations not supported or refused",
-    "in-place activations": "in-place activations raise a torch RuntimeError",
-}
+OFFPATH_XFAIL: dict[str, str] = {}  # every off-path case is fixed
 
 
 def _structural():
@@ -168,15 +160,10 @@ def test_offpath_singular_in_range():
     assert _failures(cases.case_singular_in_range()) == []
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="float16 and bfloat16 are accepted at construction",
-)
 def test_offpath_input_checks():
     recs = cases.case_input_checks()
     assert [r for r in recs if r["outcome"] not in ("correct", "clear_error")] == []
 
 
-@pytest.mark.xfail(strict=False, reason="a stale operator still describes the old weights")
 def test_offpath_stale_operator():
     assert _failures(cases.case_stale()) == []
