@@ -6,8 +6,8 @@ capped at 8) must give no ``silently_wrong``, ``wrong_warned`` or
 method in the same dtype, against an independent ``torch.func`` reference), or
 a clear, justified error. The criteria are in the campaign's docstring.
 
-The named off-path cases of the issue that hessinv does not handle yet are
-``xfail(strict=False)`` here with the reason; the campaign reports them.
+The named off-path cases of the issue, and the random networks the campaign
+once found silently wrong (``KNOWN_BAD_SEEDS``), are regression tests.
 """
 
 import sys
