@@ -15,9 +15,10 @@ from .errors import (
     SingularHessianError,
 )
 from .ggn import GaussNewton
-from .hessian import Hessian, InverseOperator
+from .hessian import Hessian
 from .pipeline import Pipeline, Stage
 from .solvers import Inertia
+from .solves import InverseOperator
 from .validate import StaleOperatorError
 
 __all__ = [

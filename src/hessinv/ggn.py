@@ -46,7 +46,7 @@ from torch.func import grad, jvp, vjp, vmap
 
 from .derivatives import AutodiffDerivatives, StageBlocks, comb_jacobian, stage_blocks
 from .errors import LiftedPrecisionWarning
-from .hessian import Hessian, _check_damping
+from .hessian import Hessian
 from .kernel import (
     GaussNewtonKernel,
     KernelFactorization,
@@ -57,6 +57,7 @@ from .kernel import (
 )
 from .pipeline import Pipeline, flatten_params, unflatten_params
 from .solvers import Factorization, Inertia
+from .solves import _check_damping
 
 #: ``J`` (and ``B``) are materialized for products only below this many bytes.
 J_MEMORY_BUDGET = 2**30

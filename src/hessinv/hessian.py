@@ -17,7 +17,6 @@ True
 
 from __future__ import annotations
 
-import math
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
@@ -25,49 +24,18 @@ import torch
 from torch import Tensor, nn
 
 from .derivatives import StageBlocks
-from .errors import InaccurateSolveError, LiftedPrecisionError, NonFiniteError
+from .errors import NonFiniteError
 from .pipeline import Pipeline, Stage
 from .products import compute_blocks, gradient, hvp
-from .solvers import FACTORIZATIONS, Factorization, Inertia, KrylovSolver
+from .solvers import Factorization
 from .solvers import select as _select
-from .solvers.base import normwise_backward_error, shifted_norm
-from .solvers.estimates import robust_eigh, spectral_bounds
+from .solves import Solves, VectorLike
 from .trace import ParamsArg, stages_for_model
 from .validate import ParameterSnapshot, check_damping, check_no_mixing
 from .vectors import Layout
 
-VectorLike = Tensor | Sequence[Tensor]
 
-#: Under ``method="auto"``, the dense route takes over where the lifted one gives up, up to this W.
-DENSE_FALLBACK_MAX_W = 20000
-#: Under ``method="auto"``, an inertia the lifted route could not verify is recounted
-#: densely (verified) up to this W.
-DENSE_VERIFY_MAX_W = 2500
-
-
-def _check_damping(damping: object) -> float:
-    """A finite real scalar (Python, NumPy or 0-d tensor); booleans are refused."""
-    return check_damping(damping)
-
-
-class InverseOperator:
-    """``(H + damping I)^{-1}`` as a linear operator (``@``, ``to_scipy``)."""
-
-    def __init__(self, fac: Factorization) -> None:
-        self.fac = fac
-        self.shape = fac.op.shape
-        self.dtype = fac.op.dtype
-        self.device = fac.op.device
-
-    def __matmul__(self, g: VectorLike) -> VectorLike:
-        return self.fac.solve(g)
-
-    def to_scipy(self):  # noqa: ANN201
-        """A ``scipy.sparse.linalg.LinearOperator`` applying the solve."""
-        return self.fac.op._scipy(lambda m: self.fac.solve(m))
-
-
-class Hessian:
+class Hessian(Solves):
     """The exact Hessian of a layered network, as a linear operator.
 
     ``Hessian(model, loss_func, X, y)`` for an ``nn.Sequential`` (nested ones
@@ -94,9 +62,6 @@ class Hessian:
             larger needs are refused with a ``MemoryError`` naming GiB
             before anything is allocated.
     """
-
-    #: Factorizations kept per operator (least recently used ones are freed).
-    max_cached_factorizations: int = 2
 
     def __init__(
         self,
@@ -280,180 +245,18 @@ class Hessian:
         self._check_fresh()
         return self._scipy(self.matmat)
 
-    # -- solves ---------------------------------------------------------------
-    def spectral_bounds(self) -> tuple[float, float]:
-        """Extreme Ritz values of 16 Lanczos steps on ``H`` (cached): estimates from inside."""
-        if self._bounds is None:
-            lo, hi = spectral_bounds(self.matmat, self.num_params, self.dtype, self.device)
-            if not (math.isfinite(lo) and math.isfinite(hi)):
-                raise NonFiniteError(
-                    f"H @ v overflowed in {self.dtype} while estimating ||H||: the Hessian's "
-                    "entries exceed this dtype's range; use float64 or a smaller loss scale"
-                )
-            self._bounds = (lo, hi)
-        return self._bounds
-
-    def _method(self, method: str) -> str:
-        if method == "auto":
-            return _select.choose(self, self.max_memory)
-        if method not in FACTORIZATIONS:
-            raise ValueError(
-                f"unknown method {method!r} (no such factorization); "
-                f"use one of {sorted(FACTORIZATIONS)} or 'auto'"
-            )
-        return method
-
-    def factor(self, damping: float = 0.0, method: str = "auto") -> Factorization:
-        """Factor ``H + damping I`` once (:class:`hessinv.solvers.Factorization`).
-
-        The last :attr:`max_cached_factorizations` factorizations are kept
-        (least recently used first out); :meth:`clear_cache` frees them.
-
-        Args:
-            damping: The shift ``d`` (any real scalar).
-            method: ``"lifted"`` (pivoted LU of the lifted block-tridiagonal
-                system, linear in depth), ``"dense"`` (eigendecomposition of
-                the dense ``H``, computed once for every damping), ``"woodbury"``,
-                ``"minres"``, ``"cg"`` or ``"auto"`` (the cheapest exact method
-                that fits in memory, :mod:`hessinv.solvers.select`).
-
-        Raises:
-            MemoryError: The method's estimated memory exceeds ``max_memory``.
-        """
-        self._check_fresh()
-        d = _check_damping(damping)
-        name = self._method(method)
-        key = (d, name)
-        if key in self._factors:
-            self._factors.move_to_end(key)
-            return self._factors[key]
-        cost = _select.costs(self).get(name)
-        if cost is not None:
-            _select.check_memory(
-                cost[1], f"the {name!r} factorization", self.max_memory, self.device
-            )
-        fac = FACTORIZATIONS[name](self, d)
-        self._factors[key] = fac
-        while len(self._factors) > max(self.max_cached_factorizations, 0):
-            self._factors.popitem(last=False)
-        return fac
-
-    def clear_cache(self) -> None:
-        """Free every cached factorization and the dense eigendecomposition."""
-        self._factors.clear()
-        self._dense_eigh = None
-
-    def _eigh(self) -> tuple[Tensor, Tensor]:
-        """Eigendecomposition of the dense ``H`` (cached)."""
-        if self._dense_eigh is None:
-            self._dense_eigh = robust_eigh(self.to_dense())
-        return self._dense_eigh
-
-    def _with_fallback(self, damping: float, method: str, what: Callable[[Factorization], object]):  # noqa: ANN202
-        """``what(factor(damping, method))``; under ``"auto"``, dense if the lifted one gives up."""
-        fac = self.factor(damping, method)
-        try:
-            return what(fac)
-        except (LiftedPrecisionError, InaccurateSolveError):
-            if method != "auto" or fac.method != "lifted":
-                raise
-            if not self._dense_affordable(DENSE_FALLBACK_MAX_W):
-                raise
-            return what(self.factor(damping, "dense"))
-
-    def inverse(self, damping: float = 0.0, method: str = "auto") -> InverseOperator:
-        """``(H + damping I)^{-1}`` as a linear operator."""
-        self._check_fresh()
-        return InverseOperator(self.factor(damping, method))
-
-    def logdet(self, damping: float = 0.0, method: str = "auto") -> tuple[float, float]:
-        """``(sign, log|det(H + damping I)|)``; ``(0.0, -inf)`` if numerically singular."""
-        self._check_fresh()
-        return self._with_fallback(damping, method, lambda f: f.logdet())
-
-    def inertia(self, damping: float = 0.0, method: str = "auto") -> Inertia:
-        """``(n_pos, n_neg, n_zero)`` of ``H + damping I`` (:class:`hessinv.solvers.Inertia`).
-
-        Zero eigenvalues are those with ``|lambda| <= W eps ||H + dI||``
-        (:func:`hessinv.solvers.zero_threshold`); ``.verified`` and ``.how`` say
-        how the counts were checked.
-        """
-        self._check_fresh()
-        inert = self._with_fallback(damping, method, lambda f: f.inertia())
-        if not inert.verified and method == "auto" and self._dense_affordable(DENSE_VERIFY_MAX_W):
-            return self.factor(damping, "dense").inertia()  # verified
-        return inert
-
-    def _dense_affordable(self, max_w: int) -> bool:
-        """Whether the dense route fits in memory and ``W <= max_w``."""
-        if self.num_params > max_w:
-            return False
-        budget = _select.available_memory(self.device)
-        if self.max_memory is not None:
-            budget = self.max_memory
-        return _select.dense_cost(self)[1] <= budget
-
-    def is_positive_definite(self, damping: float = 0.0, method: str = "auto") -> bool | None:
-        """``True`` only if ``H + damping I`` is proven positive definite (else False/None)."""
-        self._check_fresh()
-        return self._with_fallback(damping, method, lambda f: f.is_positive_definite())
-
-    def cost_model(self) -> dict[str, float]:
-        """Flop estimates of the exact methods (:mod:`hessinv.solvers.select`)."""
-        return {k: v[0] for k, v in _select.costs(self).items()}
-
-    def solve(
-        self,
-        g: VectorLike,
-        damping: float = 0.0,
-        method: str = "auto",
-        *,
-        check: bool = True,
-        refine: int = 2,
-        maxiter: int | None = None,
-    ) -> VectorLike:
-        """Return ``x`` with ``(H + damping I) x = g``, exactly or not at all.
-
-        Args:
-            g: Flat ``(W,)``, a ``(W, k)`` block, or a per-parameter list.
-            damping: Any real ``d``; ``H + dI`` must be nonsingular.
-            method: ``"auto"`` (the cheapest exact method that fits in memory,
-                falling back to ``"dense"`` where affordable if the lifted
-                factorization gives up), ``"lifted"``, ``"dense"``,
-                ``"woodbury"`` (the paper's Section 6, under its assumptions),
-                ``"minres"`` or ``"cg"`` (Krylov on exact products).
-            check: Verify the normwise backward error (one product per column).
-            refine: Iterative-refinement steps.
-            maxiter: Krylov iteration cap.
-
-        Raises:
-            SingularHessianError: ``H + dI`` is numerically singular (hint: pass
-                ``damping``).
-            InaccurateSolveError: The method could not reach the contract's
-                backward error (:func:`hessinv.solvers.solve_tolerance`).
-            MemoryError: The method's estimated memory exceeds ``max_memory``.
-            ValueError: Unknown method, bad ``g`` or ``damping``, or (woodbury) a
-                violated assumption of Section 6, named in the message.
-            StaleOperatorError: The parameters changed since construction.
-        """
-        self._check_fresh()
-        d = _check_damping(damping)
-        if method in ("minres", "cg"):
-            return KrylovSolver(self, d, method, maxiter).solve(g, check=check)
-        return self._with_fallback(d, method, lambda f: f.solve(g, check=check, refine=refine))
-
     # -- spectrum and selected inversion: thin wrappers (hessinv.selinv, hessinv.spectrum) --
     def inverse_diagonal(self, damping: float = 0.0) -> Tensor:
         """The diagonal of ``(H + damping I)^{-1}`` (length ``W``), by selected inversion."""
         from .selinv import inverse_diagonal
 
-        return inverse_diagonal(self.blocks, _check_damping(damping))
+        return inverse_diagonal(self.blocks, check_damping(damping))
 
     def inverse_block_diagonal(self, damping: float = 0.0) -> list[Tensor]:
         """The ``p_l x p_l`` diagonal blocks of ``(H + damping I)^{-1}``, one per stage."""
         from .selinv import inverse_block_diagonal
 
-        return inverse_block_diagonal(self.blocks, _check_damping(damping))
+        return inverse_block_diagonal(self.blocks, check_damping(damping))
 
     def eigsh(self, k: int = 6, sigma: float | None = None, which: str = "LM", **kwargs):  # noqa: ANN003, ANN201
         """``k`` eigenpairs, as ``scipy.sparse.linalg.eigsh`` (:func:`hessinv.spectrum.eigsh`)."""
@@ -472,20 +275,6 @@ class Hessian:
         from .spectrum import spectral_histogram
 
         return spectral_histogram(self, edges)
-
-    # -- residuals -------------------------------------------------------------
-    def residual(self, x: Tensor, g: Tensor, damping: float = 0.0) -> Tensor:
-        """Per-column relative residuals ``||(H + dI) x - g|| / ||g||``."""
-        self._check_fresh()
-        r = self.matmat(x) + damping * x - g
-        gn = torch.linalg.vector_norm(g, dim=0).clamp_min(torch.finfo(g.dtype).tiny)
-        return torch.linalg.vector_norm(r, dim=0) / gn
-
-    def backward_error(self, x: Tensor, g: Tensor, damping: float = 0.0) -> Tensor:
-        """Per-column ``||(H + dI) x - g|| / (||H + dI|| ||x|| + ||g||)`` (Lanczos ``||.||``)."""
-        self._check_fresh()
-        r = self.matmat(x) + damping * x - g
-        return normwise_backward_error(r, x, g, shifted_norm(self, damping))
 
 
 def _finite(t: Tensor, what: str, dtype: torch.dtype) -> Tensor:
