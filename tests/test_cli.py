@@ -67,3 +67,21 @@ def test_demo_float32_and_singular(capsys):
 def test_bad_arguments():
     with pytest.raises(SystemExit):
         main(["demo", "--depth", "0"])
+
+
+def test_version_and_repr(capsys):
+    import pytest
+    import torch
+    from torch import nn
+
+    import hessinv
+    from hessinv.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out.strip() == f"hessinv {hessinv.__version__}"
+    m = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 1)).double()
+    X, y = torch.randn(4, 2, dtype=torch.float64), torch.randn(4, 1, dtype=torch.float64)
+    r = repr(hessinv.Hessian(m, nn.MSELoss(), X, y))
+    assert r == "Hessian(W=13, stages=2, batch=4, dtype=torch.float64, device=cpu)"

@@ -141,16 +141,23 @@ def demo(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``hessinv`` command."""
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="hessinv", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"hessinv {__version__}")
     sub = parser.add_subparsers(dest="cmd")
-    d = sub.add_parser("demo", help="exact Hessian solve on a deep, narrow tanh MLP")
-    d.add_argument("--depth", type=int, default=64)
-    d.add_argument("--width", type=int, default=8)
-    d.add_argument("--batch", type=int, default=4)
-    d.add_argument("--damping", type=float, default=1e-3)
-    d.add_argument("--dtype", choices=["float64", "float32"], default="float64")
-    d.add_argument("--device", default="cpu")
-    d.add_argument("--no-dense", dest="dense", action="store_false", help="skip the dense solve")
+    d = sub.add_parser(
+        "demo",
+        help="exact Hessian solve on a deep, narrow tanh MLP",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    d.add_argument("--depth", type=int, default=64, help="number of hidden layers")
+    d.add_argument("--width", type=int, default=8, help="width of every hidden layer")
+    d.add_argument("--batch", type=int, default=4, help="number of samples")
+    d.add_argument("--damping", type=float, default=1e-3, help="the shift d in (H + d I)")
+    d.add_argument("--dtype", choices=["float64", "float32"], default="float64", help="precision")
+    d.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    d.add_argument("--no-dense", dest="dense", action="store_false", help="skip the dense solve (dense solve runs: %(default)s)")
     d.add_argument("--quiet", action="store_true", help="no progress display")
     args = parser.parse_args(argv)
     if args.cmd != "demo":

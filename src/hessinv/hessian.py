@@ -149,6 +149,12 @@ class Hessian(Solves):
         self._bounds: tuple[float, float] | None = None
 
     # -- operator basics ---------------------------------------------------
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(W={self.num_params}, stages={len(self.pipeline.stages)}, "
+            f"batch={self.pipeline.batch_size}, dtype={self.dtype}, device={self.device})"
+        )
+
     @property
     def num_params(self) -> int:
         """``W``, the number of parameters."""
