@@ -157,7 +157,12 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--damping", type=float, default=1e-3, help="the shift d in (H + d I)")
     d.add_argument("--dtype", choices=["float64", "float32"], default="float64", help="precision")
     d.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
-    d.add_argument("--no-dense", dest="dense", action="store_false", help="skip the dense solve (dense solve runs: %(default)s)")
+    d.add_argument(
+        "--no-dense",
+        dest="dense",
+        action="store_false",
+        help="skip the dense solve (dense solve runs: %(default)s)",
+    )
     d.add_argument("--quiet", action="store_true", help="no progress display")
     args = parser.parse_args(argv)
     if args.cmd != "demo":
