@@ -239,3 +239,12 @@ def test_positive_definiteness_is_proven_or_refuted():
         fac = H.factor(d, "lifted")
         assert fac.is_positive_definite() is expect
         assert H.is_positive_definite(d) is expect
+
+
+def test_long_factorizations_are_announced_with_the_estimate(monkeypatch):
+    import hessinv.solvers.select as sel
+
+    H, _ = _problem(1.0)
+    monkeypatch.setattr(sel, "SLOW_SECONDS", 0.0)
+    with pytest.warns(hessinv.CostWarning, match="flops, about"):
+        H.factor(0.3, "lifted")

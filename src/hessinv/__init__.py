@@ -8,6 +8,7 @@ block-tridiagonal system, log-determinants and inertia, for pipelines
 
 from . import approx, check, optim, paper, solvers
 from .errors import (
+    CostWarning,
     InaccurateSolveError,
     LiftedPrecisionError,
     LiftedPrecisionWarning,
@@ -22,6 +23,7 @@ from .solves import InverseOperator
 from .validate import StaleOperatorError
 
 __all__ = [
+    "CostWarning",
     "GaussNewton",
     "Hessian",
     "InaccurateSolveError",

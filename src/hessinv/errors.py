@@ -61,3 +61,11 @@ class NonFiniteError(ValueError):
     Seen in float32 with large loss scales or exploding activations; float64
     (or a smaller loss scale) is the way out.
     """
+
+
+class CostWarning(UserWarning):
+    """A factorization is estimated to take long (flop count at a nominal rate).
+
+    Raised as a warning before the work starts, with the estimate and what
+    would make it cheaper; filter it with :mod:`warnings` once expected.
+    """

@@ -8,6 +8,7 @@ that a problem too large for memory is refused at once with the estimate
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -60,6 +61,33 @@ def check_memory(need: float, what: str, max_memory: float | None, device: torch
             + (" (max_memory)" if max_memory is not None else f" on {device}")
             + ". Use a smaller batch (e.g. curvature on a sub-batch), a narrower network, "
             "or raise max_memory if the estimate is too cautious."
+        )
+
+
+#: Nominal sustained rates (flop/s) for the time estimate: one CPU core's LAPACK on
+#: these small blocks, and a data-centre GPU's float64 (both deliberately round).
+NOMINAL_RATE = {"cpu": 1e10, "cuda": 1e12}
+#: Estimated seconds above which :func:`warn_if_slow` warns.
+SLOW_SECONDS = 30.0
+
+
+def warn_if_slow(flops: float, what: str, device: torch.device) -> None:
+    """Warn (:class:`hessinv.errors.CostWarning`) before work estimated above ``SLOW_SECONDS``.
+
+    The estimate is ``flops`` at :data:`NOMINAL_RATE`; it says what to change.
+    """
+    seconds = flops / NOMINAL_RATE.get(device.type, 1e10)
+    if seconds > SLOW_SECONDS:
+        from ..errors import CostWarning
+
+        warnings.warn(
+            f"{what} is estimated at {flops:.2g} flops, about {seconds:.0f} s on {device.type} "
+            f"(at a nominal {NOMINAL_RATE.get(device.type, 1e10):.0e} flop/s): the lifted "
+            "blocks grow with batch x width and the number of parameters per layer. A smaller "
+            "batch (curvature on a sub-batch), narrower layers, or, for Gauss-Newton, "
+            "method='kernel' are cheaper.",
+            CostWarning,
+            stacklevel=4,
         )
 
 
