@@ -9,9 +9,9 @@ process in the table, wall seconds in the JSON; the machine is shared):
   an odd number so that the exact null space of a small batch, eigenvalue 0,
   lies inside a bin), and whether every count was verified;
 * ``slq``: stochastic Lanczos quadrature (:func:`hessinv.spectrum.slq`, 8 probes
-  x 80 Lanczos steps, the estimate PyHessian and curvlinops compute; neither is
-  installed here, so hessinv's own implementation runs on the same exact
-  products), and its histogram's error off the bin that holds 0
+  x 80 Lanczos steps, the estimate PyHessian and curvlinops compute, here
+  hessinv's own implementation on the same exact products), and its
+  histogram's error off the bin that holds 0
   (``sum |slq - exact| / sum exact`` over the other bins: with a small batch
   nearly all eigenvalues are exactly 0, which any estimate gets right);
 * ``eigsh``: the 4 largest (``LA``, Lanczos) and 4 smallest (``SA``, bisection on
@@ -21,6 +21,14 @@ process in the table, wall seconds in the JSON; the machine is shared):
   and against it: bins that differ, the eigsh eigenvalues' largest error /
   ``||H||``, and the inverse diagonal's largest error / its largest entry
   (against ``torch.linalg.inv``).
+
+* ``pyh`` (when ``pyhessian`` imports, the ``bench`` extra, and ``W <=
+  --pyhessian-max``): PyHessian 0.1 itself on the same net and batch
+  (``benchmarks/pyhessian_run.py``): its 4 top eigenvalues by power iteration
+  (``eigenvalues(maxIter=100, tol=1e-3, top_n=4)``, its defaults), each one's
+  relative error against the exact eigenvalue of the same rank in magnitude,
+  and its density (``density(iter=80, n_v=8)``, SLQ) histogrammed in the same
+  bins, with the same error off the 0 bin.
 
 The headline net (depth 256, width 16, batch 2, ``W = 69,377``) gets a
 41-bin histogram and the plot of the exact counts beside SLQ.
@@ -46,7 +54,8 @@ from hessinv import spectrum
 from hessinv.cli import make_mlp
 
 HERE = Path(__file__).resolve().parent
-
+sys.path.insert(0, str(HERE))
+import pyhessian_run  # noqa: E402
 
 CPU: dict[str, float] = {}
 
@@ -74,7 +83,15 @@ def off_zero_error(edges: np.ndarray, est: np.ndarray, exact: np.ndarray) -> flo
     return float(np.abs(est[keep] - exact[keep]).sum() / max(exact[keep].sum(), 1))
 
 
-def run_one(width: int, batch: int, depth: int, bins: int, dense_max: int, slq_kw: dict) -> dict:
+def run_one(
+    width: int,
+    batch: int,
+    depth: int,
+    bins: int,
+    dense_max: int,
+    slq_kw: dict,
+    pyh_max_w: int = 0,
+) -> dict:
     CPU.clear()
     model, loss, X, y = make_mlp(depth, width, batch, dtype=torch.float64, device="cpu", gain=1.0)
     H, t_build = timed(lambda: hessinv.Hessian(model, loss, X, y))
@@ -112,6 +129,17 @@ def run_one(width: int, batch: int, depth: int, bins: int, dense_max: int, slq_k
         "invdiag_s": t_inv,
         "cpu_s": dict(CPU),
     }
+    if pyhessian_run.AVAILABLE and w <= pyh_max_w:
+        ph = pyhessian_run.run(H, depth, width, batch, edges, 4, slq_kw)
+        row["pyh"] = {
+            **{k: v for k, v in ph.items() if k != "counts"},
+            "exact_top_abs": pyhessian_run.top_abs(la.numpy(), sa.numpy(), 4).tolist(),
+            "eig_rel_err": pyhessian_run.eig_errors(ph["eig"], la.numpy(), sa.numpy()),
+            "density_off_zero_err": off_zero_error(edges, np.asarray(ph["counts"]), hist.counts),
+            "density_counts": ph["counts"],
+        }
+        row["cpu_s"]["pyh_eig"] = ph["eig_cpu_s"]
+        row["cpu_s"]["pyh_density"] = ph["density_cpu_s"]
     if w <= dense_max:
         (hd, ev), row["dense_s"] = timed(
             lambda: (lambda m: (m, torch.linalg.eigvalsh(m)))(H.to_dense()), "dense"
@@ -133,7 +161,9 @@ def table(rows: list[dict]) -> str:
     cols = (
         "width | batch | depth | W | exact hist: CPU s (per count) | verified | SLQ CPU s "
         "| SLQ error off the 0 bin | eigsh LA CPU s | eigsh SA CPU s | inv diag CPU s "
-        "| dense eigvalsh CPU s | bins differing | eig err / norm H | inv diag err"
+        "| dense eigvalsh CPU s | bins differing | eig err / norm H | inv diag err "
+        "| PyHessian top-4 CPU s | PyHessian top-4 rel err | PyHessian SLQ CPU s "
+        "| PyHessian SLQ error off the 0 bin"
     )
     out = "| " + cols + " |\n|" + "---|" * (cols.count("|") + 1) + "\n"
     for r in rows:
@@ -143,12 +173,19 @@ def table(rows: list[dict]) -> str:
             return fmt.format(r[key]) if key in r else "-"
 
         dense = f"{c['dense']:.3g}" if "dense" in c else "-"
+        ph = r.get("pyh")
+        pyh = (
+            f"{c['pyh_eig']:.3g} | {min(ph['eig_rel_err']):.1e} - {max(ph['eig_rel_err']):.1e} | "
+            f"{c['pyh_density']:.3g} | {ph['density_off_zero_err']:.0%}"
+            if ph
+            else "- | - | - | -"
+        )
         out += (
             f"| {r['width']} | {r['batch']} | {r['depth']} | {r['W']} | {c['hist']:.3g} "
             f"({c['hist'] / (r['bins'] + 1):.2g}) | {r['verified']} | {c['slq']:.3g} | "
             f"{r['slq_off_zero_err']:.0%} | {c['LA']:.3g} | {c['SA']:.3g} | "
             f"{c['invdiag']:.3g} | {dense} | {f('bins_differing', '{}')} | "
-            f"{f('eig_err', '{:.1e}')} | {f('invdiag_err', '{:.1e}')} |\n"
+            f"{f('eig_err', '{:.1e}')} | {f('invdiag_err', '{:.1e}')} | {pyh} |\n"
         )
     return out
 
@@ -188,6 +225,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--quick", action="store_true", help="tiny sizes (the test suite runs it)")
     ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--dense-max", type=int, default=5000)
+    ap.add_argument(
+        "--pyhessian-max",
+        type=int,
+        default=5000,
+        help="run PyHessian (when installed) on the nets with W at most this",
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     out = Path(args.out)
@@ -211,14 +254,14 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.perf_counter()
     for width, batch, depths in configs:
         for depth in depths:
-            r = run_one(width, batch, depth, bins, args.dense_max, slq_kw)
+            r = run_one(width, batch, depth, bins, args.dense_max, slq_kw, args.pyhessian_max)
             rows.append(r)
             print(
                 f"w{width} b{batch} L{depth} W={r['W']} {r['cpu_s']} wall {r['hist_s']:.1f}",
                 flush=True,
             )
     width, batch, depth = headline
-    head = run_one(width, batch, depth, head_bins, args.dense_max, slq_kw)
+    head = run_one(width, batch, depth, head_bins, args.dense_max, slq_kw, args.pyhessian_max)
     rows.append(head)
     model, loss, X, y = make_mlp(depth, width, batch, dtype=torch.float64, device="cpu", gain=1.0)
     est = spectrum.slq(hessinv.Hessian(model, loss, X, y), **slq_kw)
@@ -231,6 +274,7 @@ def main(argv: list[str] | None = None) -> dict:
             "python": sys.version.split()[0],
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
+            "pyhessian": pyhessian_run.VERSION,
         },
         "total_s": time.perf_counter() - t0,
         "rows": rows,
