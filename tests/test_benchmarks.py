@@ -83,4 +83,9 @@ def test_spectrum_quick(tmp_path):
         assert r["bins_differing"] == 0
         assert r["eig_err"] <= 1e-8 and r["invdiag_err"] <= 1e-8
         assert sum(r["counts"]) == r["W"]
+        if "pyh" in r:  # PyHessian installed: it saw the same loss, and its estimates are recorded
+            ph = r["pyh"]
+            assert ph["hvp_rel_diff"] <= 1e-12
+            assert len(ph["eig_rel_err"]) == 4
+            assert abs(sum(ph["density_counts"]) - r["W"]) <= 1e-6 * r["W"]
     assert Path(res["plot"]).exists()
