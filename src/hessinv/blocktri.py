@@ -281,7 +281,7 @@ def block_tri_inertia(
     be delayed, the best of them (largest ``|w_i| / c_i``, never below
     ``alpha_floor``) are eliminated anyway until ``max_carry`` remain. That
     caps the growth at ``c_i / alpha_floor``; callers verify the result
-    (:class:`hessinv.hessian.HessianFactorization` compares the determinant
+    (:class:`hessinv.solvers.LiftedFactorization` compares the determinant
     with that of the pivoted LU and falls back to ``max_carry=None``).
 
     Args:
