@@ -282,7 +282,7 @@ def block_tri_inertia(
     ``alpha_floor``) are eliminated anyway until ``max_carry`` remain. That
     caps the growth at ``c_i / alpha_floor``; callers verify the result
     (:class:`hessinv.solvers.LiftedFactorization` compares the determinant
-    with that of the pivoted LU and falls back to ``max_carry=None``).
+    with that of the pivoted LU and falls back to a four times wider cap).
 
     Args:
         diag: Diagonal blocks (read once each, in order).
