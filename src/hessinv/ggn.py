@@ -56,7 +56,7 @@ from .kernel import (
     psd_sqrt,
 )
 from .pipeline import Pipeline, flatten_params, unflatten_params
-from .solvers import Factorization, Inertia
+from .solvers import Inertia
 from .solves import _check_damping
 
 #: ``J`` (and ``B``) are materialized for products only below this many bytes.
@@ -368,72 +368,21 @@ class GaussNewton(Hessian):
         self._costs = out
         return dict(out)
 
-    def cost_model(self) -> dict[str, float]:
-        """Flop estimates of the exact methods (:meth:`costs`)."""
-        return {k: v[0] for k, v in self.costs().items()}
-
-    def _method(self, method: str) -> str:
-        """``"auto"``: the cheapest exact method that fits in memory (:meth:`costs`)."""
-        from .solvers import FACTORIZATIONS
-        from .solvers import select as _select
-
-        if method == "auto":
-            cs = self.costs()
-            budget = _select.available_memory(self.device)
-            if self.max_memory is not None:
-                budget = float(self.max_memory)
-            fits = {k: v for k, v in cs.items() if v[1] <= budget}
-            if not fits:
-                name, (_, need) = min(cs.items(), key=lambda kv: kv[1][1])
-                _select.check_memory(
-                    need, f"the cheapest factorization ({name!r})", self.max_memory, self.device
-                )
-            return min(fits, key=lambda k: fits[k][0])
-        if method != "kernel" and method not in FACTORIZATIONS:
-            raise ValueError(
-                f"unknown method {method!r} (no such factorization); "
-                f"use one of {sorted([*FACTORIZATIONS, 'kernel'])} or 'auto'"
-            )
-        return method
+    def _known_methods(self) -> list[str]:
+        return sorted([*super()._known_methods(), "kernel"])
 
     # -- factorizations ----------------------------------------------------------
-    def factor(self, damping: float = 0.0, method: str = "auto") -> Factorization:
-        """Factor ``G + damping I`` once (cached as :meth:`hessinv.Hessian.factor`).
-
-        Args:
-            damping: The shift (any finite real).
-            method: ``"kernel"`` (:class:`hessinv.kernel.KernelFactorization`),
-                ``"lifted"``, ``"dense"``, ``"woodbury"``, ``"minres"``, ``"cg"``
-                or ``"auto"`` (the cheapest exact one that fits, by :meth:`costs`;
-                the kernel only for a PSD loss Hessian).
+    def _factorization_class(self, name: str):  # noqa: ANN202
+        """``"kernel"``: :class:`hessinv.kernel.KernelFactorization` (PSD loss Hessian only).
 
         Raises:
-            ValueError: ``method="kernel"`` with a loss whose Hessian in the
-                outputs is not PSD (use ``"lifted"``), or an unknown method.
-            MemoryError: The method's estimated memory exceeds ``max_memory``.
+            ValueError: ``"kernel"`` with a loss whose Hessian in the outputs is
+                not PSD (use ``"lifted"``).
         """
-        from .solvers import FACTORIZATIONS
-        from .solvers import select as _select
-
-        d = _check_damping(damping)
-        name = self._method(method)
-        key = (d, name)
-        if key in self._factors:
-            self._factors.move_to_end(key)
-            return self._factors[key]
         if name == "kernel":
             self.kernel_or_raise()
-        cost = self.costs().get(name)
-        if cost is not None:
-            _select.check_memory(
-                cost[1], f"the {name!r} factorization", self.max_memory, self.device
-            )
-        cls = KernelFactorization if name == "kernel" else FACTORIZATIONS[name]
-        fac = cls(self, d)
-        self._factors[key] = fac
-        while len(self._factors) > max(self.max_cached_factorizations, 0):
-            self._factors.popitem(last=False)
-        return fac
+            return KernelFactorization
+        return super()._factorization_class(name)
 
     def kernel_or_raise(self) -> None:
         """Raise ``ValueError`` (use method='lifted') unless the loss Hessian is PSD."""

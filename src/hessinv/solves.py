@@ -79,13 +79,17 @@ class Solves:
             self._bounds = (lo, hi)
         return self._bounds
 
+    def _known_methods(self) -> list[str]:
+        """The ``method`` names this operator factors with (besides ``"auto"``)."""
+        return sorted(FACTORIZATIONS)
+
     def _method(self, method: str) -> str:
         if method == "auto":
             return _select.choose(self, self.max_memory)
-        if method not in FACTORIZATIONS:
+        if method not in self._known_methods():
             raise ValueError(
                 f"unknown method {method!r} (no such factorization); "
-                f"use one of {sorted(FACTORIZATIONS)} or 'auto'"
+                f"use one of {self._known_methods()} or 'auto'"
             )
         return method
 
@@ -113,17 +117,26 @@ class Solves:
         if key in self._factors:
             self._factors.move_to_end(key)
             return self._factors[key]
-        cost = _select.costs(self).get(name)
+        build = self._factorization_class(name)
+        cost = self.costs().get(name)
         if cost is not None:
             _select.check_memory(
                 cost[1], f"the {name!r} factorization", self.max_memory, self.device
             )
             _select.warn_if_slow(cost[0], f"the {name!r} factorization", self.device)
-        fac = FACTORIZATIONS[name](self, d)
+        fac = build(self, d)
         self._factors[key] = fac
         while len(self._factors) > max(self.max_cached_factorizations, 0):
             self._factors.popitem(last=False)
         return fac
+
+    def costs(self) -> dict[str, tuple[float, float]]:
+        """``method -> (flops, bytes)`` of the exact methods (:mod:`hessinv.solvers.select`)."""
+        return _select.costs(self)
+
+    def _factorization_class(self, name: str) -> Callable[..., Factorization]:
+        """The constructor ``(op, damping)`` of method ``name`` (operators may add methods)."""
+        return FACTORIZATIONS[name]
 
     def clear_cache(self) -> None:
         """Free every cached factorization and the dense eigendecomposition."""
@@ -186,8 +199,8 @@ class Solves:
         return self._with_fallback(damping, method, lambda f: f.is_positive_definite())
 
     def cost_model(self) -> dict[str, float]:
-        """Flop estimates of the exact methods (:mod:`hessinv.solvers.select`)."""
-        return {k: v[0] for k, v in _select.costs(self).items()}
+        """Flop estimates of the exact methods (:meth:`costs`)."""
+        return {k: v[0] for k, v in self.costs().items()}
 
     def solve(
         self,

@@ -184,10 +184,13 @@ def costs(op: Hessian) -> dict[str, tuple[float, float]]:
 def choose(op: Hessian, max_memory: float | None = None) -> str:
     """The cheapest exact method whose memory fits (``method="auto"``).
 
+    The candidates and their ``(flops, bytes)`` are the operator's own
+    ``op.costs()`` (:func:`costs` for a Hessian; GaussNewton adds its kernel).
+
     Raises:
         MemoryError: No method fits; the message names the smallest estimate.
     """
-    cs = costs(op)
+    cs = op.costs()
     budget = available_memory(op.device) if max_memory is None else float(max_memory)
     fits = {k: v for k, v in cs.items() if v[1] <= budget}
     if not fits:
