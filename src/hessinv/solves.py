@@ -123,7 +123,7 @@ class Solves:
             _select.check_memory(
                 cost[1], f"the {name!r} factorization", self.max_memory, self.device
             )
-            _select.warn_if_slow(cost[0], f"the {name!r} factorization", self.device)
+            _select.warn_if_slow(cost[0], name, self.device)
         fac = build(self, d)
         self._factors[key] = fac
         while len(self._factors) > max(self.max_cached_factorizations, 0):

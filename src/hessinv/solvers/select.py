@@ -64,28 +64,35 @@ def check_memory(need: float, what: str, max_memory: float | None, device: torch
         )
 
 
-#: Nominal sustained rates (flop/s) for the time estimate: one CPU core's LAPACK on
-#: these small blocks, and a data-centre GPU's float64 (both deliberately round).
-NOMINAL_RATE = {"cpu": 1e10, "cuda": 1e12}
+#: Nominal sustained rates (flop/s) for the time estimate, deliberately round: one or
+#: two CPU cores on the lifted system's many small blocks, on one large dense
+#: eigendecomposition, and a data-centre GPU.
+NOMINAL_RATE = {"cpu": 1e10, "cpu-dense": 5e10, "cuda": 1e12}
 #: Estimated seconds above which :func:`warn_if_slow` warns.
 SLOW_SECONDS = 30.0
+_CHEAPER = {
+    "lifted": "the lifted blocks grow with batch x width and with the parameters per layer: a "
+    "smaller batch (curvature on a sub-batch) or narrower layers are cheaper, and for "
+    "Gauss-Newton method='kernel'",
+    "dense": "the dense route costs O(W^3): method='lifted' is linear in depth",
+}
 
 
-def warn_if_slow(flops: float, what: str, device: torch.device) -> None:
+def warn_if_slow(flops: float, method: str, device: torch.device) -> None:
     """Warn (:class:`hessinv.errors.CostWarning`) before work estimated above ``SLOW_SECONDS``.
 
-    The estimate is ``flops`` at :data:`NOMINAL_RATE`; it says what to change.
+    The estimate is ``flops`` at :data:`NOMINAL_RATE`; the message says what is cheaper.
     """
-    seconds = flops / NOMINAL_RATE.get(device.type, 1e10)
+    key = f"{device.type}-{method}" if f"{device.type}-{method}" in NOMINAL_RATE else device.type
+    rate = NOMINAL_RATE.get(key, 1e10)
+    seconds = flops / rate
     if seconds > SLOW_SECONDS:
         from ..errors import CostWarning
 
         warnings.warn(
-            f"{what} is estimated at {flops:.2g} flops, about {seconds:.0f} s on {device.type} "
-            f"(at a nominal {NOMINAL_RATE.get(device.type, 1e10):.0e} flop/s): the lifted "
-            "blocks grow with batch x width and the number of parameters per layer. A smaller "
-            "batch (curvature on a sub-batch), narrower layers, or, for Gauss-Newton, "
-            "method='kernel' are cheaper.",
+            f"the {method!r} factorization is estimated at {flops:.2g} flops, about "
+            f"{seconds:.0f} s on {device.type} (at a nominal {rate:.0e} flop/s); "
+            + _CHEAPER.get(method, "a smaller batch or network is cheaper"),
             CostWarning,
             stacklevel=4,
         )
