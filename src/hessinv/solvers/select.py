@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -21,9 +20,6 @@ GIB = 2.0**30
 
 #: Methods that factor ``H + dI`` exactly (``auto`` chooses among them).
 EXACT_METHODS = ("lifted", "dense")
-
-#: Extra cost estimators: ``name -> fn(op) -> (flops, bytes) or None`` (not applicable).
-EXTRA_COSTS: dict[str, Callable[[Hessian], tuple[float, float] | None]] = {}
 
 
 def available_memory(device: torch.device) -> float:
@@ -179,13 +175,12 @@ def dense_cost(op: Hessian) -> tuple[float, float]:
 
 
 def costs(op: Hessian) -> dict[str, tuple[float, float]]:
-    """``method -> (flops, bytes)`` for every applicable exact method."""
-    out = {"lifted": lifted_cost(op), "dense": dense_cost(op)}
-    for name, fn in EXTRA_COSTS.items():
-        c = fn(op)
-        if c is not None:
-            out[name] = c
-    return out
+    """``method -> (flops, bytes)`` of the Hessian's exact methods (``Solves.costs``).
+
+    Operators with more methods extend their own ``costs()`` (GaussNewton adds
+    its kernel form, :meth:`hessinv.GaussNewton.costs`).
+    """
+    return {"lifted": lifted_cost(op), "dense": dense_cost(op)}
 
 
 def choose(op: Hessian, max_memory: float | None = None) -> str:
