@@ -248,3 +248,24 @@ def test_long_factorizations_are_announced_with_the_estimate(monkeypatch):
     monkeypatch.setattr(sel, "SLOW_SECONDS", 0.0)
     with pytest.warns(hessinv.CostWarning, match="flops, about"):
         H.factor(0.3, "lifted")
+
+
+def test_numpy_in_numpy_out_and_scipy_dtype():
+    """NumPy vectors come back as NumPy; a float32 SciPy view of a float64 operator."""
+    H, A1 = _problem(1.0)
+    W = H.num_params
+    v = np.random.default_rng(0).standard_normal((W, 2))
+    hv = H @ v
+    assert isinstance(hv, np.ndarray) and hv.shape == (W, 2)
+    assert np.allclose(hv, (A1 @ torch.from_numpy(v)).numpy(), rtol=1e-10, atol=1e-10)
+    x = H.solve(v[:, 0], damping=0.5)
+    assert isinstance(x, np.ndarray) and x.shape == (W,)
+    A = A1 + 0.5 * torch.eye(W, dtype=DT)
+    eta = _eta(A, torch.from_numpy(x)[:, None], torch.from_numpy(v[:, :1]))
+    assert float(eta) <= solve_tolerance(DT)
+    with pytest.raises(TypeError, match="astype"):
+        H @ v.astype(np.float32)
+    sp = H.to_scipy(dtype=np.float32)
+    assert sp.dtype == np.float32 and (sp @ v[:, 0].astype(np.float32)).dtype == np.float32
+    inv = H.inverse(0.5).to_scipy()
+    assert np.allclose(inv @ v[:, 0], x, rtol=1e-10, atol=1e-12)

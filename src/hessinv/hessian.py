@@ -227,29 +227,31 @@ class Hessian(Solves):
         h = self.matmat(eye)
         return 0.5 * (h + h.T)
 
-    def _scipy(self, apply: Callable[[Tensor], Tensor]):  # noqa: ANN202
+    def _scipy(self, apply: Callable[[Tensor], Tensor], dtype=None):  # noqa: ANN001, ANN202
         import numpy as np
         from scipy.sparse.linalg import LinearOperator
 
+        out_dtype = np.dtype(str(self.dtype).replace("torch.", "") if dtype is None else dtype)
+
         def mm(x: np.ndarray) -> np.ndarray:
-            t = torch.as_tensor(np.asarray(x), dtype=self.dtype, device=self.device)
-            t2 = t.reshape(self.num_params, -1)
-            out = apply(t2)
-            return out.detach().cpu().numpy().reshape(x.shape)
+            t = torch.as_tensor(np.asarray(x), device=self.device).to(self.dtype)
+            out = apply(t.reshape(self.num_params, -1))
+            return out.detach().cpu().numpy().astype(out_dtype, copy=False).reshape(x.shape)
 
         return LinearOperator(
-            self.shape,
-            matvec=mm,
-            matmat=mm,
-            rmatvec=mm,
-            rmatmat=mm,
-            dtype=np.dtype(str(self.dtype).replace("torch.", "")),
+            self.shape, matvec=mm, matmat=mm, rmatvec=mm, rmatmat=mm, dtype=out_dtype
         )
 
-    def to_scipy(self):  # noqa: ANN201
-        """A ``scipy.sparse.linalg.LinearOperator`` for ``H`` (symmetric)."""
+    def to_scipy(self, dtype=None):  # noqa: ANN001, ANN201
+        """A ``scipy.sparse.linalg.LinearOperator`` for ``H`` (symmetric).
+
+        Args:
+            dtype: The NumPy dtype it reports and returns (default: the
+                operator's); inputs are converted to the operator's dtype for
+                the products.
+        """
         self._check_fresh()
-        return self._scipy(self.matmat)
+        return self._scipy(self.matmat, dtype)
 
     # -- spectrum and selected inversion: thin wrappers (hessinv.selinv, hessinv.spectrum) --
     def inverse_diagonal(self, damping: float = 0.0) -> Tensor:

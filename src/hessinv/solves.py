@@ -50,9 +50,9 @@ class InverseOperator:
     def __matmul__(self, g: VectorLike) -> VectorLike:
         return self.fac.solve(g)
 
-    def to_scipy(self):  # noqa: ANN201
-        """A ``scipy.sparse.linalg.LinearOperator`` applying the solve."""
-        return self.fac.op._scipy(lambda m: self.fac.solve(m))
+    def to_scipy(self, dtype=None):  # noqa: ANN001, ANN201
+        """A ``scipy.sparse.linalg.LinearOperator`` applying the solve (``dtype`` as for H)."""
+        return self.fac.op._scipy(lambda m: self.fac.solve(m), dtype)
 
 
 class Solves:

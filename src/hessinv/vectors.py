@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -44,7 +45,22 @@ class Layout:
             raise ValueError(f"{what} contains NaN or Inf")
 
     def to_matrix(self, v: Tensor | Sequence[Tensor], what: str = "v") -> tuple[Tensor, str]:
-        """Return ``(V, form)`` with ``V`` of shape ``(W, k)``; ``form`` in flat/matrix/list."""
+        """Return ``(V, form)`` with ``V`` of shape ``(W, k)``; ``form`` in flat/matrix/list.
+
+        A NumPy array (``(W,)`` or ``(W, k)``, of the operator's dtype) is
+        accepted too; its form is prefixed ``"numpy-"`` so that the answer comes
+        back as a NumPy array.
+        """
+        if isinstance(v, np.ndarray):
+            if v.dtype != np.dtype(str(self.dtype).replace("torch.", "")):
+                raise TypeError(
+                    f"{what} is a NumPy array of dtype {v.dtype}; the operator's dtype is "
+                    f"{self.dtype} (convert it with .astype first)"
+                )
+            m, form = self.to_matrix(
+                torch.from_numpy(np.ascontiguousarray(v)).to(self.device), what
+            )
+            return m, "numpy-" + form
         w = self.size
         if isinstance(v, (list, tuple)):
             if len(v) != len(self.shapes):
@@ -71,6 +87,8 @@ class Layout:
 
     def from_matrix(self, m: Tensor, form: str) -> Tensor | list[Tensor]:
         """Inverse of :meth:`to_matrix`."""
+        if form.startswith("numpy-"):
+            return self.from_matrix(m, form[len("numpy-") :]).detach().cpu().numpy()
         if form == "flat":
             return m[:, 0]
         if form == "matrix":
