@@ -347,14 +347,8 @@ class GaussNewton(Hessian):
             else:
                 a = zs[l + 1][0].numel()
                 sizes += [min(s.num_params, n * (a + a_in)) + n * a, n * a]
-        flops = stored = 0.0
-        for i, m in enumerate(sizes):
-            m1 = sizes[i + 1] if i + 1 < len(sizes) else 0
-            m2 = sizes[i + 2] if i + 2 < len(sizes) else 0
-            flops += 2.0 * (m + m1) * m * m + 1e5
-            stored += (m + m1) * m + m * (m1 + m2)
-        big = max(sizes)
-        lifted_bytes = (stored + 6.0 * big * big) * item + _select.block_memory(self.pipeline, zs)
+        flops, factor_bytes = _select.lifted_cost_of_sizes(sizes, item)
+        lifted_bytes = factor_bytes + _select.block_memory(self.pipeline, zs)
         kc = self.kernel_cost()
         out = {
             "lifted": (flops, lifted_bytes),

@@ -188,10 +188,7 @@ class Solves:
         """Whether the dense route fits in memory and ``W <= max_w``."""
         if self.num_params > max_w:
             return False
-        budget = _select.available_memory(self.device)
-        if self.max_memory is not None:
-            budget = self.max_memory
-        return _select.dense_cost(self)[1] <= budget
+        return _select.dense_cost(self)[1] <= _select.memory_budget(self.device, self.max_memory)
 
     def is_positive_definite(self, damping: float = 0.0, method: str = "auto") -> bool | None:
         """``True`` only if ``H + damping I`` is proven positive definite (else False/None)."""

@@ -351,11 +351,7 @@ class Factorization(ABC):
             inert = self.inertia()
         except NotImplementedError:
             return None
-        if inert.verified:
-            return inert.negative == 0 and inert.zero == 0
-        if inert.negative or inert.zero:
-            return None
-        return None
+        return (inert.negative == 0 and inert.zero == 0) if inert.verified else None
 
 
 def shifted_norm(op: Hessian, damping: float) -> float:

@@ -40,6 +40,11 @@ def available_memory(device: torch.device) -> float:
         return float("inf")
 
 
+def memory_budget(device: torch.device, max_memory: float | None) -> float:
+    """Bytes a computation may use: ``max_memory``, else what ``device`` has available."""
+    return available_memory(device) if max_memory is None else float(max_memory)
+
+
 def check_memory(need: float, what: str, max_memory: float | None, device: torch.device) -> None:
     """Raise ``MemoryError`` naming GiB if ``need`` bytes exceed the budget.
 
@@ -49,7 +54,7 @@ def check_memory(need: float, what: str, max_memory: float | None, device: torch
         max_memory: The budget in bytes (``None``: what ``device`` has available).
         device: Where the memory would be allocated.
     """
-    budget = available_memory(device) if max_memory is None else float(max_memory)
+    budget = memory_budget(device, max_memory)
     if need > budget:
         raise MemoryError(
             f"{what} needs about {need / GIB:.3g} GiB, more than the "
@@ -142,8 +147,11 @@ def lifted_cost(op: Hessian) -> tuple[float, float]:
     stored factors, ``(n_i + n_{i+1}) n_i + n_i (n_{i+1} + n_{i+2})`` numbers
     per block, plus two blocks' worth of work space.
     """
-    sizes = lifted_sizes(op)
-    item = torch.finfo(op.dtype).bits // 8
+    return lifted_cost_of_sizes(lifted_sizes(op), torch.finfo(op.dtype).bits // 8)
+
+
+def lifted_cost_of_sizes(sizes: list[int], itemsize: int) -> tuple[float, float]:
+    """``(flops, bytes)`` of the pivoted block LU of blocks of these sizes (:func:`lifted_cost`)."""
     flops = stored = 0.0
     for i, n in enumerate(sizes):
         n1 = sizes[i + 1] if i + 1 < len(sizes) else 0
@@ -151,8 +159,7 @@ def lifted_cost(op: Hessian) -> tuple[float, float]:
         flops += 2.0 * (n + n1) * n * n + 1e5
         stored += (n + n1) * n + n * (n1 + n2)
     big = max(sizes) if sizes else 0
-    work = 6.0 * big * big
-    return flops, (stored + work) * item
+    return flops, (stored + 6.0 * big * big) * itemsize
 
 
 def dense_cost(op: Hessian) -> tuple[float, float]:
@@ -193,7 +200,7 @@ def choose(op: Hessian, max_memory: float | None = None) -> str:
         MemoryError: No method fits; the message names the smallest estimate.
     """
     cs = op.costs()
-    budget = available_memory(op.device) if max_memory is None else float(max_memory)
+    budget = memory_budget(op.device, max_memory)
     fits = {k: v for k, v in cs.items() if v[1] <= budget}
     if not fits:
         name, (_, need) = min(cs.items(), key=lambda kv: kv[1][1])
