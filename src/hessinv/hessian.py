@@ -27,6 +27,7 @@ from .derivatives import StageBlocks
 from .errors import NonFiniteError
 from .pipeline import Pipeline, Stage
 from .products import compute_blocks, gradient, hvp
+from .progress import ProgressArg, check_progress
 from .solvers import Factorization
 from .solvers import select as _select
 from .solves import Solves, VectorLike
@@ -48,11 +49,26 @@ class Hessian(Solves):
     then costs one forward and one backward sweep (eq. 24), and
     :meth:`solve` factors the lifted block-tridiagonal system exactly.
 
+    ``Hessian(model, loss_func, data=batches)`` is the Hessian of the loss of
+    a whole data set given as batches (a list of ``(X, y)`` or a
+    ``DataLoader``; :mod:`hessinv.data`): the mean over all samples for
+    ``reduction="mean"``, the sum for ``"sum"``. Products, the gradient and
+    the diagonal go batch by batch in the memory of one batch (each call
+    recomputes each batch's blocks); a factorization (``solve``, ``logdet``,
+    ``inertia``, ``inverse_diagonal``, ``eigsh``, ...) stacks all batches into
+    one lifted system of ``N`` (all samples) rows per stage, so it costs what
+    ``Hessian(model, loss_func, X_all, y_all)`` costs (its memory check and
+    :class:`~hessinv.errors.CostWarning` count all ``N`` samples).
+
     Args:
         model: The network.
         loss_func: ``loss_func(model(X), y)`` is the scalar loss.
-        X: Inputs, batch first.
-        y: Targets, batch first.
+        X: Inputs, batch first (or ``data=``).
+        y: Targets, batch first (or ``data=``).
+        data: Instead of ``X, y``: a re-iterable of ``(X, y)`` batches (a list,
+            a tuple or a ``DataLoader``; a one-shot iterator or generator is
+            refused: pass ``list(...)``). ``loss_func`` must carry its
+            ``reduction`` (``"mean"`` or ``"sum"``).
         params: The variables, an iterable of the model's parameters or a dict
             name -> parameter, in flat-vector order (default: those with
             ``requires_grad``, ``model.parameters()`` order).
@@ -61,19 +77,35 @@ class Hessian(Solves):
             factorizations (default: the memory available on the device);
             larger needs are refused with a ``MemoryError`` naming GiB
             before anything is allocated.
+        progress: A ``tqdm`` bar on stderr for builds and factorizations that
+            run longer than 2 s (``True``), never (``False``), or after this
+            many seconds (:mod:`hessinv.progress`).
     """
+
+    def __new__(cls, *args: object, data: object = None, **kwargs: object) -> Hessian:  # noqa: D102
+        if data is not None:
+            from .data import data_operator_class
+
+            return super().__new__(data_operator_class(cls))
+        return super().__new__(cls)
 
     def __init__(
         self,
         model: nn.Module,
         loss_func: Callable[..., Tensor],
-        X: Tensor,  # noqa: N803
-        y: Tensor,
+        X: Tensor | None = None,  # noqa: N803
+        y: Tensor | None = None,
         *,
+        data: object = None,
         params: ParamsArg = None,
         generic: bool = False,
         max_memory: float | None = None,
+        progress: ProgressArg = True,
     ) -> None:
+        if data is not None:  # only reached by calling __init__ directly
+            raise TypeError("data= builds a data-set operator: call Hessian(..., data=...)")
+        if X is None or y is None:
+            raise TypeError(f"{type(self).__name__} needs X and y, or data=[(X, y), ...]")
         if not isinstance(X, Tensor) or not isinstance(y, Tensor):
             raise TypeError("X and y must be tensors")
         if X.shape[0] != y.shape[0]:
@@ -81,7 +113,13 @@ class Hessian(Solves):
         if y.dtype.is_floating_point and not torch.isfinite(y).all():
             raise ValueError("y contains NaN or Inf")
         stages, z0 = stages_for_model(model, loss_func, X, y, params)
-        self._init(Pipeline(stages, z0), generic=generic, check_mixing=True, max_memory=max_memory)
+        self._init(
+            Pipeline(stages, z0),
+            generic=generic,
+            check_mixing=True,
+            max_memory=max_memory,
+            progress=progress,
+        )
 
     @classmethod
     def from_stages(
@@ -92,6 +130,7 @@ class Hessian(Solves):
         generic: bool = False,
         check_mixing: bool = True,
         max_memory: float | None = None,
+        progress: ProgressArg = True,
     ) -> Hessian:
         """Build the operator of a functional pipeline.
 
@@ -103,10 +142,15 @@ class Hessian(Solves):
             check_mixing: Verify with random probes (:func:`hessinv.validate.check_no_mixing`)
                 that no stage mixes samples (raises ``ValueError``).
             max_memory: As for the constructor.
+            progress: As for the constructor.
         """
         self = cls.__new__(cls)
         self._init(
-            Pipeline(stages, z0), generic=generic, check_mixing=check_mixing, max_memory=max_memory
+            Pipeline(stages, z0),
+            generic=generic,
+            check_mixing=check_mixing,
+            max_memory=max_memory,
+            progress=progress,
         )
         return self
 
@@ -114,7 +158,7 @@ class Hessian(Solves):
         self, pipeline: Pipeline, generic: bool
     ) -> tuple[Tensor, list[StageBlocks]]:
         """The loss and the stage blocks this operator is made of (``H``'s own)."""
-        return compute_blocks(pipeline, generic=generic)
+        return compute_blocks(pipeline, generic=generic, progress=self.progress)
 
     def _check_block_memory(self, pipeline: Pipeline) -> None:
         """Refuse before computing stage blocks that would not fit (``MemoryError``).
@@ -135,7 +179,9 @@ class Hessian(Solves):
         generic: bool,
         check_mixing: bool,
         max_memory: float | None = None,
+        progress: ProgressArg = True,
     ) -> None:
+        self.progress = check_progress(progress)
         self.pipeline = pipeline
         self.max_memory = max_memory
         if check_mixing:

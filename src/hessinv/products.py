@@ -23,12 +23,18 @@ from torch import Tensor
 
 from .derivatives import StageBlocks, stage_blocks
 from .pipeline import Pipeline
+from .progress import ProgressArg, progress_bar
 
 
 def compute_blocks(
-    pipeline: Pipeline, *, generic: bool = False
+    pipeline: Pipeline, *, generic: bool = False, progress: ProgressArg = False
 ) -> tuple[Tensor, list[StageBlocks]]:
     """Forward pass, then every stage's blocks in one backward sweep.
+
+    Args:
+        pipeline: The pipeline.
+        generic: Generic autodiff for every block (no fast paths).
+        progress: A bar over the stages (:mod:`hessinv.progress`).
 
     Returns:
         The loss ``z_L`` and the list of :class:`StageBlocks`, one per stage.
@@ -37,12 +43,19 @@ def compute_blocks(
     n_st = len(pipeline.stages)
     blocks: list[StageBlocks | None] = [None] * n_st
     cot = None
-    for l in reversed(range(n_st)):  # noqa: E741
-        blk = stage_blocks(
-            pipeline.stages[l], zs[l], cot, first=(l == 0), last=(l == n_st - 1), generic=generic
-        )
-        blocks[l] = blk
-        cot = blk.cot_in
+    with progress_bar(n_st, "hessinv: derivative blocks", progress) as bar:
+        for l in reversed(range(n_st)):  # noqa: E741
+            blk = stage_blocks(
+                pipeline.stages[l],
+                zs[l],
+                cot,
+                first=(l == 0),
+                last=(l == n_st - 1),
+                generic=generic,
+            )
+            blocks[l] = blk
+            cot = blk.cot_in
+            bar.update(1)
     return zs[-1], blocks  # type: ignore[return-value]
 
 

@@ -39,6 +39,7 @@ from torch import Tensor
 from ..blocktri import BlockTriLU, InertiaResult, block_tri_inertia
 from ..errors import LiftedPrecisionError
 from ..lifted import LiftedSystem, curvature_scale
+from ..progress import CountedSequence, progress_bar
 from ..riccati import RiccatiResult, riccati_pass
 from .base import Factorization, Inertia
 
@@ -52,7 +53,10 @@ class LiftedFactorization(Factorization):
         super().__init__(op, damping)
         s = curvature_scale(op.blocks, self.damping)
         self.system = LiftedSystem(op.blocks, self.damping, scale=s, dtype=count_dtype)
-        self.lu = BlockTriLU(self.system.diag, self.system.upper)  # blocks built as consumed
+        n_bl = len(self.system.sizes)
+        with progress_bar(n_bl, "hessinv: lifted LU", getattr(op, "progress", False), "block") as b:
+            # blocks built as consumed; the bar advances as each diagonal block is read
+            self.lu = BlockTriLU(CountedSequence(self.system.diag, b), self.system.upper)
         self.m = self.system.m
         self._congruence: InertiaResult | None = None
         self._riccati: dict[str, RiccatiResult] = {}

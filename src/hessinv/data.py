@@ -1,0 +1,530 @@
+"""Data sets: ``Hessian(model, loss_func, data=batches)``, the Hessian of the whole data set.
+
+``data`` is a re-iterable of ``(X, y)`` batches: a list or tuple of pairs, or a
+``torch.utils.data.DataLoader``. The loss is that of the concatenated data,
+``L = loss_func(model(X_all), y_all)``: with ``B`` batches of ``n_b`` samples,
+``N = sum_b n_b`` and ``L_b`` the loss of batch ``b``,
+
+* ``reduction="mean"``: ``L = sum_b (n_b / N) L_b`` (the mean over all ``N``
+  samples, whatever the batch sizes; an unequal last batch weighs less),
+* ``reduction="sum"``: ``L = sum_b L_b``,
+
+so ``H = sum_b w_b H_b``, ``g = sum_b w_b g_b`` with those weights ``w_b``.
+
+**Two ways to compute, one matrix.**
+
+* Products ``H @ V``, :meth:`gradient`, :meth:`loss`, :meth:`diagonal`,
+  :meth:`block_diagonal`, ``to_dense`` go batch by batch: each builds the
+  operator of one batch (its stage blocks, ``O(n_b)`` memory), applies it and
+  frees it, so memory is that of one batch and time is one build per batch
+  per call (pass ``V`` with many columns at once where you can).
+* Everything that factors ``H + dI`` (``solve``, ``logdet``, ``inertia``,
+  ``factor``, ``inverse``, ``is_positive_definite``, ``inverse_diagonal``,
+  ``eigsh``, ``spectral_histogram``, ...) needs the whole lifted system: on
+  first use the batches are concatenated and the operator of all ``N``
+  samples is built once (the lifted system's sample axis is ``N`` long). That
+  costs what ``Hessian(model, loss_func, X_all, y_all)`` costs, checked
+  before anything large is allocated: the stacked inputs, then the stage
+  blocks (``MemoryError`` naming GiB), then the factorization's estimate
+  (``MemoryError``, or a :class:`~hessinv.errors.CostWarning` above 30 s), all
+  with the total ``N``. From then on products use the stacked blocks too.
+
+**Checks.** A one-shot iterator (a generator, ``iter(loader)``) is refused
+(``TypeError``: the products need a pass over the data per call; pass
+``list(...)`` to materialise it, which costs the memory of the whole data set).
+Every batch must be an ``(X, y)`` pair of tensors with one dtype, one device,
+and one shape past the batch dimension, finite, with as many targets as inputs;
+errors name the batch index. The loss must say its reduction (a
+``torch.nn`` loss, or any callable with a ``.reduction`` attribute of
+``"mean"`` or ``"sum"``). A mean whose denominator is not the number of
+samples (``CrossEntropyLoss``/``NLLLoss`` with class ``weight``, or a target
+equal to ``ignore_index``) is refused: use ``reduction="sum"``. Every pass
+over the data is checked to see the same samples (their number and an
+order-independent checksum of ``X`` and ``y``): random augmentation, or a
+shuffling ``DataLoader`` with ``drop_last=True``, is refused with a
+``ValueError`` rather than mixing different data sets into one ``H``. The
+sample-mixing check runs on the first batch at construction and on the stacked
+data when it is built; there, the stacked loss is also compared with the
+weighted batch losses.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .errors import NonFiniteError
+from .progress import ProgressArg, check_progress, progress_bar
+from .solvers import select as _select
+from .trace import ParamsArg
+
+#: Relative tolerance of the per-pass checksum (float64 sums of the same numbers in
+#: another order differ by far less; a changed sample by far more).
+CHECKSUM_RTOL = 1e-10
+
+#: Attributes of a built operator that only the stacked (all-samples) operator has:
+#: reading one of them builds it (:meth:`DataOperator._stack`).
+STACKED_STATE = frozenset(
+    {
+        "pipeline",
+        "blocks",
+        "_blocks",
+        "_loss",
+        "_factors",
+        "_dense_eigh",
+        "_bounds",
+        "_split",
+        "_kern",
+        "_lam",
+        "_fwd_flops",
+        "_generic",
+    }
+)
+
+
+def data_reduction(loss_func: Callable[..., Tensor]) -> str:
+    """The loss's reduction, ``"mean"`` or ``"sum"``, or a clear refusal.
+
+    Raises:
+        TypeError: The loss does not say its reduction.
+        ValueError: Another reduction, or a mean that is not over samples
+            (class weights).
+    """
+    red = getattr(loss_func, "reduction", None)
+    if red is None:
+        raise TypeError(
+            "data= combines the batch losses by the loss's reduction, but loss_func "
+            f"({type(loss_func).__name__}) has no .reduction attribute: use a torch.nn loss "
+            "module, or set loss_func.reduction = 'mean' or 'sum' on your callable"
+        )
+    if red not in ("mean", "sum"):
+        raise ValueError(f"loss reduction must be 'mean' or 'sum' with data=, got {red!r}")
+    if (
+        red == "mean"
+        and isinstance(loss_func, (nn.CrossEntropyLoss, nn.NLLLoss))
+        and loss_func.weight is not None
+    ):
+        raise ValueError(
+            f"{type(loss_func).__name__} with class weights and reduction='mean' divides by "
+            "the sum of the weights of each batch, not by its number of samples, so the mean "
+            "over the data set is not a weighted sum of batch means: use reduction='sum' "
+            "(and scale by 1/N yourself)"
+        )
+    return red
+
+
+def _unpack(item: object, index: int) -> tuple[Tensor, Tensor]:
+    if not isinstance(item, (tuple, list)) or len(item) != 2:
+        raise TypeError(
+            f"data batch {index} must be an (X, y) pair, got {type(item).__name__}"
+            + (f" of length {len(item)}" if isinstance(item, (tuple, list)) else "")
+        )
+    x, y = item
+    for name, t in (("X", x), ("y", y)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"data batch {index}: {name} must be a tensor, got {type(t).__name__}")
+    return x, y
+
+
+class Batches:
+    """A validated, re-iterable data set of ``(X, y)`` batches.
+
+    Args:
+        data: A list, tuple or ``DataLoader`` of ``(X, y)`` pairs.
+        loss_func: The loss (for ``ignore_index`` targets under a mean).
+        progress: A bar over the batches of each pass.
+
+    Attributes:
+        sizes: The batch sizes ``n_b`` of the first pass.
+        num_samples: ``N``.
+
+    Raises:
+        TypeError: Not re-iterable (a generator or iterator), not ``(X, y)``
+            pairs of tensors, or dtypes that differ between batches.
+        ValueError: An empty data set or batch, NaN or Inf, shapes or devices
+            that differ between batches, or a target at ``ignore_index``
+            under a mean; the batch index is named.
+    """
+
+    def __init__(
+        self, data: Iterable, loss_func: Callable[..., Tensor], progress: ProgressArg = False
+    ) -> None:
+        if isinstance(data, (Tensor, str, bytes, Mapping)):
+            raise TypeError(
+                f"data must be an iterable of (X, y) batches, got {type(data).__name__}; "
+                "for one batch pass X, y instead"
+            )
+        try:
+            it = iter(data)
+        except TypeError as e:
+            raise TypeError(
+                f"data must be an iterable of (X, y) batches, got {type(data).__name__}"
+            ) from e
+        if it is data:
+            raise TypeError(
+                "data is a one-shot iterator (a generator or iter(...)): products and "
+                "gradients pass over the data once per call, so data must be re-iterable. "
+                "Pass a list or tuple of (X, y) batches or a DataLoader; list(generator) "
+                "materialises it (memory of the whole data set)"
+            )
+        self.data = data
+        self.loss_func = loss_func
+        self.progress = progress
+        self._ref: tuple | None = None
+        self.sizes: list[int] = []
+        self._sums: tuple[float, ...] | None = None
+        self.first: tuple[Tensor, Tensor] | None = None
+        for i, x, y in self._pass(it, record=True):
+            if i == 0:
+                self.first = (x, y)
+                per = x[0].numel() * x.element_size() + y[0].numel() * y.element_size()
+                self.sample_bytes = per
+                self.device = x.device
+        self.num_samples = sum(self.sizes)
+
+    def __len__(self) -> int:
+        return len(self.sizes)
+
+    def _check(self, x: Tensor, y: Tensor, i: int) -> None:
+        if x.dim() < 1 or x.shape[0] < 1:
+            raise ValueError(f"data batch {i}: X must have a non-empty batch dimension")
+        if y.dim() < 1 or y.shape[0] != x.shape[0]:
+            raise ValueError(
+                f"data batch {i}: X has {x.shape[0]} samples but y has shape {tuple(y.shape)}"
+            )
+        sig = (tuple(x.shape[1:]), x.dtype, x.device, tuple(y.shape[1:]), y.dtype, y.device)
+        if self._ref is None:
+            self._ref = sig
+        elif sig != self._ref:
+            ref = self._ref
+            names = ["X shape past the batch", "X dtype", "X device"]
+            names += ["y shape past the batch", "y dtype", "y device"]
+            for name, a, b in zip(names, ref, sig, strict=True):
+                if a != b:
+                    err = TypeError if "dtype" in name else ValueError
+                    raise err(f"data batch {i}: {name} is {b}, but batch 0 has {a}")
+        for name, t in (("X", x), ("y", y)):
+            if t.dtype.is_floating_point and not bool(torch.isfinite(t).all()):
+                raise ValueError(f"data batch {i}: {name} contains NaN or Inf")
+        lf = self.loss_func
+        if (
+            isinstance(lf, (nn.CrossEntropyLoss, nn.NLLLoss))
+            and getattr(lf, "reduction", None) == "mean"
+            and not y.dtype.is_floating_point
+            and bool((y == lf.ignore_index).any())
+        ):
+            raise ValueError(
+                f"data batch {i}: a target equals ignore_index={lf.ignore_index}; under "
+                "reduction='mean' such a batch's loss is divided by its count of other targets, "
+                "not by its number of samples, so batch means do not combine into the data "
+                "set's mean: drop those samples or use reduction='sum'"
+            )
+
+    @staticmethod
+    def _checksum(x: Tensor, y: Tensor) -> list[float]:
+        out = []
+        for t in (x, y):
+            d = t.detach().to(torch.float64)
+            out += [float(d.sum()), float(d.abs().sum()), float((d * d).sum())]
+        return out
+
+    def _pass(self, it: Iterator, record: bool = False) -> Iterator[tuple[int, Tensor, Tensor]]:
+        """Yield ``(i, X, y)`` for every batch; check the batches and, at the end, the pass."""
+        sums = [0.0] * 6
+        sizes: list[int] = []
+        total = len(self.sizes) if self.sizes else 0
+        with progress_bar(total, "hessinv: batches", self.progress, "batch") as bar:
+            for i, item in enumerate(it):
+                x, y = _unpack(item, i)
+                self._check(x, y, i)
+                sizes.append(int(x.shape[0]))
+                sums = [a + b for a, b in zip(sums, self._checksum(x, y), strict=True)]
+                yield i, x, y
+                bar.update(1)
+        if not sizes:
+            raise ValueError("data is empty: no (X, y) batch")
+        if record:
+            self.sizes, self._sums = sizes, tuple(sums)
+            return
+        self._compare(sizes, sums)
+
+    def _compare(self, sizes: list[int], sums: list[float]) -> None:
+        ref = self._sums
+        assert ref is not None
+        same = sum(sizes) == sum(self.sizes)
+        for k in (0, 2, 3, 5):  # sums and sums of squares of X and y
+            scale = ref[k + 1] if k in (0, 3) else abs(ref[k])
+            if abs(sums[k] - ref[k]) > CHECKSUM_RTOL * scale + 1e-300:
+                same = False
+        if not same:
+            raise ValueError(
+                f"the data changed between passes ({sum(self.sizes)} samples in the first "
+                f"pass, {sum(sizes)} now, or other values): hessinv needs the same samples "
+                "every pass (no random augmentation, no shuffling DataLoader with "
+                "drop_last=True)"
+            )
+
+    def __iter__(self) -> Iterator[tuple[int, Tensor, Tensor]]:
+        """``(i, X, y)`` for every batch, checked; the pass is compared with the first."""
+        return self._pass(iter(self.data))
+
+    def weight(self, n_b: int, reduction: str) -> float:
+        """``n_b / N`` for a mean, ``1`` for a sum."""
+        return n_b / self.num_samples if reduction == "mean" else 1.0
+
+    def stacked(self, what: str, max_memory: float | None) -> tuple[Tensor, Tensor]:
+        """All batches concatenated (memory checked first: ``MemoryError``)."""
+        need = 2.0 * self.sample_bytes * self.num_samples  # the batches and their concatenation
+        _select.check_memory(need, what, max_memory, self.device)
+        xs, ys = [], []
+        for _, x, y in self:
+            xs.append(x.detach())
+            ys.append(y.detach())
+        return torch.cat(xs), torch.cat(ys)
+
+
+class DataOperator:
+    """The data-set operator: a mixin before ``Hessian`` or ``GaussNewton`` (module doc).
+
+    Made by ``Hessian(..., data=...)`` (:func:`data_operator_class`); the
+    class it is mixed into is ``_base``. Until the stacked operator is built
+    only the batch-wise methods run; reading a piece of the stacked state
+    (:data:`STACKED_STATE`) builds it.
+    """
+
+    _base: type
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_func: Callable[..., Tensor],
+        X: Tensor | None = None,  # noqa: N803
+        y: Tensor | None = None,
+        *,
+        data: Iterable | None = None,
+        params: ParamsArg = None,
+        generic: bool = False,
+        max_memory: float | None = None,
+        progress: ProgressArg = True,
+    ) -> None:
+        name = self._base.__name__
+        if X is not None or y is not None:
+            raise TypeError(f"{name}: pass either X and y, or data=, not both")
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if not callable(loss_func):
+            raise TypeError("loss_func must be callable")
+        d = self.__dict__
+        d["_stacked"] = False
+        d["_stacking"] = False
+        self.progress = check_progress(progress)
+        self.max_memory = max_memory
+        self._reduction = data_reduction(loss_func)
+        if isinstance(params, Mapping):
+            params = dict(params)
+        elif params is not None and not isinstance(params, Tensor):
+            params = list(params)  # may be a generator: it is read once per batch
+        self._args = (model, loss_func)
+        self._kwargs: dict[str, Any] = {
+            "params": params,
+            "generic": generic,
+            "max_memory": max_memory,
+        }
+        self._batches = Batches(data, loss_func, progress=self.progress)
+        x0, y0 = self._batches.first  # type: ignore[misc]
+        self._batches.first = None  # not kept: memory of one batch at a time
+        head = self._batch_operator(x0, y0)  # checks the model on batch 0, mixing included
+        del x0, y0
+        self._snapshot = head._snapshot
+        self.layout = head.layout
+        self._n_stages = len(head.pipeline.stages)
+        del head
+
+    # -- state -------------------------------------------------------------------
+    def __getattr__(self, name: str) -> Any:  # noqa: ANN401
+        d = self.__dict__
+        if name in STACKED_STATE and not d.get("_stacked", True) and not d.get("_stacking"):
+            self._stack()
+            return getattr(self, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def _batch_operator(self, x: Tensor, y: Tensor) -> Any:  # noqa: ANN401
+        """The plain operator of one batch (its own stage blocks)."""
+        return self._base(*self._args, x, y, progress=False, **self._kwargs)
+
+    def _stack(self) -> None:
+        """Build the operator of all samples at once and become it (module doc: its cost)."""
+        self._check_fresh()
+        d = self.__dict__
+        d["_stacking"] = True
+        try:
+            n = self._batches.num_samples
+            X, y = self._batches.stacked(  # noqa: N806
+                f"stacking the {n} samples of data= into one lifted system", self.max_memory
+            )
+            full = self._base(*self._args, X, y, progress=self.progress, **self._kwargs)
+            self._check_stacked_loss(full.loss())
+        finally:
+            d["_stacking"] = False
+        keep = {k: d[k] for k in ("_batches", "_args", "_kwargs", "_reduction", "_n_stages")}
+        d.update(full.__dict__)
+        d.update(keep)
+        d["_stacked"] = True
+
+    def _batch_losses(self) -> list[float]:
+        """``w_b L_b`` for every batch, by the model's forward pass (no blocks built)."""
+        model, loss_func = self._args
+        out = []
+        with torch.no_grad():
+            for _, x, y in self._batches:
+                w = self._batches.weight(int(x.shape[0]), self._reduction)
+                out.append(w * float(loss_func(model(x), y)))
+        return out
+
+    def _check_stacked_loss(self, stacked: Tensor) -> None:
+        """The stacked loss must be the weighted batch losses (the reduction is per sample)."""
+        parts = self._batch_losses()
+        batched = math.fsum(parts)
+        scale = math.fsum(abs(p) for p in parts)
+        eps = torch.finfo(self.dtype).eps
+        tol = 64 * eps * len(parts) * max(scale, abs(float(stacked)))
+        if abs(float(stacked) - batched) > tol:
+            raise ValueError(
+                f"the loss of the stacked data ({float(stacked):.17g}) is not the "
+                f"{self._reduction}-weighted sum of the batch losses ({batched:.17g}): "
+                "loss_func's reduction is not a plain mean or sum over samples; use "
+                "reduction='sum' or pass X, y"
+            )
+
+    def _each(self) -> Iterator[tuple[Any, float]]:
+        """``(operator of batch b, w_b)`` for every batch, one at a time."""
+        for _, x, y in self._batches:
+            op = self._batch_operator(x, y)
+            yield op, self._batches.weight(int(x.shape[0]), self._reduction)
+
+    def _sum(self, fn: Callable[[Any], Any]) -> Any:  # noqa: ANN401
+        """``sum_b w_b fn(operator of batch b)`` (tensors, or lists of tensors)."""
+        total = None
+        for op, w in self._each():
+            r = fn(op)
+            if isinstance(r, list):
+                r = [w * t for t in r]
+                total = r if total is None else [a + b for a, b in zip(total, r, strict=True)]
+            else:
+                r = w * r
+                total = r if total is None else total + r
+        return total
+
+    # -- what does not need the stacked system -------------------------------------
+    def __repr__(self) -> str:
+        return (
+            f"{self._base.__name__}(W={self.num_params}, stages={self._n_stages}, "
+            f"batch={self._batches.num_samples} in {len(self._batches)} batches, "
+            f"dtype={self.dtype}, device={self.device})"
+        )
+
+    @property
+    def num_params(self) -> int:
+        """``W``, the number of parameters."""
+        return self.layout.size
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(W, W)``."""
+        return (self.num_params, self.num_params)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The parameters' dtype."""
+        return self.layout.dtype
+
+    @property
+    def device(self) -> torch.device:
+        """The parameters' device."""
+        return self.layout.device
+
+    @property
+    def num_samples(self) -> int:
+        """``N``, the number of samples in the data set."""
+        return self._batches.num_samples
+
+    @property
+    def reduction(self) -> str:
+        """How batch losses combine: ``"mean"`` (over all samples) or ``"sum"``."""
+        return self._reduction
+
+    def loss(self) -> Tensor:
+        """The loss of the whole data set (module doc), by one forward pass per batch."""
+        self._check_fresh()
+        if self._stacked:
+            return super().loss()  # type: ignore[misc]
+        return torch.tensor(math.fsum(self._batch_losses()), dtype=self.dtype, device=self.device)
+
+    def gradient(self) -> Tensor:
+        """The flat gradient of the data set's loss, ``sum_b w_b g_b``."""
+        self._check_fresh()
+        if self._stacked:
+            return super().gradient()  # type: ignore[misc]
+        return _finite(self._sum(lambda op: op.gradient()), "the gradient", self.dtype)
+
+    def matmat(self, v: Tensor) -> Tensor:
+        """``H V = sum_b w_b H_b V`` for ``V`` of shape ``(W, k)``, one batch at a time."""
+        self._check_fresh()
+        if self._stacked:
+            return super().matmat(v)  # type: ignore[misc]
+        return self._sum(lambda op: op.matmat(v))
+
+    def diagonal(self) -> Tensor:
+        """The exact diagonal of ``H``, ``sum_b w_b diag(H_b)``."""
+        self._check_fresh()
+        if self._stacked:
+            return super().diagonal()  # type: ignore[misc]
+        return _finite(self._sum(lambda op: op.diagonal()), "the diagonal of H", self.dtype)
+
+    def block_diagonal(self) -> list[Tensor]:
+        """The exact ``p_l x p_l`` diagonal blocks of ``H``, one per stage."""
+        self._check_fresh()
+        if self._stacked:
+            return super().block_diagonal()  # type: ignore[misc]
+        return self._sum(lambda op: op.block_diagonal())
+
+    def to_dense(self) -> Tensor:
+        """The ``W x W`` matrix, ``H @ I`` batch by batch (symmetrized)."""
+        self._check_fresh()
+        if self._stacked:
+            return super().to_dense()  # type: ignore[misc]
+        eye = torch.eye(self.num_params, dtype=self.dtype, device=self.device)
+        h = self.matmat(eye)
+        return 0.5 * (h + h.T)
+
+
+def _finite(t: Tensor, what: str, dtype: torch.dtype) -> Tensor:
+    if not bool(torch.isfinite(t).all()):
+        raise NonFiniteError(
+            f"{what} overflowed in {dtype} (NaN or Inf entries): use float64 or a smaller "
+            "loss scale"
+        )
+    return t
+
+
+_CLASSES: dict[type, type] = {}
+
+
+def data_operator_class(cls: type) -> type:
+    """``cls`` with :class:`DataOperator` mixed in front (one class per ``cls``, cached)."""
+    if issubclass(cls, DataOperator):
+        return cls
+    if cls not in _CLASSES:
+        _CLASSES[cls] = type(
+            cls.__name__,
+            (DataOperator, cls),
+            {"_base": cls, "__module__": cls.__module__, "__doc__": cls.__doc__},
+        )
+    return _CLASSES[cls]
+
+
+__all__ = ["Batches", "DataOperator", "data_operator_class", "data_reduction"]
