@@ -178,7 +178,10 @@ class Batches:
         self.sizes: list[int] = []
         self._sums: tuple[float, ...] | None = None
         self.first: tuple[Tensor, Tensor] | None = None
+        self.probe: tuple[Tensor, Tensor] | None = None  # the first batch of >= 2 samples
         for i, x, y in self._pass(it, record=True):
+            if self.probe is None and x.shape[0] >= 2:
+                self.probe = (x, y)
             if i == 0:
                 self.first = (x, y)
                 per = x[0].numel() * x.element_size() + y[0].numel() * y.element_size()
@@ -343,6 +346,9 @@ class DataOperator:
         self.layout = head.layout
         self._n_stages = len(head.pipeline.stages)
         del head
+        if self._batches.probe is not None:
+            self._check_per_sample(*self._batches.probe)
+            self._batches.probe = None
 
     # -- state -------------------------------------------------------------------
     def __getattr__(self, name: str) -> Any:  # noqa: ANN401
@@ -374,6 +380,47 @@ class DataOperator:
         d.update(full.__dict__)
         d.update(keep)
         d["_stacked"] = True
+
+    def _check_per_sample(self, x: Tensor, y: Tensor) -> None:
+        """Refuse a model or loss whose batches do not add up to the data set (``ValueError``).
+
+        On a batch of ``n >= 2`` samples split at ``k = n // 2``: the model's
+        outputs of the two halves must be those of the whole batch (the first
+        stage may mix samples within one batch, exactly, but then a batch's
+        loss depends on which samples share it), and the two halves' losses,
+        weighted ``k / n`` and ``(n - k) / n`` for a mean, must add up to the
+        batch's loss. Both to ``sqrt(eps)`` relative: round-off of batched
+        kernels passes, a batch statistic does not.
+        """
+        model, loss_func = self._args
+        n = int(x.shape[0])
+        k = n // 2
+        tol = math.sqrt(torch.finfo(self.dtype).eps)
+        with torch.no_grad():
+            out = model(x)
+            parts = (model(x[:k]), model(x[k:]))
+            if not isinstance(out, Tensor) or out.dim() < 1 or out.shape[0] != n:
+                return  # the stage checks have refused or will refuse such a model
+            scale = float(out.abs().max())
+            pairs = zip(parts, (out[:k], out[k:]), strict=True)
+            diff = max(float((p - o).abs().max()) for p, o in pairs)
+            if diff > tol * scale:
+                raise ValueError(
+                    f"the model's output for a sample depends on the other samples of its "
+                    f"batch (by {diff:.2e} relative to {scale:.2e}): with data= the loss of "
+                    "the data set would depend on how it is cut into batches; use a model "
+                    "that treats samples independently (batch norm in eval mode), or X, y"
+                )
+            whole = float(loss_func(out, y))
+            wk = k / n if self._reduction == "mean" else 1.0
+            wr = (n - k) / n if self._reduction == "mean" else 1.0
+            halves = (wk * float(loss_func(out[:k], y[:k])), wr * float(loss_func(out[k:], y[k:])))
+            if abs(whole - sum(halves)) > tol * max(abs(whole), sum(abs(h) for h in halves)):
+                raise ValueError(
+                    f"loss_func (reduction={self._reduction!r}) is not a plain "
+                    f"{self._reduction} over samples: on one batch, {whole:.17g}, but its two "
+                    f"halves give {sum(halves):.17g}; use reduction='sum' or pass X, y"
+                )
 
     def _batch_losses(self) -> list[float]:
         """``w_b L_b`` for every batch, by the model's forward pass (no blocks built)."""
