@@ -287,6 +287,8 @@ def test_bad_batches(mutate, err, match) -> None:  # noqa: ANN001
 
 def test_not_an_iterable_of_batches() -> None:
     model, lf, X, y, data = _mlp_data()
+    with pytest.raises(TypeError, match="DataLoader\\(dataset, batch_size"):
+        hessinv.Hessian(model, lf, data=TensorDataset(X, y))
     with pytest.raises(TypeError, match="iterable of \\(X, y\\) batches"):
         hessinv.Hessian(model, lf, data=X)
     with pytest.raises(TypeError, match="iterable of \\(X, y\\) batches"):
@@ -391,6 +393,9 @@ def test_mixing_model_refused_with_data() -> None:
     hessinv.Hessian(Centred().double(), lf, X, y)
     with pytest.raises(ValueError, match="depends on the other samples of its batch"):
         hessinv.Hessian(Centred().double(), lf, data=data)
+    ones = [(X[i : i + 1], y[i : i + 1]) for i in range(X.shape[0])]  # batches of one sample
+    with pytest.raises(ValueError, match="depends on the other samples of its batch"):
+        hessinv.Hessian(Centred().double(), lf, data=ones)
 
     class CentredLater(Centred):
         def forward(self, x: torch.Tensor) -> torch.Tensor:

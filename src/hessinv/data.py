@@ -42,10 +42,21 @@ equal to ``ignore_index``) is refused: use ``reduction="sum"``. Every pass
 over the data is checked to see the same samples (their number and an
 order-independent checksum of ``X`` and ``y``): random augmentation, or a
 shuffling ``DataLoader`` with ``drop_last=True``, is refused with a
-``ValueError`` rather than mixing different data sets into one ``H``. The
-sample-mixing check runs on the first batch at construction and on the stacked
-data when it is built; there, the stacked loss is also compared with the
-weighted batch losses.
+``ValueError`` rather than mixing different data sets into one ``H``; the
+check runs when a pass ends, so a pass over changed data returns nothing. A
+``Dataset`` (single samples) is refused: wrap it in a ``DataLoader``.
+
+**Batches must add up.** The stage checks of :func:`hessinv.validate.check_no_mixing`
+run on every batch operator and on the stacked one. With ``data=`` the first
+stage must not mix samples either (for one batch that is exact, but then a
+batch's loss depends on which samples share it), and the reduction must be a
+plain mean or sum over samples: at construction, on one batch of ``n >= 2``
+samples (or the first two batches joined, if all have one sample) split in
+halves, the model's outputs of the halves must equal those of the whole batch
+and the weighted losses of the halves must add up to the batch's loss
+(``ValueError`` otherwise); when the stacked operator is built, its loss is
+compared with the weighted batch losses. Both comparisons are to ``sqrt(eps)``
+relative, far above round-off and far below what a batch statistic changes.
 """
 
 from __future__ import annotations
@@ -56,6 +67,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils.data import IterableDataset
 
 from .errors import NonFiniteError
 from .progress import ProgressArg, check_progress, progress_bar
@@ -153,6 +165,11 @@ class Batches:
     def __init__(
         self, data: Iterable, loss_func: Callable[..., Tensor], progress: ProgressArg = False
     ) -> None:
+        if isinstance(data, torch.utils.data.Dataset) and not isinstance(data, IterableDataset):
+            raise TypeError(
+                f"data is a Dataset ({type(data).__name__}), whose items are single samples, "
+                "not batches: pass DataLoader(dataset, batch_size=...)"
+            )
         if isinstance(data, (Tensor, str, bytes, Mapping)):
             raise TypeError(
                 f"data must be an iterable of (X, y) batches, got {type(data).__name__}; "
@@ -182,6 +199,8 @@ class Batches:
         for i, x, y in self._pass(it, record=True):
             if self.probe is None and x.shape[0] >= 2:
                 self.probe = (x, y)
+            elif self.probe is None and i > 0 and self.first is not None:
+                self.probe = (torch.cat([self.first[0], x]), torch.cat([self.first[1], y]))
             if i == 0:
                 self.first = (x, y)
                 per = x[0].numel() * x.element_size() + y[0].numel() * y.element_size()
@@ -437,8 +456,8 @@ class DataOperator:
         parts = self._batch_losses()
         batched = math.fsum(parts)
         scale = math.fsum(abs(p) for p in parts)
-        eps = torch.finfo(self.dtype).eps
-        tol = 64 * eps * len(parts) * max(scale, abs(float(stacked)))
+        # sqrt(eps) relative, as the probe: round-off of long sums passes, a batch statistic not
+        tol = math.sqrt(torch.finfo(self.dtype).eps) * max(scale, abs(float(stacked)))
         if abs(float(stacked) - batched) > tol:
             raise ValueError(
                 f"the loss of the stacked data ({float(stacked):.17g}) is not the "
