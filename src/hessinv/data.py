@@ -87,8 +87,6 @@ STACKED_STATE = frozenset(
         "_blocks",
         "_loss",
         "_factors",
-        "_dense_eigh",
-        "_bounds",
         "_split",
         "_kern",
         "_lam",
@@ -343,6 +341,8 @@ class DataOperator:
         d = self.__dict__
         d["_stacked"] = False
         d["_stacking"] = False
+        self._bounds: tuple[float, float] | None = None  # caches of H that need no stacking
+        self._dense_eigh: tuple[Tensor, Tensor] | None = None
         self.progress = check_progress(progress)
         self.max_memory = max_memory
         self._reduction = data_reduction(loss_func)
@@ -395,7 +395,9 @@ class DataOperator:
             self._check_stacked_loss(full.loss())
         finally:
             d["_stacking"] = False
-        keep = {k: d[k] for k in ("_batches", "_args", "_kwargs", "_reduction", "_n_stages")}
+        names = ("_batches", "_args", "_kwargs", "_reduction", "_n_stages")
+        names += ("_bounds", "_dense_eigh")
+        keep = {k: d[k] for k in names}
         d.update(full.__dict__)
         d.update(keep)
         d["_stacked"] = True
@@ -486,6 +488,13 @@ class DataOperator:
         return total
 
     # -- what does not need the stacked system -------------------------------------
+    def clear_cache(self) -> None:
+        """Free the cached factorizations and dense eigendecomposition (the stacked blocks stay)."""
+        if self._stacked:
+            super().clear_cache()  # type: ignore[misc]
+        else:
+            self._dense_eigh = None
+
     def __repr__(self) -> str:
         return (
             f"{self._base.__name__}(W={self.num_params}, stages={self._n_stages}, "
