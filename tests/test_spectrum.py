@@ -154,6 +154,29 @@ def test_eigsh_interior(deep):
         check_pairs(H, vals, vecs, ref, nrm)
 
 
+def test_eigsh_interior_with_every_wanted_eigenvalue_above_sigma(deep):
+    """sigma just below an interior eigenvalue whose upper neighbours are nearer than its lower.
+
+    The k nearest then all lie above sigma while eigenvalues lie below it too: the counts
+    must be taken in the window around sigma, not as if sigma were below the spectrum.
+    """
+    H, ev, nrm = deep
+    e = ev.numpy()
+    tried = 0
+    for i in range(1, len(e) - 3):
+        below_gap, above_gap = e[i] - e[i - 1], e[i + 2] - e[i]
+        if below_gap > 1e-6 * nrm and above_gap < 0.5 * below_gap:
+            s = float(e[i] - 0.05 * below_gap)
+            vals, vecs = H.eigsh(3, sigma=s)
+            ref = ev[torch.argsort((ev - s).abs())[:3]].sort().values
+            assert float(ref.min()) > s and int((ev < s).sum()) > 0
+            check_pairs(H, vals, vecs, ref, nrm)
+            tried += 1
+            if tried == 2:
+                break
+    assert tried >= 1
+
+
 def test_eigsh_gauss_newton():
     model, loss, X, y = tanh_mlp(6, 4, 8)
     G = hessinv.GaussNewton(model, loss, X, y)

@@ -355,7 +355,8 @@ def _counts_agree(op: Hessian, vals: Tensor, kind: str, sigma: float | None, del
     def between(a: float, b: float) -> int:  # eigenvalues in the open interval (a, b)
         return _inertia_at(op, b)[1] + _inertia_at(op, a)[0] - w
 
-    if kind == "SA" or (kind == "near" and sigma is not None and sigma <= v.min() - delta):
+    below = kind == "near" and sigma is not None and sigma <= v.min() - delta
+    if kind == "SA" or (below and _inertia_at(op, sigma)[1] == 0):  # sigma below the spectrum
         t = float(v.max())
         return _inertia_at(op, t - delta)[1] == int((v < t - delta).sum()) and (
             _inertia_at(op, t + delta)[1] >= k
