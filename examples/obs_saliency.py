@@ -42,8 +42,9 @@ import hessinv
 INSTALL = (
     "laplace-torch not installed: its diag/kron comparison is skipped. Install it without "
     "its dependencies (its torchvision pin would replace torch): pip install --no-deps "
-    "laplace-torch==0.3 'asdfghjkl==0.1a4' torchmetrics backpack-for-pytorch "
-    "curvlinops-for-pytorch opt_einsum"
+    "laplace-torch==0.3 asdfghjkl==0.1a4 curvlinops-for-pytorch==3.0.1 "
+    "backpack-for-pytorch==1.7.1 torchmetrics lightning-utilities einops einconv linear_operator "
+    "unfoldNd opt_einsum"
 )
 
 
