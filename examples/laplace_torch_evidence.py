@@ -80,10 +80,11 @@ class _ExactLogdet(torch.autograd.Function):
     def forward(lam: Tensor, c: Tensor, ggn: hessinv.GaussNewton) -> Tensor:  # noqa: D102
         d = float(lam) / float(c)
         sign, logabs = ggn.logdet(d)
-        if sign <= 0:  # G is PSD, so only a non-positive lam gets here
+        if sign <= 0:  # G is PSD: lam <= 0, or lam / c below round-off of ||G||
             raise ValueError(
-                f"the posterior precision c G + lam I (lam = {float(lam):.3g}) is not positive "
-                "definite: use a positive prior precision"
+                f"the posterior precision c G + lam I (lam = {float(lam):.3g}, c = "
+                f"{float(c):.3g}) is not positive definite to working precision: use a "
+                "positive prior precision that is not negligible next to c ||G||"
             )
         return lam.new_tensor(ggn.num_params * math.log(float(c)) + logabs)
 

@@ -187,3 +187,11 @@ def test_example_without_laplace_prints_the_recipe(monkeypatch, capsys, name):
     runpy.run_path(str(EXAMPLE.parent / name), run_name="__main__")
     out = capsys.readouterr().out
     assert "pip install --no-deps laplace-torch" in out and "laplace-torch's" not in out
+
+
+def test_exact_ggn_laplace_refuses_a_singular_posterior_precision(example):
+    model, X, y = net_and_data(seed=6, n=4)  # 4 samples, W = 49: G has rank <= 4
+    exact = example["ExactGGNLaplace"](model, "regression", prior_precision=0.0)
+    exact.fit(DataLoader(TensorDataset(X, y), batch_size=4))
+    with pytest.raises(ValueError, match="not positive definite"):
+        _ = exact.log_det_posterior_precision
