@@ -114,12 +114,6 @@ def check_module(m: nn.Module) -> None:
         )
     if isinstance(m, (nn.RNNBase, nn.RNNCellBase)):
         raise ValueError(f"{name} is recurrent (stateful across steps) and not supported")
-    if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is None:
-        raise ValueError(
-            f"{name} without running statistics (track_running_stats=False) normalises by "
-            "the batch's statistics even in eval mode, which mixes samples; "
-            "use track_running_stats=True"
-        )
     if isinstance(m, nn.Embedding) and m.max_norm is not None:
         raise ValueError(
             f"{name} has max_norm: it rescales its weight in place during forward; "
