@@ -158,12 +158,14 @@ def structured_blocks(
 
     p = jfx.shape[2]
     tg_jfx = None if tg is None else _apply(tg, jfx)  # (N, a_y, p)
-    txx = z.new_zeros(p, p, dtype=jfx.dtype)
+    txx = None
     if tg_jfx is not None:
-        txx = torch.einsum("nap,naq->pq", jfx, tg_jfx)
+        txx = jfx.reshape(-1, p).T @ tg_jfx.reshape(-1, p)  # sum_n Jf_x^T Tg Jf_x, one GEMM
     if tf_xx is not None:
-        txx = txx + tf_xx
-    txx_zero = tg_jfx is None and tf_xx is None
+        txx = tf_xx if txx is None else txx + tf_xx
+    txx_zero = txx is None
+    if txx is None:
+        txx = jfx.new_zeros(p, p)
     tzz = tzx = None
     tzz_zero = tzx_zero = False
     if not first:
@@ -177,7 +179,8 @@ def structured_blocks(
         tzx_zero = tzx is None
         if tzx is None:
             tzx = jfz.new_zeros(n, jfz.shape[2], p)
-    grad_x = torch.einsum("nap,na->p", jfx, b_y)
+    grad_x = b_y.reshape(1, -1) @ jfx.reshape(-1, p)
+    grad_x = grad_x.reshape(p)
     cot_in = None  # b_0 (the gradient with respect to the data) is never needed
     if jfz is not None:
         cot_in = (_bt(jfz) @ b_y.unsqueeze(-1)).squeeze(-1).reshape(z.shape)
