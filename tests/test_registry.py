@@ -161,6 +161,27 @@ def test_torch_celu_derivative_is_off_and_ours_is_right():
         pytest.skip("torch's CELU backward is exact now")
 
 
+class _TracedCELU(nn.Module):
+    """A class with its own forward (the torch.fx route) using CELU with alpha != 1."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.act, self.b = nn.Linear(3, 4), nn.CELU(1.3), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.b(self.act(self.a(x)))
+
+
+def test_traced_celu_is_exact():
+    """The fx route runs CELU from elementary operations (torch's backward is off by ~1e-8)."""
+    torch.manual_seed(0)
+    model = _TracedCELU().to(DT)
+    X, y = -torch.rand(5, 3, dtype=DT), torch.randn(5, 2, dtype=DT)  # noqa: N806
+    H = hessinv.Hessian(model, nn.MSELoss(), X, y)
+    assert all(st.structure is None for st in H.pipeline.stages)
+    check_network(H, model, nn.MSELoss(), X, y)
+
+
 def _reference_fn(m: nn.Module):
     """``fn(z, params)`` of the module by its own forward (LayerNorm, CELU: elementary)."""
     if isinstance(m, nn.LayerNorm):

@@ -25,7 +25,9 @@ These stages have no ``structure``: their blocks come from generic autodiff,
 exact for every op with correct derivatives. Torch's fused ``layer_norm`` has
 wrong second derivatives (pytorch#196700): it is replaced by
 :func:`hessinv.layers.layer_norm`; the fused ``instance_norm`` (also wrong) is
-refused.
+refused. Torch's CELU backward rounds ``1/alpha`` to float32 (derivatives off by
+~1e-8 in float64): ``F.celu`` and ``nn.CELU`` run as
+:func:`hessinv.derivatives.elementwise.celu`.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
 from .derivatives import is_known
+from .derivatives.elementwise import celu
 from .layers import check_module, layer_norm
 
 
@@ -80,6 +83,8 @@ def _torch_layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5,
 
 _FIXED[F.layer_norm] = _layer_norm_fn
 _FIXED[torch.layer_norm] = _torch_layer_norm
+_FIXED[F.celu] = celu
+_FIXED[torch.celu] = celu
 
 
 class _Tracer(fx.Tracer):
@@ -378,6 +383,8 @@ class SegmentFn:
             if isinstance(m, nn.LayerNorm):
                 w, b = full.get("weight"), full.get("bias")
                 return layer_norm(args[0], tuple(m.normalized_shape), w, b, m.eps)
+            if type(m) is nn.CELU:  # torch's CELU backward is off by ~1e-8 (float32 1/alpha)
+                return celu(args[0], m.alpha)
             if not full:
                 return m(*args, **kwargs)
             return torch.func.functional_call(m, full, args, kwargs)
