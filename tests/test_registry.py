@@ -611,6 +611,11 @@ def test_lookup_by_exact_type_then_mro():
         def forward(self, z):
             return torch.tanh(2 * z)
 
+    class MyPool(nn.MaxPool2d):  # keeps MaxPool2d's forward
+        pass
+
     assert derivatives_class(MyTanh()) is derivatives_class(nn.Tanh())
+    pool = MyPool(2)
+    assert derivatives_class(pool).applies(pool, torch.zeros(1, 1, 4, 4))
     assert derivatives_class(OwnTanh()) is None
     assert derivatives_class(nn.ReLU6()) is not derivatives_class(nn.Hardtanh())

@@ -24,6 +24,14 @@ from .registry import ModuleDerivatives, register
 P = tuple[Tensor, ...]
 
 
+def _dims(module: nn.Module) -> int:
+    """The spatial dimensions of a torch pooling class (``MaxPool2d`` -> 2), subclasses too."""
+    for cls in type(module).__mro__:
+        if cls.__module__.startswith("torch.nn") and cls.__name__[-2:-1].isdigit():
+            return int(cls.__name__[-2])
+    return -1
+
+
 class LinearMapDerivatives(ModuleDerivatives):
     """A parameter-free module linear in ``z`` within each sample: ``Jz = m(I)``."""
 
@@ -45,8 +53,7 @@ class AvgPoolDerivatives(LinearMapDerivatives):
 
     @classmethod
     def applies(cls, module: nn.Module, z: Tensor) -> bool:  # noqa: D102
-        dims = int(type(module).__name__[-2])
-        return z.dim() == dims + 2
+        return z.dim() == _dims(module) + 2
 
 
 _MAXPOOL = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
@@ -59,8 +66,7 @@ class MaxPoolDerivatives(ModuleDerivatives):
 
     @classmethod
     def applies(cls, module: nn.Module, z: Tensor) -> bool:  # noqa: D102
-        dims = int(type(module).__name__[-2])
-        return z.dim() == dims + 2 and not module.return_indices
+        return z.dim() == _dims(module) + 2 and not module.return_indices
 
     def forward(self, z: Tensor, params: P) -> Tensor:  # noqa: D102
         return self.module(z)
