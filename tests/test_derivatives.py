@@ -30,8 +30,25 @@ LAYERS = {
     "layernorm_tanh": lambda: nn.Sequential(nn.LayerNorm(3), nn.Tanh()),
     "conv1d_tanh_flatten": lambda: nn.Sequential(nn.Conv1d(3, 2, 2), nn.Tanh(), nn.Flatten()),
     "conv2d_sigmoid": lambda: nn.Sequential(nn.Conv2d(3, 2, 2, padding=1), nn.Sigmoid()),
+    "conv3d_selu_maxpool": lambda: nn.Sequential(
+        nn.Conv3d(1, 2, 2), nn.SELU(), nn.MaxPool3d(2, stride=1), nn.Flatten()
+    ),
+    "convT2d_logsigmoid_avgpool": lambda: nn.Sequential(
+        nn.ConvTranspose2d(2, 2, 2, stride=2), nn.LogSigmoid(), nn.AvgPool2d(2, stride=1)
+    ),
+    "linear_bn_eval_softplus": lambda: nn.Sequential(
+        nn.Linear(3, 4), nn.BatchNorm1d(4).eval(), nn.Softplus(beta=2.0)
+    ),
+    "linear_layernorm_tail_gelu": lambda: nn.Sequential(
+        nn.Linear(3, 4), nn.LayerNorm(4, elementwise_affine=False), nn.GELU()
+    ),
 }
-INPUTS = {"conv1d_tanh_flatten": (3, 3, 4), "conv2d_sigmoid": (3, 3, 2, 2)}
+INPUTS = {
+    "conv1d_tanh_flatten": (3, 3, 4),
+    "conv2d_sigmoid": (3, 3, 2, 2),
+    "conv3d_selu_maxpool": (2, 1, 3, 3, 3),
+    "convT2d_logsigmoid_avgpool": (2, 2, 2, 2),
+}
 
 
 def _stage(name, seed=0):
@@ -41,6 +58,11 @@ def _stage(name, seed=0):
         with torch.no_grad():
             model[0].weight.normal_()
             model[0].bias.normal_()
+    for m in model:
+        if isinstance(m, nn.BatchNorm1d):
+            with torch.no_grad():
+                m.running_mean.normal_()
+                m.running_var.uniform_(0.5, 2.0)
     shape = INPUTS.get(name, (3, 3))
     z = torch.randn(*shape, dtype=DT)
     out_shape = model(z).shape

@@ -249,13 +249,34 @@ def _build(make, seed: int = 0):
     return make(g)
 
 
+class _RefCELU(nn.Module):
+    """CELU from elementary operations: torch's CELU backward rounds ``1/alpha`` to float32."""
+
+    def __init__(self, alpha: float) -> None:
+        super().__init__()
+        self.alpha = alpha
+
+    def forward(self, z):
+        a = self.alpha
+        return torch.clamp(z, min=0) + torch.clamp(a * (torch.exp(z / a) - 1), max=0)
+
+
+def _swap_celu(m):
+    for name, child in m.named_children():
+        if isinstance(child, nn.CELU):
+            setattr(m, name, _RefCELU(child.alpha))
+        else:
+            _swap_celu(child)
+    return m
+
+
 def _reference(model, loss_func, X, y, names=None):
     """Dense ``(H, g)`` of the loss in the flat parameters ``names`` (in that order).
 
     ``names=None``: every trainable parameter, ``named_parameters()`` order
     (``cases.reference_loss_fn``).
     """
-    ref = _swap_layernorm(copy.deepcopy(model))
+    ref = _swap_celu(_swap_layernorm(copy.deepcopy(model)))
     if isinstance(ref, GatedLN):
         ref.ref = True
     if names is None:
@@ -294,8 +315,15 @@ def _reference(model, loss_func, X, y, names=None):
 
 
 def _flat_names(H):  # noqa: N803
-    """Names of the flat order of a traced operator, each checked to be the model's tensor."""
-    return [n for st in H.pipeline.stages for n in st.fn.names]
+    """Names of the flat order of the operator (traced stages; or per-layer Sequential stages)."""
+    names = []
+    for st in H.pipeline.stages:
+        if st.structure is None:
+            names += st.fn.names
+        else:
+            ptrs = {p.data_ptr() for p in st.params}
+            names += [s.name for s in st.structure.sources if s.tensor.data_ptr() in ptrs]
+    return names
 
 
 def _check_against(H, h_ref, g_ref):  # noqa: N803
@@ -342,7 +370,9 @@ def _operator_in_use_order(model, loss_func, X, y):  # noqa: N803
 def test_model_against_dense_reference(make):
     model, loss_func, X, y = _build(make)
     H, refused = _operator_in_use_order(model, loss_func, X, y)
-    assert all(st.structure is None for st in H.pipeline.stages)  # the traced route
+    # the traced route, except plain Sequentials of registered modules (per-layer closed forms)
+    plain = hessinv.trace._plain_sequential(model)
+    assert all((st.structure is not None) == plain for st in H.pipeline.stages)
     names = _flat_names(H)
     default = [n for n, p in model.named_parameters() if p.requires_grad]
     assert sorted(names) == sorted(default)

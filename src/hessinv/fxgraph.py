@@ -25,7 +25,9 @@ These stages have no ``structure``: their blocks come from generic autodiff,
 exact for every op with correct derivatives. Torch's fused ``layer_norm`` has
 wrong second derivatives (pytorch#196700): it is replaced by
 :func:`hessinv.layers.layer_norm`; the fused ``instance_norm`` (also wrong) is
-refused.
+refused. Torch's CELU backward rounds ``1/alpha`` to float32 (derivatives off by
+~1e-8 in float64): ``F.celu`` and ``nn.CELU`` run as
+:func:`hessinv.derivatives.elementwise.celu`.
 """
 
 from __future__ import annotations
@@ -38,54 +40,22 @@ import torch.fx as fx
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
+from .derivatives import is_known
+from .derivatives.elementwise import celu
 from .layers import check_module, layer_norm
 
-#: ``torch.nn`` modules kept as fx leaves and run as themselves (with their
-#: parameters substituted); every other ``torch.nn`` module is traced through.
-LEAVES: tuple[type[nn.Module], ...] = (
-    nn.Linear,
-    nn.Bilinear,
-    nn.Conv1d,
-    nn.Conv2d,
-    nn.Conv3d,
-    nn.ConvTranspose1d,
-    nn.ConvTranspose2d,
-    nn.ConvTranspose3d,
-    nn.Embedding,
-    nn.LayerNorm,
-    nn.GroupNorm,
-    nn.PReLU,
-    nn.MaxPool1d,
-    nn.MaxPool2d,
-    nn.MaxPool3d,
-    nn.AvgPool1d,
-    nn.AvgPool2d,
-    nn.AvgPool3d,
-    nn.AdaptiveAvgPool1d,
-    nn.AdaptiveAvgPool2d,
-    nn.AdaptiveAvgPool3d,
-    nn.Tanh,
-    nn.Sigmoid,
-    nn.GELU,
-    nn.SiLU,
-    nn.Softplus,
-    nn.ELU,
-    nn.CELU,
-    nn.SELU,
-    nn.ReLU,
-    nn.ReLU6,
-    nn.LeakyReLU,
-    nn.Hardtanh,
-    nn.LogSigmoid,
-    nn.Mish,
-    nn.Softsign,
-    nn.Tanhshrink,
-    nn.Identity,
-    nn.LogSoftmax,
-    nn.Softmax,
-    nn.Flatten,
-    nn.Unflatten,
-)
+
+def is_leaf(m: nn.Module) -> bool:
+    """True for a module kept as an fx leaf and run as itself (parameters substituted).
+
+    The leaves are the modules with a registered derivatives class
+    (:func:`hessinv.derivatives.is_known`: ``torch.nn`` layers and the user's
+    registrations; a subclass with its own ``forward`` is traced through), the
+    same list the ``nn.Sequential`` adapter uses, and :data:`CHECKED`.
+    """
+    return isinstance(m, CHECKED) or is_known(m)
+
+
 #: Modules refused (or accepted in eval mode) by :func:`hessinv.layers.check_module`:
 #: kept as leaves so that the refusal names them.
 CHECKED = (
@@ -113,10 +83,12 @@ def _torch_layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5,
 
 _FIXED[F.layer_norm] = _layer_norm_fn
 _FIXED[torch.layer_norm] = _torch_layer_norm
+_FIXED[F.celu] = celu
+_FIXED[torch.celu] = celu
 
 
 class _Tracer(fx.Tracer):
-    """Keeps :data:`LEAVES` and :data:`CHECKED` as leaves, traces through the rest."""
+    """Keeps the modules of :func:`is_leaf` as leaves, traces through the rest."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -124,9 +96,7 @@ class _Tracer(fx.Tracer):
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         # a user subclass of a leaf type (its own forward) is traced through
-        return isinstance(m, CHECKED) or (
-            isinstance(m, LEAVES) and type(m).__module__.startswith("torch.nn")
-        )
+        return is_leaf(m)
 
     def call_module(self, m, forward, args, kwargs):  # noqa: ANN001, ANN201, D102
         self.path.append(f"{self.path_of_module(m) or '(root)'} ({type(m).__name__})")
@@ -413,6 +383,8 @@ class SegmentFn:
             if isinstance(m, nn.LayerNorm):
                 w, b = full.get("weight"), full.get("bias")
                 return layer_norm(args[0], tuple(m.normalized_shape), w, b, m.eps)
+            if type(m) is nn.CELU:  # torch's CELU backward is off by ~1e-8 (float32 1/alpha)
+                return celu(args[0], m.alpha)
             if not full:
                 return m(*args, **kwargs)
             return torch.func.functional_call(m, full, args, kwargs)

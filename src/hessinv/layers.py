@@ -6,8 +6,11 @@ before the first parametrised one are applied to the input once.
 
 PyTorch's fused ``layer_norm`` returns wrong mixed second derivatives
 (pytorch#196700: the Hessian of a Linear-LayerNorm-Tanh-Linear net comes out
-asymmetric); :func:`layer_norm` below is written with elementary operations so
-that every derivative of it, of any order, is right.
+asymmetric); :func:`layer_norm` (in :mod:`hessinv.derivatives.norm`) is written
+with elementary operations so that every derivative of it, of any order, is right.
+
+Which modules the adapter takes, and which of them are elementwise, come from
+the derivatives registry (:mod:`hessinv.derivatives.registry`): one list.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
+from .derivatives import ElementwiseDerivatives, is_known, layer_norm, registered
 from .model_checks import (
     check_leaf,
     check_params_covered,
@@ -29,49 +33,52 @@ from .model_checks import (
 from .pipeline import Stage, check_dtype
 from .validate import ParameterSource
 
+__all__ = ["layer_norm"]  # re-exported: its home is hessinv.derivatives.norm
+
+
+def _registered_where(pred: Callable[[type, type], bool]) -> tuple[type[nn.Module], ...]:
+    return tuple(t for t, cls in registered().items() if pred(t, cls))
+
+
+def _param_free(t: type) -> bool:
+    return not issubclass(t, PARAMETRISED_TYPES)
+
+
+#: Parametrised ``torch.nn`` layer types (they start a stage) among the registered ones.
+PARAMETRISED_TYPES: tuple[type[nn.Module], ...] = (
+    nn.Linear,
+    nn.Bilinear,
+    nn.Embedding,
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.PReLU,
+    nn.modules.conv._ConvNd,
+    nn.modules.batchnorm._BatchNorm,
+)
 #: Modules applied coordinate by coordinate (or a per-sample reshape): their
-#: Jacobian is diagonal in the flattened per-sample coordinates.
-ELEMENTWISE = (
-    nn.Tanh,
-    nn.Sigmoid,
-    nn.GELU,
-    nn.SiLU,
-    nn.Softplus,
-    nn.ELU,
-    nn.ReLU,
-    nn.LeakyReLU,
-    nn.Identity,
-    nn.Mish,
-    nn.Softsign,
-    nn.Tanhshrink,
+#: Jacobian is diagonal in the flattened per-sample coordinates. Derived from
+#: the registry (:mod:`hessinv.derivatives`): the built-in elementwise classes.
+ELEMENTWISE = _registered_where(
+    lambda t, cls: (
+        issubclass(cls, ElementwiseDerivatives)
+        and not issubclass(t, (nn.modules.dropout._DropoutNd, nn.Flatten, nn.Unflatten))
+    )
 )
 #: Parameter-free modules that act within each sample but mix its coordinates.
-PER_SAMPLE = (nn.LogSoftmax, nn.Softmax, nn.Unflatten)
-#: Parametrised modules with a structured (closed-form) derivative class.
-STRUCTURED = (nn.Linear, nn.Conv1d, nn.Conv2d)
+PER_SAMPLE = _registered_where(
+    lambda t, cls: (
+        _param_free(t)
+        and t not in ELEMENTWISE
+        and not issubclass(t, (nn.modules.dropout._DropoutNd, nn.Flatten))
+    )
+)
+#: Parametrised modules with a closed-form derivative class.
+STRUCTURED = _registered_where(lambda t, cls: issubclass(t, PARAMETRISED_TYPES) and cls.closed_form)
 #: Parametrised modules handled by generic autodiff of a correct functional form.
-GENERIC_PARAM = (nn.LayerNorm,)
+GENERIC_PARAM = _registered_where(
+    lambda t, cls: issubclass(t, PARAMETRISED_TYPES) and not cls.closed_form
+)
 LOSSES = (nn.MSELoss, nn.CrossEntropyLoss, nn.BCEWithLogitsLoss, nn.NLLLoss)
-
-
-def layer_norm(
-    z: Tensor, shape: tuple[int, ...], weight: Tensor | None, bias: Tensor | None, eps: float
-) -> Tensor:
-    """Layer normalisation from elementary operations (second derivatives right).
-
-    ``y = (z - mean) / sqrt(var + eps) * weight + bias`` over the trailing
-    ``shape`` dimensions, with the biased variance, as ``nn.LayerNorm``.
-    """
-    dims = tuple(range(-len(shape), 0))
-    mean = z.mean(dim=dims, keepdim=True)
-    centred = z - mean
-    var = (centred * centred).mean(dim=dims, keepdim=True)
-    y = centred / torch.sqrt(var + eps)
-    if weight is not None:
-        y = y * weight
-    if bias is not None:
-        y = y + bias
-    return y
 
 
 def _is_flatten_per_sample(m: nn.Module) -> bool:
@@ -107,14 +114,27 @@ def check_module(m: nn.Module) -> None:
         )
     if isinstance(m, (nn.RNNBase, nn.RNNCellBase)):
         raise ValueError(f"{name} is recurrent (stateful across steps) and not supported")
-    known = ELEMENTWISE + PER_SAMPLE + STRUCTURED + GENERIC_PARAM + (nn.Flatten,)
-    if isinstance(m, nn.modules.batchnorm._BatchNorm):
-        return  # eval mode: a per-channel affine map
-    if not isinstance(m, known):
+    if isinstance(m, nn.Embedding) and m.max_norm is not None:
         raise ValueError(
-            f"module {name} is not supported by the nn.Sequential adapter; "
+            f"{name} has max_norm: it rescales its weight in place during forward; "
+            "hessinv needs a forward without side effects"
+        )
+    if not sequential_known(m):
+        raise ValueError(
+            f"module {name} is not supported by the nn.Sequential adapter (no derivatives "
+            "class is registered for it: see hessinv.derivatives.register); "
             "wrap it in a hessinv.Stage(fn, params) instead"
         )
+
+
+def sequential_known(m: nn.Module) -> bool:
+    """True when the ``nn.Sequential`` adapter takes ``m``.
+
+    That is a module with a registered derivatives class (or a subclass that
+    keeps its ``forward``), built-in or registered by the user; ``Bilinear``
+    (two inputs) is for traced models only.
+    """
+    return is_known(m) and not isinstance(m, nn.Bilinear)
 
 
 def flatten_sequential(model: nn.Module) -> list[nn.Module]:

@@ -32,12 +32,9 @@ from torch import Tensor, nn
 
 from .fxgraph import SegmentFn, merge_shared, param_names_of_node, plan_graph, trace
 from .layers import (
-    ELEMENTWISE,
-    GENERIC_PARAM,
-    PER_SAMPLE,
-    STRUCTURED,
     flatten_sequential,
     loss_reduction_check,
+    sequential_known,
     stages_from_sequential,
     trainable,
 )
@@ -234,25 +231,17 @@ def resolve_params(model: nn.Module, params: ParamsArg) -> list[tuple[str, Tenso
     return out
 
 
-_SEQ_KNOWN = (
-    ELEMENTWISE
-    + PER_SAMPLE
-    + STRUCTURED
-    + GENERIC_PARAM
-    + (nn.Flatten, nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd, nn.AlphaDropout)
-)
-
-
 def _plain_sequential(model: nn.Module) -> bool:
-    """A (nested) plain ``nn.Sequential`` or a lone module, all of them known to layers.py."""
+    """A (nested) plain ``nn.Sequential`` or a lone module, all of them known to layers.py.
+
+    Known: a module with a registered derivatives class (``torch.nn``'s or the
+    user's, :func:`hessinv.layers.sequential_known`).
+    """
     for m in model.modules():
         if isinstance(m, nn.Sequential) and type(m).forward is not nn.Sequential.forward:
             return False
-    # torch's own classes only: a user subclass (its own forward) is traced
-    return all(
-        isinstance(m, _SEQ_KNOWN) and type(m).__module__.startswith("torch.nn")
-        for m in flatten_sequential(model)
-    )
+    # a subclass with its own forward (no registered class of its own) is traced
+    return all(sequential_known(m) for m in flatten_sequential(model))
 
 
 def _sequential_frozen(model: nn.Module, chosen: list[tuple[str, Tensor]]) -> set[int] | None:

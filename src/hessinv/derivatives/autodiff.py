@@ -1,0 +1,124 @@
+"""Generic derivative blocks of any stage by ``torch.func`` (the fallback of every layer).
+
+:class:`AutodiffDerivatives` works on the whole batch with *comb* tangents
+(the same direction ``e_j`` in every sample), so that one Jacobian- or
+Hessian-vector product returns column ``j`` of all ``N`` per-sample blocks at
+once (exact when samples do not mix).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.func import grad, jacrev
+
+from ..pipeline import flatten_params, unflatten_params
+from .blocks import StageBlocks, comb_jacobian
+from .registry import ModuleDerivatives, register
+
+
+class AutodiffDerivatives:
+    """Generic blocks of any stage ``fn(z, params)`` by ``torch.func``.
+
+    Cost (reverse mode, each product on the whole batch): ``a_out`` products
+    for ``Jz`` and ``a_in`` for ``Tzz`` (comb cotangents,
+    :func:`comb_jacobian`), ``N a_out`` for ``Jx``, ``N a_in`` for ``Tzx`` and
+    ``p`` for ``Txx``.
+    """
+
+    def __init__(self, fn, params: tuple[Tensor, ...]) -> None:  # noqa: ANN001
+        self.fn = fn
+        self.params = params
+
+    def blocks(
+        self,
+        z: Tensor,
+        cot: Tensor | None,
+        *,
+        first: bool,
+        last: bool,
+        txx: bool = True,
+        second: bool = True,
+    ) -> StageBlocks:
+        """All blocks at input ``z`` with cotangent ``cot`` (``None``: last stage).
+
+        ``second=False`` skips ``Tzz``, ``Tzx`` and ``Txx`` (left ``None``).
+        """
+        n = z.shape[0]
+        zf = z.reshape(n, -1).detach()
+        a_in = zf.shape[1]
+        # The first stage's input may be integer data (Embedding indices): never differentiated.
+        dtype = zf.dtype if zf.is_floating_point() or not self.params else self.params[0].dtype
+        xf = flatten_params(self.params).to(device=z.device, dtype=dtype).detach()
+        p = xf.numel()
+        shape_in = z.shape
+
+        def f(zz: Tensor, xx: Tensor) -> Tensor:
+            return self.fn(zz.reshape(shape_in), unflatten_params(xx, self.params))
+
+        if last:
+
+            def s(zz: Tensor, xx: Tensor) -> Tensor:
+                return f(zz, xx).reshape(())
+        else:
+            cotf = cot.reshape(n, -1).detach()
+
+            def s(zz: Tensor, xx: Tensor) -> Tensor:
+                return (f(zz, xx).reshape(n, -1) * cotf).sum()
+
+        if first:
+            gz, gx = None, grad(s, argnums=1)(zf, xf)
+        else:
+            gz, gx = grad(s, argnums=(0, 1))(zf, xf)
+        jz = jx = tzz = tzx = txx_ = None
+        if not last:
+            a_out = cotf.shape[1]
+            if not first:
+                jz = comb_jacobian(lambda zz: f(zz, xf).reshape(n, a_out), zf, a_out)
+            if p:
+                jx = jacrev(lambda xx: f(zf, xx).reshape(n, a_out))(xf)
+            else:
+                jx = xf.new_zeros(n, a_out, 0)
+        if not first and second:
+            tzz = comb_jacobian(lambda zz: grad(s, argnums=0)(zz, xf), zf, a_in)
+            if p:
+                tzx = jacrev(lambda xx: grad(s, argnums=0)(zf, xx))(xf)
+            else:
+                tzx = zf.new_zeros(n, a_in, 0)
+        if txx and second and p:
+            txx_ = jacrev(lambda xx: grad(s, argnums=1)(zf, xx))(xf)
+        cot_in = None if first else gz.reshape(shape_in).detach()
+        return StageBlocks(jz, jx, tzz, tzx, txx_, gx.detach(), cot_in)
+
+
+class GenericDerivatives(ModuleDerivatives):
+    """A module known to work but without a closed form: its blocks come from autodiff.
+
+    Registered for modules that are safe to run as they are (softmax,
+    ``GroupNorm``, ``PReLU``, ...), and used for every module without a
+    registered class. :meth:`applies` is false, so a parametrised one starts a
+    stage whose layer blocks come from :class:`AutodiffDerivatives`; in a
+    stage's tail, :meth:`tail_step` is one autodiff call.
+    """
+
+    closed_form = False
+
+    @classmethod
+    def applies(cls, module: nn.Module, z: Tensor) -> bool:  # noqa: D102
+        return False
+
+    def tail_step(
+        self, z: Tensor, params: tuple[Tensor, ...], b: Tensor
+    ) -> tuple[Tensor, Tensor | None, Tensor]:
+        """``(Jz, Tzz, Jz^T b)`` by :class:`AutodiffDerivatives` (``params`` are constants)."""
+        m = self.module
+        with torch.no_grad():
+            out_shape = m(z).shape
+        blk = AutodiffDerivatives(lambda zz, _p: m(zz), ()).blocks(
+            z, b.reshape(out_shape), first=False, last=False, txx=False
+        )
+        return blk.Jz, blk.Tzz, blk.cot_in.reshape(b.shape[0], -1)
+
+
+for _t in (nn.Softmax, nn.LogSoftmax, nn.Softmin, nn.GroupNorm, nn.PReLU, nn.Bilinear):
+    register(_t, GenericDerivatives)

@@ -1,0 +1,110 @@
+"""The per-stage derivative blocks (:class:`StageBlocks`) and comb Jacobians.
+
+For stage ``f_l`` with input ``z = z_{l-1}`` (``N`` samples of ``a_in``
+coordinates), parameters ``x = x_l`` (``p`` scalars) and backpropagated
+cotangent ``b = b_l = dz_L/dz_l`` (``N`` samples of ``a_out``), the blocks are
+
+============  =====================  ==========================================
+block         shape                  meaning (paper's name)
+============  =====================  ==========================================
+``Jz``        ``(N, a_out, a_in)``   ``d f / d z`` per sample (``grad_z f``, in ``M``)
+``Jx``        ``(N, a_out, p)``      ``d f / d x`` per sample (``D_x``)
+``Tzz``       ``(N, a_in, a_in)``    ``d2 (b.f) / dz dz`` per sample (``D_M D_zz``)
+``Tzx``       ``(N, a_in, p)``       ``d2 (b.f) / dz dx`` per sample (``D_D D_zx``)
+``Txx``       ``(p, p)``             ``d2 (b.f) / dx dx`` summed (``D_D D_xx``)
+============  =====================  ==========================================
+
+Samples never mix, so every per-sample block is stored as ``N`` small
+matrices, never as an ``(N a) x (N a)`` block diagonal.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.func import vjp, vmap
+
+
+@dataclass
+class StageBlocks:
+    """Derivative blocks of one stage at the current point (see module doc).
+
+    ``Jz``, ``Tzz`` and ``Tzx`` are ``None`` for the first stage (its input is
+    data, ``u_0 = 0``); ``Jz`` and ``Jx`` are ``None`` for the last stage
+    (``lambda_L = 0``); ``Txx`` may be ``None`` when the stage's output is
+    linear in its parameters (it is then zero). ``x_span`` (``(N, r, p)`` or
+    ``None``), when given, promises that the rows of ``x_span`` and ``Tzx``
+    span every row of ``Jx``, ``Tzx`` and ``Txx``: then the parameter
+    directions orthogonal to them are null directions of ``H`` that the lifted
+    system can drop (a layer whose output is linear in its parameters,
+    ``x_span = d layer / dx``).
+
+    The flags say what is known about the blocks' structure; a flag that is
+    ``True`` is a promise (tested), ``False`` promises nothing:
+
+    Attributes:
+        tzz_zero: ``Tzz`` is exactly zero (stored as zeros when not first).
+        tzx_zero: ``Tzx`` is exactly zero.
+        txx_zero: ``Txx`` is exactly zero (or ``None``).
+    """
+
+    Jz: Tensor | None
+    Jx: Tensor | None
+    Tzz: Tensor | None
+    Tzx: Tensor | None
+    Txx: Tensor | None
+    grad_x: Tensor
+    cot_in: Tensor | None
+    x_span: Tensor | None = None
+    tzz_zero: bool = False
+    tzx_zero: bool = False
+    txx_zero: bool = False
+
+    def __post_init__(self) -> None:
+        if self.Txx is None:
+            self.txx_zero = True
+
+    @property
+    def num_params(self) -> int:
+        """Number of parameters ``p`` of the stage."""
+        return self.grad_x.numel()
+
+    @property
+    def first(self) -> bool:
+        """True for the first stage (no ``Tzz``, ``Tzx``: its input is data)."""
+        return self.Tzz is None and self.Tzx is None
+
+    @property
+    def last(self) -> bool:
+        """True for the last stage (no ``Jx``: its output is the loss)."""
+        return self.Jx is None
+
+    @property
+    def params_linear(self) -> bool:
+        """True when the stage promises the ``x_span`` reduction (output linear in ``x``)."""
+        return self.x_span is not None
+
+
+def comb(eye: Tensor, n: int) -> Tensor:
+    """Directions ``e_j`` repeated over ``n`` samples: shape ``(a, n, a)``."""
+    return eye.unsqueeze(1).expand(eye.shape[0], n, eye.shape[1])
+
+
+def comb_jacobian(fn, z: Tensor, a_out: int) -> Tensor:  # noqa: ANN001
+    """Per-sample Jacobians of a sample-wise map ``fn: (N, a_in) -> (N, a_out)``.
+
+    ``a_out`` vector-Jacobian products with *comb* cotangents (``e_o`` in every
+    sample): product ``o`` returns row ``o`` of all ``N`` per-sample Jacobians
+    at once. Reverse mode is used throughout: torch's forward-over-reverse is
+    missing for some ops (``mse_loss`` raises "ZeroTensors are immutable").
+
+    Returns:
+        ``(N, a_out, a_in)``.
+    """
+    n = z.shape[0]
+    _, pull = vjp(fn, z)
+    eye = torch.eye(a_out, dtype=z.dtype, device=z.device)
+    rows = vmap(lambda c: pull(c)[0])(comb(eye, n))  # (a_out, N, a_in)
+    return rows.transpose(0, 1)
