@@ -132,10 +132,13 @@ def test_factor_reuse_and_inverse_operator():
     assert rel(A @ X, G) < 1e-12
     inv = H.inverse(0.5)
     assert inv.shape == H.shape
-    assert rel(inv @ G[:, 0], X[:, 0]) < 1e-14
+    # one column or four at once: the same factors, refined separately, so they agree to
+    # the forward error of a backward-stable solve, cond(A) eps (here cond ~ 1e3)
+    same = 10 * float(torch.linalg.cond(A)) * torch.finfo(DT).eps
+    assert rel(inv @ G[:, 0], X[:, 0]) < same
     lst = hessinv.pipeline.unflatten_params(G[:, 1], H.pipeline.params)
     out = inv @ list(lst)
-    assert rel(torch.cat([t.reshape(-1) for t in out]), X[:, 1]) < 1e-14
+    assert rel(torch.cat([t.reshape(-1) for t in out]), X[:, 1]) < same
     sp = inv.to_scipy()
     import numpy as np
 
