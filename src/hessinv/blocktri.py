@@ -96,6 +96,49 @@ def _fortran(t: Tensor) -> Tensor:
     return t.mT.contiguous().mT
 
 
+#: Smallest block for which :func:`_eliminate` splits off the fill columns.
+_SHORTCUT_MIN = 160
+
+
+def _first_swapped_in(perm: Tensor, nk: int) -> int:
+    """First of the top ``nk`` pivot rows that came from the block below (``nk`` if none).
+
+    Read on the host, so only on the CPU; elsewhere ``0`` (no shortcut, no
+    synchronization). Called for blocks of at least ``_SHORTCUT_MIN`` rows only
+    (below it, the extra calls cost more than the flops they save).
+    """
+    if perm.device.type != "cpu":
+        return 0
+    below = torch.nonzero(perm[:nk] >= nk)
+    return int(below[0, 0]) if below.numel() else nk
+
+
+def _eliminate(
+    l11u: Tensor, l21: Tensor, right: Tensor, nk: int, nk1: int, r0: int
+) -> tuple[Tensor, Tensor]:
+    """``U12 = L11^{-1} R_top`` and the Schur complement ``R_bot - L21 U12``.
+
+    The fill columns (``nk1:``) of ``R_top`` vanish in every row that was not
+    swapped in from the block below: rows ``< r0`` (:func:`_first_swapped_in`).
+    Forward substitution keeps those rows of ``U12`` exactly zero, so only
+    ``L11[r0:, r0:]`` and ``L21[:, r0:]`` enter the fill columns: the same
+    numbers for a fraction of the flops (for a ``(v, lam)`` block, whose
+    ``v`` columns never pivot on the ``u`` rows below, ``r0 >= k_l``).
+    """
+    top, bot = right[:nk], right[nk:]
+    if r0 == 0 or right.shape[1] == nk1:
+        u12 = _solve_lower_unit(l11u, top)
+        return u12, torch.addmm(bot, l21, u12, alpha=-1.0)
+    u12 = top.new_zeros(top.shape)
+    u12[:, :nk1] = _solve_lower_unit(l11u, top[:, :nk1])
+    if r0 < nk:
+        u12[r0:, nk1:] = _solve_lower_unit(_fortran(l11u[r0:, r0:]), top[r0:, nk1:])
+    rest = torch.empty_like(bot)
+    torch.addmm(bot[:, :nk1], l21, u12[:, :nk1], alpha=-1.0, out=rest[:, :nk1])
+    torch.addmm(bot[:, nk1:], l21[:, r0:], u12[r0:, nk1:], alpha=-1.0, out=rest[:, nk1:])
+    return u12, rest
+
+
 class BlockTriLU:
     """Pivoted block LU of a block-tridiagonal matrix.
 
@@ -149,8 +192,8 @@ class BlockTriLU:
                 right[nk:, nk1:] = up_next
             right = right[perm_t]
             l11u, l21 = _fortran(lu[:nk]), lu[nk:]
-            u12 = _solve_lower_unit(l11u, right[:nk])
-            rest = torch.addmm(right[nk:], l21, u12, alpha=-1.0)
+            r0 = _first_swapped_in(perm_t, nk) if nk >= _SHORTCUT_MIN else 0
+            u12, rest = _eliminate(l11u, l21, right, nk, nk1, r0)
             a_cur, b_cur = rest[:, :nk1], rest[:, nk1:]
             self.steps.append(_Step(l11u, l21, perm_t, u12, nk))
             pivots.append(torch.diagonal(l11u))
