@@ -32,7 +32,7 @@ import os
 import pstats
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -120,6 +120,58 @@ def phases(width: int, batch: int, depth: int, reps: int) -> dict[str, float]:
     return {k: statistics.median(v) for k, v in out.items()}
 
 
+class _Timed(Sequence):
+    """The lifted blocks, with the time each ``__getitem__`` takes and when it returns."""
+
+    def __init__(self, seq: Sequence, log: list) -> None:
+        self.seq, self.log = seq, log
+
+    def __len__(self) -> int:
+        return len(self.seq)
+
+    def __getitem__(self, i: int):  # noqa: ANN204
+        t0 = time.perf_counter()
+        out = self.seq[i]
+        t1 = time.perf_counter()
+        self.log.append((i, t1 - t0, t1))
+        return out
+
+
+def per_block_type(width: int, batch: int, depth: int, reps: int) -> dict[str, float]:
+    """Median seconds of the block LU by kind of step: ``(v, lam)`` and ``u`` eliminations.
+
+    Step ``k`` runs from the fetch of ``diag[k + 1]`` to that of ``diag[k + 2]``;
+    the blocks' construction (``diag`` and ``upper`` items) is counted apart.
+    """
+    model, loss, X, y = make_mlp(depth, width, batch, dtype=torch.float64, device="cpu", gain=GAIN)
+    H = hessinv.Hessian(model, loss, X, y)
+    ls = LiftedSystem(H.blocks, DAMPING, scale=curvature_scale(H.blocks, DAMPING))
+    out: dict[str, list[float]] = {}
+    for _ in range(reps):
+        dl: list = []
+        ul: list = []
+        t_start = time.perf_counter()
+        BlockTriLU(_Timed(ls.diag, dl), _Timed(ls.upper, ul))
+        t_end = time.perf_counter()
+        build = sum(b for _, b, _ in dl) + sum(b for _, b, _ in ul)
+        ends = [t for _, _, t in dl] + [t_end]
+        vl = u = 0.0
+        for k in range(len(dl) - 1):  # step k: from fetching block k+1 to fetching k+2
+            dt = ends[k + 2] - ends[k + 1] if k + 2 < len(ends) else 0.0
+            if k % 2 == 0:
+                vl += dt
+            else:
+                u += dt
+        for key, val in (
+            ("build lifted blocks (in the loop)", build),
+            ("eliminate (v, lam) blocks (panel LU, U12, Schur)", vl),
+            ("eliminate u blocks (panel LU, U12, Schur)", u),
+            ("block LU total", t_end - t_start),
+        ):
+            out.setdefault(key, []).append(val)
+    return {k: statistics.median(v) for k, v in out.items()}
+
+
 def top_functions(width: int, batch: int, depth: int, n: int = 25) -> str:
     model, loss, X, y = make_mlp(depth, width, batch, dtype=torch.float64, device="cpu", gain=GAIN)
     H = hessinv.Hessian(model, loss, X, y)
@@ -159,6 +211,9 @@ def main() -> None:
         lines.append("|---|---|---|")
         for k, t in ph.items():
             lines.append(f"| {k} | {1e3 * t:.2f} | {t / hv:.1f} |")
+        lines += ["", "| block LU by step type | ms |", "|---|---|"]
+        for k, t in per_block_type(w, b, dep, args.reps).items():
+            lines.append(f"| {k} | {1e3 * t:.2f} |")
         lines.append("")
         if args.cprofile:
             lines += ["```", top_functions(w, b, dep), "```", ""]
