@@ -191,7 +191,7 @@ class BlockTriLU:
             if up_next is not None:
                 right[nk:, nk1:] = up_next
             right = right[perm_t]
-            l11u, l21 = _fortran(lu[:nk]), lu[nk:]
+            l11u, l21 = _fortran(lu[:nk]), lu[nk:].contiguous()  # lu itself is freed
             r0 = _first_swapped_in(perm_t, nk) if nk >= _SHORTCUT_MIN else 0
             u12, rest = _eliminate(l11u, l21, right, nk, nk1, r0)
             a_cur, b_cur = rest[:, :nk1], rest[:, nk1:]
