@@ -6,8 +6,13 @@ run, the medians of 5 repetitions of
 
 * ``build``: the operator (forward pass and all per-stage derivative blocks),
 * ``factor``: the pivoted factorization of the lifted system,
-* ``solve``: one right-hand side (with up to two steps of iterative refinement,
-  each one ``H @ v`` and one pass over the factors),
+* ``solve``: one right-hand side with the default checks on (the Lanczos
+  norm estimate, the inverse-iteration singularity check, up to two steps of
+  iterative refinement, each one ``H @ v`` and one pass over the factors, and
+  the backward-error check),
+* ``autograd H@v``: one Hessian-vector product by double backward through
+  the same network (forward pass, gradient with ``create_graph``, product),
+  the unit of issue #12's targets: ``total / autograd H@v`` is reported,
 * ``dense``: forming ``H`` and ``torch.linalg.solve`` (while ``W <= --dense-max``),
 * ``minres``: MINRES on the exact ``H @ v``, one run each to ``--minres-rtol``
   (1e-10) and, if that was reached, to the lifted solve's own residual, each
@@ -18,7 +23,13 @@ plus the peak memory (resident set size above the baseline, sampled) of
 build + factor + solve, and a batch sweep at fixed depth. It writes
 ``results/scaling_<device>.json`` and log-log PNG plots.
 
-Usage: ``python benchmarks/scaling.py [--quick] [--device cuda]``.
+``--issue`` runs only issue #12's cases (width 16 batch 2 depth 128; width
+4 batch 2 depth 512; width 16 batch 8 depth 64; on CUDA also width 16 batch
+64 depth 128) into ``results/scaling_issue_<device>.{json,md}``. Timed runs
+use one thread on the CPU (``torch.set_num_threads(1)`` when run as a
+script) and record the load average.
+
+Usage: ``python benchmarks/scaling.py [--quick] [--issue] [--device cuda]``.
 """
 
 from __future__ import annotations
@@ -27,6 +38,7 @@ import argparse
 import gc
 import json
 import math
+import os
 import platform
 import statistics
 import subprocess
@@ -110,12 +122,26 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+#: The clock of :func:`timed`: wall time, or (``--clock process``, one thread on a loaded
+#: CPU) the process's CPU time, which other processes' load does not inflate as much.
+CLOCK = {"wall": time.perf_counter, "process": time.process_time}
+_clock = time.perf_counter
+
+
 def timed(fn, device: str):  # noqa: ANN001, ANN201
     sync(device)
-    t0 = time.perf_counter()
+    t0 = _clock()
     out = fn()
     sync(device)
-    return out, time.perf_counter() - t0
+    return out, _clock() - t0
+
+
+def autograd_hvp(model: torch.nn.Module, loss: torch.nn.Module, X, y, v: list) -> list:  # noqa: ANN001
+    """One Pearlmutter product ``H v`` by double backward, from the forward pass on."""
+    params = list(model.parameters())
+    out = loss(model(X), y)
+    grads = torch.autograd.grad(out, params, create_graph=True)
+    return list(torch.autograd.grad(grads, params, grad_outputs=v))
 
 
 def run_case(width: int, batch: int, depth: int, args: argparse.Namespace) -> dict:
@@ -124,20 +150,24 @@ def run_case(width: int, batch: int, depth: int, args: argparse.Namespace) -> di
         depth, width, batch, dtype=torch.float64, device=dev, gain=args.gain
     )
     rec: dict = {"width": width, "batch": batch, "depth": depth}
-    t_build, t_fac, t_solve = [], [], []
+    vs = [torch.randn_like(p) for p in model.parameters()]
+    t_build, t_fac, t_solve, t_hvp = [], [], [], []
     for rep in range(args.reps):
         if rep >= 3 and sum(t_build) + sum(t_fac) + sum(t_solve) > 3 * args.slow_seconds:
             break  # a slow case: median of 3 (recorded in "reps")
+        _, th = timed(lambda: autograd_hvp(model, loss, X, y, vs), dev)
         H, tb = timed(lambda: hessinv.Hessian(model, loss, X, y), dev)
         g = H.gradient()
         fac, tf = timed(lambda H=H: H.factor(d), dev)
-        x, ts = timed(lambda fac=fac, g=g: fac.solve(g, check=False), dev)
+        x, ts = timed(lambda fac=fac, g=g: fac.solve(g), dev)  # default checks on
+        t_hvp.append(th)
         t_build.append(tb)
         t_fac.append(tf)
         t_solve.append(ts)
         del fac
         H._factors.clear()
         gc.collect()
+    rec["autograd_hvp_s"] = statistics.median(t_hvp)
     res = float(H.residual(x[:, None], g[:, None], d)[0])
     rec["params"] = H.num_params
     del x
@@ -153,6 +183,7 @@ def run_case(width: int, batch: int, depth: int, args: argparse.Namespace) -> di
         residual=res,
     )
     rec["total_s"] = rec["build_s"] + rec["factor_s"] + rec["solve_s"]
+    rec["total_over_hvp"] = rec["total_s"] / rec["autograd_hvp_s"]
     W = H.num_params
     if W <= args.dense_max:
         td = []
@@ -320,11 +351,12 @@ def plot(result: dict, out: Path, tag: str) -> list[str]:
 
 def table(result: dict) -> str:
     lines = [
-        "| width | batch | depth | W | build s | factor s | solve s | total s | residual | "
-        "peak MiB | dense s | MINRES 1e-10: s (H@v) | paper s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| width | batch | depth | W | build s | factor s | solve s | total s | autograd H@v s | "
+        "total / H@v | residual | peak MiB | dense s | MINRES 1e-10: s (H@v) | paper s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in sorted(result["depth_sweep"], key=lambda r: (r["width"], r["batch"], r["depth"])):
+    rows = result["depth_sweep"]
+    for r in sorted(rows, key=lambda r: (r["width"], r["batch"], r["depth"])):
         dense = f"{r['dense_s']:.3g}" if "dense_s" in r else "-"
         mres = "-"
         if "minres_s" in r:
@@ -335,18 +367,28 @@ def table(result: dict) -> str:
             if "minres_same_reached" in r and not r["minres_same_reached"]:
                 mres += f"; floor {r['minres_same_residual']:.0e}"
         paper = f"{r['paper_author_s']:.3g}" if "paper_author_s" in r else ""
+        hvp = f"{r['autograd_hvp_s']:.3g}" if "autograd_hvp_s" in r else "-"
+        ratio = f"{r['total_over_hvp']:.1f}" if "total_over_hvp" in r else "-"
         lines.append(
             f"| {r['width']} | {r['batch']} | {r['depth']} | {r['params']} | {r['build_s']:.3g} | "
             f"{r['factor_s']:.3g} | {r['solve_s']:.3g} | {r['total_s']:.3g} | "
-            f"{r['residual']:.1e} | {r['peak_memory_bytes'] / 2**20:.0f} | {dense} | {mres} | "
-            f"{paper} |"
+            f"{hvp} | {ratio} | {r['residual']:.1e} | {r['peak_memory_bytes'] / 2**20:.0f} | "
+            f"{dense} | {mres} | {paper} |"
         )
     return "\n".join(lines)
 
 
 def report(result: dict) -> str:
     """The markdown table, slopes and skipped cases."""
-    out = table(result) + "\n\nslopes (log time vs log depth, depth >= 32): "
+    head = (
+        f"device {result.get('device_name', result['device'])}, torch {result['torch']}, "
+        f"{result['threads']} thread(s), clock {result.get('clock', 'wall')}, load average "
+        f"{result.get('load_average', '?')} at start, {result.get('load_average_end', '?')} at "
+        "end; medians; a new Hessian per call; solve with the default checks\n\n"
+    )
+    if "slopes" not in result:  # --issue
+        return head + table(result) + "\n"
+    out = head + table(result) + "\n\nslopes (log time vs log depth, depth >= 32): "
     out += json.dumps({k: round(v, 3) for k, v in result["slopes"].items()}) + "\n"
     for sk in result.get("skipped", []):
         out += (
@@ -359,6 +401,13 @@ def report(result: dict) -> str:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="a small sweep (for tests)")
+    p.add_argument("--issue", action="store_true", help="only issue #12's target cases")
+    p.add_argument(
+        "--clock",
+        choices=list(CLOCK),
+        default="wall",
+        help="'process': CPU time of this (one-thread) process, for a loaded machine",
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--widths", type=int, nargs="+", default=[4, 8, 16])
     p.add_argument("--batches", type=int, nargs="+", default=[2, 8])
@@ -398,6 +447,8 @@ def main(argv: list[str] | None = None) -> dict:
         "operator, its blocks and a second operator during repetitions come on top)",
     )
     args = p.parse_args(argv)
+    global _clock
+    _clock = CLOCK[args.clock]
     if args.memory_child:
         w, b, dep, what = args.memory_child
         print(memory_child(int(w), int(b), int(dep), what, args.gain, args.damping))
@@ -414,6 +465,8 @@ def main(argv: list[str] | None = None) -> dict:
         args.reps, args.minres_seconds = 2, min(args.minres_seconds, 2.0)
     args.out.mkdir(parents=True, exist_ok=True)
     tag = "quick" if args.quick else args.device.split(":")[0]
+    if args.issue:
+        tag = "issue_" + tag
     # warm up torch.func (its first call compiles; not part of any measurement)
     m0 = make_mlp(4, 3, 2, dtype=torch.float64, device=args.device)
     hessinv.Hessian(*m0).factor(1.0).solve(hessinv.Hessian(*m0).gradient())
@@ -426,6 +479,8 @@ def main(argv: list[str] | None = None) -> dict:
         ),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "load_average": round(os.getloadavg()[0], 2),
+        "clock": args.clock,
         "damping": args.damping,
         "gain": args.gain,
         "reps": args.reps,
@@ -434,6 +489,24 @@ def main(argv: list[str] | None = None) -> dict:
         "skipped": [],
         "memory_budget_gb": args.memory_budget_gb,
     }
+    if args.issue:
+        cases = [(16, 2, 128), (4, 2, 512), (16, 8, 64)]
+        if args.device.startswith("cuda"):
+            cases.append((16, 64, 128))
+        args.dense_max, args.minres_max_depth = 0, 0
+        for w, b, dep in cases:
+            r = run_case(w, b, dep, args)
+            result["depth_sweep"].append(r)
+            print(
+                f"w={w} N={b} L={dep}: total {r['total_s']:.3f}s = "
+                f"{r['total_over_hvp']:.1f} autograd H@v; res {r['residual']:.1e}",
+                flush=True,
+            )
+        result["load_average_end"] = round(os.getloadavg()[0], 2)
+        (args.out / f"scaling_{tag}.json").write_text(json.dumps(result, indent=1))
+        (args.out / f"scaling_{tag}.md").write_text(report(result))
+        print(report(result))
+        return result
     partial = args.out / f"scaling_{tag}.partial.json"
     done: dict = {}
     if args.resume and partial.exists():
@@ -480,6 +553,7 @@ def main(argv: list[str] | None = None) -> dict:
         for w in args.widths
         for b in args.batches
     }
+    result["load_average_end"] = round(os.getloadavg()[0], 2)
     path = args.out / f"scaling_{tag}.json"
     path.write_text(json.dumps(result, indent=1))
     partial.unlink(missing_ok=True)
@@ -491,4 +565,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
+    if "--device" not in sys.argv or "cpu" in sys.argv:
+        torch.set_num_threads(1)  # timings are one-thread on the CPU (issue #12)
     main()

@@ -32,8 +32,15 @@ import torch
 from torch import Tensor
 
 
-def _perm_from_pivots(piv: Tensor, m: int) -> tuple[list[int], int]:
-    """LAPACK 1-based row interchanges -> permutation list and swap count."""
+def _perm_from_pivots(piv: Tensor, m: int) -> tuple[Tensor, Tensor]:
+    """LAPACK 1-based row interchanges -> row permutation and swap count, as tensors.
+
+    ``A[perm] = L U``. On the CPU the interchanges are applied in Python (no
+    device to synchronize with); elsewhere :func:`_perm_on_device` keeps
+    everything on the device, so the stage loop never waits for the host.
+    """
+    if piv.device.type != "cpu":
+        return _perm_on_device(piv, m)
     perm = list(range(m))
     swaps = 0
     for i, p in enumerate(piv.tolist()):
@@ -41,6 +48,22 @@ def _perm_from_pivots(piv: Tensor, m: int) -> tuple[list[int], int]:
         if j != i:
             perm[i], perm[j] = perm[j], perm[i]
             swaps += 1
+    return torch.tensor(perm, device=piv.device), torch.tensor(swaps, device=piv.device)
+
+
+def _perm_on_device(piv: Tensor, m: int) -> tuple[Tensor, Tensor]:
+    """:func:`_perm_from_pivots` without leaving the device (no host synchronization).
+
+    ``lu_unpack`` applies the interchanges to the identity on the device:
+    ``A = P L U``, so row ``i`` of ``L U`` is row ``perm[i] = argmax_j P[j, i]`` of ``A``.
+    Every interchange ``i <-> piv_i - 1`` with ``piv_i - 1 != i`` is one transposition.
+    """
+    k = piv.shape[0]
+    p_mat, _, _ = torch.lu_unpack(
+        piv.new_zeros(m, k, dtype=torch.float32), piv, unpack_data=False
+    )
+    perm = p_mat.argmax(dim=0)
+    swaps = (piv - 1 != torch.arange(k, device=piv.device)).sum()
     return perm, swaps
 
 
@@ -54,14 +77,74 @@ def _solve_upper(lu: Tensor, b: Tensor) -> Tensor:
 
 @dataclass
 class _Step:
-    lu: Tensor  # (n_k + n_{k+1}, n_k) packed panel factors
-    perm: Tensor  # row permutation of the stacked rows
+    """One step's factors: ``P [D~_k; U_k^T] = [L11; L21] U11`` and ``U12 = L11^{-1} (P R)_top``.
+
+    ``l11u`` holds ``L11`` (strictly lower, unit diagonal implied) and ``U11``
+    packed, ``l21`` the multipliers of the rows below; both are stored in the
+    column-major layout LAPACK's triangular solves take without a copy.
+    """
+
+    l11u: Tensor  # (n_k, n_k) packed L11 \ U11
+    l21: Tensor  # (n_{k+1}, n_k)
+    perm: Tensor  # row permutation of the stacked rows (a device tensor)
     u12: Tensor  # (n_k, n_{k+1} + n_{k+2})
     n: int
 
 
+def _fortran(t: Tensor) -> Tensor:
+    """``t`` laid out column-major (a copy only if it is not already)."""
+    return t.mT.contiguous().mT
+
+
+#: Smallest block for which :func:`_eliminate` splits off the fill columns.
+_SHORTCUT_MIN = 160
+
+
+def _first_swapped_in(perm: Tensor, nk: int) -> int:
+    """First of the top ``nk`` pivot rows that came from the block below (``nk`` if none).
+
+    Read on the host, so only on the CPU; elsewhere ``0`` (no shortcut, no
+    synchronization). Called for blocks of at least ``_SHORTCUT_MIN`` rows only
+    (below it, the extra calls cost more than the flops they save).
+    """
+    if perm.device.type != "cpu":
+        return 0
+    below = torch.nonzero(perm[:nk] >= nk)
+    return int(below[0, 0]) if below.numel() else nk
+
+
+def _eliminate(
+    l11u: Tensor, l21: Tensor, right: Tensor, nk: int, nk1: int, r0: int
+) -> tuple[Tensor, Tensor]:
+    """``U12 = L11^{-1} R_top`` and the Schur complement ``R_bot - L21 U12``.
+
+    The fill columns (``nk1:``) of ``R_top`` vanish in every row that was not
+    swapped in from the block below: rows ``< r0`` (:func:`_first_swapped_in`).
+    Forward substitution keeps those rows of ``U12`` exactly zero, so only
+    ``L11[r0:, r0:]`` and ``L21[:, r0:]`` enter the fill columns: the same
+    numbers for a fraction of the flops (for a ``(v, lam)`` block, whose
+    ``v`` columns never pivot on the ``u`` rows below, ``r0 >= k_l``).
+    """
+    top, bot = right[:nk], right[nk:]
+    if r0 == 0 or right.shape[1] == nk1:
+        u12 = _solve_lower_unit(l11u, top)
+        return u12, torch.addmm(bot, l21, u12, alpha=-1.0)
+    u12 = top.new_zeros(top.shape)
+    u12[:, :nk1] = _solve_lower_unit(l11u, top[:, :nk1])
+    if r0 < nk:
+        u12[r0:, nk1:] = _solve_lower_unit(_fortran(l11u[r0:, r0:]), top[r0:, nk1:])
+    rest = torch.empty_like(bot)
+    torch.addmm(bot[:, :nk1], l21, u12[:, :nk1], alpha=-1.0, out=rest[:, :nk1])
+    torch.addmm(bot[:, nk1:], l21[:, r0:], u12[r0:, nk1:], alpha=-1.0, out=rest[:, nk1:])
+    return u12, rest
+
+
 class BlockTriLU:
     """Pivoted block LU of a block-tridiagonal matrix.
+
+    The stage loop stays on the tensors' device: the row permutations, swap
+    counts, pivots and block maxima are kept as tensors and read on the host
+    once, after the loop (no synchronization per block on a GPU).
 
     Args:
         diag: Diagonal blocks ``D_k`` (any sequence; each item is read once,
@@ -77,7 +160,7 @@ class BlockTriLU:
         self.steps: list[_Step] = []
         maxes: list[Tensor] = []
         pivots: list[Tensor] = []
-        swaps = 0
+        swaps: list[Tensor] = []
         a_cur = diag[0]
         self.sizes = [a_cur.shape[0]]
         up = upper[0] if n_bl > 1 else None
@@ -93,41 +176,45 @@ class BlockTriLU:
                 if t is not None and t.numel():
                     maxes.append(t.abs().amax())
             nk, nk1 = a_cur.shape[0], d_next.shape[0]
+            n2 = 0 if up_next is None else up_next.shape[1]
             self.sizes.append(nk1)
             panel = torch.cat([a_cur, up.T], dim=0)
             lu, piv, _ = torch.linalg.lu_factor_ex(panel)
-            perm, sw = _perm_from_pivots(piv, nk + nk1)
-            swaps += sw
-            perm_t = torch.tensor(perm, device=panel.device)
-            # rows of block k (cols k+1 and the fill col k+2) over rows of block k+1
-            if up_next is None:
-                right = torch.cat([b_cur, d_next], dim=0)
-            else:
-                top = torch.cat([b_cur, b_cur.new_zeros(nk, up_next.shape[1])], dim=1)
-                right = torch.cat([top, torch.cat([d_next, up_next], dim=1)], dim=0)
+            perm_t, sw = _perm_from_pivots(piv, nk + nk1)
+            swaps.append(sw)
+            # rows of block k (cols k+1 and the fill col k+2) over rows of block k+1,
+            # gathered in pivot order straight into one buffer
+            right = a_cur.new_empty(nk + nk1, nk1 + n2)
+            right[:nk, :nk1] = b_cur
+            right[:nk, nk1:] = 0.0
+            right[nk:, :nk1] = d_next
+            if up_next is not None:
+                right[nk:, nk1:] = up_next
             right = right[perm_t]
-            u12 = _solve_lower_unit(lu[:nk], right[:nk])
-            rest = torch.addmm(right[nk:], lu[nk:], u12, alpha=-1.0)
+            l11u, l21 = _fortran(lu[:nk]), lu[nk:].contiguous()  # lu itself is freed
+            r0 = _first_swapped_in(perm_t, nk) if nk >= _SHORTCUT_MIN else 0
+            u12, rest = _eliminate(l11u, l21, right, nk, nk1, r0)
             a_cur, b_cur = rest[:, :nk1], rest[:, nk1:]
-            self.steps.append(_Step(lu, perm_t, u12, nk))
-            pivots.append(torch.diagonal(lu[:nk]))
+            self.steps.append(_Step(l11u, l21, perm_t, u12, nk))
+            pivots.append(torch.diagonal(l11u))
             up = up_next
-        self.scale = float(torch.stack(maxes).max()) if maxes else 0.0
         lu, piv, _ = torch.linalg.lu_factor_ex(a_cur)
-        perm, sw = _perm_from_pivots(piv, a_cur.shape[0])
-        swaps += sw
+        perm_t, sw = _perm_from_pivots(piv, a_cur.shape[0])
+        swaps.append(sw)
         self.last = _Step(
-            lu, torch.tensor(perm, device=a_cur.device), a_cur.new_zeros(0, 0), a_cur.shape[0]
+            lu, lu.new_zeros(0, lu.shape[1]), perm_t, a_cur.new_zeros(0, 0), a_cur.shape[0]
         )
         pivots.append(torch.diagonal(lu))
+        # the only reads on the host: once, after the loop
+        self.scale = float(torch.stack(maxes).max()) if maxes else 0.0
         d = torch.cat(pivots)
         ad = d.abs()
         self.min_pivot = float(ad.min()) if d.numel() else math.inf
         if self.min_pivot == 0.0:
             self._sign, self._logabs = 0.0, -math.inf
         else:
-            neg = int((d < 0).sum())
-            self._sign = -1.0 if (neg + swaps) % 2 else 1.0
+            odd = int(((d < 0).sum() + torch.stack(swaps).sum()) % 2)
+            self._sign = -1.0 if odd else 1.0
             self._logabs = float(torch.log(ad).sum())
         eps = torch.finfo(lu.dtype).eps
         self.tol = eps * max(self.sizes) * max(self.scale, 1e-300)
@@ -147,19 +234,17 @@ class BlockTriLU:
         cur = rhs[0]
         for k, st in enumerate(self.steps):
             stack = torch.cat([cur, rhs[k + 1]], dim=0)[st.perm]
-            y = _solve_lower_unit(st.lu[: st.n], stack[: st.n])
-            cur = stack[st.n :] - st.lu[st.n :] @ y
+            y = _solve_lower_unit(st.l11u, stack[: st.n])
+            cur = torch.addmm(stack[st.n :], st.l21, y, alpha=-1.0)
             ys.append(y)
-        y_last = _solve_lower_unit(self.last.lu, cur[self.last.perm])
+        y_last = _solve_lower_unit(self.last.l11u, cur[self.last.perm])
         xs: list[Tensor] = [None] * len(self.sizes)  # type: ignore[list-item]
-        xs[-1] = _solve_upper(self.last.lu, y_last)
+        xs[-1] = _solve_upper(self.last.l11u, y_last)
         for k in reversed(range(len(self.steps))):
             st = self.steps[k]
-            nxt = [xs[k + 1]]
-            if k + 2 < len(self.sizes):
-                nxt.append(xs[k + 2])
-            r = ys[k] - st.u12 @ torch.cat(nxt, dim=0)
-            xs[k] = _solve_upper(st.lu[: st.n], r)
+            nxt = xs[k + 1] if k + 2 >= len(self.sizes) else torch.cat([xs[k + 1], xs[k + 2]])
+            r = torch.addmm(ys[k], st.u12, nxt, alpha=-1.0)
+            xs[k] = _solve_upper(st.l11u, r)
         return xs
 
 

@@ -182,12 +182,13 @@ class LiftedSystem:
         return t if q is None else t @ q
 
     def _vv(self, l: int) -> Tensor:  # noqa: E741
-        """``Q_l^T (Txx_l + d I) Q_l``."""
+        """``Q_l^T (Txx_l + d I) Q_l`` (divided by the scale ``s``)."""
         b, q, k = self.blocks[l], self.bases[l], self._k[l]
-        ref = b.grad_x
-        dvv = torch.eye(k, dtype=ref.dtype, device=ref.device) * (self.damping / self.scale)
-        if b.Txx is not None:
-            dvv = dvv + (b.Txx if q is None else q.T @ b.Txx @ q) / self.scale
+        if b.Txx is None:
+            ref = b.grad_x
+            return torch.eye(k, dtype=ref.dtype, device=ref.device) * (self.damping / self.scale)
+        dvv = (b.Txx if q is None else q.T @ b.Txx @ q) / self.scale
+        dvv.diagonal().add_(self.damping / self.scale)  # dvv is a new tensor
         return dvv
 
     def _diag_block(self, i: int) -> Tensor:
@@ -198,11 +199,14 @@ class LiftedSystem:
         dvv = self._vv(l)
         if l == len(self.blocks) - 1:
             return dvv
-        m = self._m[l]
+        m, k = self._m[l], self._k[l]
         jx = self._cols(self.blocks[l].Jx.reshape(m, -1), self.bases[l])
-        top = torch.cat([dvv, jx.T], dim=1)
-        bottom = torch.cat([jx, jx.new_zeros(m, m)], dim=1)
-        return torch.cat([top, bottom], dim=0)
+        out = dvv.new_empty(k + m, k + m)  # one buffer, no nested concatenations
+        out[:k, :k] = dvv
+        out[:k, k:] = jx.T
+        out[k:, :k] = jx
+        out[k:, k:] = 0.0
+        return out
 
     def _upper_block(self, i: int) -> Tensor:
         """``K[i, i+1]``: ``[0; -I]`` (``lam_l`` row, ``u_l`` column), or ``[Tzx, Jz^T]``."""
@@ -210,8 +214,9 @@ class LiftedSystem:
         ref = self.blocks[l].grad_x
         if not odd:
             k, m = self._k[l], self._m[l]
-            eye = torch.eye(m, dtype=ref.dtype, device=ref.device)
-            return torch.cat([ref.new_zeros(k, m), -eye], dim=0)
+            out = ref.new_zeros(k + m, m)
+            out[k:].diagonal().fill_(-1.0)
+            return out
         nxt = self.blocks[l + 1]
         tzx = self._cols(nxt.Tzx.reshape(self._m[l], -1), self.bases[l + 1]) / self.scale
         if l + 1 == len(self.blocks) - 1:

@@ -273,20 +273,30 @@ class Factorization(ABC):
             return self.op.layout.from_matrix(gm.clone(), form)
         if self.singular:
             raise SingularHessianError(self._singular_message())
-        x = refined_solve(self.op.matmat, self._apply, gm, self.damping, refine)
-        if check:
-            self.check(x, gm)
+        x, r = refined_solve(
+            self.op.matmat, self._apply, gm, self.damping, refine, with_residual=True
+        )
+        if check:  # the refinement's last residual is that of x: no further product
+            self.check(x, gm, residual=r)
         return self.op.layout.from_matrix(x, form)
 
-    def backward_error(self, x: Tensor, g: Tensor) -> Tensor:
-        """Per-column ``||A x - g|| / (||A|| ||x|| + ||g||)`` (``||A||`` from :meth:`norm`)."""
-        r = self.op.matmat(x) + self.damping * x - g
-        return normwise_backward_error(r, x, g, self.norm())
+    def backward_error(self, x: Tensor, g: Tensor, residual: Tensor | None = None) -> Tensor:
+        """Per-column ``||A x - g|| / (||A|| ||x|| + ||g||)`` (``||A||`` from :meth:`norm`).
 
-    def check(self, x: Tensor, g: Tensor) -> None:
-        """Raise :class:`InaccurateSolveError` unless ``x`` meets :func:`solve_tolerance`."""
+        ``residual``: ``g - A x`` if already computed (only its norm enters).
+        """
+        if residual is None:
+            residual = self.op.matmat(x) + self.damping * x - g
+        return normwise_backward_error(residual, x, g, self.norm())
+
+    def check(self, x: Tensor, g: Tensor, residual: Tensor | None = None) -> None:
+        """Raise :class:`InaccurateSolveError` unless ``x`` meets :func:`solve_tolerance`.
+
+        ``residual``: ``g - A x`` computed with exact products for this very
+        ``x`` (as :func:`refined_solve` returns it), saving one product.
+        """
         tol = solve_tolerance(self.dtype)
-        eta = self.backward_error(x, g)
+        eta = self.backward_error(x, g, residual)
         worst = float(eta.max()) if eta.numel() else 0.0
         if not worst <= tol:
             raise InaccurateSolveError(
@@ -373,8 +383,13 @@ def refined_solve(
     g: Tensor,
     damping: float,
     refine: int,
-) -> Tensor:
+    *,
+    with_residual: bool = False,
+) -> Tensor | tuple[Tensor, Tensor | None]:
     """``apply(g)`` and up to ``refine`` steps of iterative refinement.
+
+    With ``with_residual``, returns ``(x, g - A x)`` (the residual from exact
+    products, ``None`` when ``refine <= 0`` computed none).
 
     A step ``x <- x + apply(g - A x)`` is kept only if it lowers the largest
     relative residual (on a system too ill-conditioned for the working
@@ -388,7 +403,7 @@ def refined_solve(
     if not torch.isfinite(x).all():
         raise SingularHessianError(f"the solve overflowed. {HINT}")
     if refine <= 0:
-        return x
+        return (x, None) if with_residual else x
     gn = torch.linalg.vector_norm(g, dim=0).clamp_min(torch.finfo(g.dtype).tiny)
     r = g - matmat(x) - damping * x
     worst = float((torch.linalg.vector_norm(r, dim=0) / gn).max())
@@ -402,4 +417,4 @@ def refined_solve(
         if not math.isfinite(worst_new) or worst_new >= worst:
             break
         x, r, worst = x_new, r_new, worst_new
-    return x
+    return (x, r) if with_residual else x

@@ -166,7 +166,7 @@ class LiftedFactorization(Factorization):
         if r.zero:
             return False
         s, la = self.lu.slogdet()
-        tol = 0.1 + math.sqrt(torch.finfo(self.lu.last.lu.dtype).eps) * abs(la)
+        tol = 0.1 + math.sqrt(torch.finfo(self.lu.last.l11u.dtype).eps) * abs(la)
         return r.sign == s and abs(r.logabsdet - la) <= tol
 
     def riccati(self, mode: str = "inertia") -> RiccatiResult:
