@@ -92,7 +92,13 @@ def memory_child(width: int, batch: int, depth: int, what: str, gain: float, dam
 
 
 def peak_memory(width: int, batch: int, depth: int, what: str, args: argparse.Namespace) -> int:
-    """Peak memory of :func:`exercise`: the CUDA allocator, or a fresh CPU process."""
+    """Peak memory of :func:`exercise`: the CUDA allocator, or a fresh CPU process.
+
+    ``-1`` (not measured) under ``--no-memory`` (the default of ``--quick``): on the CPU each
+    measurement is a fresh Python process, seconds of start-up per case.
+    """
+    if args.no_memory:
+        return -1
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -115,6 +121,10 @@ def peak_memory(width: int, batch: int, depth: int, what: str, args: argparse.Na
     ]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return int(out.stdout.strip().splitlines()[-1])
+
+
+def _mib(b: int) -> str:
+    return "-" if b < 0 else f"{b / 2**20:.0f}"
 
 
 def sync(device: str) -> None:
@@ -372,7 +382,7 @@ def table(result: dict) -> str:
         lines.append(
             f"| {r['width']} | {r['batch']} | {r['depth']} | {r['params']} | {r['build_s']:.3g} | "
             f"{r['factor_s']:.3g} | {r['solve_s']:.3g} | {r['total_s']:.3g} | "
-            f"{hvp} | {ratio} | {r['residual']:.1e} | {r['peak_memory_bytes'] / 2**20:.0f} | "
+            f"{hvp} | {ratio} | {r['residual']:.1e} | {_mib(r['peak_memory_bytes'])} | "
             f"{dense} | {mres} | {paper} |"
         )
     return "\n".join(lines)
@@ -424,6 +434,11 @@ def main(argv: list[str] | None = None) -> dict:
         "the exponential gradient growth of gain 1.5 at depth 1024",
     )
     p.add_argument("--reps", type=int, default=5)
+    p.add_argument(
+        "--no-memory",
+        action="store_true",
+        help="skip the peak-memory runs (default with --quick)",
+    )
     p.add_argument("--dense-max", type=int, default=6000, help="largest W for the dense solve")
     p.add_argument("--minres-max-depth", type=int, default=128)
     p.add_argument("--minres-maxiter", type=int, default=20000)
@@ -463,6 +478,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.widths, args.batches, args.depths = [3], [2], [4, 8, 16, 32, 64]
         args.sweep_batches, args.sweep_depth, args.sweep_width = [1, 2, 4], 8, 3
         args.reps, args.minres_seconds = 2, min(args.minres_seconds, 2.0)
+        args.no_memory = True
     args.out.mkdir(parents=True, exist_ok=True)
     tag = "quick" if args.quick else args.device.split(":")[0]
     if args.issue:
