@@ -319,7 +319,6 @@ class SegmentFn:
 
     Args:
         model: The traced module (leaf modules and constants are read from it).
-        graph: The fx graph.
         start: The node whose value is ``z``.
         body: The nodes to evaluate, in order.
         end: The node whose value is returned.
