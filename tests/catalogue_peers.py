@@ -7,6 +7,8 @@ freezing. ``source`` names the peer file and case. Sources (read from the
 repositories at the versions installed beside this project, curvlinops 3.0.1
 and backpack-for-pytorch 1.7.1):
 
+* curvlinops ``test/kfac_cases.py``: deep linear networks, a bare ``Linear``,
+  a ``WeightShareModel`` with three output dimensions.
 * curvlinops ``test/cases.py``: ``INV_CASES`` / ``CASES`` (MLPs with
   cross-entropy, BCE-with-logits and MSE, ``mean``/``sum``, two batches each,
   extra input/output dimensions, a ``WeightShareModel`` with a sequence
@@ -620,6 +622,31 @@ CURVLINOPS: list[PeerCase] = [
             *two_batches(2, 2, (1, 16, 16), lambda n: cls_targets((n,), 10)),
         ),
         subset=last_two,
+    ),
+    PeerCase(
+        "cl-kfac-deep-linear",
+        "curvlinops test/kfac_cases.py (deep linear network, MSE)",
+        lambda: (
+            nn.Sequential(nn.Linear(6, 3), nn.Linear(3, 1)),
+            nn.MSELoss(),
+            *two_batches(3, 4, (6,), lambda n: reg_targets((n, 1))),
+        ),
+        subset=weights_only,
+    ),
+    PeerCase(
+        "cl-kfac-bare-linear",
+        "curvlinops test/kfac_cases.py (a bare Linear(5, 3) as the model, CE)",
+        lambda: (nn.Linear(5, 3), nn.CrossEntropyLoss(), torch.rand(4, 5), cls_targets((4,), 3)),
+    ),
+    PeerCase(
+        "cl-kfac-weightshare-3d",
+        "curvlinops test/kfac_cases.py (WeightShareModel(Linear(5, 3)), output (N, 4, 8, 3))",
+        lambda: (
+            WeightShare(nn.Linear(5, 3), setting="expand"),
+            nn.MSELoss(),
+            torch.rand(2, 4, 8, 5),
+            reg_targets((2, 4, 8, 3)),
+        ),
     ),
     PeerCase(
         "cl-dropout-train",

@@ -22,6 +22,7 @@ the inertia is decided and must be equal.
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import pytest
@@ -175,6 +176,32 @@ def test_params_out_of_stage_order_refused():
 def test_catalogue_covers_both_peers():
     names = [c.name for c in PEER_CASES]
     assert len(names) == len(set(names))
-    assert sum(c.source.startswith("curvlinops") for c in PEER_CASES) >= 25
+    assert sum(c.source.startswith("curvlinops") for c in PEER_CASES) >= 30
     assert sum(c.source.startswith("backpack") for c in PEER_CASES) >= 80
     assert sum(c.subset is not None for c in PEER_CASES) >= 12
+
+
+@pytest.mark.parametrize("name", ["cl-unet-mse", "cl-weightshare-ce-mean", "bp-conv-resnet"])
+@pytest.mark.parametrize("c", [1e-12, 1e12])
+def test_scale_invariance(name: str, c: float):
+    """Loss ``c l``: ``H`` scales by ``c``; solves and inertia at ``c d`` are those at ``d``."""
+    case = next(x for x in PEER_CASES if x.name == name)
+    model, loss, X, y = case.make()
+    H = hessinv.Hessian(model, loss, X, y)
+    Hc = hessinv.Hessian(model, lambda o, t: c * loss(o, t), X, y)
+    Href, _ = dense_reference(model, loss, X, y)
+    lam = torch.linalg.eigvalsh(Href)
+    W = H.shape[0]
+    V = torch.randn(W, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    nrm = float(lam.abs().max())
+    assert float((Hc @ V / c - Href @ V).norm()) <= TOL_H * nrm * float(V.norm())
+    for d in gap_dampings(lam):
+        b = H.gradient() + V[:, 0]
+        x = H.solve(b, damping=d)
+        xc = Hc.solve(c * b, damping=c * d)
+        A = Href + d * torch.eye(W, dtype=torch.float64)
+        assert backward_error(A, x, b) <= 64 * EPS + TOL_H
+        assert backward_error(A, xc, b) <= 64 * EPS + TOL_H
+        assert tuple(Hc.inertia(c * d)) == tuple(H.inertia(d)) == inertia_ref(lam, d)
+        (s1, l1), (s2, l2) = H.logdet(d), Hc.logdet(c * d)
+        assert s1 == s2 and abs(l2 - W * math.log(c) - l1) <= 1e-9 * max(1.0, abs(l1))
