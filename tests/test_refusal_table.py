@@ -380,3 +380,98 @@ def test_row_raises_its_error(what: str, error: str):
     with pytest.raises(tuple(classes)) as info:
         CASES[what]()
     assert str(info.value), "the refusal must say why"
+
+
+# -- the claims of "What is supported" that are not refusals -------------------------------
+def _dense(model: nn.Module, loss, X, y) -> torch.Tensor:  # noqa: ANN001
+    """``torch.func.hessian`` of the loss in the trainable parameters (an independent reference)."""
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    sizes = [p.numel() for p in named.values()]
+    x0 = torch.cat([p.detach().reshape(-1) for p in named.values()])
+
+    def f(flat: torch.Tensor) -> torch.Tensor:
+        chunks = zip(named.items(), flat.split(sizes), strict=True)
+        ps = {n: c.reshape(p.shape) for (n, p), c in chunks}
+        return loss(torch.func.functional_call(model, ps, (X,)), y)
+
+    return torch.func.hessian(f)(x0).detach()
+
+
+class _Triu(nn.Module):
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return w.triu()
+
+
+def _twice(s, x):  # noqa: ANN001, ANN202
+    return s.b(s.m(torch.tanh(s.m(torch.tanh(s.a(x))))))
+
+
+def _attention_first(s, x):  # noqa: ANN001, ANN202
+    h = s.a(x)
+    return s.b(torch.softmax(h @ h.T, dim=-1) @ h)
+
+
+def _center_first(s, x):  # noqa: ANN001, ANN202
+    h = torch.tanh(s.a(x))
+    return s.b(h - h.mean(0))
+
+
+def _parametrized() -> nn.Module:
+    m = _Lambda(lambda s, x: s.b(torch.tanh(s.a(x)))).double()
+    parametrize.register_parametrization(m.a, "weight", _Triu())
+    return m
+
+
+def _hooked() -> nn.Module:
+    m = _Lambda(lambda s, x: s.b(torch.tanh(s.a(x)))).double()
+    m.a.register_forward_hook(lambda mod, i, o: 2 * o)
+    return m
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: _Lambda(_twice).double(),
+        lambda: _Lambda(_attention_first).double(),
+        lambda: _Lambda(_center_first).double(),
+        _parametrized,
+        _hooked,
+        lambda: _Lambda(lambda s, x: s.b(nn.functional.relu(s.a(x), inplace=True))).double(),
+    ],
+    ids=[
+        "module-called-twice",
+        "attention-in-first-stage",
+        "centering-in-first-stage",
+        "parametrized-child",
+        "hooked-child",
+        "inplace-relu",
+    ],
+)
+def test_supported_claims_are_exact(make):
+    """README "What is supported": each of these runs through hessinv.Hessian exactly."""
+    model = make()
+    if model.f is not _twice:
+        model.m.requires_grad_(False)  # the layer the other forwards do not use: a constant
+    X, y = _data()
+    H = hessinv.Hessian(model, nn.MSELoss(), X, y)
+    Href = _dense(model, nn.MSELoss(), X, y)
+    err = float((H.to_dense() - Href).norm())
+    assert err <= 100 * torch.finfo(DT).eps * float(Href.norm()), err
+
+
+@pytest.mark.xfail(strict=True, raises=KeyError, reason="fxgraph: raw KeyError")
+def test_one_module_on_two_branches():
+    """README "Not yet named": one module applied to both halves of a tensor (curvlinops'
+    SplitConcatModel) fails with a raw KeyError from the graph cutter."""
+
+    class SplitConcat(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = nn.Linear(3, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x1, x2 = x.split(3, dim=-1)
+            return torch.cat([self.linear(x1), self.linear(x2)], dim=-1)
+
+    X, y = _data(d=6, k=6)
+    hessinv.Hessian(SplitConcat().double(), nn.MSELoss(), X, y)
