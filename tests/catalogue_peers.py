@@ -31,7 +31,8 @@ A case either runs through ``hessinv.Hessian`` as it is (``refused is None``),
 or must be refused with the named exception and message (``refused``).
 The data of a case with two batches in the peer are the two batches
 concatenated: the loss of the whole data set (the mean over all samples for
-``reduction="mean"``), what curvlinops' operators compute over the batches.
+``reduction="mean"``), what curvlinops' operators compute over the batches;
+``split`` keeps the first batch's size, for the same data as ``data=``.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ class PeerCase:
         refused: ``(exception type, message regex)`` when hessinv must refuse the case.
         seed: The seed ``build`` runs under.
         known_bug: A hessinv bug this case shows (the test is a strict xfail until fixed).
+        split: For a case of two batches in the peer, the size of the first (``X[:split]``).
     """
 
     name: str
@@ -67,6 +69,7 @@ class PeerCase:
     refused: tuple[type[BaseException], str] | None = None
     seed: int = 0
     known_bug: str | None = None
+    split: int | None = None
 
     def make(self) -> tuple:
         """``(model, loss_func, X, y)`` in float64, deterministic."""
@@ -464,6 +467,7 @@ CURVLINOPS: list[PeerCase] = [
             *two_batches(3, 4, (10,), lambda n: cls_targets((n,), 3)),
         ),
         subset=weights_only,
+        split=3,
     ),
     PeerCase(
         "cl-mlp-ce-sum",
@@ -474,6 +478,7 @@ CURVLINOPS: list[PeerCase] = [
             *two_batches(3, 4, (10,), lambda n: cls_targets((n,), 3)),
         ),
         subset=last_two,
+        split=3,
     ),
     PeerCase(
         "cl-mlp-bce1-mean",
@@ -483,6 +488,7 @@ CURVLINOPS: list[PeerCase] = [
             nn.BCEWithLogitsLoss(),
             *two_batches(3, 4, (10,), lambda n: torch.rand(n, 1)),
         ),
+        split=3,
     ),
     PeerCase(
         "cl-mlp-bce2-mean",
@@ -492,6 +498,7 @@ CURVLINOPS: list[PeerCase] = [
             nn.BCEWithLogitsLoss(),
             *two_batches(3, 4, (10,), lambda n: torch.rand(n, 2)),
         ),
+        split=3,
     ),
     PeerCase(
         "cl-mlp-bce2-sum",
@@ -501,6 +508,7 @@ CURVLINOPS: list[PeerCase] = [
             nn.BCEWithLogitsLoss(reduction="sum"),
             *two_batches(3, 4, (10,), lambda n: torch.rand(n, 2)),
         ),
+        split=3,
     ),
     PeerCase(
         "cl-mlp-mse-mean",
@@ -511,6 +519,7 @@ CURVLINOPS: list[PeerCase] = [
             *two_batches(2, 6, (8,), lambda n: reg_targets((n, 3))),
         ),
         subset=weights_only,
+        split=2,
     ),
     PeerCase(
         "cl-mlp-mse-sum",
@@ -520,6 +529,7 @@ CURVLINOPS: list[PeerCase] = [
             nn.MSELoss(reduction="sum"),
             *two_batches(2, 6, (8,), lambda n: reg_targets((n, 3))),
         ),
+        split=2,
     ),
     PeerCase(
         "cl-dict-input",
@@ -541,6 +551,7 @@ CURVLINOPS: list[PeerCase] = [
             *two_batches(3, 4, (5, 10), lambda n: cls_targets((n, 5), 3)),
         ),
         subset=last_two,
+        split=3,
     ),
     PeerCase(
         "cl-weightshare-ce-sum",
@@ -550,6 +561,7 @@ CURVLINOPS: list[PeerCase] = [
             nn.CrossEntropyLoss(reduction="sum"),
             *two_batches(3, 4, (5, 10), lambda n: cls_targets((n, 5), 3)),
         ),
+        split=3,
     ),
     PeerCase(
         "cl-bce-extra-dim-mean",
@@ -559,6 +571,7 @@ CURVLINOPS: list[PeerCase] = [
             nn.BCEWithLogitsLoss(),
             *two_batches(3, 4, (5, 10), lambda n: torch.rand(n, 5, 2)),
         ),
+        split=3,
     ),
     PeerCase(
         "cl-bce-extra-dim-sum",
@@ -568,6 +581,7 @@ CURVLINOPS: list[PeerCase] = [
             nn.BCEWithLogitsLoss(reduction="sum"),
             *two_batches(3, 4, (5, 10), lambda n: torch.rand(n, 5, 2)),
         ),
+        split=3,
     ),
     PeerCase(
         "cl-mse-extra-dim-mean",
@@ -577,6 +591,7 @@ CURVLINOPS: list[PeerCase] = [
             nn.MSELoss(),
             *two_batches(2, 6, (5, 8), lambda n: reg_targets((n, 5, 3))),
         ),
+        split=2,
     ),
     PeerCase(
         "cl-mse-extra-dim-sum",
@@ -587,6 +602,7 @@ CURVLINOPS: list[PeerCase] = [
             *two_batches(2, 6, (5, 8), lambda n: reg_targets((n, 5, 3))),
         ),
         subset=weights_only,
+        split=2,
     ),
     PeerCase(
         "cl-functional-module",
@@ -597,6 +613,7 @@ CURVLINOPS: list[PeerCase] = [
             *two_batches(3, 4, (10,), lambda n: reg_targets((n, 3))),
         ),
         subset=last_two,
+        split=3,
     ),
     PeerCase(
         "cl-functional-callable",
@@ -622,6 +639,7 @@ CURVLINOPS: list[PeerCase] = [
             *two_batches(2, 2, (1, 16, 16), lambda n: cls_targets((n,), 10)),
         ),
         subset=last_two,
+        split=2,
     ),
     PeerCase(
         "cl-kfac-deep-linear",
@@ -632,6 +650,7 @@ CURVLINOPS: list[PeerCase] = [
             *two_batches(3, 4, (6,), lambda n: reg_targets((n, 1))),
         ),
         subset=weights_only,
+        split=3,
     ),
     PeerCase(
         "cl-kfac-bare-linear",

@@ -205,3 +205,25 @@ def test_scale_invariance(name: str, c: float):
         assert tuple(Hc.inertia(c * d)) == tuple(H.inertia(d)) == inertia_ref(lam, d)
         (s1, l1), (s2, l2) = H.logdet(d), Hc.logdet(c * d)
         assert s1 == s2 and abs(l2 - W * math.log(c) - l1) <= 1e-9 * max(1.0, abs(l1))
+
+
+@pytest.mark.parametrize(
+    "case", [c for c in PEER_CASES if c.split is not None], ids=lambda c: c.name
+)
+def test_two_batches_as_a_data_set(case: PeerCase):
+    """curvlinops' two batches as ``data=[(X1, y1), (X2, y2)]``: the Hessian of the whole data
+    set's loss (mean over all samples for ``"mean"``), against the dense reference of the
+    concatenated data; products batch by batch, a solve on the stacked system."""
+    model, loss, X, y = case.make()
+    k = case.split
+    H = hessinv.Hessian(model, loss, data=[(X[:k], y[:k]), (X[k:], y[k:])], progress=False)
+    Href, gref = dense_reference(model, loss, X, y)
+    W = Href.shape[0]
+    nrm = float(torch.linalg.matrix_norm(Href, 2))
+    V = torch.randn(W, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    assert float((H @ V - Href @ V).norm()) <= TOL_H * nrm * float(V.norm())
+    assert float((H.gradient() - gref).norm()) <= TOL_H * max(float(gref.norm()), nrm)
+    d = gap_dampings(torch.linalg.eigvalsh(Href))[1]
+    b = gref + V[:, 0]
+    x = H.solve(b, damping=d, method="lifted")
+    assert backward_error(Href + d * torch.eye(W, dtype=torch.float64), x, b) <= 64 * EPS + TOL_H
