@@ -725,8 +725,6 @@ CURVLINOPS: list[PeerCase] = [
         "cl-split-concat",
         f"{CLU} SplitConcatModel (one Linear used twice)",
         lambda: (SplitConcat(3, bias=True), nn.MSELoss(), torch.rand(5, 6), reg_targets((5, 6))),
-        known_bug="fxgraph raises a raw KeyError (node 'cat') for one module applied to two "
-        "halves of the input",
     ),
     PeerCase(
         "cl-weight-tied-split-concat",

@@ -152,6 +152,38 @@ def _check_graph(model: nn.Module, graph: fx.Graph) -> fx.Node:
     return phs[0]
 
 
+def _check_deterministic(model: nn.Module, gm: fx.GraphModule, x: Tensor, out: object) -> None:
+    """Refuse a forward that is random, or that its trace does not reproduce.
+
+    A random operation written into ``forward`` (``F.dropout(x, p, training=True)``,
+    ``torch.randn_like``, ``x.bernoulli()``) would leave an operator built from one draw of
+    the randomness; a random tensor made from constants is even drawn once at trace time
+    and baked into the graph. So the graph runs once more, and the model itself once: any
+    difference beyond ``sqrt(eps)`` relative (far above a reordering of sums, far below a
+    random draw) is refused.
+    """
+    if not isinstance(out, Tensor) or not out.is_floating_point():
+        return
+    res = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    again = _record(gm, x)[res]
+    with torch.no_grad():
+        direct = model(x)
+    tol = torch.finfo(out.dtype).eps ** 0.5
+    for other in (again, direct):
+        if not (
+            isinstance(other, Tensor)
+            and other.shape == out.shape
+            and torch.allclose(out, other, rtol=tol, atol=tol * float(out.abs().max()))
+        ):
+            raise ValueError(
+                f"{type(model).__name__}.forward is random, or its torch.fx trace does not "
+                "reproduce it: two calls on the same input differ (a dropout with "
+                "training=True, torch.rand*/randn_like, bernoulli, state kept in Python, ...). "
+                "The Hessian of one random draw is not the model's: call model.eval() and keep "
+                "forward deterministic"
+            )
+
+
 class _Recorder(fx.Interpreter):
     def __init__(self, gm: fx.GraphModule) -> None:
         super().__init__(gm)
@@ -178,6 +210,12 @@ def param_names_of_node(model: nn.Module, n: fx.Node, names: dict[str, int]) -> 
         pre = n.target + "."
         return [k for k in names if k.startswith(pre)]
     return []
+
+
+def _carries_tensor(v: object) -> bool:
+    if isinstance(v, (tuple, list)):
+        return any(_carries_tensor(u) for u in v)
+    return isinstance(v, Tensor)
 
 
 def _inputs(n: fx.Node) -> list[fx.Node]:
@@ -226,7 +264,16 @@ def plan_graph(
             f"the model returns {type(res).__name__}; hessinv needs forward to return one tensor"
         )
     n_batch = x.shape[0]
-    vals = _record(gm, x)
+    name = type(model).__name__
+    try:
+        vals = _record(gm, x)
+    except Exception as e:  # noqa: BLE001 - torch's own error, re-raised with its cause named
+        raise ValueError(
+            f"{name}.forward failed on input of shape {tuple(x.shape)} and dtype {x.dtype} "
+            f"before it could be cut into stages ({type(e).__name__}: {e}); check X's shape "
+            "and dtype against the model's (e.g. model.double() for float64 X)"
+        ) from e
+    _check_deterministic(model, gm, x, vals[res])
     try:  # one more sample tells the batch dimension from a coincidence of sizes
         vals2 = _record(gm, torch.cat([x, x[:1]]))
     except Exception:  # noqa: BLE001 - a forward written for this batch size only
@@ -239,7 +286,7 @@ def plan_graph(
     baked: dict[fx.Node, object] = {}
     for n in order:
         if any(a in dep for a in _inputs(n)):
-            if isinstance(vals[n], Tensor):
+            if _carries_tensor(vals[n]):  # a tensor, or a tuple of them (split, chunk, unbind)
                 dep.add(n)
             else:  # a shape or size: fixed for this batch
                 baked[n] = vals[n]
