@@ -26,6 +26,7 @@ from .solvers import select as _select
 #: another order differ by far less; a changed sample by far more).
 CHECKSUM_RTOL = 1e-10
 
+
 def data_reduction(loss_func: Callable[..., Tensor]) -> str:
     """The loss's reduction, ``"mean"`` or ``"sum"``, or a clear refusal.
 

@@ -9,7 +9,7 @@
   pivoting and the fill-in (one extra block super-diagonal) is carried.
   ``O(sum_k n_k^3)`` time, ``O(sum_k n_k^2)`` memory. Gives solves and
   ``slogdet``. The unpivoted stage-wise recursion is unstable on indefinite
-  matrices (DESIGN.md section 3); this one is not.
+  matrices (measured; a random deep tanh net suffices); this one is not.
 * :func:`block_tri_inertia` -- inertia by a congruence ``K = X diag(...) X^T``
   built front by front (each front diagonalized by Bunch-Kaufman ``LDL^T`` or
   by an orthogonal eigendecomposition, :func:`front_congruence`) with
@@ -59,9 +59,7 @@ def _perm_on_device(piv: Tensor, m: int) -> tuple[Tensor, Tensor]:
     Every interchange ``i <-> piv_i - 1`` with ``piv_i - 1 != i`` is one transposition.
     """
     k = piv.shape[0]
-    p_mat, _, _ = torch.lu_unpack(
-        piv.new_zeros(m, k, dtype=torch.float32), piv, unpack_data=False
-    )
+    p_mat, _, _ = torch.lu_unpack(piv.new_zeros(m, k, dtype=torch.float32), piv, unpack_data=False)
     perm = p_mat.argmax(dim=0)
     swaps = (piv - 1 != torch.arange(k, device=piv.device)).sum()
     return perm, swaps

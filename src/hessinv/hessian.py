@@ -223,7 +223,7 @@ class Hessian(Solves):
 
     @property
     def stage_blocks(self) -> list[StageBlocks]:
-        """The per-stage derivative blocks (DESIGN.md section 1)."""
+        """The per-stage derivative blocks (the paper's section 5; :mod:`hessinv.derivatives`)."""
         return self.blocks
 
     def _check_fresh(self) -> None:

@@ -1,7 +1,7 @@
 """The augmented (lifted) block-tridiagonal system whose Schur complement is ``H``.
 
 Treat the recursions of :mod:`hessinv.products` as equations in the unknowns
-``(v_l, u_l, lam_l)`` with right-hand side ``g`` (DESIGN.md section 3; the
+``(v_l, u_l, lam_l)`` with right-hand side ``g`` (the
 lifting of the paper's eq. 26). The symmetric indefinite (KKT) matrix ``K``
 reads::
 
@@ -46,8 +46,7 @@ with eigenvalue ``d``. So ``v_l = Q_l w_l + (I - Q_l Q_l^T) g_l / d``, only
 ``w_l`` enters ``K`` (block size ``k_l + N a_l`` instead of
 ``p_l + N a_l``), and the dropped directions add ``p_l - k_l`` eigenvalues
 ``d`` to the inertia and ``(p_l - k_l) log|d|`` to the log-determinant. With
-``d = 0`` they make ``H`` exactly singular (the small-batch null space of
-DESIGN.md section 3).
+``d = 0`` they make ``H`` exactly singular (the small-batch null space).
 
 **Equilibration.** ``K`` mixes blocks that do not depend on the loss's scale
 (``Jz``, ``Jx``, ``-I``) with curvature blocks that scale with it (``Txx + dI``,

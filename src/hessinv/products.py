@@ -2,7 +2,7 @@
 
 Both are computed from the per-stage blocks of :mod:`hessinv.derivatives`.
 With 0-based stages ``l = 0..L-1``, ``u_l`` the tangent of stage ``l``'s output
-and ``lam_l`` its adjoint (DESIGN.md section 2, the paper's appendix A)::
+and ``lam_l`` its adjoint (the paper's appendix A)::
 
     u_l   = Jz_l u_{l-1} + Jx_l v_l                       (u_{-1} = 0, eq. 53)
     lam_l = Jz_{l+1}^T lam_{l+1} + Tzz_{l+1} u_l + Tzx_{l+1} v_{l+1}

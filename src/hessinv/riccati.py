@@ -1,7 +1,7 @@
 """Cholesky stage pass: the backward Riccati recursion over the stages of ``H``.
 
 The lifted system is the KKT matrix of a linear-quadratic control problem
-(DESIGN.md section 7): states ``u_l`` (``M_l = N a_l`` numbers), controls
+(a discrete-time LQ control problem): states ``u_l`` (``M_l = N a_l`` numbers), controls
 ``v_l``, dynamics ``u_l = Jz_l u_{l-1} + Jx_l v_l`` (``u_{-1} = 0``) and stage
 cost ``1/2 v^T (Txx_l + dI) v + v^T Tzx_l^T u_{l-1} + 1/2 u_{l-1}^T Tzz_l u_{l-1}``;
 ``1/2 v^T (H + dI) v`` is the total cost (paper eq. 24 read as a sum over

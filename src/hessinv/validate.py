@@ -3,7 +3,7 @@
 **Sample mixing.** Every stage must treat the ``N`` samples of its input
 independently: the Jacobian ``d z_l / d z_{l-1}`` is block diagonal over samples
 (``J_{mn} = 0`` for ``m != n``) and the loss's Hessian ``d2 z_L / d z_{L-1}^2`` is
-block diagonal too. The derivative blocks (DESIGN.md section 1; the paper's
+block diagonal too. The derivative blocks (the paper's
 eqs. 10-13) are computed per sample, so a stage that mixes samples (batch
 statistics, a softmax over the batch, a loss of batch sums) would give a wrong
 ``H`` without any error. :func:`check_no_mixing` probes each stage (each module of

@@ -1,4 +1,4 @@
-"""Per-stage derivative blocks (DESIGN.md section 1; the paper's section 5).
+"""Per-stage derivative blocks (the paper's section 5).
 
 Modules of this package:
 
