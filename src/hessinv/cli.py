@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         "--no-dense",
         dest="dense",
         action="store_false",
-        help="skip the dense solve (dense solve runs: %(default)s)",
+        help="skip the dense comparison solve (by default it runs)",
     )
     d.add_argument("--quiet", action="store_true", help="no progress display")
     args = parser.parse_args(argv)
