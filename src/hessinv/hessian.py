@@ -25,18 +25,19 @@ from torch import Tensor, nn
 
 from .derivatives import StageBlocks
 from .errors import NonFiniteError
+from .operator import LinearOperator
 from .pipeline import Pipeline, Stage
 from .products import compute_blocks, gradient, hvp
 from .progress import ProgressArg, check_progress
 from .solvers import Factorization
 from .solvers import select as _select
-from .solves import Solves, VectorLike
+from .solves import Solves
 from .trace import ParamsArg, stages_for_model
 from .validate import ParameterSnapshot, check_damping, check_no_mixing
 from .vectors import Layout
 
 
-class Hessian(Solves):
+class Hessian(Solves, LinearOperator):
     """The exact Hessian of a layered network, as a linear operator.
 
     ``Hessian(model, loss_func, X, y)`` for an ``nn.Sequential`` (nested ones
@@ -48,6 +49,8 @@ class Hessian(Solves):
     The per-stage derivative blocks are computed once, at construction; ``H @ v``
     then costs one forward and one backward sweep (eq. 24), and
     :meth:`solve` factors the lifted block-tridiagonal system exactly.
+    A :class:`hessinv.LinearOperator`: ``H @ V``, ``V @ H``, ``H + d * H.identity()``,
+    ``0.5 * H``, ``H.T``, ``to_scipy(dtype=)`` (:mod:`hessinv.operator`).
 
     ``Hessian(model, loss_func, data=batches)`` is the Hessian of the loss of
     a whole data set given as batches (a list of ``(X, y)`` or a
@@ -81,6 +84,8 @@ class Hessian(Solves):
             run longer than 2 s (``True``), never (``False``), or after this
             many seconds (:mod:`hessinv.progress`).
     """
+
+    symmetric = True
 
     def __new__(cls, *args: object, data: object = None, **kwargs: object) -> Hessian:  # noqa: D102
         if data is not None:
@@ -245,10 +250,9 @@ class Hessian(Solves):
         self._check_fresh()
         return hvp(self.blocks, v)
 
-    def __matmul__(self, v: VectorLike) -> VectorLike:
-        self._check_fresh()
-        vm, form = self.layout.to_matrix(v, "v")
-        return self.layout.from_matrix(_finite(self.matmat(vm), "H @ v", self.dtype), form)
+    def _matmat_checked(self, v: Tensor) -> Tensor:
+        """``H V`` for ``@``: :class:`~hessinv.errors.NonFiniteError` on overflow."""
+        return _finite(self.matmat(v), "H @ v", self.dtype)
 
     def diagonal(self) -> Tensor:
         """The exact diagonal of ``H`` (length ``W``), linear in depth (:mod:`hessinv.diagonal`)."""
@@ -273,21 +277,6 @@ class Hessian(Solves):
         h = self.matmat(eye)
         return 0.5 * (h + h.T)
 
-    def _scipy(self, apply: Callable[[Tensor], Tensor], dtype=None):  # noqa: ANN001, ANN202
-        import numpy as np
-        from scipy.sparse.linalg import LinearOperator
-
-        out_dtype = np.dtype(str(self.dtype).replace("torch.", "") if dtype is None else dtype)
-
-        def mm(x: np.ndarray) -> np.ndarray:
-            t = torch.as_tensor(np.asarray(x), device=self.device).to(self.dtype)
-            out = apply(t.reshape(self.num_params, -1))
-            return out.detach().cpu().numpy().astype(out_dtype, copy=False).reshape(x.shape)
-
-        return LinearOperator(
-            self.shape, matvec=mm, matmat=mm, rmatvec=mm, rmatmat=mm, dtype=out_dtype
-        )
-
     def to_scipy(self, dtype=None):  # noqa: ANN001, ANN201
         """A ``scipy.sparse.linalg.LinearOperator`` for ``H`` (symmetric).
 
@@ -296,8 +285,7 @@ class Hessian(Solves):
                 operator's); inputs are converted to the operator's dtype for
                 the products.
         """
-        self._check_fresh()
-        return self._scipy(self.matmat, dtype)
+        return super().to_scipy(dtype)
 
     # -- spectrum and selected inversion: thin wrappers (hessinv.selinv, hessinv.spectrum) --
     def inverse_diagonal(self, damping: float = 0.0) -> Tensor:

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from .errors import InaccurateSolveError, LiftedPrecisionError, NonFiniteError
+from .operator import LinearOperator
 from .solvers import FACTORIZATIONS, Factorization, Inertia, KrylovSolver
 from .solvers import select as _select
 from .solvers.base import normwise_backward_error, shifted_norm
@@ -38,21 +39,28 @@ def _check_damping(damping: object) -> float:
     return check_damping(damping)
 
 
-class InverseOperator:
-    """``(H + damping I)^{-1}`` as a linear operator (``@``, ``to_scipy``)."""
+class InverseOperator(LinearOperator):
+    """``(H + damping I)^{-1}`` as a linear operator (:class:`hessinv.LinearOperator`).
+
+    ``A^{-1} @ g`` is ``fac.solve(g)`` (checked: exact or an error), in every
+    vector form; ``to_scipy``, ``to_dense`` and the operator algebra as for ``H``.
+    """
+
+    symmetric = True
 
     def __init__(self, fac: Factorization) -> None:
         self.fac = fac
-        self.shape = fac.op.shape
-        self.dtype = fac.op.dtype
-        self.device = fac.op.device
+        self.layout = fac.op.layout
 
-    def __matmul__(self, g: VectorLike) -> VectorLike:
-        return self.fac.solve(g)
+    def _check_fresh(self) -> None:
+        self.fac.op._check_fresh()
 
-    def to_scipy(self, dtype=None):  # noqa: ANN001, ANN201
-        """A ``scipy.sparse.linalg.LinearOperator`` applying the solve (``dtype`` as for H)."""
-        return self.fac.op._scipy(lambda m: self.fac.solve(m), dtype)
+    def matmat(self, v: Tensor) -> Tensor:
+        """``(H + dI)^{-1} V`` for ``V`` of shape ``(W, k)`` (a checked solve)."""
+        return self.fac.solve(v)
+
+    def __repr__(self) -> str:
+        return f"InverseOperator(({self.fac.op!r} + {self.fac.damping:g} I)^-1, {self.fac.method})"
 
 
 class Solves:

@@ -50,6 +50,7 @@ import torch
 from torch import Tensor
 
 from ..errors import HINT, InaccurateSolveError, SingularHessianError
+from ..operator import LinearOperator
 from .estimates import smallest_singular_value
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -121,8 +122,11 @@ class Inertia(tuple):
         return (self[0], self[1], self[2]), {"verified": self.verified, "how": self.how}
 
 
-class Factorization(ABC):
+class Factorization(LinearOperator, ABC):
     """``A = H + damping I`` factored once (the protocol every method implements).
+
+    As a :class:`hessinv.LinearOperator` it is ``A^{-1}``: ``fac @ g`` is
+    ``fac.solve(g)``.
 
     Subclasses implement :meth:`_apply` (one application of ``A^{-1}`` to a
     ``(W, k)`` block, without checks) and, where the method provides them,
@@ -136,6 +140,7 @@ class Factorization(ABC):
     """
 
     method: ClassVar[str] = "abstract"
+    symmetric = True
 
     def __init__(self, op: Hessian, damping: float) -> None:
         self.op = op
@@ -179,6 +184,21 @@ class Factorization(ABC):
         return type(self)(self.op, self.damping + shift)
 
     # -- shared machinery ----------------------------------------------------------------
+    @property
+    def layout(self):  # noqa: ANN201
+        """The operator's vector layout (:class:`hessinv.vectors.Layout`)."""
+        return self.op.layout
+
+    def _check_fresh(self) -> None:
+        self.op._check_fresh()
+
+    def matmat(self, v: Tensor) -> Tensor:
+        """``A^{-1} V`` for ``V`` of shape ``(W, k)`` (a checked :meth:`solve`)."""
+        return self.solve(v)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(({self.op!r} + {self.damping:g} I), method={self.method!r})"
+
     @property
     def size(self) -> int:
         """``W``."""
