@@ -17,6 +17,7 @@ from .errors import (
 )
 from .ggn import GaussNewton
 from .hessian import Hessian
+from .operator import IdentityOperator, LinearOperator
 from .pipeline import Pipeline, Stage
 from .solvers import Inertia
 from .solves import InverseOperator
@@ -26,9 +27,11 @@ __all__ = [
     "CostWarning",
     "GaussNewton",
     "Hessian",
+    "IdentityOperator",
     "InaccurateSolveError",
     "Inertia",
     "LiftedPrecisionError",
+    "LinearOperator",
     "InverseOperator",
     "LiftedPrecisionWarning",
     "NonFiniteError",
