@@ -219,6 +219,11 @@ def test_inverse_operator_factorization_and_composition():
         assert close(
             op.to_dense(), torch.linalg.inv(aref), scale=float(torch.linalg.inv(aref).norm()) * 10
         )
+    sol = H.solve(_split(H, v), d)  # the [(*p.shape, k)] form through solve too
+    assert all(
+        close(a, b, scale=float(xref.norm()) * 10)
+        for a, b in zip(sol, _split(H, xref), strict=True)
+    )
     # (H + dI) (H + dI)^{-1} = I, as a composed operator
     E = (H + d * H.identity()) @ inv
     assert close(E @ v, v, scale=float(v.norm()) * 10)
