@@ -93,7 +93,7 @@ def _vec(w: int, k: int | None, seed: int = 3) -> torch.Tensor:
 def _split(H, v: torch.Tensor) -> list[torch.Tensor]:
     """``v`` ``(W,)`` or ``(W, k)`` as per-parameter tensors (test-local)."""
     out, i = [], 0
-    for p in H.pipeline.param_shapes:
+    for p in H.layout.shapes:
         n = int(np.prod(p)) if len(p) else 1
         out.append(v[i : i + n].reshape(*p, *v.shape[1:]))
         i += n
@@ -432,3 +432,21 @@ def test_curvlinops_operators_enter_the_algebra_and_back():
     assert close(S @ v, 2 * href @ v)
     P = H @ C
     assert close(P @ v, href @ (href @ v), scale=float(href.norm() ** 2 * v.norm()))
+
+
+def test_data_set_operator_in_the_algebra():
+    """``Hessian(model, loss, data=batches)`` (sum over batches) is an operator like any other."""
+    model = _model(seed=4)
+    X, y = _data(n=8)
+    loss = nn.MSELoss(reduction="sum")
+    f, x0 = reference_loss_fn(model, loss, X, y)
+    href = torch.func.hessian(f)(x0)
+    H = hessinv.Hessian(model, loss, data=[(X[:3], y[:3]), (X[3:], y[3:])])
+    v = _vec(H.shape[0], 2)
+    A = 2 * H - 0.5 * H.identity()
+    aref = 2 * href - 0.5 * torch.eye(H.shape[0], dtype=DT)
+    assert close(A @ v, aref @ v) and close(v.T @ A, v.T @ aref)
+    assert close(A.to_dense(), aref)
+    out = H @ _split(H, v)
+    ref = href @ v
+    assert all(close(a, b, float(ref.norm())) for a, b in zip(out, _split(H, ref), strict=True))
