@@ -7,12 +7,15 @@ the outer-product (Gauss-Newton) approximation keeps the first. For any loss
 with ``J_n = d y_n / d theta`` and ``Lambda_n = d2 l / dy_n dy_n`` (positive
 semi-definite for convex losses such as MSE and cross-entropy).
 
-**Where the network ends.** The output ``y`` is the model's output, except
-that a final ``nn.LogSoftmax`` followed by ``nn.NLLLoss`` is read as
-cross-entropy on the logits: NLL is linear in the log-probabilities, so the
-literal Gauss-Newton matrix of that split is zero; ``y`` is then the input of
-the ``LogSoftmax`` and the loss ``NLL(LogSoftmax(y))``, which is what users
-of ``CrossEntropyLoss`` get (:func:`output_split`).
+**Where the network ends** (:mod:`hessinv.ggn_split`). For a model (an
+``nn.Sequential``, or any module :mod:`hessinv.trace` accepts) ``y`` is the
+model's output, except that a final ``log_softmax`` followed by
+``nn.NLLLoss`` is read as cross-entropy on the logits: NLL is linear in the
+log-probabilities, so the literal Gauss-Newton matrix of that split is zero;
+``y`` is then the input of the ``log_softmax`` and the loss
+``NLL(log_softmax(y))``, which is what users of ``CrossEntropyLoss`` get. For
+a functional pipeline (:meth:`GaussNewton.from_stages`) ``y`` is the last
+stage's output and the loss is given separately.
 
 **Three routes, chosen lazily.**
 
@@ -27,7 +30,7 @@ of ``CrossEntropyLoss`` get (:func:`output_split`).
   pipeline with every stage's second-derivative blocks set to zero except the
   loss's own curvature, which enters the last stage as ``Tzz = Jz^T Lambda Jz``,
   ``Tzx = Jz^T Lambda Jx``, ``Txx = sum_n Jx^T Lambda Jx``; those stage blocks
-  (:func:`ggn_blocks`) are built only when a lifted solve asks for them.
+  (:func:`hessinv.ggn_blocks.ggn_blocks`) are built only when a lifted solve asks for them.
 * Matrix-free products when ``J`` would exceed :data:`J_MEMORY_BUDGET`:
   ``G v = J^T (Lambda (J v))`` by one ``jvp`` and one ``vjp``.
 
@@ -37,15 +40,16 @@ Its gradient is the true gradient.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.func import grad, jvp, vjp, vmap
 
-from .derivatives import AutodiffDerivatives, StageBlocks, comb_jacobian, stage_blocks
+from .derivatives import StageBlocks
 from .errors import LiftedPrecisionWarning
+from .ggn_blocks import ggn_blocks
+from .ggn_split import NetworkThenLoss, OutputSplit, output_split
 from .hessian import Hessian
 from .kernel import (
     GaussNewtonKernel,
@@ -55,103 +59,14 @@ from .kernel import (
     output_jacobian,
     psd_sqrt,
 )
-from .pipeline import Pipeline, flatten_params, unflatten_params
+from .pipeline import Pipeline, Stage, flatten_params, unflatten_params
 from .solvers import Inertia
 from .solves import _check_damping
 
+__all__ = ["J_MEMORY_BUDGET", "GaussNewton", "OutputSplit", "ggn_blocks", "output_split"]
+
 #: ``J`` (and ``B``) are materialized for products only below this many bytes.
 J_MEMORY_BUDGET = 2**30
-
-
-@dataclass
-class OutputSplit:
-    """Where the network ends and the loss begins.
-
-    Attributes:
-        net_last: ``net_last(z, params)``: the last stage without the loss
-            (and without a final ``LogSoftmax`` folded into the loss).
-        loss: ``loss(y)``: the scalar loss of the network output ``y``.
-        folded: True if a final ``LogSoftmax`` + ``NLLLoss`` was read as
-            cross-entropy on the logits.
-    """
-
-    net_last: Callable[[Tensor, tuple[Tensor, ...]], Tensor]
-    loss: Callable[[Tensor], Tensor]
-    folded: bool
-
-
-def output_split(pipeline: Pipeline) -> OutputSplit:
-    """The network/loss split of a model pipeline (module doc, LogSoftmax + NLLLoss).
-
-    Raises:
-        ValueError: The pipeline does not come from ``(model, loss_func, X, y)``.
-    """
-    st = pipeline.stages[-1].structure
-    if st is None or getattr(st, "loss", None) is None:
-        raise ValueError(
-            "GaussNewton needs a model and a loss: use GaussNewton(model, loss_func, X, y)"
-        )
-    loss_func, target = st.loss
-    tail = list(st.tail)
-    folded = (
-        isinstance(loss_func, nn.NLLLoss) and len(tail) > 0 and isinstance(tail[-1], nn.LogSoftmax)
-    )
-    head = tail[:-1] if folded else tail
-    log_softmax = tail[-1] if folded else None
-
-    def net_last(z: Tensor, params: tuple[Tensor, ...]) -> Tensor:
-        y = st.layer_fn(z, params)
-        for m in head:
-            y = m(y)
-        return y
-
-    def loss(y: Tensor) -> Tensor:
-        if log_softmax is not None:
-            y = log_softmax(y)
-        return loss_func(y, target).reshape(())
-
-    return OutputSplit(net_last, loss, folded)
-
-
-def ggn_blocks(pipeline: Pipeline, generic: bool = False) -> tuple[Tensor, list[StageBlocks]]:
-    """The loss and the Gauss-Newton stage blocks of a model pipeline (lifted route)."""
-    zs = pipeline.forward()
-    stages = pipeline.stages
-    n_st = len(stages)
-    last = stages[-1]
-    split = output_split(pipeline)
-    z = zs[-2]
-    n = z.shape[0]
-    y = split.net_last(z, last.params).detach()
-    a_out = y[0].numel()
-
-    def loss_flat(yf: Tensor) -> Tensor:
-        return split.loss(yf.reshape(y.shape))
-
-    yf = y.reshape(n, a_out)
-    b_y = grad(loss_flat)(yf)
-    lam = comb_jacobian(grad(loss_flat), yf, a_out)  # (N, a_out, a_out)
-    lam = 0.5 * (lam + lam.transpose(1, 2))
-    fo = AutodiffDerivatives(split.net_last, last.params).blocks(
-        z, b_y.reshape(y.shape), first=n_st == 1, last=False, second=False
-    )
-    lam_jx = lam @ fo.Jx
-    blocks: list[StageBlocks] = [None] * n_st  # type: ignore[list-item]
-    tzz = tzx = None
-    if fo.Jz is not None:
-        tzz = fo.Jz.transpose(1, 2) @ lam @ fo.Jz
-        tzx = fo.Jz.transpose(1, 2) @ lam_jx
-    txx = torch.einsum("nap,naq->pq", fo.Jx, lam_jx)
-    blocks[-1] = StageBlocks(None, None, tzz, tzx, 0.5 * (txx + txx.T), fo.grad_x, fo.cot_in, fo.Jx)
-    cot = fo.cot_in
-    for l in range(n_st - 2, -1, -1):  # noqa: E741
-        b = stage_blocks(stages[l], zs[l], cot, first=l == 0, last=False, generic=generic)
-        first = l == 0
-        zero_zz = None if first else torch.zeros_like(b.Tzz)
-        zero_zx = None if first else torch.zeros_like(b.Tzx)
-        blocks[l] = StageBlocks(b.Jz, b.Jx, zero_zz, zero_zx, None, b.grad_x, b.cot_in, b.Jx)
-        cot = b.cot_in
-    return zs[-1], blocks
 
 
 class GaussNewton(Hessian):
@@ -172,13 +87,77 @@ class GaussNewton(Hessian):
     method that fits in memory by :meth:`costs`, estimated without building
     any stage block; the kernel only when the loss Hessian is PSD).
     Nothing is computed at construction beyond a forward pass.
+
+    Accepts every model :class:`hessinv.Hessian` accepts (``params=`` too) and
+    functional pipelines through :meth:`from_stages`, whose last stage returns
+    the network output and whose loss is given separately.
     """
 
     @classmethod
-    def from_stages(cls, *args, **kwargs):  # noqa: ANN002, ANN003, ANN206, D102
-        raise TypeError(
-            "GaussNewton needs to know where the network ends and the loss begins: "
-            "use GaussNewton(model, loss_func, X, y)"
+    def from_stages(
+        cls,
+        stages: Sequence[Stage],
+        z0: Tensor,
+        *,
+        loss_func: Callable[..., Tensor] | None = None,
+        y: Tensor | None = None,
+        generic: bool = False,
+        check_mixing: bool = True,
+        max_memory: float | None = None,
+    ) -> GaussNewton:
+        """The Gauss-Newton matrix of a functional pipeline, with the loss given separately.
+
+        Unlike :meth:`hessinv.Hessian.from_stages`, the stages compute the
+        *network*: the last one returns the network output ``y`` (batch first),
+        and ``G = sum_n J_n^T Lambda_n J_n`` with ``J_n = d y_n / d theta`` and
+        ``Lambda_n`` the Hessian of ``loss_func`` in ``y_n``. The split is
+        taken literally: a last stage ending in ``log_softmax`` with
+        ``nn.NLLLoss`` gives ``G = 0`` (the loss is linear in its input);
+        return the logits and use ``nn.CrossEntropyLoss`` instead.
+
+        Args:
+            stages: ``hessinv.Stage(fn, params)`` objects; each maps the batched
+                state to the next, the last to the network output.
+            z0: The input, batch first.
+            loss_func: ``loss_func(output, y)`` (``loss_func(output)`` when
+                ``y`` is ``None``): the scalar loss, a sum or mean of
+                per-sample terms.
+            y: The targets, batch first, or ``None``.
+            generic: Unused for functional stages (always generic autodiff).
+            check_mixing: Verify with random probes that no stage (the loss
+                included) mixes samples (raises ``ValueError``).
+            max_memory: As for :class:`hessinv.Hessian`.
+
+        Raises:
+            TypeError: No ``loss_func``, or a stage that is not a ``hessinv.Stage``.
+            ValueError: As :meth:`hessinv.Hessian.from_stages`, for the pipeline
+                with the loss appended to its last stage.
+        """
+        if loss_func is None or not callable(loss_func):
+            raise TypeError(
+                "GaussNewton.from_stages needs loss_func=: the stages compute the network "
+                "output, loss_func(output, y) the scalar loss (GaussNewton is J^T Lambda J "
+                "with J the Jacobian of that output)"
+            )
+        if y is not None and not isinstance(y, Tensor):
+            raise TypeError(f"y must be a tensor or None, got {type(y).__name__}")
+        stages = list(stages)
+        if not stages:
+            raise ValueError("a pipeline needs at least one stage")
+        last = stages[-1]
+        if not isinstance(last, Stage):
+            raise TypeError(f"stages[-1] must be a hessinv.Stage, got {type(last).__name__}")
+        if isinstance(loss_func, nn.NLLLoss):
+            warnings.warn(
+                "GaussNewton.from_stages with nn.NLLLoss: the loss is linear in the last "
+                "stage's output, so G = 0 unless that output is what NLLLoss expects from "
+                "logits; return the logits and use nn.CrossEntropyLoss for the usual "
+                "Gauss-Newton matrix of a classifier",
+                stacklevel=2,
+            )
+        stages[-1] = Stage(NetworkThenLoss(last.fn, loss_func, y), last.params)
+        return super().from_stages(
+            stages, z0, generic=generic, check_mixing=check_mixing, max_memory=max_memory
         )
 
     # -- lazy state -------------------------------------------------------------

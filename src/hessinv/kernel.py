@@ -16,7 +16,7 @@ singular values), for every shift ``lam`` (negative too)::
 (Woodbury) identity ``(G + lam I)^{-1} = (I - B^T (lam I + B B^T)^{-1} B) / lam``
 written so that it also holds at ``lam = 0`` when ``B`` has full column rank.
 One SVD, ``O(N o W min(N o, W))``, serves every ``lam``; ``J`` costs about one
-backward pass per output coordinate (:func:`output_jacobian`).
+backward pass per output coordinate (:func:`hessinv.jacobian.output_jacobian`).
 
 **Thresholds.** As every factorization of :mod:`hessinv.solvers`, an
 eigenvalue ``mu`` of ``G + lam I`` (``s_i^2 + lam``, or ``lam`` itself for the
@@ -41,38 +41,26 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
-from torch.func import jacrev, vjp, vmap
+from torch.func import vjp
 
 from .derivatives import comb_jacobian
 from .errors import HINT
+from .jacobian import output_jacobian
 from .solvers.base import Factorization, Inertia, zero_threshold
+
+__all__ = [
+    "GaussNewtonKernel",
+    "KernelFactorization",
+    "kernel_cost",
+    "loss_output_hessians",
+    "output_jacobian",
+    "psd_sqrt",
+]
 
 VectorLike = Tensor | Sequence[Tensor]
 
 #: Eigenvalues of ``L_n`` below ``-L_PSD_RTOL * o * eps * max_n ||L_n||`` reject the kernel route.
 L_PSD_RTOL = 100.0
-
-
-def output_jacobian(
-    net: Callable[[Tensor, Tensor], Tensor], flat: Tensor, z0: Tensor, chunk_size: int | None = None
-) -> Tensor:
-    """Per-sample Jacobians ``J_n = d y_n / d theta`` of shape ``(N, o, W)``.
-
-    ``vmap`` over samples of ``jacrev`` of the per-sample output: ``o``
-    vector-Jacobian products, each one backward pass over the batch.
-
-    Args:
-        net: ``net(flat, z) -> y``, the network output (batch first) as a
-            function of the flat trainable parameters, for a batch ``z``.
-        flat: The flat parameters ``theta`` (``W``).
-        z0: The inputs, batch first.
-        chunk_size: Samples per vectorized chunk (``None``: all at once).
-    """
-
-    def one(f: Tensor, x: Tensor) -> Tensor:
-        return net(f, x.unsqueeze(0)).reshape(-1)
-
-    return vmap(jacrev(one), in_dims=(None, 0), chunk_size=chunk_size)(flat, z0)
 
 
 def loss_output_hessians(loss: Callable[[Tensor], Tensor], y: Tensor) -> Tensor:
