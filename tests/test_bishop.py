@@ -131,8 +131,8 @@ def test_gauss_newton_with_softmax_and_layernorm():
         assert rel(G.to_dense(), dense_ggn(model, loss, X, y)) <= 1e-10
 
 
-def test_gauss_newton_needs_a_model():
-    with pytest.raises(TypeError, match="model"):
+def test_gauss_newton_needs_the_loss_separately():
+    with pytest.raises(TypeError, match="loss_func"):
         hessinv.GaussNewton.from_stages([], torch.zeros(1, 1))
 
 
