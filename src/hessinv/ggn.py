@@ -43,13 +43,13 @@ import warnings
 from collections.abc import Callable, Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.func import grad, jvp, vjp, vmap
 
 from .derivatives import StageBlocks
 from .errors import LiftedPrecisionWarning
 from .ggn_blocks import ggn_blocks
-from .ggn_split import NetworkThenLoss, OutputSplit, output_split
+from .ggn_split import OutputSplit, network_then_loss, output_split
 from .hessian import Hessian
 from .kernel import (
     GaussNewtonKernel,
@@ -60,6 +60,7 @@ from .kernel import (
     psd_sqrt,
 )
 from .pipeline import Pipeline, Stage, flatten_params, unflatten_params
+from .progress import ProgressArg
 from .solvers import Inertia
 from .solves import _check_damping
 
@@ -104,6 +105,7 @@ class GaussNewton(Hessian):
         generic: bool = False,
         check_mixing: bool = True,
         max_memory: float | None = None,
+        progress: ProgressArg = True,
     ) -> GaussNewton:
         """The Gauss-Newton matrix of a functional pipeline, with the loss given separately.
 
@@ -127,37 +129,21 @@ class GaussNewton(Hessian):
             check_mixing: Verify with random probes that no stage (the loss
                 included) mixes samples (raises ``ValueError``).
             max_memory: As for :class:`hessinv.Hessian`.
+            progress: As for :class:`hessinv.Hessian`.
 
         Raises:
             TypeError: No ``loss_func``, or a stage that is not a ``hessinv.Stage``.
             ValueError: As :meth:`hessinv.Hessian.from_stages`, for the pipeline
                 with the loss appended to its last stage.
         """
-        if loss_func is None or not callable(loss_func):
-            raise TypeError(
-                "GaussNewton.from_stages needs loss_func=: the stages compute the network "
-                "output, loss_func(output, y) the scalar loss (GaussNewton is J^T Lambda J "
-                "with J the Jacobian of that output)"
-            )
-        if y is not None and not isinstance(y, Tensor):
-            raise TypeError(f"y must be a tensor or None, got {type(y).__name__}")
-        stages = list(stages)
-        if not stages:
-            raise ValueError("a pipeline needs at least one stage")
-        last = stages[-1]
-        if not isinstance(last, Stage):
-            raise TypeError(f"stages[-1] must be a hessinv.Stage, got {type(last).__name__}")
-        if isinstance(loss_func, nn.NLLLoss):
-            warnings.warn(
-                "GaussNewton.from_stages with nn.NLLLoss: the loss is linear in the last "
-                "stage's output, so G = 0 unless that output is what NLLLoss expects from "
-                "logits; return the logits and use nn.CrossEntropyLoss for the usual "
-                "Gauss-Newton matrix of a classifier",
-                stacklevel=2,
-            )
-        stages[-1] = Stage(NetworkThenLoss(last.fn, loss_func, y), last.params)
+        stages = network_then_loss(stages, loss_func, y)
         return super().from_stages(
-            stages, z0, generic=generic, check_mixing=check_mixing, max_memory=max_memory
+            stages,
+            z0,
+            generic=generic,
+            check_mixing=check_mixing,
+            max_memory=max_memory,
+            progress=progress,
         )
 
     # -- lazy state -------------------------------------------------------------

@@ -26,7 +26,8 @@ is taken literally.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -36,7 +37,7 @@ from torch import Tensor, nn
 
 from .fxgraph import SegmentFn
 from .layers import StageStructure
-from .pipeline import Pipeline
+from .pipeline import Pipeline, Stage
 
 NetFn = Callable[[Tensor, tuple[Tensor, ...]], Tensor]
 
@@ -83,6 +84,41 @@ class NetworkThenLoss:
     def __call__(self, z: Tensor, params: tuple[Tensor, ...]) -> Tensor:
         """The loss of the network output for input ``z`` and parameters ``params``."""
         return self.loss(self.net(z, params))
+
+
+def network_then_loss(
+    stages: Sequence[Stage], loss_func: Callable[..., Tensor] | None, y: Tensor | None
+) -> list[Stage]:
+    """``stages`` with ``loss_func(., y)`` appended to the last (:class:`NetworkThenLoss`).
+
+    Raises:
+        TypeError: No callable ``loss_func``, ``y`` not a tensor, a last stage
+            that is not a ``hessinv.Stage``.
+        ValueError: No stage.
+    """
+    if loss_func is None or not callable(loss_func):
+        raise TypeError(
+            "GaussNewton.from_stages needs loss_func=: the stages compute the network "
+            "output, loss_func(output, y) the scalar loss (GaussNewton is J^T Lambda J "
+            "with J the Jacobian of that output)"
+        )
+    if y is not None and not isinstance(y, Tensor):
+        raise TypeError(f"y must be a tensor or None, got {type(y).__name__}")
+    stages = list(stages)
+    if not stages:
+        raise ValueError("a pipeline needs at least one stage")
+    last = stages[-1]
+    if not isinstance(last, Stage):
+        raise TypeError(f"stages[-1] must be a hessinv.Stage, got {type(last).__name__}")
+    if isinstance(loss_func, nn.NLLLoss):
+        warnings.warn(
+            "GaussNewton.from_stages with nn.NLLLoss: the loss is linear in the last stage's "
+            "output, so G = 0; for the Gauss-Newton matrix of a classifier, let the last "
+            "stage return the logits and use nn.CrossEntropyLoss",
+            stacklevel=3,
+        )
+    stages[-1] = Stage(NetworkThenLoss(last.fn, loss_func, y), last.params)
+    return stages
 
 
 def output_split(pipeline: Pipeline) -> OutputSplit:
