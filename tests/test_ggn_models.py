@@ -182,16 +182,9 @@ def check_against(G, ref, g_ref, methods=METHODS):  # noqa: N803
         assert G.logdet(0.0) == (0.0, -math.inf)
 
 
-_CELU_XFAIL = pytest.mark.xfail(
-    strict=True,
-    reason="nn.CELU on the Sequential route: G's J runs torch's CELU, whose backward rounds "
-    "1/alpha to float32 (off by ~1e-8); the Hessian route uses the elementary celu. Open.",
-)
-
-
 @pytest.mark.parametrize(
     "make",
-    [pytest.param(m, marks=_CELU_XFAIL) if m.__name__ == "m_seq_extras" else m for m in ALL_MODELS],
+    ALL_MODELS,
     ids=lambda f: getattr(f, "__name__", "")[2:],
 )
 def test_model_against_dense_ggn(make):

@@ -393,8 +393,12 @@ NETS = {
     ),
     "adaptive1d_softmax": (
         lambda: nn.Sequential(
-            nn.Conv1d(1, 2, 2), nn.Tanh(), nn.AdaptiveAvgPool1d(2), nn.Flatten(),
-            nn.Linear(4, 3), nn.LogSoftmax(dim=1),
+            nn.Conv1d(1, 2, 2),
+            nn.Tanh(),
+            nn.AdaptiveAvgPool1d(2),
+            nn.Flatten(),
+            nn.Linear(4, 3),
+            nn.LogSoftmax(dim=1),
         ),  # fmt: skip
         (1, 6),
         (nn.NLLLoss(), lambda n, g: torch.randint(0, 3, (n,), generator=g)),

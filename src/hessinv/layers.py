@@ -23,6 +23,7 @@ import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
 from .derivatives import ElementwiseDerivatives, is_known, layer_norm, registered
+from .derivatives.elementwise import celu
 from .model_checks import (
     check_leaf,
     check_params_covered,
@@ -214,9 +215,13 @@ class StageStructure:
     sources: list[ParameterSource] | None = None
 
     def net_fn(self, y: Tensor) -> Tensor:
-        """Apply the parameter-free tail, without the loss."""
+        """Apply the parameter-free tail, without the loss.
+
+        ``nn.CELU`` runs from elementary operations (:func:`hessinv.derivatives.elementwise.celu`):
+        torch's own backward rounds ``1/alpha`` to float32.
+        """
         for m in self.tail:
-            y = m(y)
+            y = celu(y, m.alpha) if type(m) is nn.CELU else m(y)
         return y
 
     def tail_fn(self, y: Tensor) -> Tensor:
