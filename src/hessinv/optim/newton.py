@@ -287,12 +287,12 @@ class Newton(torch.optim.Optimizer):
                 res = solver.trust_region(self.radius, self.shift)
             else:
                 res = solver.levenberg_marquardt(max(self.damping * cnorm, floor))
-            if res is not None:
-                lam, s = res
+            proven = solver.proven_shift(*res) if res is not None else None
+            if proven is not None:
+                lam, s, how = proven
                 self.shift = lam
-                cert, how = solver.prove(lam)
                 predicted = -float(g @ s + 0.5 * (s @ (solver.c @ s)))
-                return s, lam, cert, how, False, predicted, solver
+                return s, lam, True, how, False, predicted, solver
             w, q = torch.linalg.eigh(solver.c)
             spec = Spectrum(w, q, w.shape[0], how="eigh of the dense matrix (fallback)")
             solver = ShiftedSolver(spec, g)
