@@ -139,6 +139,30 @@ def test_certificate_is_not_fooled_by_parity():
     assert chol.delta(2.01) < 1e-10
 
 
+def test_unproven_shift_is_raised_until_proven():
+    """A shift within round-off of -lambda_min (the Cholesky completes, the proof fails) is
+    raised until proven; the certified shift is checked by eigvalsh, the step by solve."""
+    H, g = _random_symmetric(10, 2, seed=7)  # lambda_min = -2 exactly up to round-off
+    lam_min = float(torch.linalg.eigvalsh(H)[0])
+    chol = ShiftedCholesky(H, g)
+    lam = -lam_min + 0.5 * chol.delta(-lam_min)  # inside the proof's round-off band
+    assert not chol.prove(lam)[0]
+    out = chol.proven_shift(lam, torch.zeros_like(g))
+    assert out is not None
+    lam2, s, how = out
+    eye = torch.eye(10, dtype=DT)
+    assert lam < lam2 <= lam + 200 * chol.delta(lam) and "raised" in how
+    assert float(torch.linalg.eigvalsh(H + lam2 * eye)[0]) > 0
+    # the step solves the raised system: normwise backward error of a Cholesky solve
+    a = H + lam2 * eye
+    res = float(torch.linalg.vector_norm(a @ s + g))
+    scale = float(torch.linalg.matrix_norm(a, 2)) * float(torch.linalg.vector_norm(s))
+    assert res <= 100 * 10 * 2.2e-16 * (scale + float(torch.linalg.vector_norm(g)))
+    # a shift proven at once is kept as it is
+    lam3, s3, _ = chol.proven_shift(-lam_min + 0.5, torch.ones_like(g))
+    assert lam3 == -lam_min + 0.5 and torch.equal(s3, torch.ones_like(g))
+
+
 def test_cholesky_trust_region_matches_eigh():
     """The Cholesky iteration's step is the eigendecomposition's within its tolerance."""
     for neg in (0, 2):
@@ -227,6 +251,36 @@ def test_kernel_spectrum_matches_dense_gauss_newton(loss):
     s = ShiftedSolver(spec, g).step(1e-3)
     x = torch.linalg.solve(G + 1e-3 * torch.eye(flat.numel(), dtype=DT), -g)
     assert torch.allclose(s, x, rtol=1e-8, atol=1e-10 * float(x.abs().max()))
+
+
+def test_kernel_spectrum_reads_log_softmax_nll_as_cross_entropy():
+    """LogSoftmax + NLLLoss: the kernel route's G is that of cross-entropy on the logits
+    (as hessinv.GaussNewton's), checked against J^T Lambda J from torch.func."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 3), nn.LogSoftmax(dim=1))
+    model = model.to(DT)
+    X = torch.randn(6, 3, dtype=DT)
+    y = torch.arange(6) % 3
+    spec = kernel_spectrum(model, list(model.parameters()), nn.NLLLoss(), X, y, 1.0)
+    logits = _outputs(model[:-1], X)
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    J = jacrev(logits)(flat)
+    Lam = hessian(lambda o: nn.functional.cross_entropy(o.reshape(6, 3), y))(logits(flat).detach())
+    G = J.T @ Lam @ J
+    rec = spec.q @ torch.diag(spec.w) @ spec.q.T
+    assert float(G.abs().max()) > 1e-3  # not the literal (zero) Gauss-Newton matrix of NLL
+    assert torch.allclose(rec, G, rtol=0, atol=1e-12 * float(G.abs().max()))
+
+
+def test_kernel_spectrum_refuses_a_loss_coupling_samples():
+    model, _, X, y = make_mlp(3, 3, 4, dtype=DT, device="cpu")
+
+    def coupled(out, t):
+        return ((out - t).sum()) ** 2
+
+    opt = Newton(model, coupled, strategy="levenberg-marquardt", curvature="gauss-newton")
+    with pytest.raises(ValueError, match="couples samples"):
+        opt.step(X, y)
 
 
 def test_gauss_newton_refuses_a_nonconvex_loss():

@@ -7,8 +7,9 @@
   from the ratio ``rho`` of actual to predicted decrease; hard case completed
   along the eigenvector of ``lambda_min``.
 * ``strategy="levenberg-marquardt"``: ``s = -(C + lam I)^{-1} g``, ``lam``
-  relative to ``|C|_2``, divided by 5 (by 2) when ``rho > 0.75`` (``> 0.4``),
-  multiplied by 4 after a poor or rejected step (each retry reuses the decomposition).
+  relative to ``|C|_2``, updated by Nielsen's rule (1999): times
+  ``max(1/3, 1 - (2 rho - 1)^3)`` after an accepted step, times ``nu`` (then
+  ``nu`` doubles) after a rejected one (each retry reuses the decomposition).
 
 Steps cost their maths (:mod:`.curvature`): for ``W`` up to a few thousand one
 eigendecomposition of the exact dense ``C`` serves every shift of a step

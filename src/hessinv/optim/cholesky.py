@@ -18,7 +18,9 @@ for ``A + E`` with ``|E|_2 <= delta = 2 W (W + 1) eps max_i A_ii``
 (Demmel 1989: ``|E_ij| <= (W + 1) eps sqrt(A_ii A_jj) / (1 - (W + 1) eps)``), so
 ``C + lam I = A + E + (delta I - E)`` is positive definite. The final shift of
 every step is proven this way (one more factorization), never by a
-determinant's sign.
+determinant's sign; a shift that fails the proof is raised by a few ``delta``
+until one passes (:meth:`ShiftedCholesky.proven_shift`), else the step is taken
+from the eigendecomposition, so every step of this route is certified.
 """
 
 from __future__ import annotations
@@ -64,6 +66,33 @@ class ShiftedCholesky:
             else f"not proven: Cholesky of C + (lam - delta) I, delta = {d:.1e}, broke down"
         )
         return ok, how
+
+    def proven_shift(
+        self, lam: float, s: Tensor, tries: int = 4
+    ) -> tuple[float, Tensor, str] | None:
+        """``(lam', s(lam'), certificate)`` with ``C + lam' I`` proven definite, ``lam' >= lam``.
+
+        A shift whose Cholesky completed may still fail the proof when it lies within
+        the round-off bound ``delta`` of ``-lambda_min(C)`` (the trust region's
+        near-hard case). The shift is then raised by ``2 delta``, ``8 delta``, ...
+        (``tries`` times, one Cholesky for the step and one for the proof each) and
+        the step recomputed: a larger shift only shortens a trust-region step, so it
+        stays in the region. ``None`` when no raised shift is proven (the caller then
+        takes the eigendecomposition, which certifies by its margin).
+        """
+        ok, how = self.prove(lam)
+        if ok:
+            return lam, s, how
+        bump = 2.0 * self.delta(lam)
+        for _ in range(tries):
+            lam2 = lam + bump
+            chol = self.factor(lam2)
+            if chol is not None:
+                ok, how = self.prove(lam2)
+                if ok:
+                    return lam2, self.solve(chol), f"{how}; shift raised by {bump:.1e} to prove it"
+            bump *= 4.0
+        return None
 
     def solve(self, chol: Tensor) -> Tensor:
         """``s = -(C + lam I)^{-1} g`` from the factor."""
