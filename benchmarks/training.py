@@ -338,7 +338,7 @@ def table(result: dict) -> str:
     lines = [
         f"Budget {budget:g} CPU seconds per run (one thread), {result['config']['seeds']} "
         f"seeds, medians; load average {result['config'].get('load_average', '?')} (start, end) "
-        "on a shared 2-core machine. s/step: mean CPU seconds per optimizer step over the run "
+        "on a 2-core machine. s/step: mean CPU seconds per optimizer step over the run "
         "(for L-BFGS, per call of up to 20 iterations; for the second-order methods it "
         "includes the retries after convergence). "
         "`t(f)`: seconds to reach `f` x the initial loss (`-`: not reached). Best learning "
