@@ -163,9 +163,13 @@ def test_dataloader(reduction: str) -> None:
     assert float((Hs @ V - Href @ V).norm()) <= tol
 
 
-def test_gauss_newton_data() -> None:
-    """GaussNewton(model, loss, data=...) against the Gauss-Newton matrix of the whole data."""
-    model, lf, X, y = make("mlp", "mean")
+@pytest.mark.parametrize("kind", ["mlp", "res"])
+def test_gauss_newton_data(kind: str) -> None:
+    """GaussNewton(model, loss, data=...) against the Gauss-Newton matrix of the whole data.
+
+    ``res`` is a traced model class (not an ``nn.Sequential``).
+    """
+    model, lf, X, y = make(kind, "mean")
     G = hessinv.GaussNewton(model, lf, data=split(X, y))
     assert isinstance(G, hessinv.GaussNewton)
     # independent reference: J^T (2/(N o)) J for MSE mean, J of the concatenated outputs
