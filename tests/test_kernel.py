@@ -341,3 +341,35 @@ def test_random_mlps(n, widths, o, kind, lam, seed):
     x = G.solve(g, damping=lam)
     xd = torch.linalg.solve(A, g)
     assert backward_error(A, x, g) <= 10 * max(backward_error(A, xd, g), EPS)
+
+
+@pytest.mark.parametrize("n,damping", [(3, 1e-2), (3, -1e-3), (40, 1e-2), (40, 0.0)])
+def test_gauss_newton_inverse_diagonal_against_dense_inverse(n, damping):
+    """diag((G + dI)^-1) (the kernel's SVD where it is cheaper, else selected inversion)
+    against ``torch.linalg.inv`` of an independent ``J^T (2/(N o)) J`` (MSE, mean)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2)).double()
+    X = torch.randn(n, 3, dtype=torch.float64)
+    y = torch.randn(n, 2, dtype=torch.float64)
+    G = hessinv.GaussNewton(model, nn.MSELoss(), X, y)
+    names = [k for k, _ in model.named_parameters()]
+    x0 = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    def out(flat):
+        ps, i = {}, 0
+        for k, p in zip(names, model.parameters(), strict=True):
+            ps[k] = flat[i : i + p.numel()].reshape(p.shape)
+            i += p.numel()
+        return torch.func.functional_call(model, ps, (X,)).reshape(-1)
+
+    J = torch.func.jacrev(out)(x0)
+    A = J.T @ J * (2.0 / J.shape[0]) + damping * torch.eye(x0.numel(), dtype=torch.float64)
+    if damping == 0.0 and n * 2 < x0.numel():
+        with pytest.raises(hessinv.SingularHessianError):
+            G.inverse_diagonal(damping)
+        return
+    ref = torch.diagonal(torch.linalg.inv(A))
+    cond = float(torch.linalg.cond(A))
+    got = G.inverse_diagonal(damping)
+    err = float((got - ref).abs().max() / ref.abs().max())
+    assert err <= 100 * cond * torch.finfo(torch.float64).eps, (err, cond)

@@ -343,6 +343,17 @@ class GaussNewton(Hessian):
             return KernelFactorization
         return super()._factorization_class(name)
 
+    def inverse_diagonal(self, damping: float = 0.0) -> Tensor:
+        """``diag((G + damping I)^{-1})``, by the cheaper exact route.
+
+        The kernel's SVD (:meth:`hessinv.kernel.KernelFactorization.inverse_diagonal`)
+        where :meth:`costs` rates it below the lifted system, else selected inversion.
+        """
+        c = self.costs()
+        if "kernel" in c and c["kernel"][0] <= c["lifted"][0]:
+            return self.factor(damping, method="kernel").inverse_diagonal()
+        return super().inverse_diagonal(damping)
+
     def kernel_or_raise(self) -> None:
         """Raise ``ValueError`` (use method='lifted') unless the loss Hessian is PSD."""
         if not self._loss_is_convex_here():

@@ -44,7 +44,7 @@ from torch import Tensor
 from torch.func import vjp
 
 from .derivatives import comb_jacobian
-from .errors import HINT
+from .errors import HINT, SingularHessianError
 from .jacobian import output_jacobian
 from .solvers.base import Factorization, Inertia, zero_threshold
 
@@ -255,6 +255,23 @@ class KernelFactorization(Factorization):
             f"G + damping*I has {self.zero_count()} eigenvalue(s) within {self.tol:.1e} "
             f"(= W eps ||G + dI||) of zero{extra}. {HINT}"
         )
+
+    def inverse_diagonal(self) -> Tensor:
+        """``diag((G + dI)^{-1})`` from the SVD, never forming the inverse.
+
+        With ``G = V diag(s^2) V^T`` (``V`` the ``k`` right singular vectors of
+        ``B``), ``(G + dI)^{-1} = V diag(1 / (s^2 + d)) V^T + (I - V V^T) / d``, so
+        entry ``j`` is ``sum_i V_ji^2 / (s_i^2 + d) + (1 - sum_i V_ji^2) / d`` (the
+        second term only when ``k < W``). Raises ``SingularHessianError`` like
+        :meth:`solve`.
+        """
+        if self.zero_count():
+            raise SingularHessianError(self._singular_message())
+        v2 = self.V * self.V
+        out = v2 @ (1.0 / self.mu)
+        if self.n_extra:
+            out = out + (1.0 - v2.sum(1)).clamp_min(0.0) / self.damping
+        return out
 
     def _apply(self, g: Tensor) -> Tensor:
         """``(G + d I)^{-1} g`` for ``g`` of shape ``(W, k)``, from the SVD."""
