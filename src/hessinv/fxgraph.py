@@ -42,7 +42,8 @@ from torch import Tensor, nn
 
 from .derivatives import is_known
 from .derivatives.elementwise import celu
-from .layers import check_module, layer_norm
+from .fxcheck import CHECKED, check_deterministic, check_graph, record
+from .layers import layer_norm
 
 
 def is_leaf(m: nn.Module) -> bool:
@@ -56,20 +57,8 @@ def is_leaf(m: nn.Module) -> bool:
     return isinstance(m, CHECKED) or is_known(m)
 
 
-#: Modules refused (or accepted in eval mode) by :func:`hessinv.layers.check_module`:
-#: kept as leaves so that the refusal names them.
-CHECKED = (
-    nn.modules.batchnorm._BatchNorm,
-    nn.modules.dropout._DropoutNd,
-    nn.AlphaDropout,
-    nn.modules.instancenorm._InstanceNorm,
-    nn.RNNBase,
-    nn.RNNCellBase,
-)
 #: Functions whose second derivatives torch gets wrong, with a correct replacement.
 _FIXED: dict[object, Callable[..., Tensor]] = {}
-#: Functions whose second derivatives torch gets wrong, refused.
-_WRONG = {F.instance_norm: "instance_norm", torch.instance_norm: "instance_norm"}
 
 
 def _layer_norm_fn(input, normalized_shape, weight=None, bias=None, eps=1e-5):  # noqa: ANN001, ANN202, A002
@@ -128,80 +117,6 @@ def trace(model: nn.Module) -> fx.GraphModule:
     return gm
 
 
-def _check_graph(model: nn.Module, graph: fx.Graph) -> fx.Node:
-    """Refuse unsafe modules and functions; return the single placeholder."""
-    phs = [n for n in graph.nodes if n.op == "placeholder"]
-    if len(phs) != 1:
-        names = [n.target for n in phs]
-        raise ValueError(f"the model's forward takes {len(phs)} inputs {names}; hessinv needs one")
-    for n in graph.nodes:
-        if n.op == "call_module":
-            m = model.get_submodule(n.target)
-            if isinstance(m, CHECKED):
-                check_module(m)  # raises for training-mode dropout/batch norm, instance norm, RNN
-            if isinstance(m, nn.Embedding) and m.max_norm is not None:
-                raise ValueError(
-                    f"Embedding {n.target} has max_norm: it rescales its weight in place during "
-                    "forward; hessinv needs a forward without side effects"
-                )
-        elif n.op == "call_function" and n.target in _WRONG:
-            raise ValueError(
-                f"{_WRONG[n.target]} (node {n.name}) is not supported: torch's fused kernel has "
-                "wrong second derivatives; write it from elementary operations"
-            )
-    return phs[0]
-
-
-def _check_deterministic(model: nn.Module, gm: fx.GraphModule, x: Tensor, out: object) -> None:
-    """Refuse a forward that is random, or that its trace does not reproduce.
-
-    A random operation written into ``forward`` (``F.dropout(x, p, training=True)``,
-    ``torch.randn_like``, ``x.bernoulli()``) would leave an operator built from one draw of
-    the randomness; a random tensor made from constants is even drawn once at trace time
-    and baked into the graph. So the graph runs once more, and the model itself once: any
-    difference beyond ``sqrt(eps)`` relative (far above a reordering of sums, far below a
-    random draw) is refused.
-    """
-    if not isinstance(out, Tensor) or not out.is_floating_point():
-        return
-    res = next(n for n in gm.graph.nodes if n.op == "output").args[0]
-    again = _record(gm, x)[res]
-    with torch.no_grad():
-        direct = model(x)
-    tol = torch.finfo(out.dtype).eps ** 0.5
-    for other in (again, direct):
-        if not (
-            isinstance(other, Tensor)
-            and other.shape == out.shape
-            and torch.allclose(out, other, rtol=tol, atol=tol * float(out.abs().max()))
-        ):
-            raise ValueError(
-                f"{type(model).__name__}.forward is random, or its torch.fx trace does not "
-                "reproduce it: two calls on the same input differ (a dropout with "
-                "training=True, torch.rand*/randn_like, bernoulli, state kept in Python, ...). "
-                "The Hessian of one random draw is not the model's: call model.eval() and keep "
-                "forward deterministic"
-            )
-
-
-class _Recorder(fx.Interpreter):
-    def __init__(self, gm: fx.GraphModule) -> None:
-        super().__init__(gm)
-        self.values: dict[fx.Node, object] = {}
-
-    def run_node(self, n: fx.Node) -> object:
-        out = super().run_node(n)
-        self.values[n] = out
-        return out
-
-
-def _record(gm: fx.GraphModule, x: Tensor) -> dict[fx.Node, object]:
-    rec = _Recorder(gm)
-    with torch.no_grad():
-        rec.run(x)
-    return rec.values
-
-
 def param_names_of_node(model: nn.Module, n: fx.Node, names: dict[str, int]) -> list[str]:
     """Selected parameter names a node reads directly (``get_attr`` or a leaf module's)."""
     if n.op == "get_attr":
@@ -256,7 +171,7 @@ def plan_graph(
         The plan.
     """
     graph = gm.graph
-    ph = _check_graph(model, graph)
+    ph = check_graph(model, graph)
     out_node = next(n for n in graph.nodes if n.op == "output")
     res = out_node.args[0]
     if not isinstance(res, fx.Node):
@@ -266,16 +181,16 @@ def plan_graph(
     n_batch = x.shape[0]
     name = type(model).__name__
     try:
-        vals = _record(gm, x)
+        vals = record(gm, x)
     except Exception as e:  # noqa: BLE001 - torch's own error, re-raised with its cause named
         raise ValueError(
             f"{name}.forward failed on input of shape {tuple(x.shape)} and dtype {x.dtype} "
             f"before it could be cut into stages ({type(e).__name__}: {e}); check X's shape "
             "and dtype against the model's (e.g. model.double() for float64 X)"
         ) from e
-    _check_deterministic(model, gm, x, vals[res])
+    check_deterministic(model, gm, x, vals[res])
     try:  # one more sample tells the batch dimension from a coincidence of sizes
-        vals2 = _record(gm, torch.cat([x, x[:1]]))
+        vals2 = record(gm, torch.cat([x, x[:1]]))
     except Exception:  # noqa: BLE001 - a forward written for this batch size only
         vals2 = vals
     if not isinstance(vals[res], Tensor):
