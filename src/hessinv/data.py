@@ -287,26 +287,6 @@ class DataOperator:
         )
 
     @property
-    def num_params(self) -> int:
-        """``W``, the number of parameters."""
-        return self.layout.size
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        """``(W, W)``."""
-        return (self.num_params, self.num_params)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """The parameters' dtype."""
-        return self.layout.dtype
-
-    @property
-    def device(self) -> torch.device:
-        """The parameters' device."""
-        return self.layout.device
-
-    @property
     def num_samples(self) -> int:
         """``N``, the number of samples in the data set."""
         return self._batches.num_samples

@@ -188,13 +188,13 @@ class Hessian(Solves, LinearOperator):
     ) -> None:
         self.progress = check_progress(progress)
         self.pipeline = pipeline
+        self.layout = Layout(tuple(pipeline.param_shapes), pipeline.dtype, pipeline.device)
         self.max_memory = max_memory
         if check_mixing:
             check_no_mixing(pipeline)
         self._snapshot = ParameterSnapshot.of_pipeline(pipeline)
         self._check_block_memory(pipeline)
         self._loss, self.blocks = self._compute_blocks(pipeline, generic)
-        self.layout = Layout(tuple(pipeline.param_shapes), pipeline.dtype, pipeline.device)
         self._factors: OrderedDict[tuple[float, str], Factorization] = OrderedDict()
         self._dense_eigh: tuple[Tensor, Tensor] | None = None
         self._bounds: tuple[float, float] | None = None
@@ -208,23 +208,8 @@ class Hessian(Solves, LinearOperator):
 
     @property
     def num_params(self) -> int:
-        """``W``, the number of parameters."""
-        return self.pipeline.num_params
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        """``(W, W)``."""
-        return (self.num_params, self.num_params)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """The parameters' dtype."""
-        return self.pipeline.dtype
-
-    @property
-    def device(self) -> torch.device:
-        """The parameters' device."""
-        return self.pipeline.device
+        """``W``, the number of parameters (``shape``, ``dtype``, ``device``: the layout's)."""
+        return self.layout.size
 
     @property
     def stage_blocks(self) -> list[StageBlocks]:
