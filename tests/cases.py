@@ -40,6 +40,33 @@ class RefLayerNorm(nn.Module):
         return out
 
 
+class RefCELU(nn.Module):
+    """CELU from elementary operations.
+
+    torch's CELU backward rounds ``1/alpha`` to float32 (its derivative is off
+    by ~1e-8 relative in float64 for ``alpha != 1``, while its forward is
+    exact), so the references differentiate this form instead.
+    """
+
+    def __init__(self, alpha: float) -> None:
+        super().__init__()
+        self.alpha = alpha
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        a = self.alpha
+        return torch.clamp(z, min=0) + torch.clamp(a * (torch.exp(z / a) - 1), max=0)
+
+
+def swap_celu(m: nn.Module) -> nn.Module:
+    """``m`` with every ``nn.CELU`` replaced (in place) by :class:`RefCELU`."""
+    for name, child in m.named_children():
+        if isinstance(child, nn.CELU):
+            setattr(m, name, RefCELU(child.alpha))
+        else:
+            swap_celu(child)
+    return m
+
+
 def _swap_layernorm(m: nn.Module) -> nn.Module:
     for name, child in m.named_children():
         if isinstance(child, nn.LayerNorm):

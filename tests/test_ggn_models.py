@@ -22,8 +22,9 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F  # noqa: N812
-from cases import DT, _swap_layernorm, rel
-from test_trace import MODELS, Centre, GatedLN, _build, _reg, _swap_celu
+from cases import DT, _swap_layernorm, rel, swap_celu
+from test_kernel import assert_gap, ref_inertia, zero_tol
+from test_trace import MODELS, Centre, GatedLN, _build, _reg
 from torch import nn
 
 import hessinv
@@ -89,7 +90,7 @@ def _operator(model, loss_func, X, y, params=None):  # noqa: N803
 def ref_ggn(model, loss_func, X, y, names):  # noqa: N803
     """Dense ``(G, gradient)`` in the flat parameters ``names`` (in that order), independent."""
     # LayerNorm and CELU from elementary operations (torch's fused forms have wrong derivatives)
-    ref = _swap_celu(_swap_layernorm(copy.deepcopy(model)))
+    ref = swap_celu(_swap_layernorm(copy.deepcopy(model)))
     if isinstance(ref, GatedLN):
         ref.ref = True
     loss = loss_func
@@ -124,19 +125,6 @@ def _flat_names(G, model):  # noqa: N803
     """Names of the operator's flat order, found by identity of the stage tensors."""
     by_ptr = {p.data_ptr(): n for n, p in model.named_parameters()}
     return [by_ptr[p.data_ptr()] for p in G.pipeline.params]
-
-
-def zero_tol(ev):
-    return ev.numel() * torch.finfo(ev.dtype).eps * float(ev.abs().max())
-
-
-def ref_inertia(ev, tol):
-    return (int((ev > tol).sum()), int((ev < -tol).sum()), int((ev.abs() <= tol).sum()))
-
-
-def assert_gap(ev, tol, factor=10.0):
-    a = ev.abs()
-    assert not bool(((a > tol / factor) & (a < tol * factor)).any()), "no clear gap"
 
 
 def check_against(G, ref, g_ref, methods=METHODS):  # noqa: N803

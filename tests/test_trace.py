@@ -21,7 +21,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F  # noqa: N812
-from cases import DT, _swap_layernorm, reference_loss_fn, rel
+from cases import DT, _swap_layernorm, reference_loss_fn, rel, swap_celu
 from torch import nn
 
 import hessinv
@@ -249,34 +249,13 @@ def _build(make, seed: int = 0):
     return make(g)
 
 
-class _RefCELU(nn.Module):
-    """CELU from elementary operations: torch's CELU backward rounds ``1/alpha`` to float32."""
-
-    def __init__(self, alpha: float) -> None:
-        super().__init__()
-        self.alpha = alpha
-
-    def forward(self, z):
-        a = self.alpha
-        return torch.clamp(z, min=0) + torch.clamp(a * (torch.exp(z / a) - 1), max=0)
-
-
-def _swap_celu(m):
-    for name, child in m.named_children():
-        if isinstance(child, nn.CELU):
-            setattr(m, name, _RefCELU(child.alpha))
-        else:
-            _swap_celu(child)
-    return m
-
-
 def _reference(model, loss_func, X, y, names=None):
     """Dense ``(H, g)`` of the loss in the flat parameters ``names`` (in that order).
 
     ``names=None``: every trainable parameter, ``named_parameters()`` order
     (``cases.reference_loss_fn``).
     """
-    ref = _swap_celu(_swap_layernorm(copy.deepcopy(model)))
+    ref = swap_celu(_swap_layernorm(copy.deepcopy(model)))
     if isinstance(ref, GatedLN):
         ref.ref = True
     if names is None:
