@@ -347,10 +347,15 @@ class GaussNewton(Hessian):
         """``diag((G + damping I)^{-1})``, by the cheaper exact route.
 
         The kernel's SVD (:meth:`hessinv.kernel.KernelFactorization.inverse_diagonal`)
-        where :meth:`costs` rates it below the lifted system, else selected inversion.
+        where :meth:`costs` rates it below the lifted system and it fits in memory, else
+        selected inversion.
         """
+        from .solvers import select as _select
+
         c = self.costs()
-        if "kernel" in c and c["kernel"][0] <= c["lifted"][0]:
+        kern = c.get("kernel")
+        fits = kern is not None and kern[1] <= _select.memory_budget(self.device, self.max_memory)
+        if fits and kern[0] <= c["lifted"][0]:
             return self.factor(damping, method="kernel").inverse_diagonal()
         return super().inverse_diagonal(damping)
 
