@@ -499,3 +499,20 @@ def test_one_module_on_two_branches():
     Href = _dense(model, nn.MSELoss(), X, y)
     err = float((H.to_dense() - Href).norm())
     assert err <= 100 * torch.finfo(DT).eps * float(Href.norm()), err
+
+
+def test_traced_forward_producing_nan_is_named():
+    """A traced forward whose output is NaN (finite X): a ValueError naming NaN, not a raw
+    error from the randomness check (which leaves NaN/Inf to the non-finite checks)."""
+
+    class LogShift(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(3, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.log(self.a(x) - 100.0)
+
+    X, y = _data()
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        hessinv.Hessian(LogShift().double(), nn.MSELoss(), X, y)
