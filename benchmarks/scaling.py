@@ -91,6 +91,40 @@ def memory_child(width: int, batch: int, depth: int, what: str, gain: float, dam
     return (vm_kib("VmHWM") - base) * 1024
 
 
+def first_call_child(width: int, batch: int, depth: int, damping: float, gain: float) -> str:
+    """``"first warm"`` seconds of ``Hessian(...)`` + default solve, in this fresh process.
+
+    ``import torch, hessinv`` is done before the clock starts; the first call then
+    pays whatever torch and hessinv initialise lazily, the second (a new
+    ``Hessian`` of the same network) does not.
+    """
+    model, loss, X, y = make_mlp(depth, width, batch, dtype=torch.float64, device="cpu", gain=gain)
+    out = []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        H = hessinv.Hessian(model, loss, X, y)
+        H.solve(H.gradient(), damping=damping)
+        out.append(time.perf_counter() - t0)
+    return f"{out[0]} {out[1]}"
+
+
+def first_call(width: int, batch: int, depth: int, args: argparse.Namespace) -> dict:
+    """First and warm call of :func:`first_call_child` in a fresh one-thread process."""
+    cmd = [sys.executable, __file__, "--first-call-child", str(width), str(batch), str(depth)]
+    cmd += ["--gain", str(args.gain), "--damping", str(args.damping)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
+    first, warm = map(float, out.stdout.strip().splitlines()[-1].split())
+    return {
+        "width": width,
+        "batch": batch,
+        "depth": depth,
+        "first_call_s": first,
+        "warm_call_s": warm,
+        "first_call_extra_s": first - warm,
+    }
+
+
 def peak_memory(width: int, batch: int, depth: int, what: str, args: argparse.Namespace) -> int:
     """Peak memory of :func:`exercise`: the CUDA allocator, or a fresh CPU process.
 
@@ -397,7 +431,20 @@ def report(result: dict) -> str:
         "end; medians; a new Hessian per call; solve with the default checks\n\n"
     )
     if "slopes" not in result:  # --issue
-        return head + table(result) + "\n"
+        out = head + table(result) + "\n"
+        if result.get("first_call"):
+            out += (
+                "\nFirst call in a fresh process (`import torch, hessinv` done; `Hessian(...)` "
+                "and the default solve) against a second call with a new `Hessian`:\n\n"
+                "| width | batch | depth | first s | warm s | first - warm s |\n"
+                "|---|---|---|---|---|---|\n"
+            )
+            for r in result["first_call"]:
+                out += (
+                    f"| {r['width']} | {r['batch']} | {r['depth']} | {r['first_call_s']:.3f} | "
+                    f"{r['warm_call_s']:.3f} | {r['first_call_extra_s']:.3f} |\n"
+                )
+        return out
     out = head + table(result) + "\n\nslopes (log time vs log depth, depth >= 32): "
     out += json.dumps({k: round(v, 3) for k, v in result["slopes"].items()}) + "\n"
     for sk in result.get("skipped", []):
@@ -452,6 +499,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--minres-rtol", type=float, default=1e-10)
     p.add_argument("--out", type=Path, default=HERE / "results")
     p.add_argument("--memory-child", nargs=4, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--first-call-child", nargs=3, type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--resume", action="store_true", help="reuse the cases of a partial run")
     p.add_argument("--replot", action="store_true", help="redraw plots and table from the JSON")
     p.add_argument(
@@ -467,6 +515,10 @@ def main(argv: list[str] | None = None) -> dict:
     if args.memory_child:
         w, b, dep, what = args.memory_child
         print(memory_child(int(w), int(b), int(dep), what, args.gain, args.damping))
+        return {}
+    if args.first_call_child:
+        torch.set_num_threads(1)
+        print(first_call_child(*args.first_call_child, args.damping, args.gain))
         return {}
     if args.replot:
         tag = args.device.split(":")[0]
@@ -518,6 +570,10 @@ def main(argv: list[str] | None = None) -> dict:
                 f"{r['total_over_hvp']:.1f} autograd H@v; res {r['residual']:.1e}",
                 flush=True,
             )
+        if not args.device.startswith("cuda"):  # the first call in a fresh process
+            result["first_call"] = [first_call(4, 2, 4, args)] + [
+                first_call(w, b, dep, args) for w, b, dep in cases
+            ]
         result["load_average_end"] = round(os.getloadavg()[0], 2)
         (args.out / f"scaling_{tag}.json").write_text(json.dumps(result, indent=1))
         (args.out / f"scaling_{tag}.md").write_text(report(result))

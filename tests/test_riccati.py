@@ -233,3 +233,41 @@ def test_bad_input():
     r = riccati_pass(blocks, 10.0)
     with pytest.raises(ValueError, match="rows"):
         r.solve(torch.zeros(Hd.shape[0] + 1, dtype=DT))
+
+
+@pytest.mark.parametrize("name", ["tanh_mse_mean", "layernorm", "conv1d"])
+def test_stop_unreliable_keeps_only_certified_counts(name):
+    """``stop_unreliable``: the same verdict as the full pass, a count only when certified."""
+    blocks, Hd = _dense_case(name)
+    ev = torch.linalg.eigvalsh(Hd)
+    dampings = [*_dampings(ev).values(), -float(ev[len(ev) // 2])]  # the last: singular
+    seen = set()
+    for d in dampings:
+        full = riccati_pass(blocks, d, mode="inertia")
+        short = riccati_pass(blocks, d, mode="inertia", stop_unreliable=True)
+        assert short.reliable == full.reliable, (name, d)
+        assert short.inertia == (full.inertia if full.reliable else None), (name, d)
+        seen.add(full.reliable)
+    assert seen == {True, False}  # both branches exercised
+
+
+def test_factorization_inertia_route():
+    """Certified Riccati pass: its count alone; otherwise two congruences of ``K``; both exact."""
+    model, lf, X, y = build(CASE["tanh_mse_mean"])
+    H = hessinv.Hessian(model, lf, X, y)
+    f, x0 = reference_loss_fn(model, lf, X, y)
+    ev = torch.linalg.eigvalsh(torch.func.hessian(f)(x0))
+    W = len(ev)
+    assert float(ev[0]) < 0  # indefinite: a gap shift has a mixed count
+    j = int(torch.argmax(ev[1:] - ev[:-1]))
+    for d, route in (
+        (abs(float(ev[0])) + 0.1 * float(ev.abs().max()), "stage Riccati pass: a block LDL^T"),
+        (-float(ev[len(ev) // 2]) + 1e-9 * float(ev.abs().max()), "two congruences"),
+        (-0.5 * float(ev[j] + ev[j + 1]), None),
+    ):
+        neg = int((ev + d < 0).sum())
+        inert = H.inertia(d)
+        assert tuple(inert) == (W - neg, neg, 0), (d, tuple(inert))
+        assert inert.verified
+        if route is not None:
+            assert route in inert.how, (d, inert.how)

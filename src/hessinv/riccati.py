@@ -175,6 +175,7 @@ def riccati_pass(  # noqa: C901, PLR0912, PLR0915
     bases: list[Tensor | None] | None = None,
     *,
     mode: str = "cholesky",
+    stop_unreliable: bool = False,
 ) -> RiccatiResult:
     """Backward Riccati recursion over the stages: a PD certificate, inertia and logdet.
 
@@ -188,6 +189,10 @@ def riccati_pass(  # noqa: C901, PLR0912, PLR0915
             ``eigvalsh`` of every pivot and go on through indefinite ones (an
             independent inertia count; unstable when a pivot is near singular,
             which ``reliable`` reports).
+        stop_unreliable: Stop at the first pivot within ``MARGIN e_l`` of
+            singular (``reliable`` is then False and ``inertia`` None): for a
+            caller that uses the count only when it is certified, the rest of
+            the pass would be wasted.
 
     Returns:
         A :class:`RiccatiResult`; its ``solve`` works when ``positive_definite``.
@@ -278,6 +283,9 @@ def riccati_pass(  # noqa: C901, PLR0912, PLR0915
             pd_status = False if (lam_min < -thresh and separated) else None
         if not lam_abs_min > thresh:
             separated = False
+            if stop_unreliable:
+                stopped = True
+                break
         if mode == "cholesky" and not chol_ok:
             stopped = True
             break

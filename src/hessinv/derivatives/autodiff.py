@@ -45,6 +45,10 @@ class AutodiffDerivatives:
         ``second=False`` skips ``Tzz``, ``Tzx`` and ``Txx`` (left ``None``).
         """
         n = z.shape[0]
+        if not self.params and not first and z.is_floating_point():
+            a_out = 1 if last else cot.reshape(n, -1).shape[1]
+            if max(a_out, z[0].numel()) <= PLAIN_MAX_ROWS:
+                return _parameter_free_blocks(self.fn, z, cot, last=last, second=second)
         zf = z.reshape(n, -1).detach()
         a_in = zf.shape[1]
         # The first stage's input may be integer data (Embedding indices): never differentiated.
@@ -89,6 +93,61 @@ class AutodiffDerivatives:
             txx_ = jacrev(lambda xx: grad(s, argnums=1)(zf, xx))(xf)
         cot_in = None if first else gz.reshape(shape_in).detach()
         return StageBlocks(jz, jx, tzz, tzx, txx_, gx.detach(), cot_in)
+
+
+#: Up to this many comb rows, a parameter-free stage (a loss, a tail step) is
+#: differentiated by plain ``torch.autograd.grad`` calls instead of ``torch.func``,
+#: whose first use in a process imports ``torch._dynamo`` (about 0.8 s).
+PLAIN_MAX_ROWS = 64
+
+
+def _comb_rows(out: Tensor, z: Tensor, rows: int) -> Tensor:
+    """``(N, rows, a_in)`` per-sample Jacobians of ``out`` (``(N, rows)``) w.r.t. ``z``.
+
+    Row ``o`` of every sample's block from one reverse pass of ``out[:, o].sum()``
+    (the comb cotangent ``e_o`` in every sample; exact when samples do not mix).
+    """
+    got = []
+    for o in range(rows):
+        (g,) = torch.autograd.grad(out[:, o].sum(), z, retain_graph=True, allow_unused=True)
+        got.append(torch.zeros_like(z) if g is None else g.detach())
+    if not got:
+        return z.new_zeros(z.shape[0], 0, z.shape[1])
+    return torch.stack(got, dim=1)
+
+
+def _parameter_free_blocks(
+    fn, z: Tensor, cot: Tensor | None, *, last: bool, second: bool  # noqa: ANN001
+) -> StageBlocks:
+    """:meth:`AutodiffDerivatives.blocks` of a parameter-free stage that is not the first.
+
+    The same reverse passes as the ``torch.func`` route (:func:`comb_jacobian`),
+    run as a loop of ``torch.autograd.grad`` calls (:func:`_comb_rows`).
+    """
+    n, shape_in = z.shape[0], z.shape
+    zz = z.reshape(n, -1).detach().clone().requires_grad_(True)
+    a_in = zz.shape[1]
+    with torch.enable_grad():
+        self_out = out = fn(zz.reshape(shape_in), ())
+        if last:
+            s = out.reshape(())
+        else:
+            self_out = out.reshape(n, -1)
+            s = (self_out * cot.reshape(n, -1).detach()).sum()
+        (gz,) = torch.autograd.grad(s, zz, create_graph=second, allow_unused=True)
+        gz = torch.zeros_like(zz) if gz is None else gz
+        jz = jx = tzz = tzx = None
+        if not last:
+            a_out = self_out.shape[1]
+            jz = _comb_rows(self_out, zz, a_out)
+            jx = zz.new_zeros(n, a_out, 0).detach()
+        if second:
+            tzz = (
+                _comb_rows(gz, zz, a_in) if gz.requires_grad else zz.new_zeros(n, a_in, a_in)
+            ).detach()
+            tzx = zz.new_zeros(n, a_in, 0).detach()
+    empty = zz.new_zeros(0).detach()
+    return StageBlocks(jz, jx, tzz, tzx, None, empty, gz.detach().reshape(shape_in))
 
 
 class GenericDerivatives(ModuleDerivatives):

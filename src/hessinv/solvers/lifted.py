@@ -10,15 +10,17 @@ across block boundaries in ``O(sum_k n_k^3)``, linear in depth.
   (:func:`hessinv.solvers.base.refined_solve`).
 * ``log|det(H + dI)| = log|det K'| + (sum_l k_l) log s + (p - k) log|d|`` and
   ``sign = (-1)^m sign(det K) sign(d)^(p - k)``.
-* Inertia: ``inertia(H + dI) = inertia(K) - (m, m, 0)`` plus the dropped
-  directions (Sylvester, Haynsworth), from a congruence of ``K`` built front
-  by front (:func:`hessinv.blocktri.block_tri_inertia`), whose determinant
-  must match the LU's. It is *verified* when a second, independent
-  congruence agrees: the stage Riccati pass (:func:`hessinv.riccati.riccati_pass`,
-  a block LDL^T of ``H + dI`` itself, eliminating ``v_{L-1}, ..., v_0``) whose
-  every pivot is separated from singular by more than twice its running
-  error bound. Where that pass cannot vouch for itself (a stage pivot near
-  singular: common on indefinite ``H``), the second congruence is the same
+* Inertia: first the stage Riccati pass (:func:`hessinv.riccati.riccati_pass`,
+  a block LDL^T of ``H + dI`` itself, eliminating ``v_{L-1}, ..., v_0``):
+  when every pivot is separated from singular by more than twice its
+  running error bound, its count is exact for the given blocks (Haynsworth)
+  and is returned as verified, at the cost of one pass (less than the
+  factorization). The pass stops at the first pivot it cannot vouch for
+  (near singular: common on indefinite ``H``); then ``inertia(H + dI) =
+  inertia(K) - (m, m, 0)`` plus the dropped directions (Sylvester,
+  Haynsworth), from a congruence of ``K`` built front by front
+  (:func:`hessinv.blocktri.block_tri_inertia`) whose determinant must match
+  the LU's, *verified* by a second, different congruence: the same
   delayed-pivot LDL^T of ``K`` eliminated in the opposite block order (last
   block first: different pivots, different fronts), whose determinant must
   also match the LU's. A parity check alone cannot tell two misclassified
@@ -170,10 +172,18 @@ class LiftedFactorization(Factorization):
         return r.sign == s and abs(r.logabsdet - la) <= tol
 
     def riccati(self, mode: str = "inertia") -> RiccatiResult:
-        """The stage Riccati pass of ``H + damping I`` (cached per mode)."""
+        """The stage Riccati pass of ``H + damping I`` (cached per mode).
+
+        In ``"inertia"`` mode it stops at the first pivot it cannot certify
+        (only a certified count is used).
+        """
         if mode not in self._riccati:
             self._riccati[mode] = riccati_pass(
-                self.op.blocks, self.damping, self.system.bases, mode=mode
+                self.op.blocks,
+                self.damping,
+                self.system.bases,
+                mode=mode,
+                stop_unreliable=mode == "inertia",
             )
         return self._riccati[mode]
 
@@ -182,6 +192,13 @@ class LiftedFactorization(Factorization):
         return self.riccati("cholesky").pd_status
 
     def _signs(self) -> Inertia:
+        ric = self.riccati("inertia")
+        if ric.reliable and ric.inertia is not None:
+            how = (
+                "the stage Riccati pass: a block LDL^T congruence of H + damping*I whose every "
+                "pivot is separated from singular by more than twice its running error bound"
+            )
+            return Inertia(*ric.inertia, verified=True, how=how)
         r = self.congruence()
         pos, neg = r.positive - self.m, r.negative - self.m
         if pos < 0 or neg < 0 or r.zero:
@@ -191,20 +208,6 @@ class LiftedFactorization(Factorization):
             )
         dp, dn, _ = self.system.dropped_inertia()
         counts = (pos + dp, neg + dn, 0)
-        ric = self.riccati("inertia")
-        if ric.reliable and ric.inertia is not None:
-            if tuple(ric.inertia) == counts:
-                how = (
-                    "two independent congruences agree: a delayed-pivot LDL^T of the lifted "
-                    "system (determinant checked against its pivoted LU) and the stage Riccati "
-                    "pass (every pivot separated from singular by its error bound)"
-                )
-                return Inertia(*counts, verified=True, how=how)
-            how = (
-                "the stage Riccati pass (every pivot separated from singular by its error "
-                f"bound); the lifted LDL^T congruence counted {counts} and is overruled"
-            )
-            return Inertia(*ric.inertia, verified=True, how=how)
         rev = self.reversed_congruence()
         if rev is not None and (rev.positive - self.m + dp, rev.negative - self.m + dn) == (
             counts[0],
@@ -213,7 +216,8 @@ class LiftedFactorization(Factorization):
             how = (
                 "two congruences of the lifted system agree: delayed-pivot LDL^T eliminating "
                 "its blocks first to last and last to first (both determinants checked against "
-                "the pivoted LU)"
+                "the pivoted LU; the stage Riccati pass had a pivot within its error bound of "
+                "singular)"
             )
             return Inertia(*counts, verified=True, how=how)
         how = (
