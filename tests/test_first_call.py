@@ -20,7 +20,8 @@ from torch import nn
 import hessinv
 before = set(sys.modules)
 torch.manual_seed(0)
-for loss, y in ((nn.MSELoss(), torch.randn(5, 3)), (nn.CrossEntropyLoss(), torch.tensor([0, 2, 1, 0, 2]))):
+CASES = ((nn.MSELoss(), torch.randn(5, 3)), (nn.CrossEntropyLoss(), torch.tensor([0, 2, 1, 0, 2])))
+for loss, y in CASES:
     model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 3))
     model = model.double()
     X = torch.randn(5, 4, dtype=torch.float64)
