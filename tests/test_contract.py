@@ -296,3 +296,23 @@ def test_inertia_next_to_a_cluster_of_two_thousand_tiny_eigenvalues(d):
     assert min(ref[2], 1) == (d == 0 or abs(d) < t)  # the cluster is at zero
     inert = H.inertia(d, "lifted")
     assert tuple(inert) == ref and inert.verified
+
+
+@pytest.mark.parametrize("method", ["lifted", "dense"])
+def test_first_solve_estimates_ride_along_and_agree(method):
+    """The first solve's ``||H||`` and ``sigma_min`` (riding on its products) are the usual ones."""
+    model, lf = _mlp(0), nn.MSELoss()
+    gen = torch.Generator().manual_seed(0)
+    X, y = torch.randn(4, 3, generator=gen, dtype=DT), torch.randn(4, 2, generator=gen, dtype=DT)
+    d = 1e-3
+    H = hessinv.Hessian(model, lf, X, y)
+    g = H.gradient()
+    fac = H.factor(d, method=method)
+    x = fac.solve(g)  # estimates ride along the refinement's products and solves
+    H2 = hessinv.Hessian(model, lf, X, y)
+    fac2 = H2.factor(d, method=method)
+    sig2, bounds2 = fac2.sigma_min_estimate(), H2.spectral_bounds()  # on their own
+    assert fac._sigma_min == pytest.approx(sig2, rel=1e-8)
+    assert H._bounds == pytest.approx(bounds2, rel=1e-10)
+    x2 = fac2.solve(g)
+    assert float(torch.linalg.vector_norm(x - x2)) <= 1e-12 * float(torch.linalg.vector_norm(x2))

@@ -78,14 +78,20 @@ class Solves:
     def spectral_bounds(self) -> tuple[float, float]:
         """Extreme Ritz values of 16 Lanczos steps on ``H`` (cached): estimates from inside."""
         if self._bounds is None:
-            lo, hi = spectral_bounds(self.matmat, self.num_params, self.dtype, self.device)
-            if not (math.isfinite(lo) and math.isfinite(hi)):
-                raise NonFiniteError(
-                    f"H @ v overflowed in {self.dtype} while estimating ||H||: the Hessian's "
-                    "entries exceed this dtype's range; use float64 or a smaller loss scale"
-                )
-            self._bounds = (lo, hi)
+            self._store_bounds(
+                spectral_bounds(self.matmat, self.num_params, self.dtype, self.device)
+            )
         return self._bounds
+
+    def _store_bounds(self, bounds: tuple[float, float]) -> None:
+        """Keep Lanczos' ``(theta_min, theta_max)`` (from here or a solve's rider)."""
+        lo, hi = bounds
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            raise NonFiniteError(
+                f"H @ v overflowed in {self.dtype} while estimating ||H||: the Hessian's "
+                "entries exceed this dtype's range; use float64 or a smaller loss scale"
+            )
+        self._bounds = (lo, hi)
 
     def _known_methods(self) -> list[str]:
         """The ``method`` names this operator factors with (besides ``"auto"``)."""

@@ -116,8 +116,13 @@ def _comb_rows(out: Tensor, z: Tensor, rows: int) -> Tensor:
     return torch.stack(got, dim=1)
 
 
-def _parameter_free_blocks(
-    fn, z: Tensor, cot: Tensor | None, *, last: bool, second: bool  # noqa: ANN001
+def _parameter_free_blocks(  # noqa: ANN001
+    fn,
+    z: Tensor,
+    cot: Tensor | None,
+    *,
+    last: bool,
+    second: bool,
 ) -> StageBlocks:
     """:meth:`AutodiffDerivatives.blocks` of a parameter-free stage that is not the first.
 

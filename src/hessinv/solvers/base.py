@@ -51,7 +51,12 @@ from torch import Tensor
 
 from ..errors import HINT, InaccurateSolveError, SingularHessianError
 from ..operator import LinearOperator
-from .estimates import smallest_singular_value
+from .estimates import (
+    Rider,
+    block_lanczos_steps,
+    inverse_iteration_steps,
+    smallest_singular_value,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..hessian import Hessian
@@ -179,6 +184,10 @@ class Factorization(LinearOperator, ABC):
         """``A^{-1}`` on the part of ``A`` that is not structurally singular."""
         return self._apply(g)
 
+    def _apply_pair(self, g: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """``(_apply(g), _apply_for_estimates(y))``; a method may share one pass between them."""
+        return self._apply(g), self._apply_for_estimates(y)
+
     def _shifted(self, shift: float) -> Factorization:
         """The same method's factorization of ``A + shift I`` (for exact counts)."""
         return type(self)(self.op, self.damping + shift)
@@ -291,14 +300,63 @@ class Factorization(LinearOperator, ABC):
         gm, form = self.op.layout.to_matrix(g, "g")
         if gm.shape[1] == 0:
             return self.op.layout.from_matrix(gm.clone(), form)
+        if self.structurally_singular:
+            raise SingularHessianError(self._singular_message())
+        x, r = self._solve_with_estimates(gm, refine)
         if self.singular:
             raise SingularHessianError(self._singular_message())
-        x, r = refined_solve(
-            self.op.matmat, self._apply, gm, self.damping, refine, with_residual=True
-        )
         if check:  # the refinement's last residual is that of x: no further product
             self.check(x, gm, residual=r)
         return self.op.layout.from_matrix(x, form)
+
+    def _solve_with_estimates(self, g: Tensor, refine: int) -> tuple[Tensor, Tensor | None]:
+        """:func:`refined_solve`, with the contract's estimates riding along.
+
+        The first solve of a factorization needs ``||A||`` (block Lanczos on
+        ``H``, 4 products of 4 columns) and ``sigma_min(A)`` (5 inverse
+        iterations) for the singularity decision and the backward error. Their
+        columns are appended to the products and solves the refinement makes
+        anyway (:class:`~hessinv.solvers.estimates.Rider`): on a layered
+        operator a few more columns cost little, so only the steps left over
+        run on their own. The estimates are the same sequences as
+        :meth:`norm` and :meth:`sigma_min_estimate` would compute.
+        """
+        inv = lan = None
+        if self._zero is None and self._sigma_min is None:
+            inv = Rider(inverse_iteration_steps(self.size, self.dtype, self.op.device))
+        if getattr(self.op, "_bounds", 0) is None and hasattr(self.op, "_store_bounds"):
+            lan = Rider(block_lanczos_steps(self.size, self.dtype, self.op.device))
+
+        def apply(v: Tensor) -> Tensor:
+            if inv is None or inv.block is None:
+                return self._apply(v)
+            x, z = self._apply_pair(v, inv.block)
+            inv.feed(z)
+            return x
+
+        def matmat(v: Tensor) -> Tensor:
+            if lan is None or lan.block is None:
+                return self.op.matmat(v)
+            k = v.shape[1]
+            out = self.op.matmat(torch.cat([v, lan.block], dim=1))
+            lan.feed(out[:, k:])
+            return out[:, :k]
+
+        def finish() -> None:  # the steps that found no product to ride along
+            if lan is not None and self.op._bounds is None:
+                self.op._store_bounds(lan.finish(self.op.matmat))
+            if inv is not None and self._sigma_min is None:
+                self._sigma_min = inv.finish(self._apply_for_estimates)
+
+        try:
+            out = refined_solve(matmat, apply, g, self.damping, refine, with_residual=True)
+        except SingularHessianError:  # the solve overflowed: say why, if the count can
+            finish()
+            if self.singular:
+                raise SingularHessianError(self._singular_message()) from None
+            raise
+        finish()
+        return out
 
     def backward_error(self, x: Tensor, g: Tensor, residual: Tensor | None = None) -> Tensor:
         """Per-column ``||A x - g|| / (||A|| ||x|| + ||g||)`` (``||A||`` from :meth:`norm`).

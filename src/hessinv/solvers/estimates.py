@@ -8,15 +8,23 @@
 * :func:`smallest_singular_value`: an estimate from above of ``sigma_min(A)``
   by inverse iteration with a factorization (``||y|| / ||A^{-1} y|| >=
   sigma_min`` for every ``y``), the idea of LAPACK's condition estimators.
+
+Both are written as step generators (:func:`block_lanczos_steps`,
+:func:`inverse_iteration_steps`): :func:`drive` runs one with a product of
+its own, a :class:`Rider` lets its columns ride along the products and solves
+a computation makes anyway (:meth:`hessinv.solvers.base.Factorization.solve`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Generator
+from typing import Generic, TypeVar
 
 import torch
 from torch import Tensor
+
+T = TypeVar("T")
 
 
 def _start(size: int, dtype: torch.dtype, device: torch.device, seed: int) -> Tensor:
@@ -87,6 +95,55 @@ def spectral_bounds(
     return float(theta[0]), float(theta[-1])
 
 
+#: A step generator: yields blocks ``Y`` (``(W, b)``), is sent ``F(Y)``, returns its estimate.
+Steps = Generator[Tensor, Tensor, T]
+
+
+def drive(steps: Steps[T], fn: Callable[[Tensor], Tensor]) -> T:
+    """Run a step generator to the end with ``fn`` (``A`` or ``A^{-1}``) as its product."""
+    try:
+        y = next(steps)
+        while True:
+            y = steps.send(fn(y))
+    except StopIteration as stop:
+        return stop.value
+
+
+class Rider(Generic[T]):
+    """A step generator whose products ride along another computation's calls.
+
+    On a layered operator a product (or a solve) with a few more columns costs
+    little more than with one, so the estimates of the solver contract can
+    append their columns to the products a solve makes anyway. :attr:`block`
+    is the block waiting for its product (``None`` when the estimate needs no
+    more), :meth:`feed` hands the product in, :meth:`finish` runs what is left
+    with a plain product.
+    """
+
+    def __init__(self, steps: Steps[T]) -> None:
+        self._steps = steps
+        self.block: Tensor | None = None
+        self.value: T | None = None
+        self._done = False
+        self._advance(lambda: next(steps))
+
+    def _advance(self, step: Callable[[], Tensor]) -> None:
+        try:
+            self.block = step()
+        except StopIteration as stop:
+            self.block, self.value, self._done = None, stop.value, True
+
+    def feed(self, product: Tensor) -> None:
+        """The product of the waiting :attr:`block`."""
+        self._advance(lambda: self._steps.send(product))
+
+    def finish(self, fn: Callable[[Tensor], Tensor]) -> T:
+        """Complete the estimate with ``fn`` as the product; its value."""
+        while not self._done:
+            self.feed(fn(self.block))
+        return self.value  # type: ignore[return-value]
+
+
 def _block_bounds(
     matmat: Callable[[Tensor], Tensor],
     size: int,
@@ -97,6 +154,21 @@ def _block_bounds(
     block: int,
 ) -> tuple[float, float]:
     """Block Lanczos for :func:`spectral_bounds`: Rayleigh-Ritz on ``k`` orthonormal columns."""
+    return drive(block_lanczos_steps(size, dtype, device, k, seed, block), matmat)
+
+
+def block_lanczos_steps(
+    size: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    k: int = 16,
+    seed: int = 0,
+    block: int = 4,
+) -> Steps[tuple[float, float]]:
+    """The steps of :func:`spectral_bounds` with ``block > 1`` (``k <= size`` columns in all)."""
+    k = min(k, size)
+    if k == 0:
+        return (0.0, 0.0)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     b = min(block, k)
     start = torch.randn(size, b, generator=gen, dtype=torch.float64).to(dtype=dtype, device=device)
@@ -105,7 +177,7 @@ def _block_bounds(
     aqs: list[Tensor] = []
     done = 0
     while True:
-        aq = matmat(q)
+        aq = yield q
         if not torch.isfinite(aq).all():
             return -math.inf, math.inf
         qs.append(q)
@@ -141,12 +213,23 @@ def smallest_singular_value(
 
     Returns ``0.0`` if an application of ``A^{-1}`` overflows.
     """
+    return drive(inverse_iteration_steps(size, dtype, device, steps, seed), apply_inverse)
+
+
+def inverse_iteration_steps(
+    size: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    steps: int = 5,
+    seed: int = 1,
+) -> Steps[float]:
+    """The steps of :func:`smallest_singular_value`: ``||y|| / ||A^{-1} y||``, minimised."""
     if size == 0:
         return math.inf
     y = _start(size, dtype, device, seed)
     best = math.inf
     for _ in range(steps):
-        z = apply_inverse(y)
+        z = yield y
         if not torch.isfinite(z).all():
             return 0.0
         nz = float(torch.linalg.vector_norm(z))

@@ -91,6 +91,17 @@ class LiftedFactorization(Factorization):
         gk = self.system.project_kept(g)
         return self.system.extract(self.lu.solve(self.system.rhs(gk)), gk, kept_only=True)
 
+    def _apply_pair(self, g: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """:meth:`_apply` of ``g`` and :meth:`_apply_for_estimates` of ``y`` in one LU pass."""
+        yk = self.system.project_kept(y)
+        k = g.shape[1]
+        pairs = zip(self.system.rhs(g), self.system.rhs(yk), strict=True)
+        rhs = [torch.cat(pair, dim=1) for pair in pairs]
+        sol = self.lu.solve(rhs)
+        x = self.system.extract([s[:, :k] for s in sol], g)
+        z = self.system.extract([s[:, k:] for s in sol], yk, kept_only=True)
+        return x, z
+
     def _logdet(self) -> tuple[float, float]:
         self._require_regular_lu("log-determinant")
         if self.lu.singular:  # a pivot at round-off level: the congruence must confirm |det|
