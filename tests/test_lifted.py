@@ -54,3 +54,51 @@ def test_rhs_and_extract_round_trip():
     assert [p.shape[0] for p in pieces] == ls.sizes
     # with w_l = Q_l^T g_l, extract returns Q w + (g - Q Q^T g) / d = g for d = 1
     assert torch.allclose(ls.extract(pieces, g), g, atol=1e-12)
+
+
+@pytest.mark.parametrize("damping", [1e-3, -0.7, 2.0, 1e-9, 0.0])
+def test_stages_keep_all_directions_where_the_basis_would_save_little(damping):
+    """Width-8 stages at batch 4 see ``N (a + a_in) = 64`` of their 72 directions: with a
+    damping of at least ``KEEP_ALL_DAMPING s`` they keep all 72 (``Q_l = I``), with a smaller
+    one they split off the rest. Either way solve, log-determinant and inertia are those of
+    the dense ``H + dI`` (``torch.func.hessian``)."""
+    from cases import reference_loss_fn
+    from torch import nn
+
+    from hessinv.lifted import KEEP_ALL_DAMPING, curvature_scale
+
+    torch.manual_seed(3)
+    m = nn.Sequential(
+        nn.Linear(3, 8),
+        nn.Tanh(),
+        nn.Linear(8, 8),
+        nn.Tanh(),
+        nn.Linear(8, 8),
+        nn.Tanh(),
+        nn.Linear(8, 2),
+    ).to(DT)
+    gen = torch.Generator().manual_seed(3)
+    X, y = torch.randn(4, 3, generator=gen, dtype=DT), torch.randn(4, 2, generator=gen, dtype=DT)
+    H = hessinv.Hessian(m, nn.MSELoss(), X, y)
+    f, x0 = reference_loss_fn(m, nn.MSELoss(), X, y)
+    A = torch.func.hessian(f)(x0) + damping * torch.eye(H.num_params, dtype=DT)
+    s = curvature_scale(H.blocks, damping)
+    ls = LiftedSystem(H.blocks, damping, scale=s)
+    big = abs(damping) >= KEEP_ALL_DAMPING * s
+    assert [q is None for q in ls.bases[1:3]] == [big, big]
+    ev = torch.linalg.eigvalsh(A)
+    t = H.num_params * torch.finfo(DT).eps * float(ev.abs().max())
+    if damping == 0.0 or float(ev.abs().min()) <= t:
+        with pytest.raises(hessinv.SingularHessianError):
+            H.solve(H.gradient(), damping=damping)
+        return
+    g = H.gradient()
+    x = H.solve(g, damping=damping, method="lifted")
+    xd = torch.linalg.solve(A, g)
+    res, res_d = (float(torch.linalg.vector_norm(A @ v - g)) for v in (x, xd))
+    assert res <= 100 * max(res_d, 1e-16 * float(torch.linalg.vector_norm(g)))
+    sign, la = H.logdet(damping, "lifted")
+    s_ref, la_ref = torch.linalg.slogdet(A)
+    assert sign == float(s_ref) and la == pytest.approx(float(la_ref), rel=1e-10, abs=1e-10)
+    inert = H.inertia(damping, "lifted")
+    assert tuple(inert) == (int((ev > t).sum()), int((ev < -t).sum()), 0) and inert.verified

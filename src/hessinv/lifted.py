@@ -84,10 +84,23 @@ def _block_diag(blocks: Tensor, transpose: bool = False) -> Tensor:
     return out.reshape(n * r, n * c)
 
 
-def _basis(b: StageBlocks) -> Tensor | None:
+#: With a damping of at least ``KEEP_ALL_DAMPING`` times the curvature scale ``s``
+#: a stage keeps all its parameter directions (``Q_l = I``) when the row space may
+#: have dimension ``k_l >= KEEP_ALL * p_l``: dropping the few others saves less in
+#: the block LU (``(p + m)^3 - (k + m)^3``) than the thin QR and the projections
+#: cost (``~2 p k^2 + 2 p^2 k``). With a smaller damping the dropped directions
+#: (eigenvalue ``d``, the null space at ``d = 0``) are always split off: left in
+#: ``K`` they are pivots at round-off level that the sign counts cannot resolve.
+KEEP_ALL = 0.8
+KEEP_ALL_DAMPING = 1e-6
+
+
+def _basis(b: StageBlocks, keep_all: bool = False) -> Tensor | None:
     """Orthonormal ``Q_l`` spanning the parameter directions stage ``l``'s blocks see.
 
-    ``None`` when no reduction is possible or promised (``Q_l = I``).
+    ``None`` when no reduction is possible or promised, or (``keep_all``: a
+    damping large enough, :data:`KEEP_ALL_DAMPING`) not worth its cost
+    (:data:`KEEP_ALL`): ``Q_l = I``.
     """
     if b.x_span is None:
         return None
@@ -95,9 +108,10 @@ def _basis(b: StageBlocks) -> Tensor | None:
     rows = [b.x_span.reshape(-1, p)]
     if b.Tzx is not None:
         rows.append(b.Tzx.reshape(-1, p))
-    a = torch.cat(rows, dim=0)
-    if a.shape[0] >= p:
+    n_rows = sum(r.shape[0] for r in rows)
+    if n_rows >= p or (keep_all and n_rows >= KEEP_ALL * p):
         return None
+    a = torch.cat(rows, dim=0)
     q, _ = torch.linalg.qr(a.T, mode="reduced")  # (p, k)
     return q
 
@@ -152,7 +166,8 @@ class LiftedSystem:
         self.damping = damping
         self.scale = scale
         self.dtype = dtype  # blocks are cast to it as they are built (None: as the blocks)
-        self.bases = [_basis(b) for b in blocks]
+        keep_all = abs(damping) >= KEEP_ALL_DAMPING * scale
+        self.bases = [_basis(b, keep_all) for b in blocks]
         self._k = [
             b.num_params if q is None else q.shape[1]
             for b, q in zip(blocks, self.bases, strict=True)
