@@ -102,3 +102,20 @@ def test_stages_keep_all_directions_where_the_basis_would_save_little(damping):
     assert sign == float(s_ref) and la == pytest.approx(float(la_ref), rel=1e-10, abs=1e-10)
     inert = H.inertia(damping, "lifted")
     assert tuple(inert) == (int((ev > t).sum()), int((ev < -t).sum()), 0) and inert.verified
+
+
+def test_projections_are_computed_once_and_shared():
+    """The kept bases and projected blocks are cached on the stage blocks: a second
+    factorization, the inertia's congruences and the Riccati pass reuse them."""
+    from hessinv.lifted import project_on
+
+    H = hessinv.Hessian(*tanh_mlp(4, 3, 2, gain=1.2))
+    fac = H.factor(0.5, method="lifted")
+    first = [dict(b.__dict__["_projected"]) for b in H.blocks]
+    H.inertia(0.5, "lifted")
+    H.factor(0.7, method="lifted")
+    for b, before in zip(H.blocks, first, strict=True):
+        after = b.__dict__["_projected"]
+        assert all(after[k] is v for k, v in before.items())
+    for b, q in zip(H.blocks, fac.system.bases, strict=True):
+        assert project_on(b, q) in b.__dict__["_projected"].values()

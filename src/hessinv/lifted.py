@@ -65,6 +65,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import overload
 
 import torch
@@ -114,6 +115,57 @@ def _basis(b: StageBlocks, keep_all: bool = False) -> Tensor | None:
     a = torch.cat(rows, dim=0)
     q, _ = torch.linalg.qr(a.T, mode="reduced")  # (p, k)
     return q
+
+
+@dataclass
+class Projected:
+    """Stage ``l``'s blocks restricted to its kept basis ``Q_l`` (unscaled, no damping).
+
+    Attributes:
+        q: ``Q_l`` (``p_l x k_l``) or ``None`` (``Q_l = I``).
+        txx: ``Q_l^T Txx_l Q_l`` (``None`` when ``Txx`` is).
+        jx: ``Jx_l Q_l`` as ``(N a_l, k_l)`` (``None`` for the last stage).
+        tzx: ``Tzx_l Q_l`` as ``(N a_{l-1}, k_l)`` (``None`` for the first stage).
+    """
+
+    q: Tensor | None
+    txx: Tensor | None
+    jx: Tensor | None
+    tzx: Tensor | None
+
+
+def _project(b: StageBlocks, q: Tensor | None) -> Projected:
+    p = b.num_params
+    jx = None if b.Jx is None else b.Jx.reshape(-1, p)
+    tzx = None if b.Tzx is None else b.Tzx.reshape(-1, p)
+    txx = b.Txx
+    if q is not None:
+        jx = None if jx is None else jx @ q
+        tzx = None if tzx is None else tzx @ q
+        txx = None if txx is None else q.T @ txx @ q
+    return Projected(q, txx, jx, tzx)
+
+
+def projected(b: StageBlocks, keep_all: bool = False) -> Projected:
+    """:class:`Projected` blocks of a stage on its basis :func:`_basis` (``keep_all``), cached.
+
+    Kept on the stage blocks themselves (they do not change once built), so
+    the factorization, its shifted copies, both congruences of the inertia and
+    the Riccati pass share one thin QR and one projection per stage. The
+    cache is at most the size of the blocks it is computed from.
+    """
+    cache = b.__dict__.setdefault("_projected", {})
+    if keep_all not in cache:
+        cache[keep_all] = _project(b, _basis(b, keep_all))
+    return cache[keep_all]
+
+
+def project_on(b: StageBlocks, q: Tensor | None) -> Projected:
+    """Stage blocks on the basis ``q``: the cached :func:`projected` if it has this ``q``."""
+    for pr in b.__dict__.get("_projected", {}).values():
+        if pr.q is q:
+            return pr
+    return _project(b, q)
 
 
 class _LazyBlocks(Sequence[Tensor]):
@@ -167,7 +219,8 @@ class LiftedSystem:
         self.scale = scale
         self.dtype = dtype  # blocks are cast to it as they are built (None: as the blocks)
         keep_all = abs(damping) >= KEEP_ALL_DAMPING * scale
-        self.bases = [_basis(b, keep_all) for b in blocks]
+        self._proj = [projected(b, keep_all) for b in blocks]
+        self.bases = [pr.q for pr in self._proj]
         self._k = [
             b.num_params if q is None else q.shape[1]
             for b, q in zip(blocks, self.bases, strict=True)
@@ -190,18 +243,13 @@ class LiftedSystem:
             return build
         return lambda i: build(i).to(self.dtype)
 
-    @staticmethod
-    def _cols(t: Tensor, q: Tensor | None) -> Tensor:
-        """Restrict the parameter (last) axis of ``t`` to the basis ``q``."""
-        return t if q is None else t @ q
-
     def _vv(self, l: int) -> Tensor:  # noqa: E741
         """``Q_l^T (Txx_l + d I) Q_l`` (divided by the scale ``s``)."""
-        b, q, k = self.blocks[l], self.bases[l], self._k[l]
-        if b.Txx is None:
-            ref = b.grad_x
+        txx, k = self._proj[l].txx, self._k[l]
+        if txx is None:
+            ref = self.blocks[l].grad_x
             return torch.eye(k, dtype=ref.dtype, device=ref.device) * (self.damping / self.scale)
-        dvv = (b.Txx if q is None else q.T @ b.Txx @ q) / self.scale
+        dvv = txx / self.scale
         dvv.diagonal().add_(self.damping / self.scale)  # dvv is a new tensor
         return dvv
 
@@ -214,7 +262,7 @@ class LiftedSystem:
         if l == len(self.blocks) - 1:
             return dvv
         m, k = self._m[l], self._k[l]
-        jx = self._cols(self.blocks[l].Jx.reshape(m, -1), self.bases[l])
+        jx = self._proj[l].jx
         out = dvv.new_empty(k + m, k + m)  # one buffer, no nested concatenations
         out[:k, :k] = dvv
         out[:k, k:] = jx.T
@@ -232,7 +280,7 @@ class LiftedSystem:
             out[k:].diagonal().fill_(-1.0)
             return out
         nxt = self.blocks[l + 1]
-        tzx = self._cols(nxt.Tzx.reshape(self._m[l], -1), self.bases[l + 1]) / self.scale
+        tzx = self._proj[l + 1].tzx / self.scale
         if l + 1 == len(self.blocks) - 1:
             return tzx
         return torch.cat([tzx, _block_diag(nxt.Jz, transpose=True)], dim=1)

@@ -84,7 +84,7 @@ import torch
 from torch import Tensor
 
 from .derivatives import StageBlocks
-from .lifted import _basis, _block_diag
+from .lifted import _basis, _block_diag, project_on
 from .riccati_result import RiccatiResult, _Pivot, _Stage
 
 __all__ = ["RiccatiResult", "riccati_pass"]
@@ -224,13 +224,10 @@ def riccati_pass(  # noqa: C901, PLR0912, PLR0915
         m_out = 0 if l == n_st - 1 else b.Jx.shape[0] * b.Jx.shape[1]
         m_in = 0 if l == 0 else b.Tzx.shape[0] * b.Tzx.shape[1]
         gam = (pl + m_out + m_in + k + 4) * eps
-        jx = None if l == n_st - 1 else b.Jx.reshape(m_out, pl)
-        tzx = None if l == 0 else b.Tzx.reshape(m_in, pl)
-        txx = b.Txx
-        if q is not None:
-            jx = None if jx is None else jx @ q
-            tzx = None if tzx is None else tzx @ q
-            txx = None if txx is None else q.T @ txx @ q
+        pr = project_on(b, q)  # the lifted system's projection when it has one
+        jx = None if l == n_st - 1 else pr.jx
+        tzx = None if l == 0 else pr.tzx
+        txx = pr.txx
         n_jx, n_p = _fro(jx), _fro(p_mat)
         qvv = torch.eye(k, dtype=ref.dtype, device=ref.device) * d
         if txx is not None:
