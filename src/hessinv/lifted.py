@@ -72,6 +72,7 @@ import torch
 from torch import Tensor
 
 from .derivatives import StageBlocks
+from .lifted_maps import BasisMaps
 
 
 def _block_diag(blocks: Tensor, transpose: bool = False) -> Tensor:
@@ -233,6 +234,7 @@ class LiftedSystem:
         for l in range(n_st - 1):  # noqa: E741
             self.sizes += [self._k[l] + self._m[l], self._m[l]]
         self.sizes.append(self._k[-1])
+        self._maps = BasisMaps(self.bases, [b.num_params for b in blocks], self._k, self._m)
         self.diag: Sequence[Tensor] = _LazyBlocks(len(self.sizes), self._cast(self._diag_block))
         self.upper: Sequence[Tensor] = _LazyBlocks(
             len(self.sizes) - 1, self._cast(self._upper_block)
@@ -293,53 +295,42 @@ class LiftedSystem:
         """Right-hand side per block, for ``g`` of shape ``(W, r)``.
 
         ``[Q_l^T g_l / s; 0]`` for ``(v_l, lam_l)``, ``0`` for ``u_l``, ``Q^T g / s`` for
-        the last ``v``.
+        the last ``v`` (batched over runs of equal stages, :mod:`hessinv.lifted_maps`).
         """
-        out = []
-        r = g.shape[1]
-        for l, gl in enumerate(self._split(g)):  # noqa: E741
-            q = self.bases[l]
-            piece = (gl if q is None else q.T @ gl) / self.scale
-            if l < len(self.blocks) - 1:
-                m = self._m[l]
-                out += [torch.cat([piece, g.new_zeros(m, r)], dim=0), g.new_zeros(m, r)]
-            else:
-                out.append(piece)
-        return out
+        return self._maps.rhs(g, self.scale)[0]
 
-    def extract(self, x: list[Tensor], g: Tensor, kept_only: bool = False) -> Tensor:
+    def rhs_and_projections(self, g: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        """:meth:`rhs`, and the ``Q_l^T g_l`` that :meth:`extract` can reuse."""
+        return self._maps.rhs(g, self.scale)
+
+    def extract(
+        self,
+        x: list[Tensor],
+        g: Tensor,
+        kept_only: bool = False,
+        *,
+        n_full: int | None = None,
+        projections: list[Tensor] | None = None,
+    ) -> Tensor:
         """``v_l = Q_l w_l + (g_l - Q_l Q_l^T g_l) / d`` from a lifted solution.
 
         ``kept_only``: leave out the dropped directions' part (the solve
-        restricted to the kept directions, defined also for ``d = 0``).
+        restricted to the kept directions, defined also for ``d = 0``);
+        ``n_full``: only the first ``n_full`` columns get it.
+        ``projections``: ``Q_l^T g_l`` from :meth:`rhs_and_projections`.
         """
-        out = []
-        for l, gl in enumerate(self._split(g)):  # noqa: E741
-            q, w = self.bases[l], x[2 * l][: self._k[l]]
-            if q is None:
-                out.append(w)
-                continue
-            if kept_only:
-                out.append(q @ w)
-                continue
-            perp = gl - q @ (q.T @ gl)
-            out.append(q @ w + perp / self.damping)
-        return torch.cat(out, dim=0)
+        if n_full is None:
+            n_full = 0 if kept_only else g.shape[1]
+        return self._maps.extract(x, g, self.damping, n_full, projections)
 
     def project_kept(self, g: Tensor) -> Tensor:
         """``Q_l Q_l^T g_l`` per stage: the part of ``g`` in the kept directions."""
-        out = []
-        for q, gl in zip(self.bases, self._split(g), strict=True):
-            out.append(gl if q is None else q @ (q.T @ gl))
-        return torch.cat(out, dim=0)
+        return self._maps.project_kept(g)
 
     @property
     def n_kept(self) -> int:
         """``sum_l k_l``: the ``v`` unknowns of ``K``."""
         return sum(self._k)
-
-    def _split(self, g: Tensor) -> list[Tensor]:
-        return list(torch.split(g, [b.num_params for b in self.blocks], dim=0))
 
     @property
     def singular_by_structure(self) -> bool:

@@ -75,6 +75,12 @@ def _contract(per_sample: Tensor, w: Tensor) -> Tensor:
     return per_sample.reshape(n * a, p).T @ w.reshape(n * a, -1)
 
 
+def _apply_per_sample(per_sample: Tensor, w: Tensor) -> Tensor:
+    """``per_sample[n] @ w`` for ``(N, a, p)`` and ``(p, k)``: one ``(N a, p) @ (p, k)`` product."""
+    n, a, p = per_sample.shape
+    return (per_sample.reshape(n * a, p) @ w).reshape(n, a, -1)
+
+
 def hvp(blocks: list[StageBlocks], v: Tensor) -> Tensor:
     """``H v`` for a block of vectors ``v`` of shape ``(W, k)`` (eq. 24)."""
     sizes = [b.num_params for b in blocks]
@@ -83,27 +89,30 @@ def hvp(blocks: list[StageBlocks], v: Tensor) -> Tensor:
     us: list[Tensor | None] = [None] * n_st
     for l in range(n_st - 1):  # noqa: E741
         b = blocks[l]
-        u = b.Jx @ vs[l]  # (N, a_l, k)
+        u = _apply_per_sample(b.Jx, vs[l])  # (N, a_l, k)
         if l > 0:
-            u = u + b.Jz @ us[l - 1]
+            u = torch.baddbmm(u, b.Jz, us[l - 1])
         us[l] = u
     out: list[Tensor] = [None] * n_st  # type: ignore[list-item]
     lam = None
     for l in reversed(range(n_st)):  # noqa: E741
         b = blocks[l]
-        o = torch.zeros_like(vs[l])
+        terms = []
         if lam is not None:
-            o = o + _contract(b.Jx, lam)
+            terms.append(_contract(b.Jx, lam))
         if l > 0:
-            o = o + _contract(b.Tzx, us[l - 1])
+            terms.append(_contract(b.Tzx, us[l - 1]))
         if b.Txx is not None:
-            o = o + b.Txx @ vs[l]
+            terms.append(b.Txx @ vs[l])
+        o = terms[0] if terms else torch.zeros_like(vs[l])
+        for t in terms[1:]:
+            o = o + t
         out[l] = o
         if l > 0:
             # adjoint of stage l-1's output
-            new = b.Tzz @ us[l - 1] + b.Tzx @ vs[l]
+            new = torch.baddbmm(_apply_per_sample(b.Tzx, vs[l]), b.Tzz, us[l - 1])
             if lam is not None:
-                new = new + b.Jz.transpose(-1, -2) @ lam
+                new = torch.baddbmm(new, b.Jz.transpose(-1, -2), lam)
             lam = new
     return torch.cat(out, dim=0)
 

@@ -85,22 +85,20 @@ class LiftedFactorization(Factorization):
         return LiftedFactorization(self.op, self.damping + shift, count_dtype=count)
 
     def _apply(self, g: Tensor) -> Tensor:
-        return self.system.extract(self.lu.solve(self.system.rhs(g)), g)
+        rhs, proj = self.system.rhs_and_projections(g)
+        return self.system.extract(self.lu.solve(rhs), g, projections=proj)
 
     def _apply_for_estimates(self, g: Tensor) -> Tensor:
-        gk = self.system.project_kept(g)
-        return self.system.extract(self.lu.solve(self.system.rhs(gk)), gk, kept_only=True)
+        """The solve restricted to the kept directions: ``Q w`` for ``rhs = Q^T g``."""
+        return self.system.extract(self.lu.solve(self.system.rhs(g)), g, kept_only=True)
 
     def _apply_pair(self, g: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """:meth:`_apply` of ``g`` and :meth:`_apply_for_estimates` of ``y`` in one LU pass."""
-        yk = self.system.project_kept(y)
         k = g.shape[1]
-        pairs = zip(self.system.rhs(g), self.system.rhs(yk), strict=True)
-        rhs = [torch.cat(pair, dim=1) for pair in pairs]
-        sol = self.lu.solve(rhs)
-        x = self.system.extract([s[:, :k] for s in sol], g)
-        z = self.system.extract([s[:, k:] for s in sol], yk, kept_only=True)
-        return x, z
+        gy = torch.cat([g, y], dim=1)
+        rhs, proj = self.system.rhs_and_projections(gy)
+        out = self.system.extract(self.lu.solve(rhs), gy, n_full=k, projections=proj)
+        return out[:, :k], out[:, k:]
 
     def _logdet(self) -> tuple[float, float]:
         self._require_regular_lu("log-determinant")

@@ -1,0 +1,144 @@
+"""Maps between parameter vectors and the lifted unknowns, batched over runs of stages.
+
+The lifted system (:mod:`hessinv.lifted`) keeps ``w_l = Q_l^T v_l`` for each
+stage; a solve maps the right-hand side ``g`` to ``[Q_l^T g_l / s; 0]`` per
+``(v_l, lam_l)`` block and back by ``v_l = Q_l w_l + (g_l - Q_l Q_l^T g_l) / d``.
+Stage by stage that is a few small products per stage, which on a deep
+network cost as much as the solve itself. A network's stages mostly repeat:
+consecutive stages with the same sizes ``(p_l, k_l, N a_l)`` form a *run*,
+whose bases are stacked once into a ``(n, p, k)`` tensor, and each map is one
+batched product per run (the rows of a run are contiguous in ``g``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class _Run:
+    """A run of ``n`` equal stages from ``first``, their rows from ``offset`` in ``g``.
+
+    Each has ``p`` parameters, ``k`` kept directions and ``m`` ``u`` unknowns;
+    ``qs`` stacks their bases (``None``: ``Q_l = I``).
+    """
+
+    first: int
+    n: int
+    offset: int
+    p: int
+    k: int
+    m: int
+    qs: Tensor | None
+
+
+class BasisMaps:
+    """``rhs``, ``extract`` and ``project_kept`` of :class:`hessinv.lifted.LiftedSystem`.
+
+    Args:
+        bases: Per stage ``Q_l`` or ``None``.
+        params: Per stage ``p_l``.
+        kept: Per stage ``k_l``.
+        ms: Per stage ``m_l = N a_l`` (all but the last stage).
+    """
+
+    def __init__(
+        self, bases: list[Tensor | None], params: list[int], kept: list[int], ms: list[int]
+    ) -> None:
+        self.n_stages = len(bases)
+        last = self.n_stages - 1
+        self.runs: list[_Run] = []
+        off, l = 0, 0  # noqa: E741
+        while l < self.n_stages:
+            key = self._key(bases, params, kept, ms, l)
+            j = l + 1
+            while j < last and l < last and self._key(bases, params, kept, ms, j) == key:
+                j += 1
+            qs = None if bases[l] is None else torch.stack(bases[l:j])
+            m = ms[l] if l < last else 0
+            self.runs.append(_Run(l, j - l, off, params[l], kept[l], m, qs))
+            off += (j - l) * params[l]
+            l = j  # noqa: E741
+
+    @staticmethod
+    def _key(bases, params, kept, ms, l):  # noqa: ANN001, ANN205, E741
+        q = bases[l]
+        shape = None if q is None else tuple(q.shape)
+        return (shape, params[l], kept[l], ms[l] if l < len(ms) else 0)
+
+    def _rows(self, g: Tensor, run: _Run) -> Tensor:
+        """Rows of ``g`` for the run's stages as ``(n, p, r)`` (a view)."""
+        return g[run.offset : run.offset + run.n * run.p].reshape(run.n, run.p, g.shape[1])
+
+    def rhs(self, g: Tensor, scale: float) -> tuple[list[Tensor], list[Tensor]]:
+        """``[Q_l^T g_l / s; 0]`` per ``(v_l, lam_l)``, ``0`` per ``u_l``, ``Q^T g / s`` last.
+
+        Returns:
+            The blocks, and per run ``Q_l^T g_l`` (``(n, k, r)``) for :meth:`extract`.
+        """
+        out: list[Tensor] = []
+        projections: list[Tensor] = []
+        r = g.shape[1]
+        last = self.n_stages - 1
+        for run in self.runs:
+            rows = self._rows(g, run)
+            piece = rows if run.qs is None else run.qs.mT @ rows  # (n, k, r)
+            projections.append(piece)
+            if run.first == last:
+                out.append(piece[0] / scale)
+                continue
+            buf = g.new_zeros(run.n, run.k + run.m, r)
+            torch.div(piece, scale, out=buf[:, : run.k])
+            zero_u = g.new_zeros(run.m, r)  # read only by the solve: shared
+            for i in range(run.n):
+                out += [buf[i], zero_u]
+        return out, projections
+
+    def extract(
+        self,
+        x: list[Tensor],
+        g: Tensor,
+        damping: float,
+        n_full: int,
+        projections: list[Tensor] | None = None,
+    ) -> Tensor:
+        """``v_l = Q_l (w_l - Q_l^T g_l / d) + g_l / d`` for the first ``n_full`` columns.
+
+        That is ``Q_l w_l + (g_l - Q_l Q_l^T g_l) / d``: the kept part from the
+        lifted solution, the dropped directions' part ``(I - Q_l Q_l^T) g_l / d``
+        from ``g`` (one product with ``Q_l`` per run, reusing ``Q_l^T g_l`` from
+        :meth:`rhs` when given). The other columns get the kept part ``Q_l w_l``
+        only (the solve restricted to the kept directions, defined also for
+        ``d = 0``).
+        """
+        out = []
+        for i_run, run in enumerate(self.runs):
+            stages = range(run.first, run.first + run.n)
+            w = torch.stack([x[2 * i][: run.k] for i in stages])  # (n, k, r), a new tensor
+            if run.qs is None:
+                out.append(w.reshape(run.n * run.p, -1))
+                continue
+            if n_full:
+                rows = self._rows(g, run)[..., :n_full]
+                if projections is None:
+                    proj = run.qs.mT @ rows
+                else:
+                    proj = projections[i_run][..., :n_full]
+                w[..., :n_full] -= proj / damping
+            v = run.qs @ w
+            if n_full:
+                v[..., :n_full] += rows / damping
+            out.append(v.reshape(run.n * run.p, -1))
+        return torch.cat(out, dim=0)
+
+    def project_kept(self, g: Tensor) -> Tensor:
+        """``Q_l Q_l^T g_l`` per stage: the part of ``g`` in the kept directions."""
+        out = []
+        for run in self.runs:
+            rows = self._rows(g, run)
+            kept = rows if run.qs is None else run.qs @ (run.qs.mT @ rows)
+            out.append(kept.reshape(run.n * run.p, -1))
+        return torch.cat(out, dim=0)
