@@ -119,3 +119,51 @@ def test_projections_are_computed_once_and_shared():
         assert all(after[k] is v for k, v in before.items())
     for b, q in zip(H.blocks, fac.system.bases, strict=True):
         assert project_on(b, q) in b.__dict__["_projected"].values()
+
+
+@pytest.mark.parametrize("n_full", [0, 1, 3])
+def test_batched_maps_match_the_stage_by_stage_formulas(n_full):
+    """Runs of equal stages (widths 5, 5, 5 then 7, 7; bases and ``Q_l = I`` mixed): ``rhs``
+    and ``extract`` equal the per-stage ``Q_l^T g_l / s`` and ``Q_l w_l + (g_l - Q_l Q_l^T
+    g_l) / d`` (first ``n_full`` columns; ``Q_l w_l`` for the others)."""
+    from torch import nn
+
+    torch.manual_seed(5)
+    widths = (3, 5, 5, 5, 5, 7, 7, 7, 2)
+    layers = []
+    for a, b in zip(widths[:-1], widths[1:], strict=True):
+        layers += [nn.Linear(a, b), nn.Tanh()]
+    m = nn.Sequential(*layers[:-1]).to(DT)
+    gen = torch.Generator().manual_seed(5)
+    X, y = torch.randn(2, 3, generator=gen, dtype=DT), torch.randn(2, 2, generator=gen, dtype=DT)
+    H = hessinv.Hessian(m, nn.MSELoss(), X, y)
+    d, s = 0.3, 4.0
+    ls = LiftedSystem(H.blocks, d, scale=s)
+    assert len(ls._maps.runs) < len(H.blocks)  # some runs, several stages each
+    assert {q is None for q in ls.bases} == {True, False}
+    g = torch.randn(H.num_params, 3, generator=gen, dtype=DT)
+    x = [torch.randn(n, 3, generator=gen, dtype=DT) for n in ls.sizes]
+    gs = torch.split(g, [b.num_params for b in H.blocks])
+    rhs, proj = ls.rhs_and_projections(g)
+    want = []
+    for l, (q, gl) in enumerate(zip(ls.bases, gs, strict=True)):  # noqa: E741
+        top = (gl if q is None else q.T @ gl) / s
+        if l < len(H.blocks) - 1:
+            want += [torch.cat([top, torch.zeros(ls._m[l], 3, dtype=DT)]), torch.zeros(ls._m[l], 3)]
+        else:
+            want.append(top)
+    assert len(rhs) == len(want)
+    for a, b in zip(rhs, want, strict=True):
+        assert torch.allclose(a, b.to(DT), rtol=1e-14, atol=1e-15)
+    parts = []
+    for l, (q, gl) in enumerate(zip(ls.bases, gs, strict=True)):  # noqa: E741
+        w = x[2 * l][: ls._k[l]]
+        if q is None:
+            parts.append(w)
+            continue
+        full = q @ w + (gl - q @ (q.T @ gl)) / d
+        parts.append(torch.cat([full[:, :n_full], (q @ w)[:, n_full:]], dim=1))
+    ref = torch.cat(parts)
+    for pr in (None, proj):
+        got = ls.extract(x, g, n_full=n_full, projections=pr)
+        assert torch.allclose(got, ref, rtol=1e-13, atol=1e-13)
