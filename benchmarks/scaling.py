@@ -101,10 +101,12 @@ def first_call_child(width: int, batch: int, depth: int, damping: float, gain: f
     model, loss, X, y = make_mlp(depth, width, batch, dtype=torch.float64, device="cpu", gain=gain)
     out = []
     for _ in range(2):
+        gc.collect()
         t0 = time.perf_counter()
         H = hessinv.Hessian(model, loss, X, y)
         H.solve(H.gradient(), damping=damping)
         out.append(time.perf_counter() - t0)
+        del H  # freed before the next call's clock starts
     return f"{out[0]} {out[1]}"
 
 
@@ -195,7 +197,7 @@ def run_case(width: int, batch: int, depth: int, args: argparse.Namespace) -> di
     )
     rec: dict = {"width": width, "batch": batch, "depth": depth}
     vs = [torch.randn_like(p) for p in model.parameters()]
-    t_build, t_fac, t_solve, t_hvp = [], [], [], []
+    t_build, t_fac, t_solve, t_hvp, t_inert = [], [], [], [], []
     for rep in range(args.reps):
         if rep >= 3 and sum(t_build) + sum(t_fac) + sum(t_solve) > 3 * args.slow_seconds:
             break  # a slow case: median of 3 (recorded in "reps")
@@ -204,6 +206,9 @@ def run_case(width: int, batch: int, depth: int, args: argparse.Namespace) -> di
         g = H.gradient()
         fac, tf = timed(lambda H=H: H.factor(d), dev)
         x, ts = timed(lambda fac=fac, g=g: fac.solve(g), dev)  # default checks on
+        if args.issue:  # the inertia of the same factorization, after the solve
+            _, ti = timed(lambda fac=fac: fac.inertia(), dev)
+            t_inert.append(ti)
         t_hvp.append(th)
         t_build.append(tb)
         t_fac.append(tf)
@@ -226,6 +231,9 @@ def run_case(width: int, batch: int, depth: int, args: argparse.Namespace) -> di
         solve_s=statistics.median(t_solve),
         residual=res,
     )
+    if t_inert:
+        rec["inertia_s"] = statistics.median(t_inert)
+        rec["inertia_over_factor"] = rec["inertia_s"] / rec["factor_s"]
     rec["total_s"] = rec["build_s"] + rec["factor_s"] + rec["solve_s"]
     rec["total_over_hvp"] = rec["total_s"] / rec["autograd_hvp_s"]
     W = H.num_params
@@ -432,6 +440,18 @@ def report(result: dict) -> str:
     )
     if "slopes" not in result:  # --issue
         out = head + table(result) + "\n"
+        rows = [r for r in result["depth_sweep"] if "inertia_s" in r]
+        if rows:
+            out += (
+                "\nInertia of the same factorization after the solve, against the "
+                "factorization:\n\n| width | batch | depth | factor s | inertia s | inertia / "
+                "factor |\n|---|---|---|---|---|---|\n"
+            )
+            for r in rows:
+                out += (
+                    f"| {r['width']} | {r['batch']} | {r['depth']} | {r['factor_s']:.3g} | "
+                    f"{r['inertia_s']:.3g} | {r['inertia_over_factor']:.2f} |\n"
+                )
         if result.get("first_call"):
             out += (
                 "\nFirst call in a fresh process (`import torch, hessinv` done; `Hessian(...)` "
