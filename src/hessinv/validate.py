@@ -7,22 +7,29 @@ block diagonal too. The derivative blocks (the paper's
 eqs. 10-13) are computed per sample, so a stage that mixes samples (batch
 statistics, a softmax over the batch, a loss of batch sums) would give a wrong
 ``H`` without any error. :func:`check_no_mixing` probes each stage (each module of
-a model stage) with random vectors supported on part of the batch:
+a model stage) with random vectors supported on part of the batch. The batch is
+split ``ceil(log2 N)`` ways, by each bit of the sample index (side ``S_b`` holds the
+samples whose bit ``b`` is set), so that any two samples ``m != n`` are on
+different sides of some split:
 
-* a non-final map ``f``: two vector-Jacobian products, ``u`` zero on sample 0
-  (then ``(J^T u)_0 = sum_{m>0} J_{m0}^T u_m`` must vanish) and ``u`` zero off
-  sample 0 (then ``(J^T u)_n = J_{0n}^T u_0``, ``n > 0``, must vanish);
-* the scalar loss: one Hessian-vector product by reverse over reverse, ``v`` zero
-  on sample 0 (``H`` is symmetric, so ``(H v)_0 = sum_{m>0} H_{0m} v_m`` covers
-  both directions).
+* a non-final map ``f``: per split, two vector-Jacobian products, ``u`` supported
+  on one side and then on the other; ``(J^T u)`` on the other side,
+  ``sum_{m in S} J_{mn}^T u_m`` for ``n`` outside ``S``, must vanish;
+* the scalar loss: per split, one Hessian-vector product by reverse over reverse,
+  ``v`` supported on one side (``H`` is symmetric, so ``(H v)_n = sum_{m in S}
+  H_{nm} v_m`` for ``n`` outside ``S`` covers both directions).
+
+A probe of one sample against the rest would miss a coupling between two other
+samples (say ``o[2] * o[3]`` in the loss).
 
 For a stage that treats samples independently the leaks are exact zeros (a
 zero cotangent row stays zero through per-sample operations); the threshold,
 ``100 eps`` times the in-support response, only absorbs round-off of stages that
 add and subtract batch sums. Both are measured in the same products, so the
 test is invariant under scaling the loss (``1e-12`` and ``1e12`` give the same
-verdict). Cost: one forward and two backward passes per stage; a stage that
-leaks is probed again module by module, to name the module at fault.
+verdict). Cost: one forward and ``2 ceil(log2 N)`` backward passes per stage (two
+at ``N = 2``); a stage that leaks is probed again module by module, to name the
+module at fault.
 
 The first stage of a functional (or traced) pipeline is exempt: its input is
 data and its generic blocks (``Jx``, ``Txx``, the gradient) are full Jacobians
@@ -142,43 +149,70 @@ def _norm(t: Tensor | None) -> float:
     return 0.0 if t is None else float(torch.linalg.vector_norm(t))
 
 
+def _splits(n: int, device: torch.device) -> list[Tensor]:
+    """Boolean sides of the batch, one per bit of the sample index: every pair is separated.
+
+    Samples ``i != j`` differ in some bit ``b`` of their index, so they fall on
+    different sides of split ``b``: ``ceil(log2 n)`` probes see a coupling between
+    *any* two samples (a probe of sample 0 against the rest would miss one that
+    spares sample 0).
+    """
+    idx = torch.arange(n, device=device)
+    return [((idx >> b) & 1).bool() for b in range(max(1, math.ceil(math.log2(n))))]
+
+
+def _rows_norm(t: Tensor | None, side: Tensor) -> float:
+    return 0.0 if t is None else _norm(t[side])
+
+
 def _jacobian_leak(out: Tensor, z: Tensor, gen: torch.Generator) -> tuple[float, float]:
-    """``(leak, ref)`` of the Jacobian of ``out`` (batch first) w.r.t. ``z`` (two VJPs)."""
-    n = z.shape[0]
+    """``(leak, ref)`` of the Jacobian of ``out`` (batch first) w.r.t. ``z`` (two VJPs per split).
+
+    For each split (:func:`_splits`) a random cotangent on one side only: what
+    reaches the other side is the leak; ``ref`` is the per-sample size within a side.
+    """
     u = _randn_like(out, gen)
-    u_rest = u.clone()
-    u_rest[0] = 0
-    u_first = torch.zeros_like(u)
-    u_first[0] = u[0]
-    # <out, u> as a scalar, not grad_outputs=u: torch's first call with grad_outputs
-    # imports sympy (0.4 s); the gradient is the same
-    (g_rest,) = torch.autograd.grad((out * u_rest).sum(), z, retain_graph=True, allow_unused=True)
-    (g_first,) = torch.autograd.grad((out * u_first).sum(), z, allow_unused=True)
-    if g_rest is None and g_first is None:
-        return 0.0, 0.0
-    leak = max(
-        _norm(None if g_rest is None else g_rest[0]),
-        _norm(None if g_first is None else g_first[1:]),
-    )
-    ref = max(
-        _norm(None if g_rest is None else g_rest[1:]) / math.sqrt(n - 1),
-        _norm(None if g_first is None else g_first[0]),
-    )
+    shape = (-1,) + (1,) * (u.dim() - 1)
+    splits = _splits(z.shape[0], z.device)
+    leak = ref = 0.0
+    for i, side in enumerate(splits):
+        for j, on in enumerate((side, ~side)):
+            last = i == len(splits) - 1 and j == 1
+            ub = u * on.reshape(shape).to(u.dtype)
+            # <out, u> as a scalar, not grad_outputs=u: torch's first call with grad_outputs
+            # imports sympy (0.4 s); the gradient is the same
+            (g,) = torch.autograd.grad(
+                (out * ub).sum(), z, retain_graph=not last, allow_unused=True
+            )
+            if g is None:
+                continue
+            leak = max(leak, _rows_norm(g, ~on))
+            ref = max(ref, _rows_norm(g, on) / math.sqrt(max(int(on.sum()), 1)))
     return leak, ref
 
 
 def _hessian_leak(loss: Tensor, z: Tensor, gen: torch.Generator) -> tuple[float, float]:
-    """``(leak, ref)`` of the Hessian of the scalar ``loss`` w.r.t. ``z`` (reverse over reverse)."""
-    n = z.shape[0]
+    """``(leak, ref)`` of the Hessian of the scalar ``loss`` w.r.t. ``z`` (reverse over reverse).
+
+    For each split (:func:`_splits`) ``H v`` for a random ``v`` on one side: what
+    reaches the other side is the leak (``H`` is symmetric: one side suffices).
+    """
     (g,) = torch.autograd.grad(loss.reshape(()), z, create_graph=True, allow_unused=True)
     if g is None or not g.requires_grad:
         return 0.0, 0.0  # affine in z: zero Hessian
     v = _randn_like(z, gen)
-    v[0] = 0
-    (hv,) = torch.autograd.grad((g * v).sum(), z, allow_unused=True)
-    if hv is None:
-        return 0.0, 0.0
-    return _norm(hv[0]), _norm(hv[1:]) / math.sqrt(n - 1)
+    shape = (-1,) + (1,) * (v.dim() - 1)
+    splits = _splits(z.shape[0], z.device)
+    leak = ref = 0.0
+    for i, side in enumerate(splits):
+        vb = v * side.reshape(shape).to(v.dtype)
+        last = i == len(splits) - 1
+        (hv,) = torch.autograd.grad((g * vb).sum(), z, retain_graph=not last, allow_unused=True)
+        if hv is None:
+            continue
+        leak = max(leak, _rows_norm(hv, ~side))
+        ref = max(ref, _rows_norm(hv, side) / math.sqrt(max(int(side.sum()), 1)))
+    return leak, ref
 
 
 def _mixing_hint(module: nn.Module | None) -> str:
@@ -251,8 +285,8 @@ def check_no_mixing(pipeline: Pipeline, zs: Sequence[Tensor] | None = None) -> N
                     break
         what = "Hessian" if scalar else "Jacobian"
         raise ValueError(
-            f"stage {i}: {culprit.label} mixes samples (its {what} couples sample 0 "
-            f"with the others: leak {leak:.2e} against {ref:.2e} within samples)"
+            f"stage {i}: {culprit.label} mixes samples (its {what} couples samples with "
+            f"each other: leak {leak:.2e} against {ref:.2e} within samples)"
             f"{_mixing_hint(culprit.module)}; every stage must treat the samples "
             "(first dimension) independently, or H would come out wrong"
         )
