@@ -139,12 +139,17 @@ def _parameter_free_blocks(  # noqa: ANN001
         else:
             self_out = out.reshape(n, -1)
             s = (self_out * cot.reshape(n, -1).detach()).sum()
-        (gz,) = torch.autograd.grad(s, zz, create_graph=second, allow_unused=True)
+        gz = None
+        if s.requires_grad:  # else the stage ignores its input: zero derivatives
+            (gz,) = torch.autograd.grad(s, zz, create_graph=second, allow_unused=True)
         gz = torch.zeros_like(zz) if gz is None else gz
         jz = jx = tzz = tzx = None
         if not last:
             a_out = self_out.shape[1]
-            jz = _comb_rows(self_out, zz, a_out)
+            if self_out.requires_grad:
+                jz = _comb_rows(self_out, zz, a_out)
+            else:
+                jz = zz.new_zeros(n, a_out, a_in)
             jx = zz.new_zeros(n, a_out, 0).detach()
         if second:
             tzz = (
