@@ -229,10 +229,15 @@ class Factorization(LinearOperator, ABC):
     def sigma_min_estimate(self) -> float:
         """An estimate (from above) of ``A``'s smallest singular value, by inverse iteration."""
         if self._sigma_min is None:
-            self._sigma_min = smallest_singular_value(
+            est = smallest_singular_value(
                 self._apply_for_estimates, self.size, self.dtype, self.op.device
             )
+            self._sigma_min = min(est, self._sigma_min_known())
         return self._sigma_min
+
+    def _sigma_min_known(self) -> float:
+        """A singular value known exactly without iterating (``inf``: none)."""
+        return math.inf
 
     def zero_count(self) -> int:
         """Number of eigenvalues with ``|lambda| <= t`` (:meth:`zero_threshold`).
@@ -322,9 +327,21 @@ class Factorization(LinearOperator, ABC):
         :meth:`norm` and :meth:`sigma_min_estimate` would compute.
         """
         inv = lan = None
-        if self._zero is None and self._sigma_min is None:
+        cls = type(self)
+        # only the estimates this method's decisions use: the default singularity test
+        # (inverse iteration) and the default norm (Lanczos on the operator)
+        if (
+            self._zero is None
+            and self._sigma_min is None
+            and cls.singular is Factorization.singular
+            and cls.zero_count is Factorization.zero_count
+        ):
             inv = Rider(inverse_iteration_steps(self.size, self.dtype, self.op.device))
-        if getattr(self.op, "_bounds", 0) is None and hasattr(self.op, "_store_bounds"):
+        if (
+            cls.norm is Factorization.norm
+            and getattr(self.op, "_bounds", 0) is None
+            and hasattr(self.op, "_store_bounds")
+        ):
             lan = Rider(block_lanczos_steps(self.size, self.dtype, self.op.device))
 
         def apply(v: Tensor) -> Tensor:
@@ -335,8 +352,8 @@ class Factorization(LinearOperator, ABC):
             return x
 
         def matmat(v: Tensor) -> Tensor:
-            if lan is None or lan.block is None:
-                return self.op.matmat(v)
+            if lan is None or lan.block is None or self.op._bounds is not None:
+                return self.op.matmat(v)  # (a method may have estimated the norm itself)
             k = v.shape[1]
             out = self.op.matmat(torch.cat([v, lan.block], dim=1))
             lan.feed(out[:, k:])
@@ -346,7 +363,8 @@ class Factorization(LinearOperator, ABC):
             if lan is not None and self.op._bounds is None:
                 self.op._store_bounds(lan.finish(self.op.matmat))
             if inv is not None and self._sigma_min is None:
-                self._sigma_min = inv.finish(self._apply_for_estimates)
+                est = inv.finish(self._apply_for_estimates)
+                self._sigma_min = min(est, self._sigma_min_known())
 
         try:
             out = refined_solve(matmat, apply, g, self.damping, refine, with_residual=True)

@@ -71,6 +71,17 @@ class LiftedFactorization(Factorization):
     def _structural_zeros(self) -> int:
         return self.system.n_dropped
 
+    def _sigma_min_known(self) -> float:
+        """``|d|``: the dropped directions are eigenvectors with eigenvalue ``d``.
+
+        The inverse iteration sees the kept directions only, so without this a
+        ``|d|`` below the zero threshold would go unnoticed (at ``d = 0`` they
+        are counted as structural zeros instead).
+        """
+        if self.system.n_dropped and self.damping != 0.0:
+            return abs(self.damping)
+        return math.inf
+
     @property
     def lifted_singular(self) -> bool:
         """``K`` has a pivot at round-off level (``<= eps max_k n_k ||K'||_max``)."""
