@@ -105,32 +105,37 @@ class BasisMaps:
         n_full: int,
         projections: list[Tensor] | None = None,
     ) -> Tensor:
-        """``v_l = Q_l (w_l - Q_l^T g_l / d) + g_l / d`` for the first ``n_full`` columns.
+        """``v_l = Q_l w_l + (g_l - Q_l Q_l^T g_l) / d`` for the first ``n_full`` columns.
 
-        That is ``Q_l w_l + (g_l - Q_l Q_l^T g_l) / d``: the kept part from the
-        lifted solution, the dropped directions' part ``(I - Q_l Q_l^T) g_l / d``
-        from ``g`` (one product with ``Q_l`` per run, reusing ``Q_l^T g_l`` from
-        :meth:`rhs` when given). The other columns get the kept part ``Q_l w_l``
-        only (the solve restricted to the kept directions, defined also for
-        ``d = 0``).
+        The kept part from the lifted solution, the dropped directions' part
+        ``(I - Q_l Q_l^T) g_l / d`` from ``g``, projected twice (as Gram-Schmidt
+        with reorthogonalization): one projection leaves ``eps |g_l|`` of ``g_l``
+        in the kept directions, which ``1 / d`` would amplify past the solve's
+        own accuracy at small ``d``; the second leaves ``eps^2 |g_l|``. ``Q_l^T
+        g_l`` comes from :meth:`rhs` when given. The other columns get the kept
+        part ``Q_l w_l`` only (the solve restricted to the kept directions,
+        defined also for ``d = 0``).
         """
         out = []
         for i_run, run in enumerate(self.runs):
             stages = range(run.first, run.first + run.n)
-            w = torch.stack([x[2 * i][: run.k] for i in stages])  # (n, k, r), a new tensor
+            w = torch.stack([x[2 * i][: run.k] for i in stages])  # (n, k, r)
             if run.qs is None:
                 out.append(w.reshape(run.n * run.p, -1))
                 continue
-            if n_full:
-                rows = self._rows(g, run)[..., :n_full]
-                if projections is None:
-                    proj = run.qs.mT @ rows
-                else:
-                    proj = projections[i_run][..., :n_full]
-                w[..., :n_full] -= proj / damping
-            v = run.qs @ w
-            if n_full:
-                v[..., :n_full] += rows / damping
+            if not n_full:
+                out.append((run.qs @ w).reshape(run.n * run.p, -1))
+                continue
+            rows = self._rows(g, run)[..., :n_full]
+            if projections is None:
+                proj = run.qs.mT @ rows
+            else:
+                proj = projections[i_run][..., :n_full]
+            both = run.qs @ torch.cat([w, proj], dim=-1)  # Q w and Q Q^T g in one product
+            v, qqg = both[..., : w.shape[-1]], both[..., w.shape[-1] :]
+            perp = rows - qqg
+            perp = perp - run.qs @ (run.qs.mT @ perp)  # reorthogonalized
+            v[..., :n_full] += perp / damping
             out.append(v.reshape(run.n * run.p, -1))
         return torch.cat(out, dim=0)
 
