@@ -308,11 +308,6 @@ def test_solve_refusals_on_singular_shifts():
                     assert F.inertia().zero >= 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pre-existing: dropped directions' eigenvalue d is never "
-    "counted as zero, even when |d| < W eps ||H + dI|| (lifted vs dense disagree)",
-)
 def test_tiny_damping_on_exact_null_directions_follows_the_zero_threshold():
     """Exact null directions of ``H`` at ``|d| < W eps ||H + dI||`` are zeros, as for 'dense'."""
     torch.manual_seed(2)
@@ -322,6 +317,10 @@ def test_tiny_damping_on_exact_null_directions_follows_the_zero_threshold():
     d = 1e-14  # the zero threshold is 1.4e-13 here
     lifted, dense = H.inertia(d, method="lifted"), H.inertia(d, method="dense")
     assert tuple(lifted) == tuple(dense)
+    assert lifted.zero > 0
+    with pytest.raises(hessinv.SingularHessianError, match="eigenvalue"):
+        H.solve(H.gradient(), damping=d, method="lifted")
+    assert H.logdet(d, method="lifted") == (0.0, -math.inf)
 
 
 @pytest.mark.parametrize("d", [1e-8, 1e-10, 1e-12])
