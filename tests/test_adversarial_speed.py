@@ -459,3 +459,54 @@ def test_mixing_that_spares_sample_0_is_refused(model, loss):
     X, y = torch.randn(4, 3, dtype=DT), torch.randn(4, 2, dtype=DT)
     with pytest.raises(ValueError, match="mixes samples"):
         hessinv.Hessian(model, loss, X, y)
+
+
+def test_kernel_loss_hessians_refuse_a_loss_coupling_two_later_samples():
+    """The Gauss-Newton kernel's own check of the loss: a coupling of samples 2 and 3 only."""
+    from hessinv.kernel import loss_output_hessians
+
+    y = torch.randn(4, 2, dtype=DT, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="couples samples"):
+        loss_output_hessians(lambda q: (q[2] * q[3]).sum() + (q**2).sum(), y)
+    lam = loss_output_hessians(lambda q: (q**2).sum(), y)  # per-sample: accepted, exact
+    assert torch.equal(lam, 2 * torch.eye(2, dtype=DT).expand(4, 2, 2))
+
+
+def test_traced_mixing_of_later_samples_is_refused():
+    """A module coupling samples 1..N-1 (not 0) after the first stage of a traced model is
+    refused; in the first stage (exempt: full-batch Jacobians) the Hessian is exact."""
+
+    class Mix(nn.Module):
+        def forward(self, z):
+            return torch.cat([z[:1], z[1:] + torch.tanh(z[1:]).mean(0)])
+
+    class Net(nn.Module):
+        def __init__(self, late):
+            super().__init__()
+            self.a, self.b, self.c, self.mix = (
+                nn.Linear(3, 4),
+                nn.Linear(4, 4),
+                nn.Linear(4, 2),
+                Mix(),
+            )
+            self.late = late
+
+        def forward(self, x):
+            h = torch.tanh(self.a(x))
+            if not self.late:
+                h = self.mix(h)
+            h = self.b(h)
+            if self.late:
+                h = self.mix(h)
+            return self.c(torch.tanh(h))
+
+    torch.manual_seed(0)
+    X, y = torch.randn(4, 3, dtype=DT), torch.randn(4, 2, dtype=DT)
+    late = Net(True).to(DT)
+    with pytest.raises(ValueError, match="mixes samples"):
+        hessinv.Hessian(late, nn.MSELoss(), X, y)
+    early = Net(False).to(DT)
+    H = hessinv.Hessian(early, nn.MSELoss(), X, y)
+    f, x0 = reference_loss_fn(early, nn.MSELoss(), X, y)
+    Hd = torch.func.hessian(f)(x0)
+    assert float((H.to_dense() - Hd).abs().max()) <= 1e-13 * float(Hd.abs().max())

@@ -47,6 +47,7 @@ from .derivatives import comb_jacobian
 from .errors import HINT, SingularHessianError
 from .jacobian import output_jacobian
 from .solvers.base import Factorization, Inertia, zero_threshold
+from .validate import batch_splits
 
 __all__ = [
     "GaussNewtonKernel",
@@ -68,8 +69,9 @@ def loss_output_hessians(loss: Callable[[Tensor], Tensor], y: Tensor) -> Tensor:
 
     ``o`` Hessian-vector products with comb directions (:func:`hessinv.derivatives.comb_jacobian`),
     then two checks that make them exact or refused: the loss must not couple
-    samples (one more product with a direction on sample 0 only must vanish on
-    the others) and ``L_n`` must be symmetric (to ``1e3 eps`` relative).
+    samples (for each split of the batch by a bit of the sample index, a product
+    with a direction on one side must vanish on the other:
+    :func:`hessinv.validate.batch_splits`) and ``L_n`` must be symmetric (to ``1e3 eps`` relative).
 
     Raises:
         ValueError: The loss couples samples, or its Hessian is not symmetric.
@@ -88,11 +90,13 @@ def loss_output_hessians(loss: Callable[[Tensor], Tensor], y: Tensor) -> Tensor:
     if n > 1:
         _, pull = vjp(grad_flat, yf)
         gen = torch.Generator(device="cpu").manual_seed(0)
-        c = torch.zeros_like(yf)
-        c[0] = torch.randn(o, generator=gen, dtype=yf.dtype).to(yf.device)
-        out = pull(c)[0]
-        leak = float(out[1:].abs().max())
-        if leak > 1e3 * eps * max(scale, float(out[0].abs().max()), 1e-300):
+        noise = torch.randn(yf.shape, generator=gen, dtype=yf.dtype).to(yf.device)
+        leak = ref = 0.0
+        for side in batch_splits(n, yf.device):  # every pair of samples separated once
+            out = pull(noise * side[:, None].to(yf.dtype))[0]
+            leak = max(leak, float(out[~side].abs().max()))
+            ref = max(ref, float(out[side].abs().max()))
+        if leak > 1e3 * eps * max(scale, ref, 1e-300):
             raise ValueError(
                 "the loss couples samples (its Hessian in the outputs is not block diagonal "
                 f"by sample: leak {leak:.2e}); the Gauss-Newton kernel needs a loss that is "

@@ -39,6 +39,7 @@ from .layers import (
     trainable,
 )
 from .pipeline import Pipeline, Stage
+from .validate import batch_splits
 
 ParamsArg = Iterable[Tensor] | Mapping[str, Tensor] | None
 
@@ -298,14 +299,16 @@ def stages_for_model(
 
 
 def check_no_mixing(pipeline: Pipeline) -> None:
-    """Raise if a stage after the first mixes samples (one JVP per stage, a VJP for the loss).
+    """Raise if a stage after the first mixes samples (``ceil(log2 N)`` JVPs per stage).
 
     The per-sample blocks ``Jz``, ``Tzz`` (comb tangents,
     :mod:`hessinv.derivatives`) assume that sample ``n`` of a stage's output
-    depends on sample ``n`` of its input only. A tangent on sample 0 of the
-    input must leave samples ``1..N-1`` of the output's tangent (for the last
-    stage: of ``d2 loss / dz2 @ t``, by reverse over reverse, which every loss
-    supports) at round-off level relative to sample 0's response (exact zeros
+    depends on sample ``n`` of its input only. For each split of the batch by a
+    bit of the sample index (:func:`hessinv.validate.batch_splits`: any two
+    samples are separated by one), a tangent on one side of the input must
+    leave the other side of the output's tangent (for the last stage: of ``d2
+    loss / dz2 @ t``, by reverse over reverse, which every loss supports) at
+    round-off level relative to the tangent side's response (exact zeros
     without mixing; the test follows a scaling of the loss). The first stage
     is exempt: its input is data, and its blocks (``Jx``, ``Txx``, the
     gradient) are full Jacobians of the batch, exact whether or not it mixes.
@@ -323,23 +326,25 @@ def check_no_mixing(pipeline: Pipeline) -> None:
         z = zs[i]
         if i == 0:
             continue
-        t = torch.zeros_like(z)
-        t[0] = torch.randn(z[0].shape, generator=gen, dtype=z.dtype).to(z.device)
-        if i == last:
+        noise = torch.randn(z.shape, generator=gen, dtype=z.dtype).to(z.device)
+        leak = ref = 0.0
+        for side in batch_splits(n, z.device):  # every pair of samples separated once
+            t = noise * side.reshape((-1,) + (1,) * (z.dim() - 1)).to(z.dtype)
+            if i == last:
 
-            def gz(zz: Tensor, st: Stage = st) -> Tensor:
-                return torch.func.grad(lambda q: st.fn(q, st.params).reshape(()))(zz)
+                def gz(zz: Tensor, st: Stage = st) -> Tensor:
+                    return torch.func.grad(lambda q: st.fn(q, st.params).reshape(()))(zz)
 
-            out = torch.func.grad(lambda zz, gz=gz, t=t: (gz(zz) * t).sum())(z)
-        else:
-            out = torch.func.jvp(lambda zz, st=st: st.fn(zz, st.params), (z,), (t,))[1]
-        leak = float(out[1:].abs().max())
-        ref = float(out[:1].abs().max())
-        # relative to sample 0's own response (so loss * c is judged as loss): with no
-        # mixing, samples 1..N-1 see exactly zero tangents and respond with exact zeros
+                out = torch.func.grad(lambda zz, gz=gz, t=t: (gz(zz) * t).sum())(z)
+            else:
+                out = torch.func.jvp(lambda zz, st=st: st.fn(zz, st.params), (z,), (t,))[1]
+            leak = max(leak, float(out[~side].abs().max()))
+            ref = max(ref, float(out[side].abs().max()))
+        # relative to the tangent side's own response (so loss * c is judged as loss): with
+        # no mixing, the other side sees exactly zero tangents and responds with exact zeros
         if leak > 1e3 * torch.finfo(z.dtype).eps * ref:
             raise ValueError(
-                f"stage {i} of the traced model mixes samples (a change to sample 0 changes "
-                f"samples 1..N-1 by {leak:.2e}): every operation after the first stage must treat "
+                f"stage {i} of the traced model mixes samples (a change to some samples "
+                f"changes others by {leak:.2e}): every operation after the first stage must treat "
                 "samples independently (batch norm in training mode, x - x.mean(0), ... do not)"
             )

@@ -149,7 +149,7 @@ def _norm(t: Tensor | None) -> float:
     return 0.0 if t is None else float(torch.linalg.vector_norm(t))
 
 
-def _splits(n: int, device: torch.device) -> list[Tensor]:
+def batch_splits(n: int, device: torch.device) -> list[Tensor]:
     """Boolean sides of the batch, one per bit of the sample index: every pair is separated.
 
     Samples ``i != j`` differ in some bit ``b`` of their index, so they fall on
@@ -168,12 +168,12 @@ def _rows_norm(t: Tensor | None, side: Tensor) -> float:
 def _jacobian_leak(out: Tensor, z: Tensor, gen: torch.Generator) -> tuple[float, float]:
     """``(leak, ref)`` of the Jacobian of ``out`` (batch first) w.r.t. ``z`` (two VJPs per split).
 
-    For each split (:func:`_splits`) a random cotangent on one side only: what
+    For each split (:func:`batch_splits`) a random cotangent on one side only: what
     reaches the other side is the leak; ``ref`` is the per-sample size within a side.
     """
     u = _randn_like(out, gen)
     shape = (-1,) + (1,) * (u.dim() - 1)
-    splits = _splits(z.shape[0], z.device)
+    splits = batch_splits(z.shape[0], z.device)
     leak = ref = 0.0
     for i, side in enumerate(splits):
         for j, on in enumerate((side, ~side)):
@@ -194,7 +194,7 @@ def _jacobian_leak(out: Tensor, z: Tensor, gen: torch.Generator) -> tuple[float,
 def _hessian_leak(loss: Tensor, z: Tensor, gen: torch.Generator) -> tuple[float, float]:
     """``(leak, ref)`` of the Hessian of the scalar ``loss`` w.r.t. ``z`` (reverse over reverse).
 
-    For each split (:func:`_splits`) ``H v`` for a random ``v`` on one side: what
+    For each split (:func:`batch_splits`) ``H v`` for a random ``v`` on one side: what
     reaches the other side is the leak (``H`` is symmetric: one side suffices).
     """
     (g,) = torch.autograd.grad(loss.reshape(()), z, create_graph=True, allow_unused=True)
@@ -202,7 +202,7 @@ def _hessian_leak(loss: Tensor, z: Tensor, gen: torch.Generator) -> tuple[float,
         return 0.0, 0.0  # affine in z: zero Hessian
     v = _randn_like(z, gen)
     shape = (-1,) + (1,) * (v.dim() - 1)
-    splits = _splits(z.shape[0], z.device)
+    splits = batch_splits(z.shape[0], z.device)
     leak = ref = 0.0
     for i, side in enumerate(splits):
         vb = v * side.reshape(shape).to(v.dtype)
