@@ -167,3 +167,32 @@ def test_batched_maps_match_the_stage_by_stage_formulas(n_full):
     for pr in (None, proj):
         got = ls.extract(x, g, n_full=n_full, projections=pr)
         assert torch.allclose(got, ref, rtol=1e-13, atol=1e-13)
+
+
+def test_merged_partition_is_the_same_matrix():
+    """Small neighbours merged (``lifted_merge``): the same ``K`` densely, ``join``/``split``
+    inverse to each other, and the merged LU's solve and determinant those of ``K``."""
+    from hessinv.blocktri import BlockTriLU
+    from hessinv.lifted import lifted_dense
+    from hessinv.lifted_merge import MergedBlocks, merge_groups
+
+    assert merge_groups([28, 8, 28, 8, 28], 64) == [[0, 1, 2], [3, 4]]
+    assert merge_groups([96, 32, 96], 64) == [[0], [1], [2]]
+    assert merge_groups([70, 3, 3], 64) == [[0], [1, 2]]
+    H = hessinv.Hessian(*tanh_mlp(6, 3, 2, gain=1.2))
+    ls = LiftedSystem(H.blocks, 0.3)
+    mb = MergedBlocks(ls.diag, ls.upper, ls.sizes)
+    assert len(mb.sizes) < len(ls.sizes) and sum(mb.sizes) == sum(ls.sizes)
+    K = ls.dense()
+    assert torch.equal(lifted_dense(list(mb.diag[:]), list(mb.upper[:])), K)
+    parts = [torch.randn(n, 2, dtype=DT) for n in ls.sizes]
+    back = mb.split(mb.join(parts))
+    assert all(torch.equal(a, b) for a, b in zip(back, parts, strict=True))
+    lu = BlockTriLU(mb.diag, mb.upper)
+    x = torch.cat(mb.split(lu.solve(mb.join(parts))))
+    r = torch.cat(parts)
+    xd = torch.linalg.solve(K, r)
+    assert torch.linalg.norm(K @ x - r) <= 100 * max(torch.linalg.norm(K @ xd - r), 1e-15)
+    s_ref, la_ref = torch.linalg.slogdet(K)
+    assert lu.slogdet()[0] == float(s_ref)
+    assert lu.slogdet()[1] == pytest.approx(float(la_ref), rel=1e-12, abs=1e-12)

@@ -41,6 +41,7 @@ from torch import Tensor
 from ..blocktri import BlockTriLU, InertiaResult, block_tri_inertia
 from ..errors import LiftedPrecisionError
 from ..lifted import LiftedSystem, curvature_scale
+from ..lifted_merge import MergedBlocks
 from ..progress import CountedSequence, progress_bar
 from ..riccati import RiccatiResult, riccati_pass
 from .base import Factorization, Inertia
@@ -55,10 +56,12 @@ class LiftedFactorization(Factorization):
         super().__init__(op, damping)
         s = curvature_scale(op.blocks, self.damping)
         self.system = LiftedSystem(op.blocks, self.damping, scale=s, dtype=count_dtype)
-        n_bl = len(self.system.sizes)
+        ls = self.system
+        self.merged = MergedBlocks(ls.diag, ls.upper, ls.sizes)  # small neighbours merged
+        n_bl = len(self.merged.sizes)
         with progress_bar(n_bl, "hessinv: lifted LU", getattr(op, "progress", False), "block") as b:
             # blocks built as consumed; the bar advances as each diagonal block is read
-            self.lu = BlockTriLU(CountedSequence(self.system.diag, b), self.system.upper)
+            self.lu = BlockTriLU(CountedSequence(self.merged.diag, b), self.merged.upper)
         self.m = self.system.m
         self._congruence: InertiaResult | None = None
         self._riccati: dict[str, RiccatiResult] = {}
@@ -95,20 +98,24 @@ class LiftedFactorization(Factorization):
         count = torch.float64 if self.dtype == torch.float32 else None
         return LiftedFactorization(self.op, self.damping + shift, count_dtype=count)
 
+    def _lu_solve(self, rhs: list[Tensor]) -> list[Tensor]:
+        """``K x = r`` per block of the lifted system (through the merged partition)."""
+        return self.merged.split(self.lu.solve(self.merged.join(rhs)))
+
     def _apply(self, g: Tensor) -> Tensor:
         rhs, proj = self.system.rhs_and_projections(g)
-        return self.system.extract(self.lu.solve(rhs), g, projections=proj)
+        return self.system.extract(self._lu_solve(rhs), g, projections=proj)
 
     def _apply_for_estimates(self, g: Tensor) -> Tensor:
         """The solve restricted to the kept directions: ``Q w`` for ``rhs = Q^T g``."""
-        return self.system.extract(self.lu.solve(self.system.rhs(g)), g, kept_only=True)
+        return self.system.extract(self._lu_solve(self.system.rhs(g)), g, kept_only=True)
 
     def _apply_pair(self, g: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """:meth:`_apply` of ``g`` and :meth:`_apply_for_estimates` of ``y`` in one LU pass."""
         k = g.shape[1]
         gy = torch.cat([g, y], dim=1)
         rhs, proj = self.system.rhs_and_projections(gy)
-        out = self.system.extract(self.lu.solve(rhs), gy, n_full=k, projections=proj)
+        out = self.system.extract(self._lu_solve(rhs), gy, n_full=k, projections=proj)
         return out[:, :k], out[:, k:]
 
     def _logdet(self) -> tuple[float, float]:
@@ -142,7 +149,7 @@ class LiftedFactorization(Factorization):
         """
         if self._congruence is None:
             self._require_regular_lu("inertia")
-            ls = self.system
+            ls = self.merged
             cap = max(ls.sizes)
             attempts: list[dict] = [
                 {"alpha": 0.01, "max_carry": cap, "pivoting": "ldl"},
@@ -170,7 +177,7 @@ class LiftedFactorization(Factorization):
         ``K``; its fronts and delayed pivots are different. ``None`` when no
         attempt agrees with the LU's determinant.
         """
-        ls = self.system
+        ls = self.merged
         n = len(ls.sizes)
         diag = _Reversed(n, lambda i: ls.diag[n - 1 - i])
         upper = _Reversed(n - 1, lambda i: ls.upper[n - 2 - i].T)
