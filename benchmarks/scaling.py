@@ -480,10 +480,10 @@ def report(result: dict) -> str:
     out = head + table(result) + "\n\nslopes (log time vs log depth, depth >= 32): "
     out += json.dumps({k: round(v, 3) for k, v in result["slopes"].items()}) + "\n"
     for sk in result.get("skipped", []):
-        out += (
-            f"\nskipped: width {sk['width']}, batch {sk['batch']}, depth {sk['depth']} "
-            f"(the factors alone need about {sk['factor_bytes_estimate'] / 2**30:.1f} GiB)\n"
+        why = sk.get("reason") or (
+            f"the factors alone need about {sk['factor_bytes_estimate'] / 2**30:.1f} GiB"
         )
+        out += f"\nskipped: width {sk['width']}, batch {sk['batch']}, depth {sk['depth']} ({why})\n"
     return out
 
 
@@ -533,6 +533,14 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--memory-child", nargs=4, default=None, help=argparse.SUPPRESS)
     p.add_argument("--first-call-child", nargs=3, type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--resume", action="store_true", help="reuse the cases of a partial run")
+    p.add_argument(
+        "--skip",
+        nargs="+",
+        default=[],
+        metavar="W,N,L",
+        help="cases (width,batch,depth) not to run, recorded as skipped with --skip-reason",
+    )
+    p.add_argument("--skip-reason", default="skipped on request")
     p.add_argument("--replot", action="store_true", help="redraw plots and table from the JSON")
     p.add_argument(
         "--memory-budget-gb",
@@ -623,6 +631,12 @@ def main(argv: list[str] | None = None) -> dict:
         for b in args.batches:
             for dep in args.depths:
                 est = factor_bytes(w, b, dep)
+                if f"{w},{b},{dep}" in args.skip:
+                    result["skipped"].append(
+                        {"width": w, "batch": b, "depth": dep, "reason": args.skip_reason}
+                    )
+                    print(f"w={w} N={b} L={dep}: skipped ({args.skip_reason})", flush=True)
+                    continue
                 if (w, b, dep) in done:
                     r = done[(w, b, dep)]
                 elif est > args.memory_budget_gb * 2**30:

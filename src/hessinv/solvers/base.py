@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
@@ -51,6 +51,15 @@ from torch import Tensor
 
 from ..errors import HINT, InaccurateSolveError, SingularHessianError
 from ..operator import LinearOperator
+from .contract import (
+    SOLVE_TOL_FACTOR,
+    Inertia,
+    normwise_backward_error,
+    refined_solve,
+    shifted_norm,
+    solve_tolerance,
+    zero_threshold,
+)
 from .estimates import (
     Rider,
     block_lanczos_steps,
@@ -62,69 +71,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..hessian import Hessian
 
 VectorLike = Tensor | Sequence[Tensor]
-
-#: A solve's normwise backward error may be at most this many ``eps``.
-SOLVE_TOL_FACTOR = 64.0
-
-
-def solve_tolerance(dtype: torch.dtype) -> float:
-    """The contract's bound on a solve's normwise backward error: ``64 eps``.
-
-    ``2.8e-14`` in float64, ``7.6e-6`` in float32. A dense LU with partial
-    pivoting, and the lifted factorization after one step of refinement,
-    reach a few ``eps``.
-    """
-    return SOLVE_TOL_FACTOR * torch.finfo(dtype).eps
-
-
-def zero_threshold(dtype: torch.dtype, size: int) -> float:
-    """Relative size below which an eigenvalue of ``A`` counts as zero: ``W eps``.
-
-    ``|lambda| <= W eps ||A||`` is at the level of the round-off a backward
-    stable eigensolver makes on a ``W x W`` matrix, so its sign is not
-    determined by the data (the rank tolerance of ``numpy.linalg.matrix_rank``).
-    """
-    return max(size, 1) * torch.finfo(dtype).eps
-
-
-class Inertia(tuple):
-    """``(positive, negative, zero)`` eigenvalue counts of ``H + damping I``.
-
-    A plain tuple to compare and unpack, with two more attributes:
-
-    Attributes:
-        verified: ``True`` when the counts were confirmed independently (an
-            orthogonal eigendecomposition, or two different congruences that
-            agree); ``False`` when they rest on one factorization only.
-        how: A sentence saying how the counts were obtained and checked.
-    """
-
-    verified: bool
-    how: str
-
-    def __new__(cls, positive: int, negative: int, zero: int, *, verified: bool, how: str):  # noqa: D102
-        self = super().__new__(cls, (int(positive), int(negative), int(zero)))
-        self.verified = bool(verified)
-        self.how = how
-        return self
-
-    @property
-    def positive(self) -> int:
-        """Number of positive eigenvalues."""
-        return self[0]
-
-    @property
-    def negative(self) -> int:
-        """Number of negative eigenvalues."""
-        return self[1]
-
-    @property
-    def zero(self) -> int:
-        """Number of eigenvalues counted as zero (:func:`zero_threshold`)."""
-        return self[2]
-
-    def __getnewargs_ex__(self):  # noqa: ANN204
-        return (self[0], self[1], self[2]), {"verified": self.verified, "how": self.how}
 
 
 class Factorization(LinearOperator, ABC):
@@ -229,15 +175,18 @@ class Factorization(LinearOperator, ABC):
     def sigma_min_estimate(self) -> float:
         """An estimate (from above) of ``A``'s smallest singular value, by inverse iteration."""
         if self._sigma_min is None:
-            est = smallest_singular_value(
+            self._sigma_min = smallest_singular_value(
                 self._apply_for_estimates, self.size, self.dtype, self.op.device
             )
-            self._sigma_min = min(est, self._sigma_min_known())
         return self._sigma_min
 
-    def _sigma_min_known(self) -> float:
-        """A singular value known exactly without iterating (``inf``: none)."""
-        return math.inf
+    def _known_zeros(self, t: float) -> int:
+        """Eigenvalues in ``[-t, t]`` known exactly, outside what the estimate iterates on.
+
+        :meth:`sigma_min_estimate` runs on :meth:`_apply_for_estimates`; a method
+        that leaves directions out of it with known eigenvalues counts them here.
+        """
+        return 0
 
     def zero_count(self) -> int:
         """Number of eigenvalues with ``|lambda| <= t`` (:meth:`zero_threshold`).
@@ -264,7 +213,7 @@ class Factorization(LinearOperator, ABC):
             return self.size
         sigma = self.sigma_min_estimate()
         if sigma > 10.0 * t:
-            return 0
+            return self._known_zeros(t)
         below = self._shifted(-t)._signs().negative  # eigenvalues < t
         above = self._shifted(t)._signs().negative  # eigenvalues < -t
         band = below - above
@@ -363,8 +312,7 @@ class Factorization(LinearOperator, ABC):
             if lan is not None and self.op._bounds is None:
                 self.op._store_bounds(lan.finish(self.op.matmat))
             if inv is not None and self._sigma_min is None:
-                est = inv.finish(self._apply_for_estimates)
-                self._sigma_min = min(est, self._sigma_min_known())
+                self._sigma_min = inv.finish(self._apply_for_estimates)
 
         try:
             out = refined_solve(matmat, apply, g, self.damping, refine, with_residual=True)
@@ -458,59 +406,3 @@ class Factorization(LinearOperator, ABC):
         except NotImplementedError:
             return None
         return (inert.negative == 0 and inert.zero == 0) if inert.verified else None
-
-
-def shifted_norm(op: Hessian, damping: float) -> float:
-    """``max(|theta_max + d|, |theta_min + d|)``: ``||H + dI||_2`` from below (Lanczos on ``H``)."""
-    lo, hi = op.spectral_bounds()
-    return max(abs(hi + damping), abs(lo + damping))
-
-
-def normwise_backward_error(r: Tensor, x: Tensor, g: Tensor, norm_a: float) -> Tensor:
-    """Per column ``||r|| / (||A|| ||x|| + ||g||)`` for the residual ``r = A x - g``."""
-    num = torch.linalg.vector_norm(r, dim=0)
-    den = norm_a * torch.linalg.vector_norm(x, dim=0) + torch.linalg.vector_norm(g, dim=0)
-    return torch.where(den > 0, num / den.clamp_min(torch.finfo(r.dtype).tiny), num * 0.0)
-
-
-def refined_solve(
-    matmat: Callable[[Tensor], Tensor],
-    apply: Callable[[Tensor], Tensor],
-    g: Tensor,
-    damping: float,
-    refine: int,
-    *,
-    with_residual: bool = False,
-) -> Tensor | tuple[Tensor, Tensor | None]:
-    """``apply(g)`` and up to ``refine`` steps of iterative refinement.
-
-    With ``with_residual``, returns ``(x, g - A x)`` (the residual from exact
-    products, ``None`` when ``refine <= 0`` computed none).
-
-    A step ``x <- x + apply(g - A x)`` is kept only if it lowers the largest
-    relative residual (on a system too ill-conditioned for the working
-    precision refinement diverges, and the better vector is kept); none is
-    taken once the residual is at round-off level.
-
-    Raises:
-        SingularHessianError: The solve overflowed.
-    """
-    x = apply(g)
-    if not torch.isfinite(x).all():
-        raise SingularHessianError(f"the solve overflowed. {HINT}")
-    if refine <= 0:
-        return (x, None) if with_residual else x
-    gn = torch.linalg.vector_norm(g, dim=0).clamp_min(torch.finfo(g.dtype).tiny)
-    r = g - matmat(x) - damping * x
-    worst = float((torch.linalg.vector_norm(r, dim=0) / gn).max())
-    eps = torch.finfo(g.dtype).eps
-    for _ in range(refine):
-        if worst <= 4 * eps:
-            break
-        x_new = x + apply(r)
-        r_new = g - matmat(x_new) - damping * x_new
-        worst_new = float((torch.linalg.vector_norm(r_new, dim=0) / gn).max())
-        if not math.isfinite(worst_new) or worst_new >= worst:
-            break
-        x, r, worst = x_new, r_new, worst_new
-    return (x, r) if with_residual else x

@@ -74,16 +74,15 @@ class LiftedFactorization(Factorization):
     def _structural_zeros(self) -> int:
         return self.system.n_dropped
 
-    def _sigma_min_known(self) -> float:
-        """``|d|``: the dropped directions are eigenvectors with eigenvalue ``d``.
+    def _known_zeros(self, t: float) -> int:
+        """The dropped directions: eigenvectors with eigenvalue exactly ``d``.
 
-        The inverse iteration sees the kept directions only, so without this a
-        ``|d|`` below the zero threshold would go unnoticed (at ``d = 0`` they
-        are counted as structural zeros instead).
+        The inverse iteration sees the kept directions only; ``d`` is known, so
+        they are zeros exactly when ``0 < |d| <= t`` (at ``d = 0`` they are the
+        structural zeros, counted apart).
         """
-        if self.system.n_dropped and self.damping != 0.0:
-            return abs(self.damping)
-        return math.inf
+        d = self.damping
+        return self.system.n_dropped if d != 0.0 and abs(d) <= t else 0
 
     @property
     def lifted_singular(self) -> bool:

@@ -1,0 +1,138 @@
+"""The contract's numbers: tolerances, the backward error, refinement, the :class:`Inertia`.
+
+Shared by every :class:`~hessinv.solvers.base.Factorization` (the protocol and
+its rules are documented in :mod:`hessinv.solvers.base`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from ..errors import HINT, SingularHessianError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..hessian import Hessian
+
+#: A solve's normwise backward error may be at most this many ``eps``.
+SOLVE_TOL_FACTOR = 64.0
+
+
+def solve_tolerance(dtype: torch.dtype) -> float:
+    """The contract's bound on a solve's normwise backward error: ``64 eps``.
+
+    ``2.8e-14`` in float64, ``7.6e-6`` in float32. A dense LU with partial
+    pivoting, and the lifted factorization after one step of refinement,
+    reach a few ``eps``.
+    """
+    return SOLVE_TOL_FACTOR * torch.finfo(dtype).eps
+
+
+def zero_threshold(dtype: torch.dtype, size: int) -> float:
+    """Relative size below which an eigenvalue of ``A`` counts as zero: ``W eps``.
+
+    ``|lambda| <= W eps ||A||`` is at the level of the round-off a backward
+    stable eigensolver makes on a ``W x W`` matrix, so its sign is not
+    determined by the data (the rank tolerance of ``numpy.linalg.matrix_rank``).
+    """
+    return max(size, 1) * torch.finfo(dtype).eps
+
+
+class Inertia(tuple):
+    """``(positive, negative, zero)`` eigenvalue counts of ``H + damping I``.
+
+    A plain tuple to compare and unpack, with two more attributes:
+
+    Attributes:
+        verified: ``True`` when the counts were confirmed independently (an
+            orthogonal eigendecomposition, or two different congruences that
+            agree); ``False`` when they rest on one factorization only.
+        how: A sentence saying how the counts were obtained and checked.
+    """
+
+    verified: bool
+    how: str
+
+    def __new__(cls, positive: int, negative: int, zero: int, *, verified: bool, how: str):  # noqa: D102
+        self = super().__new__(cls, (int(positive), int(negative), int(zero)))
+        self.verified = bool(verified)
+        self.how = how
+        return self
+
+    @property
+    def positive(self) -> int:
+        """Number of positive eigenvalues."""
+        return self[0]
+
+    @property
+    def negative(self) -> int:
+        """Number of negative eigenvalues."""
+        return self[1]
+
+    @property
+    def zero(self) -> int:
+        """Number of eigenvalues counted as zero (:func:`zero_threshold`)."""
+        return self[2]
+
+    def __getnewargs_ex__(self):  # noqa: ANN204
+        return (self[0], self[1], self[2]), {"verified": self.verified, "how": self.how}
+
+
+def shifted_norm(op: Hessian, damping: float) -> float:
+    """``max(|theta_max + d|, |theta_min + d|)``: ``||H + dI||_2`` from below (Lanczos on ``H``)."""
+    lo, hi = op.spectral_bounds()
+    return max(abs(hi + damping), abs(lo + damping))
+
+
+def normwise_backward_error(r: Tensor, x: Tensor, g: Tensor, norm_a: float) -> Tensor:
+    """Per column ``||r|| / (||A|| ||x|| + ||g||)`` for the residual ``r = A x - g``."""
+    num = torch.linalg.vector_norm(r, dim=0)
+    den = norm_a * torch.linalg.vector_norm(x, dim=0) + torch.linalg.vector_norm(g, dim=0)
+    return torch.where(den > 0, num / den.clamp_min(torch.finfo(r.dtype).tiny), num * 0.0)
+
+
+def refined_solve(
+    matmat: Callable[[Tensor], Tensor],
+    apply: Callable[[Tensor], Tensor],
+    g: Tensor,
+    damping: float,
+    refine: int,
+    *,
+    with_residual: bool = False,
+) -> Tensor | tuple[Tensor, Tensor | None]:
+    """``apply(g)`` and up to ``refine`` steps of iterative refinement.
+
+    With ``with_residual``, returns ``(x, g - A x)`` (the residual from exact
+    products, ``None`` when ``refine <= 0`` computed none).
+
+    A step ``x <- x + apply(g - A x)`` is kept only if it lowers the largest
+    relative residual (on a system too ill-conditioned for the working
+    precision refinement diverges, and the better vector is kept); none is
+    taken once the residual is at round-off level.
+
+    Raises:
+        SingularHessianError: The solve overflowed.
+    """
+    x = apply(g)
+    if not torch.isfinite(x).all():
+        raise SingularHessianError(f"the solve overflowed. {HINT}")
+    if refine <= 0:
+        return (x, None) if with_residual else x
+    gn = torch.linalg.vector_norm(g, dim=0).clamp_min(torch.finfo(g.dtype).tiny)
+    r = g - matmat(x) - damping * x
+    worst = float((torch.linalg.vector_norm(r, dim=0) / gn).max())
+    eps = torch.finfo(g.dtype).eps
+    for _ in range(refine):
+        if worst <= 4 * eps:
+            break
+        x_new = x + apply(r)
+        r_new = g - matmat(x_new) - damping * x_new
+        worst_new = float((torch.linalg.vector_norm(r_new, dim=0) / gn).max())
+        if not math.isfinite(worst_new) or worst_new >= worst:
+            break
+        x, r, worst = x_new, r_new, worst_new
+    return (x, r) if with_residual else x
