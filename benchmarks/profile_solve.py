@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import gc
 import io
 import os
 import pstats
@@ -117,6 +118,8 @@ def phases(width: int, batch: int, depth: int, reps: int) -> dict[str, float]:
         t = time.perf_counter()
         hessinv.products.hvp(H.blocks, g)
         rec("hessinv H@v (blocks built)", t)
+        del H, H2, H3, fac, fac2, ls, x  # freed here, not inside the next repetition's clock
+        gc.collect()
     return {k: statistics.median(v) for k, v in out.items()}
 
 
