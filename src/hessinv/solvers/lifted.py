@@ -33,14 +33,13 @@ across block boundaries in ``O(sum_k n_k^3)``, linear in depth.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
 from ..blocktri import BlockTriLU, InertiaResult, block_tri_inertia
 from ..errors import LiftedPrecisionError
-from ..lifted import LiftedSystem, curvature_scale
+from ..lifted import LiftedSystem, _LazyBlocks, curvature_scale
 from ..lifted_merge import MergedBlocks
 from ..progress import CountedSequence, progress_bar
 from ..riccati import RiccatiResult, riccati_pass
@@ -178,8 +177,8 @@ class LiftedFactorization(Factorization):
         """
         ls = self.merged
         n = len(ls.sizes)
-        diag = _Reversed(n, lambda i: ls.diag[n - 1 - i])
-        upper = _Reversed(n - 1, lambda i: ls.upper[n - 2 - i].T)
+        diag = _LazyBlocks(n, lambda i: ls.diag[n - 1 - i])
+        upper = _LazyBlocks(n - 1, lambda i: ls.upper[n - 2 - i].T)
         cap = max(ls.sizes)
         for kw in (
             {"alpha": 0.01, "max_carry": cap, "pivoting": "ldl"},
@@ -253,18 +252,3 @@ class LiftedFactorization(Factorization):
             + ("disagreed)" if rev is not None else "did not match the LU)")
         )
         return Inertia(*counts, verified=False, how=how)
-
-
-class _Reversed(Sequence[Tensor]):
-    """A lazy read-only sequence ``i -> build(i)`` (the lifted blocks in reverse order)."""
-
-    def __init__(self, n: int, build: Callable[[int], Tensor]) -> None:
-        self._n, self._build = n, build
-
-    def __len__(self) -> int:
-        return self._n
-
-    def __getitem__(self, i: int) -> Tensor:  # type: ignore[override]
-        if not -self._n <= i < self._n:
-            raise IndexError(i)
-        return self._build(i % self._n)
