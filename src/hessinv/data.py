@@ -69,7 +69,7 @@ import torch
 from torch import Tensor, nn
 
 from .batches import Batches, data_reduction
-from .errors import NonFiniteError
+from .errors import check_finite
 from .progress import ProgressArg, check_progress
 from .trace import ParamsArg
 
@@ -308,7 +308,7 @@ class DataOperator:
         self._check_fresh()
         if self._stacked:
             return super().gradient()  # type: ignore[misc]
-        return _finite(self._sum(lambda op: op.gradient()), "the gradient", self.dtype)
+        return check_finite(self._sum(lambda op: op.gradient()), "the gradient", self.dtype)
 
     def matmat(self, v: Tensor) -> Tensor:
         """``H V = sum_b w_b H_b V`` for ``V`` of shape ``(W, k)``, one batch at a time."""
@@ -322,7 +322,7 @@ class DataOperator:
         self._check_fresh()
         if self._stacked:
             return super().diagonal()  # type: ignore[misc]
-        return _finite(self._sum(lambda op: op.diagonal()), "the diagonal of H", self.dtype)
+        return check_finite(self._sum(lambda op: op.diagonal()), "the diagonal of H", self.dtype)
 
     def block_diagonal(self) -> list[Tensor]:
         """The exact ``p_l x p_l`` diagonal blocks of ``H``, one per stage."""
@@ -339,15 +339,6 @@ class DataOperator:
         eye = torch.eye(self.num_params, dtype=self.dtype, device=self.device)
         h = self.matmat(eye)
         return 0.5 * (h + h.T)
-
-
-def _finite(t: Tensor, what: str, dtype: torch.dtype) -> Tensor:
-    if not bool(torch.isfinite(t).all()):
-        raise NonFiniteError(
-            f"{what} overflowed in {dtype} (NaN or Inf entries): use float64 or a smaller "
-            "loss scale"
-        )
-    return t
 
 
 _CLASSES: dict[type, type] = {}

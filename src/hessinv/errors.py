@@ -69,3 +69,13 @@ class CostWarning(UserWarning):
     Raised as a warning before the work starts, with the estimate and what
     would make it cheaper; filter it with :mod:`warnings` once expected.
     """
+
+
+def check_finite(t: torch.Tensor, what: str, dtype: torch.dtype) -> torch.Tensor:
+    """``t``, or :class:`NonFiniteError` if it has NaN or Inf entries (``what`` overflowed)."""
+    if not bool(torch.isfinite(t).all()):
+        raise NonFiniteError(
+            f"{what} overflowed in {dtype} (NaN or Inf entries): the Hessian's entries exceed "
+            "this dtype's range; use float64 or a smaller loss scale"
+        )
+    return t

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from .derivatives import StageBlocks
-from .errors import NonFiniteError
+from .errors import check_finite
 from .operator import LinearOperator
 from .pipeline import Pipeline, Stage
 from .products import compute_blocks, gradient, hvp
@@ -228,7 +228,7 @@ class Hessian(Solves, LinearOperator):
     def gradient(self) -> Tensor:
         """The flat gradient, ``e_L M^{-1} D_x`` (paper eq. 8)."""
         self._check_fresh()
-        return _finite(gradient(self.blocks), "the gradient", self.dtype)
+        return check_finite(gradient(self.blocks), "the gradient", self.dtype)
 
     def matmat(self, v: Tensor) -> Tensor:
         """``H V`` for ``V`` of shape ``(W, k)`` (no checks of ``V``)."""
@@ -237,23 +237,22 @@ class Hessian(Solves, LinearOperator):
 
     def _matmat_checked(self, v: Tensor) -> Tensor:
         """``H V`` for ``@``: :class:`~hessinv.errors.NonFiniteError` on overflow."""
-        return _finite(self.matmat(v), "H @ v", self.dtype)
+        return check_finite(self.matmat(v), "H @ v", self.dtype)
 
     def diagonal(self) -> Tensor:
         """The exact diagonal of ``H`` (length ``W``), linear in depth (:mod:`hessinv.diagonal`)."""
         from .diagonal import diagonal
 
         self._check_fresh()
-        return _finite(diagonal(self.blocks), "the diagonal of H", self.dtype)
+        return check_finite(diagonal(self.blocks), "the diagonal of H", self.dtype)
 
     def block_diagonal(self) -> list[Tensor]:
         """The exact ``p_l x p_l`` diagonal blocks of ``H``, one per stage, linear in depth."""
         from .diagonal import block_diagonal
 
         self._check_fresh()
-        return [
-            _finite(b, "a diagonal block of H", self.dtype) for b in block_diagonal(self.blocks)
-        ]
+        what = "a diagonal block of H"
+        return [check_finite(b, what, self.dtype) for b in block_diagonal(self.blocks)]
 
     def to_dense(self) -> Tensor:
         """The ``W x W`` matrix, ``H @ I``."""
@@ -302,13 +301,3 @@ class Hessian(Solves, LinearOperator):
         from .spectrum import spectral_histogram
 
         return spectral_histogram(self, edges)
-
-
-def _finite(t: Tensor, what: str, dtype: torch.dtype) -> Tensor:
-    """``t``, or :class:`~hessinv.errors.NonFiniteError` if it has NaN or Inf entries."""
-    if not bool(torch.isfinite(t).all()):
-        raise NonFiniteError(
-            f"{what} overflowed in {dtype} (NaN or Inf entries): the Hessian's entries exceed "
-            "this dtype's range; use float64 or a smaller loss scale"
-        )
-    return t
