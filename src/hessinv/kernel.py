@@ -47,7 +47,7 @@ from .derivatives import comb_jacobian
 from .errors import HINT, SingularHessianError
 from .jacobian import output_jacobian
 from .solvers.base import Factorization, Inertia, zero_threshold
-from .validate import batch_splits
+from .validate import batch_splits, on_side
 
 __all__ = [
     "GaussNewtonKernel",
@@ -93,7 +93,7 @@ def loss_output_hessians(loss: Callable[[Tensor], Tensor], y: Tensor) -> Tensor:
         noise = torch.randn(yf.shape, generator=gen, dtype=yf.dtype).to(yf.device)
         leak = ref = 0.0
         for side in batch_splits(n, yf.device):  # every pair of samples separated once
-            out = pull(noise * side[:, None].to(yf.dtype))[0]
+            out = pull(on_side(noise, side))[0]
             leak = max(leak, float(out[~side].abs().max()))
             ref = max(ref, float(out[side].abs().max()))
         if leak > 1e3 * eps * max(scale, ref, 1e-300):

@@ -39,7 +39,7 @@ from .layers import (
     trainable,
 )
 from .pipeline import Pipeline, Stage
-from .validate import batch_splits
+from .validate import batch_splits, on_side
 
 ParamsArg = Iterable[Tensor] | Mapping[str, Tensor] | None
 
@@ -329,7 +329,7 @@ def check_no_mixing(pipeline: Pipeline) -> None:
         noise = torch.randn(z.shape, generator=gen, dtype=z.dtype).to(z.device)
         leak = ref = 0.0
         for side in batch_splits(n, z.device):  # every pair of samples separated once
-            t = noise * side.reshape((-1,) + (1,) * (z.dim() - 1)).to(z.dtype)
+            t = on_side(noise, side)
             if i == last:
 
                 def gz(zz: Tensor, st: Stage = st) -> Tensor:

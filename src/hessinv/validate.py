@@ -161,6 +161,11 @@ def batch_splits(n: int, device: torch.device) -> list[Tensor]:
     return [((idx >> b) & 1).bool() for b in range(max(1, math.ceil(math.log2(n))))]
 
 
+def on_side(t: Tensor, side: Tensor) -> Tensor:
+    """``t`` (batch first) with the samples outside ``side`` (a boolean per sample) zeroed."""
+    return t * side.reshape((-1,) + (1,) * (t.dim() - 1)).to(t.dtype)
+
+
 def _rows_norm(t: Tensor | None, side: Tensor) -> float:
     return 0.0 if t is None else _norm(t[side])
 
@@ -172,13 +177,12 @@ def _jacobian_leak(out: Tensor, z: Tensor, gen: torch.Generator) -> tuple[float,
     reaches the other side is the leak; ``ref`` is the per-sample size within a side.
     """
     u = _randn_like(out, gen)
-    shape = (-1,) + (1,) * (u.dim() - 1)
     splits = batch_splits(z.shape[0], z.device)
     leak = ref = 0.0
     for i, side in enumerate(splits):
         for j, on in enumerate((side, ~side)):
             last = i == len(splits) - 1 and j == 1
-            ub = u * on.reshape(shape).to(u.dtype)
+            ub = on_side(u, on)
             # <out, u> as a scalar, not grad_outputs=u: torch's first call with grad_outputs
             # imports sympy (0.4 s); the gradient is the same
             (g,) = torch.autograd.grad(
@@ -201,11 +205,10 @@ def _hessian_leak(loss: Tensor, z: Tensor, gen: torch.Generator) -> tuple[float,
     if g is None or not g.requires_grad:
         return 0.0, 0.0  # affine in z: zero Hessian
     v = _randn_like(z, gen)
-    shape = (-1,) + (1,) * (v.dim() - 1)
     splits = batch_splits(z.shape[0], z.device)
     leak = ref = 0.0
     for i, side in enumerate(splits):
-        vb = v * side.reshape(shape).to(v.dtype)
+        vb = on_side(v, side)
         last = i == len(splits) - 1
         (hv,) = torch.autograd.grad((g * vb).sum(), z, retain_graph=not last, allow_unused=True)
         if hv is None:

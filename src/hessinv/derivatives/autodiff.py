@@ -106,7 +106,10 @@ def _comb_rows(out: Tensor, z: Tensor, rows: int) -> Tensor:
 
     Row ``o`` of every sample's block from one reverse pass of ``out[:, o].sum()``
     (the comb cotangent ``e_o`` in every sample; exact when samples do not mix).
+    Zeros when ``out`` does not depend on ``z``.
     """
+    if not out.requires_grad:
+        return z.new_zeros(z.shape[0], rows, z.shape[1])
     got = []
     for o in range(rows):
         (g,) = torch.autograd.grad(out[:, o].sum(), z, retain_graph=True, allow_unused=True)
@@ -133,30 +136,24 @@ def _parameter_free_blocks(  # noqa: ANN001
     zz = z.reshape(n, -1).detach().clone().requires_grad_(True)
     a_in = zz.shape[1]
     with torch.enable_grad():
-        self_out = out = fn(zz.reshape(shape_in), ())
+        out = fn(zz.reshape(shape_in), ())
         if last:
             s = out.reshape(())
         else:
-            self_out = out.reshape(n, -1)
-            s = (self_out * cot.reshape(n, -1).detach()).sum()
+            out = out.reshape(n, -1)
+            s = (out * cot.reshape(n, -1).detach()).sum()
         gz = None
         if s.requires_grad:  # else the stage ignores its input: zero derivatives
             (gz,) = torch.autograd.grad(s, zz, create_graph=second, allow_unused=True)
         gz = torch.zeros_like(zz) if gz is None else gz
         jz = jx = tzz = tzx = None
         if not last:
-            a_out = self_out.shape[1]
-            if self_out.requires_grad:
-                jz = _comb_rows(self_out, zz, a_out)
-            else:
-                jz = zz.new_zeros(n, a_out, a_in)
-            jx = zz.new_zeros(n, a_out, 0).detach()
-        if second:
-            tzz = (
-                _comb_rows(gz, zz, a_in) if gz.requires_grad else zz.new_zeros(n, a_in, a_in)
-            ).detach()
-            tzx = zz.new_zeros(n, a_in, 0).detach()
-    empty = zz.new_zeros(0).detach()
+            jz = _comb_rows(out, zz, out.shape[1])
+            jx = zz.new_zeros(n, out.shape[1], 0)
+        if second:  # zeros when the stage is affine in z (gz does not depend on it)
+            tzz = _comb_rows(gz, zz, a_in)
+            tzx = zz.new_zeros(n, a_in, 0)
+    empty = zz.new_zeros(0)
     return StageBlocks(jz, jx, tzz, tzx, None, empty, gz.detach().reshape(shape_in))
 
 
