@@ -218,7 +218,7 @@ def run_case(width: int, batch: int, depth: int, args: argparse.Namespace) -> di
         g = H.gradient()
         fac, tf = timed(lambda H=H: H.factor(d), dev)
         x, ts = timed(lambda fac=fac, g=g: fac.solve(g), dev)  # default checks on
-        if args.issue:  # the inertia of the same factorization, after the solve
+        if args.issue and rep < args.inertia_reps:  # the inertia of this factorization
             _, ti = timed(lambda fac=fac: fac.inertia(), dev)
             t_inert.append(ti)
         t_hvp.append(th)
@@ -514,6 +514,18 @@ def main(argv: list[str] | None = None) -> dict:
     )
     p.add_argument("--reps", type=int, default=5)
     p.add_argument(
+        "--inertia-reps",
+        type=int,
+        default=1000,
+        help="with --issue: time the inertia in the first this many repetitions only",
+    )
+    p.add_argument(
+        "--cases",
+        nargs="+",
+        default=None,
+        help="with --issue: only these width,batch,depth cases (e.g. 16,64,128)",
+    )
+    p.add_argument(
         "--no-memory",
         action="store_true",
         help="skip the peak-memory runs (default with --quick)",
@@ -601,6 +613,8 @@ def main(argv: list[str] | None = None) -> dict:
         cases = [(16, 2, 128), (4, 2, 512), (16, 8, 64)]
         if args.device.startswith("cuda"):
             cases.append((16, 64, 128))
+        if args.cases:
+            cases = [tuple(int(v) for v in c.split(",")) for c in args.cases]
         args.dense_max, args.minres_max_depth = 0, 0
         for w, b, dep in cases:
             r = run_case(w, b, dep, args)

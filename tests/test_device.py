@@ -12,9 +12,10 @@ import pytest
 import torch
 
 import hessinv
-from hessinv.blocktri import BlockTriLU, _perm_from_pivots, _perm_on_device
+from hessinv.blocktri import BlockTriLU
 from hessinv.cli import make_mlp
 from hessinv.lifted import lifted_dense
+from hessinv.panel_lu import perm_from_pivots, perm_on_device
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
@@ -23,8 +24,8 @@ CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"
 def test_device_permutation_matches_lapack_interchanges(m, k):
     a = torch.randn(m, k, dtype=torch.float64, generator=torch.Generator().manual_seed(m + k))
     lu, piv, _ = torch.linalg.lu_factor_ex(a)
-    perm, swaps = _perm_on_device(piv, m)
-    ref_perm, ref_swaps = _perm_from_pivots(piv, m)  # LAPACK's interchanges applied in Python
+    perm, swaps = perm_on_device(piv, m)
+    ref_perm, ref_swaps = perm_from_pivots(piv, m)  # LAPACK's interchanges applied in Python
     assert torch.equal(perm, ref_perm) and int(swaps) == int(ref_swaps)
     if k:  # A[perm] = L U, the definition, checked directly
         low = torch.tril(lu, -1) + torch.eye(m, k, dtype=lu.dtype)
@@ -105,7 +106,17 @@ def test_hessian_solve_logdet_inertia_cuda(dtype):
 
 def test_blocktri_device_path_on_cpu(monkeypatch):
     """The loop as it runs on a GPU (permutations by ``lu_unpack``), here on the CPU."""
-    import hessinv.blocktri as bt
+    import hessinv.panel_lu as pl
 
-    monkeypatch.setattr(bt, "_perm_from_pivots", bt._perm_on_device)
+    monkeypatch.setattr(pl, "perm_from_pivots", pl.perm_on_device)
+    _check_blocktri("cpu")
+
+
+def test_blocktri_recursive_panels_on_cpu(monkeypatch):
+    """The loop with the GPU's recursive panel LU (leaves of 2 columns), here on the CPU."""
+    import hessinv.blocktri as bt
+    import hessinv.panel_lu as pl
+
+    monkeypatch.setattr(bt, "panel_lu", lambda a: pl.recursive_lu(a, leaf=2))
+    monkeypatch.setattr(pl, "perm_from_pivots", pl.perm_on_device)
     _check_blocktri("cpu")

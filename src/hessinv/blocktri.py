@@ -31,38 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-
-def _perm_from_pivots(piv: Tensor, m: int) -> tuple[Tensor, Tensor]:
-    """LAPACK 1-based row interchanges -> row permutation and swap count, as tensors.
-
-    ``A[perm] = L U``. On the CPU the interchanges are applied in Python (no
-    device to synchronize with); elsewhere :func:`_perm_on_device` keeps
-    everything on the device, so the stage loop never waits for the host.
-    """
-    if piv.device.type != "cpu":
-        return _perm_on_device(piv, m)
-    perm = list(range(m))
-    swaps = 0
-    for i, p in enumerate(piv.tolist()):
-        j = p - 1
-        if j != i:
-            perm[i], perm[j] = perm[j], perm[i]
-            swaps += 1
-    return torch.tensor(perm, device=piv.device), torch.tensor(swaps, device=piv.device)
-
-
-def _perm_on_device(piv: Tensor, m: int) -> tuple[Tensor, Tensor]:
-    """:func:`_perm_from_pivots` without leaving the device (no host synchronization).
-
-    ``lu_unpack`` applies the interchanges to the identity on the device:
-    ``A = P L U``, so row ``i`` of ``L U`` is row ``perm[i] = argmax_j P[j, i]`` of ``A``.
-    Every interchange ``i <-> piv_i - 1`` with ``piv_i - 1 != i`` is one transposition.
-    """
-    k = piv.shape[0]
-    p_mat, _, _ = torch.lu_unpack(piv.new_zeros(m, k, dtype=torch.float32), piv, unpack_data=False)
-    perm = p_mat.argmax(dim=0)
-    swaps = (piv - 1 != torch.arange(k, device=piv.device)).sum()
-    return perm, swaps
+from .panel_lu import panel_lu
 
 
 def _solve_lower_unit(lu: Tensor, b: Tensor) -> Tensor:
@@ -177,8 +146,7 @@ class BlockTriLU:
             n2 = 0 if up_next is None else up_next.shape[1]
             self.sizes.append(nk1)
             panel = torch.cat([a_cur, up.T], dim=0)
-            lu, piv, _ = torch.linalg.lu_factor_ex(panel)
-            perm_t, sw = _perm_from_pivots(piv, nk + nk1)
+            lu, perm_t, sw = panel_lu(panel)
             swaps.append(sw)
             # rows of block k (cols k+1 and the fill col k+2) over rows of block k+1,
             # gathered in pivot order straight into one buffer
@@ -196,8 +164,7 @@ class BlockTriLU:
             self.steps.append(_Step(l11u, l21, perm_t, u12, nk))
             pivots.append(torch.diagonal(l11u))
             up = up_next
-        lu, piv, _ = torch.linalg.lu_factor_ex(a_cur)
-        perm_t, sw = _perm_from_pivots(piv, a_cur.shape[0])
+        lu, perm_t, sw = panel_lu(a_cur)
         swaps.append(sw)
         self.last = _Step(
             lu, lu.new_zeros(0, lu.shape[1]), perm_t, a_cur.new_zeros(0, 0), a_cur.shape[0]

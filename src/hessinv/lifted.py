@@ -367,11 +367,10 @@ def curvature_scale(blocks: list[StageBlocks], damping: float) -> float:
     ``max(|d|, max |Txx|, max |Tzz|, max |Tzx|)`` over the stages, rounded to a
     power of two (so that scaling is exact); ``1`` when all of them vanish.
     """
-    big = abs(damping)
-    for b in blocks:
-        for t in (b.Txx, b.Tzz, b.Tzx):
-            if t is not None and t.numel():
-                big = max(big, float(t.abs().max()))
+    maxima = [
+        t.abs().amax() for b in blocks for t in (b.Txx, b.Tzz, b.Tzx) if t is not None and t.numel()
+    ]  # read on the host once (one device synchronization, not one per block)
+    big = max(abs(damping), float(torch.stack(maxima).amax()) if maxima else 0.0)
     if big == 0.0 or not math.isfinite(big):
         return 1.0
     return 2.0 ** round(math.log2(big))

@@ -145,10 +145,6 @@ def _randn_like(t: Tensor, gen: torch.Generator) -> Tensor:
     return torch.randn(t.shape, generator=gen, dtype=t.dtype).to(t.device)
 
 
-def _norm(t: Tensor | None) -> float:
-    return 0.0 if t is None else float(torch.linalg.vector_norm(t))
-
-
 def batch_splits(n: int, device: torch.device) -> list[Tensor]:
     """Boolean sides of the batch, one per bit of the sample index: every pair is separated.
 
@@ -166,8 +162,17 @@ def on_side(t: Tensor, side: Tensor) -> Tensor:
     return t * side.reshape((-1,) + (1,) * (t.dim() - 1)).to(t.dtype)
 
 
-def _rows_norm(t: Tensor | None, side: Tensor) -> float:
-    return 0.0 if t is None else _norm(t[side])
+def _side_sizes(n: int) -> list[int]:
+    """Samples on the ``True`` side of each split of :func:`batch_splits` (on the host)."""
+    return [sum((i >> b) & 1 for i in range(n)) for b in range(max(1, math.ceil(math.log2(n))))]
+
+
+def _largest(leaks: list[Tensor], refs: list[Tensor]) -> tuple[float, float]:
+    """``(max leaks, max refs)`` read on the host at once (one device synchronization)."""
+    if not leaks:
+        return 0.0, 0.0
+    both = torch.stack([torch.stack(leaks).amax(), torch.stack(refs).amax()]).tolist()
+    return float(both[0]), float(both[1])
 
 
 def _jacobian_leak(out: Tensor, z: Tensor, gen: torch.Generator) -> tuple[float, float]:
@@ -177,10 +182,12 @@ def _jacobian_leak(out: Tensor, z: Tensor, gen: torch.Generator) -> tuple[float,
     reaches the other side is the leak; ``ref`` is the per-sample size within a side.
     """
     u = _randn_like(out, gen)
-    splits = batch_splits(z.shape[0], z.device)
-    leak = ref = 0.0
-    for i, side in enumerate(splits):
-        for j, on in enumerate((side, ~side)):
+    n = z.shape[0]
+    splits = batch_splits(n, z.device)
+    leaks: list[Tensor] = []
+    refs: list[Tensor] = []
+    for i, (side, size) in enumerate(zip(splits, _side_sizes(n), strict=True)):
+        for j, (on, n_on) in enumerate(((side, size), (~side, n - size))):
             last = i == len(splits) - 1 and j == 1
             ub = on_side(u, on)
             # <out, u> as a scalar, not grad_outputs=u: torch's first call with grad_outputs
@@ -190,9 +197,9 @@ def _jacobian_leak(out: Tensor, z: Tensor, gen: torch.Generator) -> tuple[float,
             )
             if g is None:
                 continue
-            leak = max(leak, _rows_norm(g, ~on))
-            ref = max(ref, _rows_norm(g, on) / math.sqrt(max(int(on.sum()), 1)))
-    return leak, ref
+            leaks.append(torch.linalg.vector_norm(on_side(g, ~on)))
+            refs.append(torch.linalg.vector_norm(on_side(g, on)) / math.sqrt(max(n_on, 1)))
+    return _largest(leaks, refs)
 
 
 def _hessian_leak(loss: Tensor, z: Tensor, gen: torch.Generator) -> tuple[float, float]:
@@ -205,17 +212,19 @@ def _hessian_leak(loss: Tensor, z: Tensor, gen: torch.Generator) -> tuple[float,
     if g is None or not g.requires_grad:
         return 0.0, 0.0  # affine in z: zero Hessian
     v = _randn_like(z, gen)
-    splits = batch_splits(z.shape[0], z.device)
-    leak = ref = 0.0
-    for i, side in enumerate(splits):
+    n = z.shape[0]
+    splits = batch_splits(n, z.device)
+    leaks: list[Tensor] = []
+    refs: list[Tensor] = []
+    for i, (side, size) in enumerate(zip(splits, _side_sizes(n), strict=True)):
         vb = on_side(v, side)
         last = i == len(splits) - 1
         (hv,) = torch.autograd.grad((g * vb).sum(), z, retain_graph=not last, allow_unused=True)
         if hv is None:
             continue
-        leak = max(leak, _rows_norm(hv, ~side))
-        ref = max(ref, _rows_norm(hv, side) / math.sqrt(max(int(side.sum()), 1)))
-    return leak, ref
+        leaks.append(torch.linalg.vector_norm(on_side(hv, ~side)))
+        refs.append(torch.linalg.vector_norm(on_side(hv, side)) / math.sqrt(max(size, 1)))
+    return _largest(leaks, refs)
 
 
 def _mixing_hint(module: nn.Module | None) -> str:
@@ -346,13 +355,18 @@ class ParameterSnapshot:
 
     def changed(self) -> str | None:
         """The name of the first parameter that changed (or was replaced), else ``None``."""
+        differs: list[Tensor] = []  # compared on the device, read on the host once
         for s, v in zip(self.sources, self.values, strict=True):
             if s.owner is not None and getattr(s.owner, s.attr, None) is not s.tensor:
                 return f"{s.name} (replaced by another tensor)"
             t = s.tensor.detach()
-            if t.shape != v.shape or t.dtype != v.dtype or not torch.equal(t, v):
+            if t.shape != v.shape or t.dtype != v.dtype or t.device != v.device:
                 return s.name
-        return None
+            differs.append((t != v).any())  # True for NaN, as torch.equal
+        if not differs:
+            return None
+        flags = torch.stack([f.to(differs[0].device) for f in differs]).tolist()
+        return next((s.name for s, f in zip(self.sources, flags, strict=True) if f), None)
 
     def check(self) -> None:
         """Raise :class:`StaleOperatorError` if a parameter changed since the snapshot."""
