@@ -476,6 +476,8 @@ def report(result: dict) -> str:
                     f"| {r['width']} | {r['batch']} | {r['depth']} | {r['first_call_s']:.3f} | "
                     f"{r['warm_call_s']:.3f} | {r['first_call_extra_s']:.3f} |\n"
                 )
+        for note in result.get("notes", []):
+            out += f"\nNote: {note}\n"
         return out
     out = head + table(result) + "\n\nslopes (log time vs log depth, depth >= 32): "
     out += json.dumps({k: round(v, 3) for k, v in result["slopes"].items()}) + "\n"
@@ -519,6 +521,7 @@ def main(argv: list[str] | None = None) -> dict:
         default=1000,
         help="with --issue: time the inertia in the first this many repetitions only",
     )
+    p.add_argument("--note", nargs="*", default=[], help="notes printed under the table")
     p.add_argument(
         "--cases",
         nargs="+",
@@ -608,6 +611,7 @@ def main(argv: list[str] | None = None) -> dict:
         "batch_sweep": [],
         "skipped": [],
         "memory_budget_gb": args.memory_budget_gb,
+        "notes": args.note,
     }
     if args.issue:
         cases = [(16, 2, 128), (4, 2, 512), (16, 8, 64)]
@@ -624,6 +628,8 @@ def main(argv: list[str] | None = None) -> dict:
                 f"{r['total_over_hvp']:.1f} autograd H@v; res {r['residual']:.1e}",
                 flush=True,
             )
+            # after every case: a run cut short keeps what it measured
+            (args.out / f"scaling_{tag}.json").write_text(json.dumps(result, indent=1))
         if not args.device.startswith("cuda"):  # the first call in a fresh process
             result["first_call"] = [first_call(4, 2, 4, args)] + [
                 first_call(w, b, dep, args) for w, b, dep in cases

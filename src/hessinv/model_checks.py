@@ -107,6 +107,26 @@ def check_leaf(m: nn.Module, name: str) -> None:
         )
 
 
+def check_no_instance_forward(model: nn.Module) -> None:
+    """Refuse a ``forward`` assigned on a module object (``m.forward = ...``).
+
+    hessinv evaluates a known module from its class (its layer function) and
+    traces a model from its class's ``forward``: a function stored on the
+    instance would be ignored, and ``H`` would be that of another network.
+
+    Raises:
+        ValueError: Naming the module.
+    """
+    for name, m in model.named_modules():
+        if "forward" in vars(m):
+            label = f"module '{name}' ({type(m).__name__})" if name else "the model"
+            raise ValueError(
+                f"{label} has a forward assigned on the object (m.forward = ...); hessinv "
+                "evaluates a module from its class and would ignore it. Define a subclass "
+                f"with that forward instead (it is traced), or {WAY_OUT}"
+            )
+
+
 def check_untied(model: nn.Module) -> None:
     """Refuse trainable tensors used in two places (tied weights, a module used twice).
 

@@ -38,6 +38,7 @@ from .layers import (
     stages_from_sequential,
     trainable,
 )
+from .model_checks import check_no_instance_forward
 from .pipeline import Pipeline, Stage
 from .validate import batch_splits, on_side
 
@@ -288,6 +289,7 @@ def stages_for_model(
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     check_tied(model)
+    check_no_instance_forward(model)
     chosen = resolve_params(model, params)
     if _plain_sequential(model):
         frozen = _sequential_frozen(model, chosen)

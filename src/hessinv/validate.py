@@ -137,6 +137,52 @@ def _stage_probes(stage: Stage) -> list[_Probe]:
     return probes
 
 
+#: Exact module types that map each sample alone by construction (``F.linear`` and
+#: elementwise functions act on the last dimension). A stage made only of them,
+#: unhooked, needs no mixing probe; a subclass, a hook or a replaced ``forward`` is probed.
+_ROW_WISE = (
+    nn.Linear,
+    nn.Identity,
+    nn.Tanh,
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.Sigmoid,
+    nn.LogSigmoid,
+    nn.GELU,
+    nn.SiLU,
+    nn.Mish,
+    nn.Softplus,
+    nn.Softsign,
+    nn.ELU,
+    nn.CELU,
+    nn.SELU,
+    nn.Hardtanh,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.Tanhshrink,
+)
+
+
+def _row_wise(m: nn.Module) -> bool:
+    """``m`` acts on each sample alone by construction (:data:`_ROW_WISE`, no hooks)."""
+    mod = nn.modules.module
+    return (
+        type(m) in _ROW_WISE
+        and not (m._forward_hooks or m._forward_pre_hooks)
+        and "forward" not in vars(m)
+        and not (mod._global_forward_hooks or mod._global_forward_pre_hooks)
+    )
+
+
+def _row_wise_stage(stage: Stage) -> bool:
+    """A model stage of :data:`_ROW_WISE` modules only, without the loss."""
+    st = stage.structure
+    if st is None or getattr(st, "layer_fn", None) is None or st.loss is not None:
+        return False
+    return _row_wise(st.layer) and all(_row_wise(m) for m in st.tail)
+
+
 def _callable_name(f: object) -> str:
     return getattr(f, "__qualname__", None) or type(f).__name__
 
@@ -280,8 +326,10 @@ def check_no_mixing(pipeline: Pipeline, zs: Sequence[Tensor] | None = None) -> N
             continue  # integer inputs (token ids): no direction to probe
         if i == 0 and getattr(stage.structure, "layer_fn", None) is None:
             continue  # generic first stage: its blocks are full batch Jacobians, exact anyway
-        tol = MIXING_RTOL_EPS * torch.finfo(z.dtype).eps
         scalar = i == n_st - 1
+        if not scalar and _row_wise_stage(stage):
+            continue  # per sample by construction: nothing to probe
+        tol = MIXING_RTOL_EPS * torch.finfo(z.dtype).eps
         leak, ref, _ = _leak(lambda zz, s=stage: s.fn(zz, s.params), z, scalar, gen)
         if not leak > tol * ref:
             continue

@@ -1,0 +1,73 @@
+"""The sample-mixing check skips only stages that are per sample by construction."""
+
+import pytest
+import torch
+from torch import nn
+
+import hessinv
+import hessinv.validate as val
+
+
+class MixingLinear(nn.Linear):
+    """A Linear subclass whose forward couples the samples (``- mean over the batch``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = super().forward(x)
+        return out - out.mean(0, keepdim=True)
+
+
+def _data(n: int = 6):
+    gen = torch.Generator().manual_seed(0)
+    return torch.randn(n, 3, generator=gen, dtype=torch.float64), torch.randn(
+        n, 1, generator=gen, dtype=torch.float64
+    )
+
+
+def test_plain_stages_are_not_probed_but_the_loss_stage_is(monkeypatch):
+    calls = []
+    orig = val._leak
+
+    def counting(fn, z, scalar, gen):  # noqa: ANN001, ANN202
+        calls.append(scalar)
+        return orig(fn, z, scalar, gen)
+
+    monkeypatch.setattr(val, "_leak", counting)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 1))
+    X, y = _data()
+    hessinv.Hessian(model.double(), nn.MSELoss(), X, y)
+    assert calls == [True]  # the last stage (with the loss) only
+
+
+def test_a_subclass_that_mixes_is_still_probed_and_refused():
+    layers = [nn.Linear(3, 4), nn.Tanh(), MixingLinear(4, 4), nn.Tanh(), nn.Linear(4, 1)]
+    X, y = _data()
+    with pytest.raises(ValueError, match="stage 1 .*mixes samples"):
+        hessinv.Hessian(nn.Sequential(*layers).double(), nn.MSELoss(), X, y)
+
+
+@pytest.mark.parametrize("where", [0, 2, None])
+def test_a_forward_assigned_on_the_object_is_refused(where):
+    """It used to be ignored silently: H was the plain Linear's (off by 0.8 here)."""
+    model = nn.Sequential(
+        nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 1)
+    ).double()
+    m = model if where is None else model[where]
+    plain = m.forward
+    m.forward = lambda x: plain(x) - plain(x).mean(0, keepdim=True)
+    X, y = _data()
+    label = "the model" if where is None else f"module '{where}' \\(Linear\\)"
+    with pytest.raises(ValueError, match=label + " has a forward assigned on the object"):
+        hessinv.Hessian(model, nn.MSELoss(), X, y)
+
+
+def test_a_global_forward_hook_turns_the_probe_back_on(monkeypatch):
+    calls = []
+    orig = val._leak
+    monkeypatch.setattr(val, "_leak", lambda fn, z, s, gen: calls.append(s) or orig(fn, z, s, gen))
+    handle = nn.modules.module.register_module_forward_hook(lambda m, i, o: None)
+    try:
+        assert not val._row_wise(nn.Tanh())
+    finally:
+        handle.remove()
+    assert val._row_wise(nn.Tanh()) and val._row_wise(nn.Linear(2, 2))
+    assert not val._row_wise(nn.Softmax(dim=0)) and not val._row_wise(MixingLinear(2, 2))
