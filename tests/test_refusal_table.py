@@ -157,6 +157,15 @@ def _parametrize_or_hook():
     _hessian(model)
 
 
+def _instance_forward():
+    model = _mlp(nn.Tanh())
+    plain = model[0].forward
+    model[0].forward = lambda x: 2 * plain(x)  # used to be ignored without a word
+    with pytest.raises(ValueError, match="forward assigned on the object"):
+        _hessian(model)
+    _hessian(model)
+
+
 def _dtypes():
     X, y = _data()
     for dt in (torch.float16, torch.bfloat16):
@@ -345,6 +354,7 @@ CASES = {
     "parametrizations or forward hooks in a model that is a plain `nn.Sequential`": (
         _parametrize_or_hook
     ),
+    "a `forward` assigned on a module object (`m.forward = ...`)": _instance_forward,
     "float16, bfloat16 or complex parameters, `X` or `y`": _dtypes,
     "`X` that is not a tensor (a dict, a list)": _x_not_tensor,
     "a `forward` torch.fx cannot trace (data-dependent control flow, ...)": _untraceable,
