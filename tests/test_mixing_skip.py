@@ -71,3 +71,9 @@ def test_a_global_forward_hook_turns_the_probe_back_on(monkeypatch):
         handle.remove()
     assert val._row_wise(nn.Tanh()) and val._row_wise(nn.Linear(2, 2))
     assert not val._row_wise(nn.Softmax(dim=0)) and not val._row_wise(MixingLinear(2, 2))
+
+
+def test_side_sizes_count_each_split():
+    for n in (2, 3, 7, 8, 9, 64, 100, 1000):
+        sides = val.batch_splits(n, torch.device("cpu"))
+        assert val._side_sizes(n) == [int(s.sum()) for s in sides]

@@ -165,14 +165,14 @@ _ROW_WISE = (
 
 
 def _row_wise(m: nn.Module) -> bool:
-    """``m`` acts on each sample alone by construction (:data:`_ROW_WISE`, no hooks)."""
+    """``m`` acts on each sample alone by construction (:data:`_ROW_WISE`, no global hooks).
+
+    A module's own hooks and a ``forward`` assigned on it never reach a stage:
+    :func:`hessinv.model_checks.check_leaf` and
+    :func:`hessinv.model_checks.check_no_instance_forward` refuse them first.
+    """
     mod = nn.modules.module
-    return (
-        type(m) in _ROW_WISE
-        and not (m._forward_hooks or m._forward_pre_hooks)
-        and "forward" not in vars(m)
-        and not (mod._global_forward_hooks or mod._global_forward_pre_hooks)
-    )
+    return type(m) in _ROW_WISE and not (mod._global_forward_hooks or mod._global_forward_pre_hooks)
 
 
 def _row_wise_stage(stage: Stage) -> bool:
@@ -209,8 +209,13 @@ def on_side(t: Tensor, side: Tensor) -> Tensor:
 
 
 def _side_sizes(n: int) -> list[int]:
-    """Samples on the ``True`` side of each split of :func:`batch_splits` (on the host)."""
-    return [sum((i >> b) & 1 for i in range(n)) for b in range(max(1, math.ceil(math.log2(n))))]
+    """Samples on the ``True`` side of each split of :func:`batch_splits` (on the host).
+
+    Of ``0, ..., n - 1``, bit ``b`` is set in ``2^b`` of every ``2^(b+1)`` consecutive
+    indices, and in ``max(0, r - 2^b)`` of the ``r = n mod 2^(b+1)`` left over.
+    """
+    bits = range(max(1, math.ceil(math.log2(n))))
+    return [(n >> (b + 1) << b) + max(0, (n & ((2 << b) - 1)) - (1 << b)) for b in bits]
 
 
 def _largest(leaks: list[Tensor], refs: list[Tensor]) -> tuple[float, float]:

@@ -82,8 +82,6 @@ def module_derivatives(m: nn.Module, z: Tensor) -> tuple[ModuleDerivatives, tupl
     inner = m.inner if isinstance(m, FrozenModule) else m
     cls = derivatives_class(inner)
     if cls is not None and cls.closed_form and cls.applies(inner, z):
-        if not (inner._parameters or inner._modules):  # an activation: skip the walk
-            return cls(inner), ()
         return cls(inner), tuple(p.detach() for p in inner.parameters())
     return GenericDerivatives(m), ()
 
