@@ -319,3 +319,34 @@ def test_first_solve_estimates_ride_along_and_agree(method):
     assert H._bounds == pytest.approx(bounds2, rel=1e-10)
     x2 = fac2.solve(g)
     assert float(torch.linalg.vector_norm(x - x2)) <= 1e-12 * float(torch.linalg.vector_norm(x2))
+
+
+@pytest.mark.parametrize("c", [1e-12, 1.0, 1e12])
+def test_singularity_band_count_is_exact_without_the_verifying_congruence(monkeypatch, c):
+    """``d = -lambda_i``: the solve's band count finds the one zero from the shifted copies'
+    first congruences alone (the reverse-order one only verifies, and is not run); the
+    inertia afterwards, verified, agrees with ``eigvalsh``."""
+    import hessinv.solvers.lifted as hl
+
+    H, A1 = _problem(c, batch=6)
+    ev1 = torch.linalg.eigvalsh(A1)
+    lam = float(ev1[ev1 < 0].max())  # an interior negative eigenvalue: Riccati cannot certify
+    d = -lam
+    A = A1 + d * torch.eye(H.num_params, dtype=DT)
+    ev = torch.linalg.eigvalsh(A)
+    t = H.num_params * EPS * float(ev.abs().max())
+    ref = (int((ev > t).sum()), int((ev < -t).sum()), int((ev.abs() <= t).sum()))
+    assert ref[2] == 1
+    calls = []
+    real = hl.LiftedFactorization.reversed_congruence
+    monkeypatch.setattr(
+        hl.LiftedFactorization,
+        "reversed_congruence",
+        lambda self: calls.append(1) or real(self),
+    )
+    fac = H.factor(c * d, "lifted")
+    with pytest.raises(hessinv.SingularHessianError, match=r"has 1 eigenvalue\(s\) within"):
+        fac.solve(torch.ones(H.num_params, dtype=DT))
+    assert calls == []
+    inert = fac.inertia()
+    assert tuple(inert) == ref and inert.verified, inert.how

@@ -268,3 +268,29 @@ def test_bad_stages():
         hessinv.Hessian.from_stages([Stage(lambda z, p: (z * p[0]).sum(), (torch.ones(2),))], z0)
     with pytest.raises(ValueError, match="NaN"):
         hessinv.Hessian.from_stages([Stage(lambda z, p: (z @ p[0]).sum() / 0.0 * 0.0, (w,))], z0)
+
+
+def test_all_parameters_lists_what_named_parameters_lists():
+    from torch import nn
+
+    from hessinv.module_params import all_parameters, trainable
+
+    tied = nn.Linear(3, 3)
+    tied.register_parameter("again", tied.weight)  # one tensor, two names: listed once
+    frozen = nn.Linear(2, 2)
+    frozen.bias.requires_grad_(False)
+    mods = [
+        nn.Linear(3, 4),
+        nn.Linear(3, 4, bias=False),  # a None entry in the registry
+        nn.Tanh(),
+        nn.LayerNorm(4),
+        tied,
+        frozen,
+        nn.Sequential(nn.Linear(2, 2), nn.Sequential(nn.Linear(2, 1))),  # children
+    ]
+    for m in mods:
+        ref = list(m.named_parameters())
+        got = all_parameters(m)
+        assert [n for n, _ in got] == [n for n, _ in ref], m
+        assert all(a is b for (_, a), (_, b) in zip(got, ref, strict=True))
+        assert [n for n, _ in trainable(m)] == [n for n, p in ref if p.requires_grad]

@@ -350,6 +350,25 @@ def test_stale_operator_refuses_after_the_weights_change(change):
         assert isinstance(hessinv.StaleOperatorError("x"), RuntimeError), name
 
 
+def test_stale_check_names_the_one_entry_changed_by_one_ulp_among_many_tensors():
+    from hessinv.validate import ParameterSnapshot, ParameterSource
+
+    torch.manual_seed(0)  # two groups (float64 and float32), compared as one flat copy each
+    ts = [torch.randn(3, 2, dtype=DT) for _ in range(40)] + [torch.randn(5) for _ in range(7)]
+    snap = ParameterSnapshot([ParameterSource(f"t{i}", t) for i, t in enumerate(ts)])
+    assert snap.changed() is None
+    for i, at in [(0, (0, 0)), (23, (2, 1)), (39, (1, 1)), (40, (0,)), (46, (4,))]:
+        old = ts[i][at].clone()
+        ts[i][at] = torch.nextafter(old, torch.tensor(float("inf"), dtype=old.dtype))
+        assert snap.changed() == f"t{i}"
+        ts[i][at] = old
+        assert snap.changed() is None
+    ts[7].zero_()
+    snap = ParameterSnapshot([ParameterSource(f"t{i}", t) for i, t in enumerate(ts)])
+    ts[7][0, 0] = -0.0  # every bit counts: the snapshot does not guess which changes matter
+    assert snap.changed() == "t7"
+
+
 def test_stale_functional_pipeline_refuses():
     X, _ = _data()
     w = torch.randn(1, 4, dtype=DT)

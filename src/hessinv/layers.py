@@ -31,6 +31,7 @@ from .model_checks import (
     leaf_modules,
     out_of_place,
 )
+from .module_params import all_parameters, trainable
 from .pipeline import Stage, check_dtype
 from .validate import ParameterSource
 
@@ -146,11 +147,6 @@ def flatten_sequential(model: nn.Module) -> list[nn.Module]:
             (:func:`hessinv.model_checks.check_plain_sequential`).
     """
     return [m for _, m in leaf_modules(model)]
-
-
-def trainable(m: nn.Module) -> list[tuple[str, Tensor]]:
-    """The parameters of ``m`` that require grad, with their names."""
-    return [(n, p) for n, p in m.named_parameters() if p.requires_grad]
 
 
 def layer_function(m: nn.Module) -> Callable[[Tensor, tuple[Tensor, ...]], Tensor]:
@@ -274,7 +270,7 @@ def _sources(modules: list[tuple[str, nn.Module]]) -> list[ParameterSource]:
     for mod_name, m in modules:
         if isinstance(m, FrozenModule):
             m = m.inner  # noqa: PLW2901 - its parameters are constants of H
-        for attr, t in [*m.named_parameters(), *m.named_buffers()]:
+        for attr, t in [*all_parameters(m), *m.named_buffers()]:
             owner_path, _, leaf = attr.rpartition(".")
             owner = m.get_submodule(owner_path) if owner_path else m
             name = f"{mod_name}.{attr}" if mod_name else attr

@@ -27,6 +27,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .derivatives.registry import registered
+from .module_params import all_parameters
 from .pipeline import first_overlap
 
 WAY_OUT = "write the network as hessinv.Stage functions (Hessian.from_stages)"
@@ -159,7 +160,7 @@ def check_params_covered(model: nn.Module, leaves: list[tuple[str, nn.Module]]) 
     Raises:
         ValueError: Naming the parameter.
     """
-    inside = {id(p) for _, m in leaves for p in m.parameters()}
+    inside = {id(p) for _, m in leaves for _, p in all_parameters(m)}
     for name, p in model.named_parameters():
         if p.requires_grad and id(p) not in inside:
             raise ValueError(

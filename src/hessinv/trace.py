@@ -39,6 +39,7 @@ from .layers import (
     trainable,
 )
 from .model_checks import check_no_instance_forward
+from .module_params import all_parameters
 from .pipeline import Pipeline, Stage
 from .validate import batch_splits, on_side
 
@@ -258,7 +259,7 @@ def _sequential_frozen(model: nn.Module, chosen: list[tuple[str, Tensor]]) -> se
     order: list[int] = []
     for m in flatten_sequential(model):
         own = [p for _, p in trainable(m)]
-        inside = [p for p in m.parameters() if id(p) in ids]
+        inside = [p for _, p in all_parameters(m) if id(p) in ids]
         if not inside:
             if own:
                 frozen.add(id(m))

@@ -392,14 +392,29 @@ def pipeline_sources(pipeline: Pipeline) -> list[ParameterSource]:
 class ParameterSnapshot:
     """A copy of the trainable parameters, to detect that an operator went stale.
 
-    ``O(W)`` memory and an ``O(W)`` comparison (``torch.equal``) per check,
-    negligible against one product ``H @ v``. Values are compared, not version
-    counters: ``p.data`` does not share ``p``'s version counter.
+    ``O(W)`` memory and an ``O(W)`` comparison per check, negligible against
+    one product ``H @ v``. Values are compared, not version counters:
+    ``p.data`` does not share ``p``'s version counter. The comparison is
+    bitwise (any change of any bit, ``0.0 -> -0.0`` included, is a change),
+    on one flat copy per device and dtype: a per-tensor comparison costs
+    about 6 us per tensor, which at depth 512 (1024 tensors) came to 40 ms
+    over the five products of a default solve.
     """
 
     def __init__(self, sources: Sequence[ParameterSource]) -> None:
         self.sources = list(sources)
-        self.values = [s.tensor.detach().clone() for s in self.sources]
+        self._meta = [(s.tensor.shape, s.tensor.dtype, s.tensor.device) for s in self.sources]
+        groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+        for i, s in enumerate(self.sources):
+            groups.setdefault((s.tensor.device, s.tensor.dtype), []).append(i)
+        self._groups = list(groups.values())
+        self._flat = [self._bytes(idx).clone() for idx in self._groups]
+
+    def _bytes(self, idx: list[int]) -> Tensor:
+        """The bytes of the sources ``idx`` (one device and dtype), concatenated."""
+        return torch.cat([self.sources[i].tensor.detach().reshape(-1) for i in idx]).view(
+            torch.uint8
+        )
 
     @classmethod
     def of_pipeline(cls, pipeline: Pipeline) -> ParameterSnapshot:
@@ -408,18 +423,24 @@ class ParameterSnapshot:
 
     def changed(self) -> str | None:
         """The name of the first parameter that changed (or was replaced), else ``None``."""
-        differs: list[Tensor] = []  # compared on the device, read on the host once
-        for s, v in zip(self.sources, self.values, strict=True):
+        for s, meta in zip(self.sources, self._meta, strict=True):
             if s.owner is not None and getattr(s.owner, s.attr, None) is not s.tensor:
                 return f"{s.name} (replaced by another tensor)"
-            t = s.tensor.detach()
-            if t.shape != v.shape or t.dtype != v.dtype or t.device != v.device:
+            t = s.tensor
+            if (t.shape, t.dtype, t.device) != meta:
                 return s.name
-            differs.append((t != v).any())  # True for NaN, as torch.equal
-        if not differs:
-            return None
-        flags = torch.stack([f.to(differs[0].device) for f in differs]).tolist()
-        return next((s.name for s, f in zip(self.sources, flags, strict=True) if f), None)
+        for idx, flat in zip(self._groups, self._flat, strict=True):
+            now = self._bytes(idx)
+            if not torch.equal(now, flat):
+                bounds = (
+                    torch.tensor([0] + [self.sources[i].tensor.numel() for i in idx]).cumsum(0)
+                    * self.sources[idx[0]].tensor.element_size()
+                )
+                for j, i in enumerate(idx):  # the first tensor whose bytes differ
+                    a, b = int(bounds[j]), int(bounds[j + 1])
+                    if not torch.equal(now[a:b], flat[a:b]):
+                        return self.sources[i].name
+        return None
 
     def check(self) -> None:
         """Raise :class:`StaleOperatorError` if a parameter changed since the snapshot."""

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
+from ..module_params import all_parameters
 from .autodiff import AutodiffDerivatives, GenericDerivatives
 from .blocks import StageBlocks
 from .registry import ModuleDerivatives, derivatives_class
@@ -82,7 +83,7 @@ def module_derivatives(m: nn.Module, z: Tensor) -> tuple[ModuleDerivatives, tupl
     inner = m.inner if isinstance(m, FrozenModule) else m
     cls = derivatives_class(inner)
     if cls is not None and cls.closed_form and cls.applies(inner, z):
-        return cls(inner), tuple(p.detach() for p in inner.parameters())
+        return cls(inner), tuple(p.detach() for _, p in all_parameters(inner))
     return GenericDerivatives(m), ()
 
 
@@ -96,7 +97,7 @@ def layer_derivatives(
     cls = derivatives_class(m)
     if cls is None or not cls.closed_form:
         return None
-    if len(params) != sum(1 for _ in m.parameters()) or not cls.applies(m, z):
+    if len(params) != len(all_parameters(m)) or not cls.applies(m, z):
         return None
     return cls(m)
 

@@ -117,6 +117,14 @@ class Factorization(LinearOperator, ABC):
             f"method={self.method!r} gives solves only, no inertia; use method='lifted' or 'dense'"
         )
 
+    def _negatives(self) -> int:
+        """The number of negative eigenvalues of a nonsingular ``A``, for the band count.
+
+        :meth:`_band_count` uses the count, not its verification, so a method
+        may skip the work that only verifies it.
+        """
+        return self._signs().negative
+
     def _positive_definite(self) -> bool | None:
         """A proof that ``A`` is (``True``) or is not (``False``) positive definite, or ``None``."""
         return None
@@ -214,8 +222,8 @@ class Factorization(LinearOperator, ABC):
         sigma = self.sigma_min_estimate()
         if sigma > 10.0 * t:
             return self._known_zeros(t)
-        below = self._shifted(-t)._signs().negative  # eigenvalues < t
-        above = self._shifted(t)._signs().negative  # eigenvalues < -t
+        below = self._shifted(-t)._negatives()  # eigenvalues < t
+        above = self._shifted(t)._negatives()  # eigenvalues < -t
         band = below - above
         if kept_only:  # the structural zeros lie inside the band too
             band -= self._structural_zeros()

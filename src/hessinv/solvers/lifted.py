@@ -216,7 +216,8 @@ class LiftedFactorization(Factorization):
         """The Riccati pass's verdict: proven PD, proven not PD, or ``None``."""
         return self.riccati("cholesky").pd_status
 
-    def _signs(self) -> Inertia:
+    def _certified_riccati(self) -> Inertia | None:
+        """The stage Riccati pass's count, when it certifies it (else ``None``)."""
         ric = self.riccati("inertia")
         if ric.reliable and ric.inertia is not None:
             how = (
@@ -224,7 +225,10 @@ class LiftedFactorization(Factorization):
                 "pivot is separated from singular by more than twice its running error bound"
             )
             return Inertia(*ric.inertia, verified=True, how=how)
-        r = self.congruence()
+        return None
+
+    def _congruence_counts(self, r: InertiaResult) -> tuple[int, int]:
+        """``(n_pos, n_neg)`` of ``H + dI`` from a congruence of ``K`` (Sylvester, Haynsworth)."""
         pos, neg = r.positive - self.m, r.negative - self.m
         if pos < 0 or neg < 0 or r.zero:
             raise LiftedPrecisionError(
@@ -232,23 +236,44 @@ class LiftedFactorization(Factorization):
                 "conditioned to count signs): use method='dense' or a larger damping."
             )
         dp, dn, _ = self.system.dropped_inertia()
-        counts = (pos + dp, neg + dn, 0)
+        return pos + dp, neg + dn
+
+    def _negatives(self) -> int:
+        """The certified Riccati count, else the first congruence's (no reversed one).
+
+        The band count of :meth:`Factorization.zero_count` decides with the
+        count alone; the reversed congruence only verifies it and would cost
+        as much again.
+        """
+        ric = self._certified_riccati()
+        if ric is not None:
+            return ric.negative
+        return self._congruence_counts(self.congruence())[1]
+
+    def _signs(self) -> Inertia:
+        ric = self._certified_riccati()
+        if ric is not None:
+            return ric
+        counts = self._congruence_counts(self.congruence())
         rev = self.reversed_congruence()
-        if rev is not None and (rev.positive - self.m + dp, rev.negative - self.m + dn) == (
-            counts[0],
-            counts[1],
-        ):
+        agrees = (
+            rev is not None
+            and not rev.zero
+            and min(rev.positive, rev.negative) >= self.m
+            and self._congruence_counts(rev) == counts
+        )
+        if agrees:
             how = (
                 "two congruences of the lifted system agree: delayed-pivot LDL^T eliminating "
                 "its blocks first to last and last to first (both determinants checked against "
                 "the pivoted LU; the stage Riccati pass had a pivot within its error bound of "
                 "singular)"
             )
-            return Inertia(*counts, verified=True, how=how)
+            return Inertia(*counts, 0, verified=True, how=how)
         how = (
             "signs of a delayed-pivot LDL^T congruence of the lifted system, whose determinant "
             "agrees with the pivoted LU's; NOT verified (the stage Riccati pass had a pivot "
             "within its error bound of singular, and the reverse-order congruence "
             + ("disagreed)" if rev is not None else "did not match the LU)")
         )
-        return Inertia(*counts, verified=False, how=how)
+        return Inertia(*counts, 0, verified=False, how=how)
