@@ -174,3 +174,28 @@ def test_inertia_that_no_attempt_can_verify_raises(monkeypatch):
     monkeypatch.setattr(hh, "block_tri_inertia", spoiled)
     with pytest.raises(hessinv.LiftedPrecisionError, match="method='dense'"):
         fac.inertia()
+
+
+@pytest.mark.parametrize("f", [1, 2, 3, 8, 41, 130])
+def test_bunch_kaufman_reassembles_its_matrix(f):
+    """``s[perm][:, perm] = Lt D Lt^T`` with ``Lt`` unit lower triangular, on indefinite,
+    graded and exactly singular fronts (interchanges and 2 x 2 pivots of every kind)."""
+    g = torch.Generator().manual_seed(f)
+    for trial in range(12):
+        a = torch.randn(f, f, generator=g, dtype=DT)
+        s = a + a.T
+        if trial % 3 == 1:  # graded: forces interchanges towards the large rows
+            sc = torch.logspace(-6, 0, f, dtype=DT)
+            s = sc[:, None] * s * sc[None, :]
+        if trial % 4 == 2 and f > 2:  # zero diagonal (2 x 2 pivots) and a null direction
+            s.fill_diagonal_(0.0)
+            s[-1], s[:, -1] = 0.0, 0.0
+        perm, lt, d, sub = _bunch_kaufman(s)
+        assert sorted(perm.tolist()) == list(range(f))
+        assert torch.equal(lt, torch.tril(lt)) and torch.equal(
+            torch.diagonal(lt), torch.ones(f, dtype=DT)
+        )
+        dm = torch.diag(d) + torch.diag(sub, -1) + torch.diag(sub, 1)
+        err = (lt @ dm @ lt.T - s[perm][:, perm]).abs().max()
+        growth = max(float(lt.abs().max()) ** 2, 1.0) * float(dm.abs().max())
+        assert float(err) <= 50 * f * 2.2e-16 * max(growth, float(s.abs().max())), (trial, err)

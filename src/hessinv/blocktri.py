@@ -216,9 +216,14 @@ class BlockTriLU:
 def _bunch_kaufman(s: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``s[perm][:, perm] = Lt D Lt^T`` from LAPACK's ``sytrf`` (Bunch-Kaufman).
 
-    LAPACK returns ``L = P_1 L_1 P_2 L_2 ...`` in product form; moving every
-    interchange ``P_k`` to the left permutes the multipliers of the earlier
-    columns, which gives the explicit unit lower triangular ``Lt``.
+    LAPACK returns ``L = P_1 L_1 P_2 L_2 ...`` in product form: the
+    multipliers of step ``k`` are stored in the row order of that step, and
+    every later interchange ``P_j`` (``j > k``) moves them. Writing each
+    column under the *labels* of its rows (``perm`` at that step) instead of
+    their positions makes the later interchanges free: the entry of label
+    ``perm_k[i]`` ends at the position where ``perm`` finally holds that
+    label, so ``Lt = M[perm]`` for ``M[perm_k[i], k] = L_k[i, k]``. Between two
+    interchanges ``perm`` is constant, so each run of steps is written at once.
 
     Returns:
         ``perm``, ``Lt``, the diagonal of ``D`` and its sub-diagonal (nonzero
@@ -226,27 +231,30 @@ def _bunch_kaufman(s: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """
     f = s.shape[0]
     ld, piv, _ = torch.linalg.ldl_factor_ex(s)  # info > 0: an exactly zero pivot, kept
-    a = ld.cpu().numpy()
-    pv = piv.cpu().numpy()
-    lt = np.eye(f)
+    low = np.tril(ld.cpu().numpy(), -1)
+    low[np.diag_indices(f)] = 1.0
+    pv = piv.tolist()
     perm = np.arange(f)
+    m = np.zeros((f, f))
     sub = np.zeros(max(f - 1, 0))
-    k = 0
+    start = k = 0
     while k < f:
         size = 2 if pv[k] < 0 else 1
         row = k + size - 1  # LAPACK interchanges this row (k+1 for a 2x2 pivot)
-        p = abs(int(pv[k])) - 1
-        if p != row:
-            lt[[row, p], :k] = lt[[p, row], :k]
+        p = abs(pv[k]) - 1
+        if p != row:  # the columns before this step carry the labels before it
+            m[perm[start:], start:k] = low[start:, start:k]
+            start = k
             perm[[row, p]] = perm[[p, row]]
-        lt[k + size :, k : k + size] = a[k + size :, k : k + size]
-        if size == 2:
-            sub[k] = a[k + 1, k]
+        if size == 2:  # the 2x2 block's off-diagonal entry belongs to D
+            sub[k] = low[k + 1, k]
+            low[k + 1, k] = 0.0
         k += size
+    m[perm[start:], start:] = low[start:, start:]
     dev, dt = s.device, s.dtype
     return (
         torch.from_numpy(perm).to(dev),
-        torch.from_numpy(lt).to(dev, dt),
+        torch.from_numpy(m[perm]).to(dev, dt),
         torch.diagonal(ld).clone(),
         torch.from_numpy(sub).to(dev, dt),
     )
