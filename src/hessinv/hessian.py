@@ -27,7 +27,7 @@ from .derivatives import StageBlocks
 from .errors import check_finite
 from .operator import LinearOperator
 from .pipeline import Pipeline, Stage
-from .products import compute_blocks, gradient, hvp
+from .products import StageRun, compute_blocks, gradient, hvp, stage_runs
 from .progress import ProgressArg, check_progress
 from .solvers import Factorization
 from .solvers import select as _select
@@ -195,6 +195,7 @@ class Hessian(Solves, LinearOperator):
         self._snapshot = ParameterSnapshot.of_pipeline(pipeline)
         self._check_block_memory(pipeline)
         self._loss, self.blocks = self._compute_blocks(pipeline, generic)
+        self._runs: list[StageRun] | None = None  # the blocks stacked for hvp, on first use
         self._factors: OrderedDict[tuple[float, str], Factorization] = OrderedDict()
         self._dense_eigh: tuple[Tensor, Tensor] | None = None
         self._bounds: tuple[float, float] | None = None
@@ -233,7 +234,9 @@ class Hessian(Solves, LinearOperator):
     def matmat(self, v: Tensor) -> Tensor:
         """``H V`` for ``V`` of shape ``(W, k)`` (no checks of ``V``)."""
         self._check_fresh()
-        return hvp(self.blocks, v)
+        if self._runs is None:
+            self._runs = stage_runs(self.blocks)
+        return hvp(self.blocks, v, self._runs)
 
     def _matmat_checked(self, v: Tensor) -> Tensor:
         """``H V`` for ``@``: :class:`~hessinv.errors.NonFiniteError` on overflow."""

@@ -18,6 +18,8 @@ Cost: one forward and one backward sweep of small batched matrix products,
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
@@ -81,40 +83,137 @@ def _apply_per_sample(per_sample: Tensor, w: Tensor) -> Tensor:
     return (per_sample.reshape(n * a, p) @ w).reshape(n, a, -1)
 
 
-def hvp(blocks: list[StageBlocks], v: Tensor) -> Tensor:
-    """``H v`` for a block of vectors ``v`` of shape ``(W, k)`` (eq. 24)."""
-    sizes = [b.num_params for b in blocks]
-    vs = split_rows(v, sizes)
+@dataclass
+class StageRun:
+    """Consecutive stages ``lo .. hi-1`` whose blocks have equal shapes, stacked.
+
+    ``jx``, ``tzx``, ``tzz``, ``txx``: the stages' blocks stacked along a new
+    first dimension (``None`` where the stages have none). The stages' own
+    :class:`StageBlocks` tensors are views of these stacks (no second copy).
+    """
+
+    lo: int
+    hi: int
+    offset: int  # first row of stage ``lo`` in a flat parameter vector
+    p: int
+    jx: Tensor | None
+    tzx: Tensor | None
+    tzz: Tensor | None
+    txx: Tensor | None
+
+
+def _shape_key(b: StageBlocks) -> tuple:
+    return tuple(
+        None if t is None else (tuple(t.shape), t.dtype) for t in (b.Jx, b.Jz, b.Tzz, b.Tzx, b.Txx)
+    )
+
+
+def stage_runs(blocks: list[StageBlocks]) -> list[StageRun]:
+    """The maximal runs of equally shaped stages (a deep MLP is one or three runs).
+
+    Each block tensor of a run of two or more stages is copied into one stack
+    and the stages' attributes are rebound to views of it, so the blocks are
+    held once. The values do not change: caches built from the blocks (such
+    as :func:`hessinv.lifted.projected`) stay valid.
+    """
+    runs: list[StageRun] = []
+    lo, offset = 0, 0
     n_st = len(blocks)
+    for l in range(1, n_st + 1):  # noqa: E741
+        if l < n_st and _shape_key(blocks[l]) == _shape_key(blocks[lo]):
+            continue
+        run = blocks[lo:l]
+        stacks = {}
+        for name in ("Jx", "Tzx", "Tzz", "Txx"):
+            ts = [getattr(b, name) for b in run]
+            if ts[0] is None:
+                stacks[name] = None
+            elif len(ts) == 1:
+                stacks[name] = ts[0].unsqueeze(0)
+            else:
+                stacks[name] = torch.stack(ts)
+                for b, view in zip(run, stacks[name], strict=True):
+                    setattr(b, name, view)
+        p = run[0].num_params
+        runs.append(
+            StageRun(lo, l, offset, p, stacks["Jx"], stacks["Tzx"], stacks["Tzz"], stacks["Txx"])
+        )
+        offset += p * len(run)
+        lo = l
+    return runs
+
+
+def _bmm_rows(blocks: Tensor, w: Tensor) -> Tensor:
+    """``blocks[r, n] @ w[r]`` for ``(R, N, a, p)`` and ``(R, p, k)``: ``(R, N, a, k)``."""
+    r, n, a, p = blocks.shape
+    return torch.bmm(blocks.reshape(r, n * a, p), w).reshape(r, n, a, -1)
+
+
+def _bmm_contract(blocks: Tensor, w: Tensor) -> Tensor:
+    """``sum_n blocks[r, n]^T w[r, n]`` for ``(R, N, a, p)`` and ``(R, N, a, k)``: ``(R, p, k)``."""
+    r, n, a, p = blocks.shape
+    return torch.bmm(blocks.reshape(r, n * a, p).transpose(1, 2), w.reshape(r, n * a, -1))
+
+
+def hvp(blocks: list[StageBlocks], v: Tensor, runs: list[StageRun] | None = None) -> Tensor:
+    """``H v`` for a block of vectors ``v`` of shape ``(W, k)`` (eq. 24).
+
+    Only the recursions are sequential: ``u_l = Jz_l u_{l-1} + (Jx_l v_l)``
+    forward and ``lam_{l-1} = Jz_l^T lam_l + (Tzz_l u_{l-1} + Tzx_l v_l)``
+    backward, one small batched product per stage each. The bracketed terms
+    and the output ``(H v)_l = Jx_l^T lam_l + Tzx_l^T u_{l-1} + Txx_l v_l``
+    are independent across stages and are formed for a whole
+    :class:`StageRun` at once (``runs``: :func:`stage_runs` of ``blocks``,
+    computed here when not given).
+    """
+    if runs is None:
+        runs = stage_runs(blocks)
+    k = v.shape[1]
+    n_st = len(blocks)
+    vr = [v[r.offset : r.offset + (r.hi - r.lo) * r.p].reshape(r.hi - r.lo, r.p, k) for r in runs]
     us: list[Tensor | None] = [None] * n_st
-    for l in range(n_st - 1):  # noqa: E741
-        b = blocks[l]
-        u = _apply_per_sample(b.Jx, vs[l])  # (N, a_l, k)
-        if l > 0:
-            u = torch.baddbmm(u, b.Jz, us[l - 1])
-        us[l] = u
-    out: list[Tensor] = [None] * n_st  # type: ignore[list-item]
-    lam = None
-    for l in reversed(range(n_st)):  # noqa: E741
-        b = blocks[l]
-        terms = []
-        if lam is not None:
-            terms.append(_contract(b.Jx, lam))
-        if l > 0:
-            terms.append(_contract(b.Tzx, us[l - 1]))
-        if b.Txx is not None:
-            terms.append(b.Txx @ vs[l])
-        o = terms[0] if terms else torch.zeros_like(vs[l])
+    for run, vv in zip(runs, vr, strict=True):
+        if run.jx is None:  # the last stage: its output is the loss
+            continue
+        jxv = _bmm_rows(run.jx, vv)
+        for i, l in enumerate(range(run.lo, run.hi)):  # noqa: E741
+            u = jxv[i]
+            us[l] = u if l == 0 else torch.baddbmm(u, blocks[l].Jz, us[l - 1])
+    outs: list[Tensor] = [None] * len(runs)  # type: ignore[list-item]
+    lams: list[Tensor | None] = [None] * n_st  # lams[l]: the adjoint of stage l's output
+    for j in reversed(range(len(runs))):
+        run, vv = runs[j], vr[j]
+        r_len = run.hi - run.lo
+        terms: list[Tensor] = []
+        if run.tzx is not None:  # not the first stage
+            u_prev = torch.stack([us[i - 1] for i in range(run.lo, run.hi)])  # (R, N, a_in, k)
+            terms.append(_bmm_contract(run.tzx, u_prev))
+            rr, n, a_in, _ = u_prev.shape
+            push = _bmm_rows(run.tzx, vv)  # Tzz_l u_{l-1} + Tzx_l v_l
+            if run.tzz is not None:
+                push = torch.baddbmm(
+                    push.reshape(rr * n, a_in, k),
+                    run.tzz.reshape(rr * n, a_in, a_in),
+                    u_prev.reshape(rr * n, a_in, k),
+                ).reshape(rr, n, a_in, k)
+            for i in reversed(range(r_len)):
+                l = run.lo + i  # noqa: E741
+                lam = lams[l]
+                lams[l - 1] = (
+                    push[i]
+                    if lam is None
+                    else torch.baddbmm(push[i], blocks[l].Jz.transpose(-1, -2), lam)
+                )
+        if run.jx is not None:
+            lam_run = torch.stack([lams[i] for i in range(run.lo, run.hi)])
+            terms.append(_bmm_contract(run.jx, lam_run))
+        if run.txx is not None:
+            terms.append(torch.bmm(run.txx, vv))
+        o = terms[0] if terms else torch.zeros_like(vv)
         for t in terms[1:]:
             o = o + t
-        out[l] = o
-        if l > 0:
-            # adjoint of stage l-1's output
-            new = torch.baddbmm(_apply_per_sample(b.Tzx, vs[l]), b.Tzz, us[l - 1])
-            if lam is not None:
-                new = torch.baddbmm(new, b.Jz.transpose(-1, -2), lam)
-            lam = new
-    return torch.cat(out, dim=0)
+        outs[j] = o.reshape(r_len * run.p, k)
+    return torch.cat(outs, dim=0)
 
 
 def pearlmutter_hvp(pipeline: Pipeline, v: Tensor) -> Tensor:
