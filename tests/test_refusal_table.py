@@ -153,8 +153,28 @@ def _parametrize_or_hook():
     with pytest.raises(ValueError, match="parametriz"):
         _hessian(model)
     model = _mlp(nn.Tanh())
+    model.register_forward_pre_hook(lambda mod, i: (2 * i[0],))  # on the container
+    with pytest.raises(ValueError, match="the model .*_forward_pre_hooks"):
+        _hessian(model)
+    model = _mlp(nn.Tanh())
     model[0].register_forward_hook(lambda mod, i, o: 2 * o)
     _hessian(model)
+
+
+def _patched_class_or_global_hook():
+    plain = nn.Tanh.forward
+    nn.Tanh.forward = lambda self, x: 2 * torch.tanh(x)
+    try:
+        with pytest.raises(ValueError, match=r"Tanh\.forward is not torch's own"):
+            _hessian(_mlp(nn.Tanh()))
+    finally:
+        nn.Tanh.forward = plain
+    _hessian(_mlp(nn.Tanh()))  # fine again once restored
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda m, i, o: o)
+    try:
+        _hessian(_mlp(nn.Tanh()))  # the row's error
+    finally:
+        handle.remove()
 
 
 def _instance_forward():
@@ -351,10 +371,13 @@ CASES = {
     "recurrent modules (RNN, LSTM, GRU and their cells)": _recurrent,
     "Embedding with `max_norm`": _embedding_max_norm,
     "tied weights (one parameter registered under two names)": _tied,
-    "parametrizations or forward hooks in a model that is a plain `nn.Sequential`": (
-        _parametrize_or_hook
-    ),
-    "a `forward` assigned on a module object (`m.forward = ...`)": _instance_forward,
+    "parametrizations or hooks in a model that is a plain `nn.Sequential` (on a module, on "
+    "the model itself or on a nested container)": _parametrize_or_hook,
+    "a `forward` assigned on a torch module object or on the model itself (`m.forward = ...`; "
+    "on a module of your own class it is traced and fine)": _instance_forward,
+    "a torch module class with a patched or overridden `forward`, `__call__` or `_call_impl` "
+    "(`nn.Tanh.forward = ...`), or torch's global module hooks "
+    "(`register_module_forward_hook`)": _patched_class_or_global_hook,
     "float16, bfloat16 or complex parameters, `X` or `y`": _dtypes,
     "`X` that is not a tensor (a dict, a list)": _x_not_tensor,
     "a `forward` torch.fx cannot trace (data-dependent control flow, ...)": _untraceable,

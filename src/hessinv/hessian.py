@@ -125,6 +125,7 @@ class Hessian(Solves, LinearOperator):
             max_memory=max_memory,
             progress=progress,
         )
+        self._snapshot.watch(model)
 
     @classmethod
     def from_stages(

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from .derivatives import ElementwiseDerivatives, is_known, layer_norm, registered
 from .derivatives.elementwise import celu
 from .model_checks import (
+    check_container_hooks,
     check_leaf,
     check_params_covered,
     check_untied,
@@ -320,6 +321,7 @@ def stages_from_sequential(
         check_module(m)
         check_leaf(m, name)
     check_untied(model)
+    check_container_hooks(model)
     check_params_covered(model, named)
     z0 = X
     before: list[tuple[str, nn.Module]] = []  # applied to X once, before the first stage

@@ -74,6 +74,12 @@ def _torch_base(m: nn.Module) -> type | None:
     return None
 
 
+def _hooks_of(m: nn.Module) -> list[str]:
+    """The kinds of hooks registered on ``m`` itself."""
+    kinds = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+    return [h for h in kinds if getattr(m, h, None)]
+
+
 def check_leaf(m: nn.Module, name: str) -> None:
     """Refuse a leaf whose output is not its torch class's: parametrized, hooked, overridden.
 
@@ -88,24 +94,32 @@ def check_leaf(m: nn.Module, name: str) -> None:
             "would differentiate with respect to the stored tensor, not the parametrized "
             f"weight. Remove them (parametrize.remove_parametrizations), or {WAY_OUT}"
         )
-    hooks = [
-        h
-        for h in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks")
-        if getattr(m, h, None)
-    ]
+    hooks = _hooks_of(m)
     if hooks:
         raise ValueError(
             f"{label} has {', '.join(hooks)} (e.g. weight_norm or spectral_norm): hessinv "
             f"evaluates the module functionally and would skip them. Remove them, or {WAY_OUT}"
         )
     base = _torch_base(m)
-    if type(m) in registered():  # the user registered derivatives for this very class
+    mine = type(m) in registered() and not type(m).__module__.startswith("torch.")
+    if mine:  # the user registered derivatives for this very class: its methods are theirs
         return
     if base is not None and type(m) is not base and type(m).forward is not base.forward:
         raise ValueError(
             f"{label} subclasses nn.{base.__name__} but overrides forward; hessinv would "
             f"evaluate it as a plain {base.__name__}. {WAY_OUT[0].upper()}{WAY_OUT[1:]}"
         )
+    if base is None or base is nn.Module:
+        return
+    for attr in ("forward", "__call__", "_call_impl"):  # torch's own, not patched or overridden
+        where = getattr(getattr(type(m), attr, None), "__module__", None) or ""
+        if not where.startswith("torch."):
+            raise ValueError(
+                f"{label}: {type(m).__name__}.{attr} is not torch's own (defined in "
+                f"{where or 'an unknown module'}: patched on the class, or overridden by a "
+                f"subclass); hessinv evaluates nn.{base.__name__} functionally and would "
+                f"ignore it. Restore torch's {attr}, or {WAY_OUT}"
+            )
 
 
 def check_no_instance_forward(model: nn.Module) -> None:
@@ -119,12 +133,74 @@ def check_no_instance_forward(model: nn.Module) -> None:
         ValueError: Naming the module.
     """
     for name, m in model.named_modules():
+        custom = type(m) not in registered() and _torch_base(m) is nn.Module
+        if name and custom:  # a user's module is called (or traced) with its instance's forward
+            continue
         if "forward" in vars(m):
             label = f"module '{name}' ({type(m).__name__})" if name else "the model"
             raise ValueError(
                 f"{label} has a forward assigned on the object (m.forward = ...); hessinv "
                 "evaluates a module from its class and would ignore it. Define a subclass "
                 f"with that forward instead (it is traced), or {WAY_OUT}"
+            )
+
+
+def check_no_global_hooks() -> None:
+    """Refuse torch's global module hooks (``register_module_forward_hook`` and kin).
+
+    hessinv evaluates known modules functionally (``F.linear``, closed-form
+    derivatives), which such hooks never see: ``H`` would be that of the
+    network without them.
+
+    Raises:
+        ValueError: Naming the kinds of hooks registered.
+    """
+    mod = nn.modules.module
+    kinds = [
+        k
+        for k in (
+            "_global_forward_hooks",
+            "_global_forward_pre_hooks",
+            "_global_backward_hooks",
+            "_global_backward_pre_hooks",
+        )
+        if getattr(mod, k, None)
+    ]
+    if kinds:
+        raise ValueError(
+            f"torch has global module hooks registered ({', '.join(kinds)}; e.g. by "
+            "torch.nn.modules.module.register_module_forward_hook): hessinv evaluates modules "
+            "functionally and would skip them. Remove them (handle.remove()) while building the "
+            f"operator, or {WAY_OUT}"
+        )
+
+
+def check_container_hooks(model: nn.Module) -> None:
+    """Refuse hooks on a container of a plain chain (the model itself, a nested Sequential).
+
+    The chain is evaluated leaf by leaf; a hook on a container would be skipped.
+
+    Raises:
+        ValueError: Naming the container.
+    """
+    for name, m in model.named_modules():
+        if not m._modules:
+            continue  # leaves: check_leaf
+        hooks = [
+            h
+            for h in (
+                "_forward_hooks",
+                "_forward_pre_hooks",
+                "_backward_hooks",
+                "_backward_pre_hooks",
+            )
+            if getattr(m, h, None)
+        ]
+        if hooks:
+            label = f"container '{name}'" if name else "the model"
+            raise ValueError(
+                f"{label} ({type(m).__name__}) has {', '.join(hooks)}: hessinv evaluates the "
+                f"chain module by module and would skip them. Remove them, or {WAY_OUT}"
             )
 
 

@@ -175,10 +175,14 @@ def _row_wise(m: nn.Module) -> bool:
     return type(m) in _ROW_WISE and not (mod._global_forward_hooks or mod._global_forward_pre_hooks)
 
 
-def _row_wise_stage(stage: Stage) -> bool:
-    """A model stage of :data:`_ROW_WISE` modules only, without the loss."""
+def _row_wise_stage(stage: Stage, z: Tensor) -> bool:
+    """A model stage of :data:`_ROW_WISE` modules only, without the loss, on rows of ``z``.
+
+    A 1-D batch is not rows: ``nn.Linear`` on ``z`` of shape ``(N,)`` acts
+    on the whole batch as one vector.
+    """
     st = stage.structure
-    if st is None or getattr(st, "layer_fn", None) is None or st.loss is not None:
+    if z.dim() < 2 or st is None or getattr(st, "layer_fn", None) is None or st.loss is not None:
         return False
     return _row_wise(st.layer) and all(_row_wise(m) for m in st.tail)
 
@@ -332,7 +336,7 @@ def check_no_mixing(pipeline: Pipeline, zs: Sequence[Tensor] | None = None) -> N
         if i == 0 and getattr(stage.structure, "layer_fn", None) is None:
             continue  # generic first stage: its blocks are full batch Jacobians, exact anyway
         scalar = i == n_st - 1
-        if not scalar and _row_wise_stage(stage):
+        if not scalar and _row_wise_stage(stage, z):
             continue  # per sample by construction: nothing to probe
         tol = MIXING_RTOL_EPS * torch.finfo(z.dtype).eps
         leak, ref, _ = _leak(lambda zz, s=stage: s.fn(zz, s.params), z, scalar, gen)
@@ -409,6 +413,19 @@ class ParameterSnapshot:
             groups.setdefault((s.tensor.device, s.tensor.dtype), []).append(i)
         self._groups = list(groups.values())
         self._flat = [self._bytes(idx).clone() for idx in self._groups]
+        self._edges: list[tuple[str, nn.Module, str, nn.Module | None]] = []
+
+    def watch(self, model: nn.Module) -> None:
+        """Also watch ``model``'s module tree: a replaced submodule (``model[2] = m``) is a change.
+
+        Each edge ``parent._modules[key] is child`` is recorded; the parameters
+        of a replacing module are other tensors, which the values never see.
+        """
+        self._edges = [
+            (f"{name}.{key}" if name else key, parent, key, child)
+            for name, parent in model.named_modules()
+            for key, child in parent._modules.items()
+        ]
 
     def _bytes(self, idx: list[int]) -> Tensor:
         """The bytes of the sources ``idx`` (one device and dtype), concatenated."""
@@ -423,6 +440,9 @@ class ParameterSnapshot:
 
     def changed(self) -> str | None:
         """The name of the first parameter that changed (or was replaced), else ``None``."""
+        for name, parent, key, child in self._edges:
+            if parent._modules.get(key) is not child:
+                return f"module '{name}' (replaced by another module)"
         for s, meta in zip(self.sources, self._meta, strict=True):
             if s.owner is not None and getattr(s.owner, s.attr, None) is not s.tensor:
                 return f"{s.name} (replaced by another tensor)"

@@ -82,7 +82,7 @@ def module_derivatives(m: nn.Module, z: Tensor) -> tuple[ModuleDerivatives, tupl
 
     inner = m.inner if isinstance(m, FrozenModule) else m
     cls = derivatives_class(inner)
-    if cls is not None and cls.closed_form and cls.applies(inner, z):
+    if cls is not None and cls.covers(inner, z):
         return cls(inner), tuple(p.detach() for _, p in all_parameters(inner))
     return GenericDerivatives(m), ()
 
@@ -95,9 +95,7 @@ def layer_derivatives(
     A closed form needs every parameter of the module among ``params``.
     """
     cls = derivatives_class(m)
-    if cls is None or not cls.closed_form:
-        return None
-    if len(params) != len(all_parameters(m)) or not cls.applies(m, z):
+    if cls is None or len(params) != len(all_parameters(m)) or not cls.covers(m, z):
         return None
     return cls(m)
 

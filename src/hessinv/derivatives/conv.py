@@ -40,6 +40,8 @@ def _basis(in_shape: tuple[int, ...], like: Tensor) -> Tensor:
 class ConvDerivatives(ModuleDerivatives):
     """``nn.Conv1d/2d/3d`` with zero padding and one group (see module doc)."""
 
+    param_names = ("weight", "bias")
+
     hessian_is_zero = True
     params_linear = True
     transposed = False

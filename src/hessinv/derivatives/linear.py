@@ -20,6 +20,8 @@ class LinearDerivatives(ModuleDerivatives):
     derivative is bilinear: ``d2 (b.y) / dz_i dW_oj = b_o delta_ij``.
     """
 
+    param_names = ("weight", "bias")
+
     hessian_is_zero = True
     params_linear = True
 

@@ -88,10 +88,28 @@ class ModuleDerivatives:
     def __init__(self, module: nn.Module) -> None:
         self.module = module
 
+    #: The parameters the closed form takes, in the order it takes them (``None``: any).
+    param_names: ClassVar[tuple[str, ...] | None] = None
+
     @classmethod
     def applies(cls, module: nn.Module, z: Tensor) -> bool:
         """True when the closed form covers this module's options and input ``z``."""
         return True
+
+    @classmethod
+    def covers(cls, module: nn.Module, z: Tensor) -> bool:
+        """A closed form that applies, with ``module``'s parameters in :attr:`param_names` order.
+
+        A module's parameters come in its registry's order, which is not always
+        the class's: ``prune.remove`` re-registers ``weight`` after ``bias``.
+        """
+        if not cls.closed_form:
+            return False
+        if cls.param_names is not None:
+            have = [n for n, p in module._parameters.items() if p is not None]
+            if have != [n for n in cls.param_names if n in have]:
+                return False
+        return cls.applies(module, z)
 
     def forward(self, z: Tensor, params: tuple[Tensor, ...]) -> Tensor:
         """The module's output with ``params`` in place of its parameters."""
