@@ -80,6 +80,7 @@ STACKED_STATE = frozenset(
         "pipeline",
         "blocks",
         "_blocks",
+        "_runs",
         "_loss",
         "_factors",
         "_split",

@@ -163,8 +163,14 @@ class Hessian(Solves, LinearOperator):
     def _compute_blocks(
         self, pipeline: Pipeline, generic: bool
     ) -> tuple[Tensor, list[StageBlocks]]:
-        """The loss and the stage blocks this operator is made of (``H``'s own)."""
-        return compute_blocks(pipeline, generic=generic, progress=self.progress)
+        """The loss and the stage blocks this operator is made of (``H``'s own).
+
+        The blocks are stacked per run of equal stages at once, while nothing
+        else holds them (:func:`hessinv.products.stage_runs`).
+        """
+        loss, blocks = compute_blocks(pipeline, generic=generic, progress=self.progress)
+        self._runs = stage_runs(blocks)
+        return loss, blocks
 
     def _check_block_memory(self, pipeline: Pipeline) -> None:
         """Refuse before computing stage blocks that would not fit (``MemoryError``).
@@ -195,8 +201,8 @@ class Hessian(Solves, LinearOperator):
             check_no_mixing(pipeline)
         self._snapshot = ParameterSnapshot.of_pipeline(pipeline)
         self._check_block_memory(pipeline)
+        self._runs: list[StageRun] | None = None  # the blocks stacked for hvp
         self._loss, self.blocks = self._compute_blocks(pipeline, generic)
-        self._runs: list[StageRun] | None = None  # the blocks stacked for hvp, on first use
         self._factors: OrderedDict[tuple[float, str], Factorization] = OrderedDict()
         self._dense_eigh: tuple[Tensor, Tensor] | None = None
         self._bounds: tuple[float, float] | None = None

@@ -212,6 +212,7 @@ class Pipeline:
         self.device = device
         self.batch_size = z0.shape[0]
         self.param_shapes = [tuple(p.shape) for p in params]
+        self._zs: list[Tensor] | None = None  # the forward pass, once computed
         self.stage_sizes = [s.num_params for s in stages]
         self.num_params = sum(self.stage_sizes)
 
@@ -221,7 +222,19 @@ class Pipeline:
         return [p for s in self.stages for p in s.params]
 
     def forward(self) -> list[Tensor]:
-        """Run the pipeline; return ``[z_0, z_1, ..., z_L]`` (``z_L`` the loss)."""
+        """Run the pipeline; return ``[z_0, z_1, ..., z_L]`` (``z_L`` the loss).
+
+        Computed once and kept: the memory estimate, the mixing probes and the
+        blocks all start from it while an operator is built, and an operator
+        refuses any use once its parameters change
+        (:class:`hessinv.validate.ParameterSnapshot`), so the kept pass is
+        never read for other parameters.
+        """
+        if self._zs is None:
+            self._zs = self._run()
+        return list(self._zs)
+
+    def _run(self) -> list[Tensor]:
         zs = [self.z0]
         with torch.no_grad():
             for i, s in enumerate(self.stages):

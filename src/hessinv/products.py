@@ -83,13 +83,19 @@ def _apply_per_sample(per_sample: Tensor, w: Tensor) -> Tensor:
     return (per_sample.reshape(n * a, p) @ w).reshape(n, a, -1)
 
 
+#: ``Txx`` (``p x p`` per stage) is stacked for one batched product only up to this ``p``;
+#: larger ones are flop-bound, and a stacked copy would cost a pass over the largest blocks.
+TXX_STACK_MAX_P = 64
+
+
 @dataclass
 class StageRun:
     """Consecutive stages ``lo .. hi-1`` whose blocks have equal shapes, stacked.
 
     ``jx``, ``tzx``, ``tzz``, ``txx``: the stages' blocks stacked along a new
-    first dimension (``None`` where the stages have none). The stages' own
-    :class:`StageBlocks` tensors are views of these stacks (no second copy).
+    first dimension (``None`` where the stages have none, and ``txx`` also
+    where ``p > TXX_STACK_MAX_P``: then each stage's own ``Txx`` is applied).
+    The stages' :class:`StageBlocks` tensors are views of these stacks.
     """
 
     lo: int
@@ -108,13 +114,29 @@ def _shape_key(b: StageBlocks) -> tuple:
     )
 
 
+def _stack_in_place(run: list[StageBlocks], name: str) -> Tensor:
+    """Stack ``run``'s blocks ``name`` into one tensor, rebinding each block to its view.
+
+    Copied one block at a time, each original freed as it is replaced: the
+    blocks are held once, with one block's worth of extra memory at most.
+    """
+    first = getattr(run[0], name)
+    if len(run) == 1:
+        return first.unsqueeze(0)
+    out = first.new_empty((len(run), *first.shape))
+    for i, b in enumerate(run):
+        out[i].copy_(getattr(b, name))
+        setattr(b, name, out[i])
+    return out
+
+
 def stage_runs(blocks: list[StageBlocks]) -> list[StageRun]:
     """The maximal runs of equally shaped stages (a deep MLP is one or three runs).
 
-    Each block tensor of a run of two or more stages is copied into one stack
-    and the stages' attributes are rebound to views of it, so the blocks are
-    held once. The values do not change: caches built from the blocks (such
-    as :func:`hessinv.lifted.projected`) stay valid.
+    The block tensors of each run are stacked (:func:`_stack_in_place`) and
+    the stages' attributes rebound to views of the stacks. Call it on fresh
+    blocks (as :class:`hessinv.Hessian` does right after building them): a
+    tensor still referenced elsewhere would then be held twice.
     """
     runs: list[StageRun] = []
     lo, offset = 0, 0
@@ -123,21 +145,10 @@ def stage_runs(blocks: list[StageBlocks]) -> list[StageRun]:
         if l < n_st and _shape_key(blocks[l]) == _shape_key(blocks[lo]):
             continue
         run = blocks[lo:l]
-        stacks = {}
-        for name in ("Jx", "Tzx", "Tzz", "Txx"):
-            ts = [getattr(b, name) for b in run]
-            if ts[0] is None:
-                stacks[name] = None
-            elif len(ts) == 1:
-                stacks[name] = ts[0].unsqueeze(0)
-            else:
-                stacks[name] = torch.stack(ts)
-                for b, view in zip(run, stacks[name], strict=True):
-                    setattr(b, name, view)
         p = run[0].num_params
-        runs.append(
-            StageRun(lo, l, offset, p, stacks["Jx"], stacks["Tzx"], stacks["Tzz"], stacks["Txx"])
-        )
+        names = ["Jx", "Tzx", "Tzz"] + (["Txx"] if p <= TXX_STACK_MAX_P else [])
+        st = {n: None if getattr(run[0], n) is None else _stack_in_place(run, n) for n in names}
+        runs.append(StageRun(lo, l, offset, p, st["Jx"], st["Tzx"], st["Tzz"], st.get("Txx")))
         offset += p * len(run)
         lo = l
     return runs
@@ -209,6 +220,9 @@ def hvp(blocks: list[StageBlocks], v: Tensor, runs: list[StageRun] | None = None
             terms.append(_bmm_contract(run.jx, lam_run))
         if run.txx is not None:
             terms.append(torch.bmm(run.txx, vv))
+        elif blocks[run.lo].Txx is not None:  # large p: each stage's own (flop-bound)
+            txx = [blocks[i].Txx for i in range(run.lo, run.hi)]
+            terms.append(torch.stack([t @ vi for t, vi in zip(txx, vv, strict=True)]))
         o = terms[0] if terms else torch.zeros_like(vv)
         for t in terms[1:]:
             o = o + t
