@@ -32,6 +32,8 @@ times it beside the others.
 
 from __future__ import annotations
 
+import threading
+
 import torch
 from torch import Tensor
 
@@ -78,6 +80,9 @@ def perm_on_device(piv: Tensor, m: int) -> tuple[Tensor, Tensor]:
 CUDA_BACKEND = "cusolver"
 
 
+_BACKEND_LOCK = threading.Lock()
+
+
 def getrf(a: Tensor, backend: str | None = None) -> tuple[Tensor, Tensor, Tensor]:
     r"""LAPACK's (or on CUDA, ``backend``'s) ``getrf``: packed ``L \\ U``, ``perm``, swap count.
 
@@ -88,12 +93,16 @@ def getrf(a: Tensor, backend: str | None = None) -> tuple[Tensor, Tensor, Tensor
     """
     if a.device.type == "cuda":
         chosen = CUDA_BACKEND if backend is None else backend
-        before = torch.backends.cuda.preferred_linalg_library()
-        torch.backends.cuda.preferred_linalg_library(chosen)
-        try:
-            lu, piv, _ = torch.linalg.lu_factor_ex(a)
-        finally:
-            torch.backends.cuda.preferred_linalg_library(before)
+        # torch has no per-call choice: the global preference is flipped around the call,
+        # under a lock so that hessinv's own threads never see each other's choice (linalg
+        # calls of other code running in other threads at that moment may see it)
+        with _BACKEND_LOCK:
+            before = torch.backends.cuda.preferred_linalg_library()
+            torch.backends.cuda.preferred_linalg_library(chosen)
+            try:
+                lu, piv, _ = torch.linalg.lu_factor_ex(a)
+            finally:
+                torch.backends.cuda.preferred_linalg_library(before)
     else:
         lu, piv, _ = torch.linalg.lu_factor_ex(a)
     perm, swaps = perm_from_pivots(piv, a.shape[0])
