@@ -342,7 +342,7 @@ def test_singularity_band_count_is_exact_without_the_verifying_congruence(monkey
     monkeypatch.setattr(
         hl.LiftedFactorization,
         "reversed_congruence",
-        lambda self: calls.append(1) or real(self),
+        lambda self, *a: calls.append(1) or real(self, *a),
     )
     fac = H.factor(c * d, "lifted")
     with pytest.raises(hessinv.SingularHessianError, match=r"has 1 eigenvalue\(s\) within"):

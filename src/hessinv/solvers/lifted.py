@@ -33,6 +33,7 @@ across block boundaries in ``O(sum_k n_k^3)``, linear in depth.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -44,6 +45,11 @@ from ..lifted_merge import MergedBlocks
 from ..progress import CountedSequence, progress_bar
 from ..riccati import RiccatiResult, riccati_pass
 from .base import Factorization, Inertia
+
+#: The most bytes of ``K``'s blocks built once and held for the two congruences of an inertia.
+CONGRUENCE_BLOCKS_BYTES = 512 * 2**20
+
+_Blocks = tuple[Sequence[Tensor], Sequence[Tensor]]
 
 
 class LiftedFactorization(Factorization):
@@ -134,7 +140,7 @@ class LiftedFactorization(Factorization):
                 "worse conditioned than H. Use method='dense' (small W) or a larger damping."
             )
 
-    def congruence(self) -> InertiaResult:
+    def congruence(self, blocks: _Blocks | None = None) -> InertiaResult:
         """The congruence ``K = X diag(w) X^T`` of :func:`block_tri_inertia` (cached).
 
         Sign-only counting (``rtol=0``; ``K`` is nonsingular by the LU): first
@@ -144,10 +150,14 @@ class LiftedFactorization(Factorization):
         agrees with the LU's (sign exactly, ``log|det|`` to ``0.1 + sqrt(eps)
         |log|det||``) is kept, else the last, with a
         :class:`~hessinv.errors.LiftedPrecisionWarning`.
+
+        ``blocks``: ``K``'s merged blocks already built (:meth:`_built_blocks`);
+        by default they are built as each attempt reads them.
         """
         if self._congruence is None:
             self._require_regular_lu("inertia")
             ls = self.merged
+            diag, upper = (ls.diag, ls.upper) if blocks is None else blocks
             cap = max(ls.sizes)
             attempts: list[dict] = [
                 {"alpha": 0.01, "max_carry": cap, "pivoting": "ldl"},
@@ -155,7 +165,7 @@ class LiftedFactorization(Factorization):
                 {"alpha": 0.1, "max_carry": 4 * cap},
             ]
             for kw in attempts:
-                r = block_tri_inertia(ls.diag, ls.upper, rtol=0.0, **kw)
+                r = block_tri_inertia(diag, upper, rtol=0.0, **kw)
                 if self._agrees_with_lu(r):
                     break
             else:
@@ -168,17 +178,19 @@ class LiftedFactorization(Factorization):
             self._congruence = r
         return self._congruence
 
-    def reversed_congruence(self) -> InertiaResult | None:
+    def reversed_congruence(self, blocks: _Blocks | None = None) -> InertiaResult | None:
         """The same congruence of ``K`` with the blocks eliminated last to first.
 
         ``P K P^T`` (block order reversed) has the inertia and determinant of
         ``K``; its fronts and delayed pivots are different. ``None`` when no
-        attempt agrees with the LU's determinant.
+        attempt agrees with the LU's determinant. ``blocks`` as for
+        :meth:`congruence`.
         """
         ls = self.merged
+        d0, u0 = (ls.diag, ls.upper) if blocks is None else blocks
         n = len(ls.sizes)
-        diag = _LazyBlocks(n, lambda i: ls.diag[n - 1 - i])
-        upper = _LazyBlocks(n - 1, lambda i: ls.upper[n - 2 - i].T)
+        diag = _LazyBlocks(n, lambda i: d0[n - 1 - i])
+        upper = _LazyBlocks(n - 1, lambda i: u0[n - 2 - i].T)
         cap = max(ls.sizes)
         for kw in (
             {"alpha": 0.01, "max_carry": cap, "pivoting": "ldl"},
@@ -250,12 +262,28 @@ class LiftedFactorization(Factorization):
             return ric.negative
         return self._congruence_counts(self.congruence())[1]
 
+    def _built_blocks(self) -> _Blocks | None:
+        """``K``'s merged blocks, built once for the two congruences (``None``: too large).
+
+        Each congruence otherwise builds every block again; at most
+        :data:`CONGRUENCE_BLOCKS_BYTES` are held, for one inertia.
+        """
+        ls = self.merged
+        item = torch.finfo(self.lu.last.l11u.dtype).bits // 8
+        sizes = ls.sizes
+        total = sum(n * n for n in sizes)
+        total += sum(a * b for a, b in zip(sizes[:-1], sizes[1:], strict=True))
+        if total * item > CONGRUENCE_BLOCKS_BYTES:
+            return None
+        return list(ls.diag), list(ls.upper)
+
     def _signs(self) -> Inertia:
         ric = self._certified_riccati()
         if ric is not None:
             return ric
-        counts = self._congruence_counts(self.congruence())
-        rev = self.reversed_congruence()
+        blocks = self._built_blocks() if self._congruence is None else None
+        counts = self._congruence_counts(self.congruence(blocks))
+        rev = self.reversed_congruence(blocks)
         agrees = (
             rev is not None
             and not rev.zero
