@@ -163,6 +163,7 @@ class GaussNewton(Hessian):
     def blocks(self) -> list[StageBlocks]:  # type: ignore[override]
         """The lifted Gauss-Newton stage blocks (:func:`ggn_blocks`), built on first use."""
         if getattr(self, "_blocks", None) is None:
+            self._check_fresh()  # built from the kept forward pass: at the snapshot's parameters
             Hessian._check_block_memory(self, self.pipeline)
             self._blocks = ggn_blocks(self.pipeline, self._generic)[1]
         return self._blocks
@@ -216,10 +217,12 @@ class GaussNewton(Hessian):
     # -- operator basics ---------------------------------------------------------
     def gradient(self) -> Tensor:
         """The flat gradient of the loss (the true gradient), by reverse mode."""
+        self._check_fresh()
         return grad(self.pipeline.loss_of_flat)(self._flat())
 
     def matmat(self, v: Tensor) -> Tensor:
         """``G V = J^T (Lambda (J V))`` for ``V`` of shape ``(W, k)``."""
+        self._check_fresh()
         if self._kern is not None or self._kernel_fits():
             return self.kernel().matmat(v)
         return self._matmat_free(v)
@@ -242,14 +245,17 @@ class GaussNewton(Hessian):
 
     def to_dense(self) -> Tensor:
         """The ``W x W`` matrix ``G`` (from ``B``; exactly symmetric)."""
+        self._check_fresh()
         return self.kernel().to_dense()
 
     def diagonal(self) -> Tensor:
         """The exact diagonal of ``G``: squared column norms of ``Lambda^{1/2} J``."""
+        self._check_fresh()
         return self.kernel().diagonal()
 
     def block_diagonal(self) -> list[Tensor]:
         """The exact ``p_l x p_l`` diagonal blocks of ``G``, one per stage."""
+        self._check_fresh()
         g = self.kernel()
         out, i = [], 0
         for p in self.pipeline.stage_sizes:

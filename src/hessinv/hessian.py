@@ -222,6 +222,7 @@ class Hessian(Solves, LinearOperator):
     @property
     def stage_blocks(self) -> list[StageBlocks]:
         """The per-stage derivative blocks (the paper's section 5; :mod:`hessinv.derivatives`)."""
+        self._check_fresh()
         return self.blocks
 
     def _check_fresh(self) -> None:
@@ -286,12 +287,14 @@ class Hessian(Solves, LinearOperator):
         """The diagonal of ``(H + damping I)^{-1}`` (length ``W``), by selected inversion."""
         from .selinv import inverse_diagonal
 
+        self._check_fresh()
         return inverse_diagonal(self.blocks, check_damping(damping))
 
     def inverse_block_diagonal(self, damping: float = 0.0) -> list[Tensor]:
         """The ``p_l x p_l`` diagonal blocks of ``(H + damping I)^{-1}``, one per stage."""
         from .selinv import inverse_block_diagonal
 
+        self._check_fresh()
         return inverse_block_diagonal(self.blocks, check_damping(damping))
 
     def eigsh(self, k: int = 6, sigma: float | None = None, which: str = "LM", **kwargs):  # noqa: ANN003, ANN201

@@ -136,9 +136,9 @@ class Projected:
 
 
 def _project(b: StageBlocks, q: Tensor | None) -> Projected:
-    p = b.num_params
-    jx = None if b.Jx is None else b.Jx.reshape(-1, p)
-    tzx = None if b.Tzx is None else b.Tzx.reshape(-1, p)
+    p = b.num_params  # explicit row counts: -1 is ambiguous for a stage without parameters
+    jx = None if b.Jx is None else b.Jx.reshape(b.Jx.shape[0] * b.Jx.shape[1], p)
+    tzx = None if b.Tzx is None else b.Tzx.reshape(b.Tzx.shape[0] * b.Tzx.shape[1], p)
     txx = b.Txx
     if q is not None:
         jx = None if jx is None else jx @ q

@@ -121,10 +121,10 @@ class BasisMaps:
             stages = range(run.first, run.first + run.n)
             w = torch.stack([x[2 * i][: run.k] for i in stages])  # (n, k, r)
             if run.qs is None:
-                out.append(w.reshape(run.n * run.p, -1))
+                out.append(w.reshape(run.n * run.p, w.shape[-1]))
                 continue
             if not n_full:
-                out.append((run.qs @ w).reshape(run.n * run.p, -1))
+                out.append((run.qs @ w).reshape(run.n * run.p, w.shape[-1]))
                 continue
             rows = self._rows(g, run)[..., :n_full]
             if projections is None:
@@ -136,7 +136,7 @@ class BasisMaps:
             perp = rows - qqg
             perp = perp - run.qs @ (run.qs.mT @ perp)  # reorthogonalized
             v[..., :n_full] += perp / damping
-            out.append(v.reshape(run.n * run.p, -1))
+            out.append(v.reshape(run.n * run.p, v.shape[-1]))
         return torch.cat(out, dim=0)
 
     def project_kept(self, g: Tensor) -> Tensor:
@@ -145,5 +145,5 @@ class BasisMaps:
         for run in self.runs:
             rows = self._rows(g, run)
             kept = rows if run.qs is None else run.qs @ (run.qs.mT @ rows)
-            out.append(kept.reshape(run.n * run.p, -1))
+            out.append(kept.reshape(run.n * run.p, kept.shape[-1]))
         return torch.cat(out, dim=0)

@@ -175,32 +175,26 @@ def check_no_global_hooks() -> None:
         )
 
 
-def check_container_hooks(model: nn.Module) -> None:
-    """Refuse hooks on a container of a plain chain (the model itself, a nested Sequential).
+def check_container_hooks(model: nn.Module, *, root_only: bool = False) -> None:
+    """Refuse hooks on the model itself or (``root_only=False``) on a module with children.
 
-    The chain is evaluated leaf by leaf; a hook on a container would be skipped.
+    A plain chain is evaluated leaf by leaf: a hook on any container would be
+    skipped. torch.fx traces the model's own ``forward`` (its hooks are
+    skipped) and calls every submodule with its hooks (``root_only=True``).
 
     Raises:
         ValueError: Naming the container.
     """
     for name, m in model.named_modules():
-        if not m._modules:
-            continue  # leaves: check_leaf
-        hooks = [
-            h
-            for h in (
-                "_forward_hooks",
-                "_forward_pre_hooks",
-                "_backward_hooks",
-                "_backward_pre_hooks",
-            )
-            if getattr(m, h, None)
-        ]
+        if name and (root_only or not m._modules):
+            continue  # leaves: check_leaf (or, traced, called with their hooks)
+        hooks = _hooks_of(m)
         if hooks:
             label = f"container '{name}'" if name else "the model"
             raise ValueError(
-                f"{label} ({type(m).__name__}) has {', '.join(hooks)}: hessinv evaluates the "
-                f"chain module by module and would skip them. Remove them, or {WAY_OUT}"
+                f"{label} ({type(m).__name__}) has {', '.join(hooks)}: hessinv evaluates "
+                "the model module by module (or traces its forward) and would skip them. "
+                f"Remove them, or {WAY_OUT}"
             )
 
 

@@ -77,6 +77,7 @@ class Solves:
     # -- solves ---------------------------------------------------------------
     def spectral_bounds(self) -> tuple[float, float]:
         """Extreme Ritz values of 16 Lanczos steps on ``H`` (cached): estimates from inside."""
+        self._check_fresh()
         if self._bounds is None:
             self._store_bounds(
                 spectral_bounds(self.matmat, self.num_params, self.dtype, self.device)

@@ -38,7 +38,11 @@ from .layers import (
     stages_from_sequential,
     trainable,
 )
-from .model_checks import check_no_global_hooks, check_no_instance_forward
+from .model_checks import (
+    check_container_hooks,
+    check_no_global_hooks,
+    check_no_instance_forward,
+)
 from .module_params import all_parameters
 from .pipeline import Pipeline, Stage
 from .validate import batch_splits, on_side
@@ -291,6 +295,7 @@ def stages_for_model(
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     check_tied(model)
     check_no_global_hooks()
+    check_container_hooks(model, root_only=True)
     check_no_instance_forward(model)
     chosen = resolve_params(model, params)
     if _plain_sequential(model):

@@ -414,6 +414,7 @@ class ParameterSnapshot:
         self._groups = list(groups.values())
         self._flat = [self._bytes(idx).clone() for idx in self._groups]
         self._edges: list[tuple[str, nn.Module, str, nn.Module | None]] = []
+        self._keys: list[tuple[str, nn.Module, tuple[str, ...]]] = []
 
     def watch(self, model: nn.Module) -> None:
         """Also watch ``model``'s module tree: a replaced submodule (``model[2] = m``) is a change.
@@ -425,6 +426,9 @@ class ParameterSnapshot:
             (f"{name}.{key}" if name else key, parent, key, child)
             for name, parent in model.named_modules()
             for key, child in parent._modules.items()
+        ]
+        self._keys = [
+            (name or "the model", m, tuple(m._modules)) for name, m in model.named_modules()
         ]
 
     def _bytes(self, idx: list[int]) -> Tensor:
@@ -443,6 +447,9 @@ class ParameterSnapshot:
         for name, parent, key, child in self._edges:
             if parent._modules.get(key) is not child:
                 return f"module '{name}' (replaced by another module)"
+        for name, m, keys in self._keys:
+            if tuple(m._modules) != keys:
+                return f"{name} (its submodules were added, removed or reordered)"
         for s, meta in zip(self.sources, self._meta, strict=True):
             if s.owner is not None and getattr(s.owner, s.attr, None) is not s.tensor:
                 return f"{s.name} (replaced by another tensor)"
