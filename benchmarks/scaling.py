@@ -122,20 +122,27 @@ def first_call_child(width: int, batch: int, depth: int, damping: float, gain: f
     return f"{out[0]} {out[1]}"
 
 
-def first_call(width: int, batch: int, depth: int, args: argparse.Namespace) -> dict:
-    """First and warm call of :func:`first_call_child` in a fresh one-thread process."""
+def first_call(width: int, batch: int, depth: int, args: argparse.Namespace, reps: int = 3) -> dict:
+    """First and warm call of :func:`first_call_child`, medians over ``reps`` fresh processes.
+
+    Each process runs with one thread; the medians are taken per column (first,
+    warm, and their difference per process).
+    """
     cmd = [sys.executable, __file__, "--first-call-child", str(width), str(batch), str(depth)]
     cmd += ["--gain", str(args.gain), "--damping", str(args.damping)]
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
-    first, warm = map(float, out.stdout.strip().splitlines()[-1].split())
+    runs = []
+    for _ in range(reps):
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
+        runs.append(tuple(map(float, out.stdout.strip().splitlines()[-1].split())))
     return {
         "width": width,
         "batch": batch,
         "depth": depth,
-        "first_call_s": first,
-        "warm_call_s": warm,
-        "first_call_extra_s": first - warm,
+        "first_call_s": statistics.median(f for f, _ in runs),
+        "warm_call_s": statistics.median(w for _, w in runs),
+        "first_call_extra_s": statistics.median(f - w for f, w in runs),
+        "processes": reps,
     }
 
 
@@ -467,7 +474,8 @@ def report(result: dict) -> str:
         if result.get("first_call"):
             out += (
                 "\nFirst call in a fresh process (`import torch, hessinv` done; `Hessian(...)` "
-                "and the default solve) against a second call with a new `Hessian`:\n\n"
+                "and the default solve) against a second call with a new `Hessian`, medians "
+                "over three fresh processes run before the timed cases:\n\n"
                 "| width | batch | depth | first s | warm s | first - warm s |\n"
                 "|---|---|---|---|---|---|\n"
             )
@@ -620,6 +628,11 @@ def main(argv: list[str] | None = None) -> dict:
         if args.cases:
             cases = [tuple(int(v) for v in c.split(",")) for c in args.cases]
         args.dense_max, args.minres_max_depth = 0, 0
+        if not args.device.startswith("cuda"):  # the first call in a fresh process, first:
+            # run after the timed cases it read 0.3 s more on a loaded machine
+            result["first_call"] = [first_call(4, 2, 4, args)] + [
+                first_call(w, b, dep, args) for w, b, dep in cases
+            ]
         for w, b, dep in cases:
             r = run_case(w, b, dep, args)
             result["depth_sweep"].append(r)
@@ -630,10 +643,6 @@ def main(argv: list[str] | None = None) -> dict:
             )
             # after every case: a run cut short keeps what it measured
             (args.out / f"scaling_{tag}.json").write_text(json.dumps(result, indent=1))
-        if not args.device.startswith("cuda"):  # the first call in a fresh process
-            result["first_call"] = [first_call(4, 2, 4, args)] + [
-                first_call(w, b, dep, args) for w, b, dep in cases
-            ]
         result["load_average_end"] = round(os.getloadavg()[0], 2)
         (args.out / f"scaling_{tag}.json").write_text(json.dumps(result, indent=1))
         (args.out / f"scaling_{tag}.md").write_text(report(result))
