@@ -349,7 +349,7 @@ def test_stale_operator_refuses_after_the_weights_change(change):
 
 
 def test_stale_check_names_the_one_entry_changed_by_one_ulp_among_many_tensors():
-    from hessinv.validate import ParameterSnapshot, ParameterSource
+    from hessinv.staleness import ParameterSnapshot, ParameterSource
 
     torch.manual_seed(0)  # two groups (float64 and float32), compared as one flat copy each
     ts = [torch.randn(3, 2, dtype=DT) for _ in range(40)] + [torch.randn(5) for _ in range(7)]

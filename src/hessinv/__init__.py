@@ -21,7 +21,7 @@ from .operator import IdentityOperator, LinearOperator
 from .pipeline import Pipeline, Stage
 from .solvers import Inertia
 from .solves import InverseOperator
-from .validate import StaleOperatorError
+from .staleness import StaleOperatorError
 
 __all__ = [
     "CostWarning",

@@ -32,8 +32,9 @@ from .progress import ProgressArg, check_progress
 from .solvers import Factorization
 from .solvers import select as _select
 from .solves import Solves
+from .staleness import ParameterSnapshot
 from .trace import ParamsArg, stages_for_model
-from .validate import ParameterSnapshot, check_damping, check_no_mixing
+from .validate import check_damping, check_no_mixing
 from .vectors import Layout
 
 

@@ -34,7 +34,7 @@ from .model_checks import (
 )
 from .module_params import all_parameters, trainable
 from .pipeline import Stage, check_dtype
-from .validate import ParameterSource
+from .staleness import ParameterSource
 
 __all__ = ["layer_norm"]  # re-exported: its home is hessinv.derivatives.norm
 
@@ -201,7 +201,7 @@ class StageStructure:
         elementwise_tail: True if every tail module is elementwise.
         loss: ``(loss_func, target)`` for the last stage, else ``None``.
         sources: The model's parameters behind the stage's tensors, with their
-            qualified names (for :class:`hessinv.validate.ParameterSnapshot`).
+            qualified names (for :class:`hessinv.staleness.ParameterSnapshot`).
     """
 
     layer: nn.Module
@@ -265,7 +265,7 @@ def _sources(modules: list[tuple[str, nn.Module]]) -> list[ParameterSource]:
 
     The trainable parameters, and the constants: frozen parameters and buffers
     (e.g. a BatchNorm's running statistics). A change to any of them makes an
-    operator stale (:class:`hessinv.validate.ParameterSnapshot`).
+    operator stale (:class:`hessinv.staleness.ParameterSnapshot`).
     """
     out = []
     for mod_name, m in modules:

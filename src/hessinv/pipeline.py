@@ -227,7 +227,7 @@ class Pipeline:
         Computed once and kept: the memory estimate, the mixing probes and the
         blocks all start from it while an operator is built, and an operator
         refuses any use once its parameters change
-        (:class:`hessinv.validate.ParameterSnapshot`), so the kept pass is
+        (:class:`hessinv.staleness.ParameterSnapshot`), so the kept pass is
         never read for other parameters.
         """
         if self._zs is None:

@@ -1,4 +1,4 @@
-"""Checks run before any long computation: sample mixing, damping, stale parameters.
+"""Checks run before any long computation: sample mixing and damping.
 
 **Sample mixing.** Every stage must treat the ``N`` samples of its input
 independently: the Jacobian ``d z_l / d z_{l-1}`` is block diagonal over samples
@@ -38,10 +38,7 @@ is probed even first: its tail's per-sample Jacobians assume no mixing.
 
 **Damping.** :func:`check_damping` accepts any real scalar and returns a float.
 
-**Stale operators.** :class:`ParameterSnapshot` keeps a copy of the trainable
-parameters at construction; :meth:`ParameterSnapshot.check` raises
-:class:`StaleOperatorError` once they change (an optimizer step,
-``p.data.copy_(...)``, ``p.add_`` under ``no_grad``, a replaced parameter).
+Stale operators are :mod:`hessinv.staleness`'s (re-exported here).
 """
 
 from __future__ import annotations
@@ -55,18 +52,15 @@ import torch
 from torch import Tensor, nn
 
 from .pipeline import Pipeline, Stage, describe_stage
+from .staleness import (  # noqa: F401 - re-exported: the names' earlier home
+    ParameterSnapshot,
+    ParameterSource,
+    StaleOperatorError,
+    pipeline_sources,
+)
 
 #: Leak (relative to the in-support response) above which a map mixes samples.
 MIXING_RTOL_EPS = 100.0
-
-
-class StaleOperatorError(RuntimeError):
-    """The parameters changed after the operator was built; rebuild it.
-
-    A :class:`hessinv.Hessian` holds the derivative blocks of the parameters it
-    was built at; after an optimizer step (or any in-place change) it would
-    answer for the old parameters.
-    """
 
 
 # -- damping ---------------------------------------------------------------------------------
@@ -359,122 +353,3 @@ def check_no_mixing(pipeline: Pipeline, zs: Sequence[Tensor] | None = None) -> N
             f"{_mixing_hint(culprit.module)}; every stage must treat the samples "
             "(first dimension) independently, or H would come out wrong"
         )
-
-
-# -- stale parameters ------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ParameterSource:
-    """Where a trainable tensor of the operator lives in the user's objects.
-
-    Attributes:
-        name: Its qualified name (``"0.weight"`` or ``"stages[1].params[0]"``).
-        tensor: The user's tensor (an ``nn.Parameter`` of the model, or a stage's tensor).
-        owner: The module holding it as attribute ``attr`` (``None`` for a stage).
-        attr: The attribute name in ``owner``.
-    """
-
-    name: str
-    tensor: Tensor
-    owner: nn.Module | None = None
-    attr: str = ""
-
-
-def pipeline_sources(pipeline: Pipeline) -> list[ParameterSource]:
-    """The user-side tensors of a pipeline: a model's parameters, else the stage tensors."""
-    out: list[ParameterSource] = []
-    for i, s in enumerate(pipeline.stages):
-        src = getattr(s.structure, "sources", None)
-        if src is not None:
-            out.extend(src)
-        else:
-            out.extend(
-                ParameterSource(f"stages[{i}].params[{j}]", p) for j, p in enumerate(s.params)
-            )
-    return out
-
-
-class ParameterSnapshot:
-    """A copy of the trainable parameters, to detect that an operator went stale.
-
-    ``O(W)`` memory and an ``O(W)`` comparison per check, negligible against
-    one product ``H @ v``. Values are compared, not version counters:
-    ``p.data`` does not share ``p``'s version counter. The comparison is
-    bitwise (any change of any bit, ``0.0 -> -0.0`` included, is a change),
-    on one flat copy per device and dtype: a per-tensor comparison costs
-    about 6 us per tensor, which at depth 512 (1024 tensors) came to 40 ms
-    over the five products of a default solve.
-    """
-
-    def __init__(self, sources: Sequence[ParameterSource]) -> None:
-        self.sources = list(sources)
-        self._meta = [(s.tensor.shape, s.tensor.dtype, s.tensor.device) for s in self.sources]
-        groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
-        for i, s in enumerate(self.sources):
-            groups.setdefault((s.tensor.device, s.tensor.dtype), []).append(i)
-        self._groups = list(groups.values())
-        self._flat = [self._bytes(idx).clone() for idx in self._groups]
-        self._edges: list[tuple[str, nn.Module, str, nn.Module | None]] = []
-        self._keys: list[tuple[str, nn.Module, tuple[str, ...]]] = []
-
-    def watch(self, model: nn.Module) -> None:
-        """Also watch ``model``'s module tree: a replaced submodule (``model[2] = m``) is a change.
-
-        Each edge ``parent._modules[key] is child`` is recorded; the parameters
-        of a replacing module are other tensors, which the values never see.
-        """
-        self._edges = [
-            (f"{name}.{key}" if name else key, parent, key, child)
-            for name, parent in model.named_modules()
-            for key, child in parent._modules.items()
-        ]
-        self._keys = [
-            (name or "the model", m, tuple(m._modules)) for name, m in model.named_modules()
-        ]
-
-    def _bytes(self, idx: list[int]) -> Tensor:
-        """The bytes of the sources ``idx`` (one device and dtype), concatenated."""
-        return torch.cat([self.sources[i].tensor.detach().reshape(-1) for i in idx]).view(
-            torch.uint8
-        )
-
-    @classmethod
-    def of_pipeline(cls, pipeline: Pipeline) -> ParameterSnapshot:
-        """Snapshot the tensors a pipeline was built from."""
-        return cls(pipeline_sources(pipeline))
-
-    def changed(self) -> str | None:
-        """The name of the first parameter that changed (or was replaced), else ``None``."""
-        for name, parent, key, child in self._edges:
-            if parent._modules.get(key) is not child:
-                return f"module '{name}' (replaced by another module)"
-        for name, m, keys in self._keys:
-            if tuple(m._modules) != keys:
-                return f"{name} (its submodules were added, removed or reordered)"
-        for s, meta in zip(self.sources, self._meta, strict=True):
-            if s.owner is not None and getattr(s.owner, s.attr, None) is not s.tensor:
-                return f"{s.name} (replaced by another tensor)"
-            t = s.tensor
-            if (t.shape, t.dtype, t.device) != meta:
-                return s.name
-        for idx, flat in zip(self._groups, self._flat, strict=True):
-            now = self._bytes(idx)
-            if not torch.equal(now, flat):
-                bounds = (
-                    torch.tensor([0] + [self.sources[i].tensor.numel() for i in idx]).cumsum(0)
-                    * self.sources[idx[0]].tensor.element_size()
-                )
-                for j, i in enumerate(idx):  # the first tensor whose bytes differ
-                    a, b = int(bounds[j]), int(bounds[j + 1])
-                    if not torch.equal(now[a:b], flat[a:b]):
-                        return self.sources[i].name
-        return None
-
-    def check(self) -> None:
-        """Raise :class:`StaleOperatorError` if a parameter changed since the snapshot."""
-        name = self.changed()
-        if name is not None:
-            raise StaleOperatorError(
-                f"{name} changed after this operator was built (an optimizer step "
-                "or an in-place update): the operator describes the old parameters. "
-                "Rebuild it, e.g. hessinv.Hessian(model, loss_func, X, y)."
-            )
