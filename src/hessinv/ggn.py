@@ -192,12 +192,14 @@ class GaussNewton(Hessian):
 
     def loss_hessians(self) -> Tensor:
         """``Lambda_n``, the per-sample loss Hessians in the outputs, ``(N, o, o)`` (cached)."""
+        self._check_fresh()
         if self._lam is None:
             self._lam = loss_output_hessians(self._split.loss, self.output())
         return self._lam
 
     def kernel(self) -> GaussNewtonKernel:
         """``J`` (one backward pass per output coordinate) and ``B = Lambda^{1/2} J`` (cached)."""
+        self._check_fresh()
         if self._kern is None:
             lam = self.loss_hessians()
             jac = output_jacobian(self._net, self._flat(), self.pipeline.z0)

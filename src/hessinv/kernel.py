@@ -230,10 +230,12 @@ class KernelFactorization(Factorization):
 
     def norm(self) -> float:
         """``||G + dI||_2``, exactly ``max(max_i |s_i^2 + d|, |d|)``."""
+        self.op._check_fresh()
         return self._norm
 
     def zero_threshold(self) -> float:
         """``W eps ||G + dI||``."""
+        self.op._check_fresh()
         return self.tol
 
     def _zero_mask(self) -> Tensor:
@@ -241,6 +243,7 @@ class KernelFactorization(Factorization):
 
     def zero_count(self) -> int:
         """Eigenvalues ``mu`` with ``|mu| <= W eps ||G + dI||``."""
+        self.op._check_fresh()
         if self._zero is None:
             z = int(self._zero_mask().sum())
             if self.n_extra and abs(self.damping) <= self.tol:
@@ -269,6 +272,7 @@ class KernelFactorization(Factorization):
         second term only when ``k < W``). Raises ``SingularHessianError`` like
         :meth:`solve`.
         """
+        self.op._check_fresh()
         if self.zero_count():
             raise SingularHessianError(self._singular_message())
         v2 = self.V * self.V
@@ -296,12 +300,14 @@ class KernelFactorization(Factorization):
 
     def logdet(self) -> tuple[float, float]:
         """``(sign, log|det(G + damping I)|)``; ``(0, -inf)`` when numerically singular."""
+        self.op._check_fresh()
         if self.zero_count():
             return 0.0, -math.inf
         return self._logdet()
 
     def inertia(self) -> Inertia:
         """``(pos, neg, zero)`` of ``G + damping I``; zero means ``|mu| <= W eps ||G + dI||``."""
+        self.op._check_fresh()
         zero = self._zero_mask()
         pos = int(((self.mu > 0) & ~zero).sum())
         neg = int(((self.mu < 0) & ~zero).sum())

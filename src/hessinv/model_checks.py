@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 
+import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -120,6 +121,27 @@ def check_leaf(m: nn.Module, name: str) -> None:
                 f"subclass); hessinv evaluates nn.{base.__name__} functionally and would "
                 f"ignore it. Restore torch's {attr}, or {WAY_OUT}"
             )
+
+
+def check_not_compiled(model: nn.Module) -> None:
+    """Refuse a ``torch.jit`` or ``torch.compile`` wrapper, naming it and the way out.
+
+    hessinv evaluates and traces the Python modules themselves; a scripted or
+    compiled wrapper hides them.
+
+    Raises:
+        ValueError: Naming the wrapper.
+    """
+    if isinstance(model, torch.jit.ScriptModule):
+        kind, way = "torch.jit (scripted or traced)", "the module before scripting"
+    elif "_orig_mod" in model._modules:
+        kind, way = "torch.compile", "the original module (model._orig_mod)"
+    else:
+        return
+    raise ValueError(
+        f"the model is a {kind} wrapper ({type(model).__name__}); hessinv differentiates "
+        f"the Python modules themselves. Pass {way}, or {WAY_OUT}"
+    )
 
 
 def check_no_instance_forward(model: nn.Module) -> None:

@@ -57,7 +57,10 @@ def perm_from_pivots(piv: Tensor, m: int) -> tuple[Tensor, Tensor]:
         if j != i:
             perm[i], perm[j] = perm[j], perm[i]
             swaps += 1
-    return torch.tensor(perm, device=piv.device), torch.tensor(swaps, device=piv.device)
+    return (
+        torch.tensor(perm, dtype=torch.long, device=piv.device),
+        torch.tensor(swaps, device=piv.device),
+    )
 
 
 def perm_on_device(piv: Tensor, m: int) -> tuple[Tensor, Tensor]:

@@ -252,7 +252,12 @@ def riccati_pass(  # noqa: C901, PLR0912, PLR0915
         # -- the pivot: Cholesky (mode "cholesky") or eigh ------------------------
         piv, lam_min, lam_abs_min, vals = _Pivot(), math.nan, math.nan, None
         chol_ok = False
-        if mode == "cholesky":
+        if k == 0:  # no kept direction here: an empty pivot, vacuously definite
+            lam_min = lam_abs_min = math.inf
+            vals = qvv.new_zeros(0)
+            piv.chol, piv.vecs, piv.vals = qvv, qvv, vals
+            chol_ok = mode == "cholesky"
+        elif mode == "cholesky":
             chol, info = torch.linalg.cholesky_ex(qvv)
             if int(info) == 0 and bool(torch.isfinite(chol).all()):
                 linv = torch.linalg.solve_triangular(
@@ -272,7 +277,7 @@ def riccati_pass(  # noqa: C901, PLR0912, PLR0915
         errors[l] = e_vv
         eigs[l] = vals if mode == "inertia" else None
         # -- decisions --------------------------------------------------------------
-        if not math.isfinite(lam_min):
+        if k and not math.isfinite(lam_min):
             pd_status, failed, stopped, separated = None, l, True, False
             break
         if pd_status is True and not lam_min > thresh:

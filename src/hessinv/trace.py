@@ -42,6 +42,7 @@ from .model_checks import (
     check_container_hooks,
     check_no_global_hooks,
     check_no_instance_forward,
+    check_not_compiled,
 )
 from .module_params import all_parameters
 from .pipeline import Pipeline, Stage
@@ -293,6 +294,7 @@ def stages_for_model(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    check_not_compiled(model)
     check_tied(model)
     check_no_global_hooks()
     check_container_hooks(model, root_only=True)

@@ -182,6 +182,7 @@ class Factorization(LinearOperator, ABC):
 
     def sigma_min_estimate(self) -> float:
         """An estimate (from above) of ``A``'s smallest singular value, by inverse iteration."""
+        self.op._check_fresh()
         if self._sigma_min is None:
             self._sigma_min = smallest_singular_value(
                 self._apply_for_estimates, self.size, self.dtype, self.op.device
