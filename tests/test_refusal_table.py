@@ -302,7 +302,20 @@ def _stale():
         model[0].weight.add_(1.0)
     with pytest.raises(hessinv.StaleOperatorError):
         fac.solve(torch.ones(H.num_params, dtype=DT))
+    model = _mlp(nn.Tanh())
+    H2 = _hessian(model)
+    model.append(nn.Tanh())  # a module added: another network, same weights
+    with pytest.raises(hessinv.StaleOperatorError, match="submodules were added"):
+        H2 @ torch.ones(H2.num_params, dtype=DT)
     H @ torch.ones(H.num_params, dtype=DT)
+
+
+def _compiled():
+    model = _mlp(nn.Tanh())
+    _hessian(model)  # the module itself is fine
+    with pytest.raises(ValueError, match=r"torch\.jit .*Pass the module before scripting"):
+        _hessian(torch.jit.script(model))
+    _hessian(torch.jit.trace(model, _data()[0]))
 
 
 def _singular():
@@ -392,7 +405,8 @@ CASES = {
     "an error inside the `forward` of an `nn.Sequential` or a traced model (e.g. `X` of the "
     "wrong width, or of another dtype than the parameters)": _error_in_forward,
     "weights changed after the operator was built (optimizer step, `p.data.copy_`, in-place "
-    "edits)": _stale,
+    "edits), or a submodule replaced, added or removed": _stale,
+    "a `torch.jit` (scripted or traced) or `torch.compile` wrapper": _compiled,
     "`H + damping I` singular (e.g. a small batch, `damping=0`)": _singular,
     '`method="lifted"` where the lifted system is far worse conditioned than `H + dI` '
     "(exploding activations)": _lifted_precision,
