@@ -283,3 +283,21 @@ def build(case: Case, seed: int = 0):
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     """``||a - b|| / ||b||`` (max with tiny)."""
     return float(torch.linalg.norm(a - b) / torch.linalg.norm(b).clamp_min(1e-300))
+
+
+def stages_hessian(stages, z0: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
+    """Dense ``H`` of a functional pipeline: ``torch.func.hessian`` of its loss in the flat
+    parameters, composing the stage functions directly (no hessinv code)."""
+    x0 = torch.cat([q.reshape(-1) for s in stages for q in s.params])
+
+    def f(x: torch.Tensor) -> torch.Tensor:
+        i, z = 0, z0
+        for s in stages:
+            ps = []
+            for q in s.params:
+                ps.append(x[i : i + q.numel()].reshape(q.shape))
+                i += q.numel()
+            z = s.fn(z, tuple(ps))
+        return z.reshape(())
+
+    return torch.func.hessian(f)(x0)

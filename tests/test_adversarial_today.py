@@ -24,7 +24,7 @@ import types
 
 import pytest
 import torch
-from cases import reference_loss_fn
+from cases import reference_loss_fn, stages_hessian
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -247,19 +247,7 @@ def _functional(kinds: list[str], n: int = 3, a0: int = 3, seed: int = 0):  # no
         )
     )
     z0 = torch.randn(n, a0, generator=g, dtype=DT)
-    x0 = torch.cat([q.reshape(-1) for s in stages for q in s.params])
-
-    def f(x: torch.Tensor) -> torch.Tensor:
-        i, z = 0, z0
-        for s in stages:
-            ps = []
-            for q in s.params:
-                ps.append(x[i : i + q.numel()].reshape(q.shape))
-                i += q.numel()
-            z = s.fn(z, tuple(ps))
-        return z.reshape(())
-
-    return stages, z0, torch.func.hessian(f)(x0)
+    return stages, z0, stages_hessian(stages, z0)
 
 
 @pytest.mark.parametrize(
