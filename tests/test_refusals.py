@@ -514,3 +514,12 @@ def test_stale_after_frozen_weights_or_running_statistics_change():
         model[3].weight.mul_(2)
     with pytest.raises(hessinv.StaleOperatorError, match=r"^3\.weight changed"):
         H @ torch.ones(H.num_params, dtype=DT)
+
+
+def test_non_finite_parameter_is_named():
+    X, y = _data()
+    model = _mlp(18, nn.Tanh())
+    with torch.no_grad():
+        model[2].weight[0, 1] = float("inf")
+    with pytest.raises(ValueError, match=r"^parameter 0 of stage 1 \(Linear.*contains NaN or Inf"):
+        hessinv.Hessian(model, nn.MSELoss(), X, y)

@@ -197,8 +197,17 @@ class Pipeline:
                 raise ValueError(
                     f"all parameters must be on one device: found {device} and {p.device}"
                 )
-            if not torch.isfinite(p).all():
-                raise ValueError("a parameter contains NaN or Inf")
+        finite = torch.stack([torch.isfinite(p).all() for p in params])  # one device read
+        if not bool(finite.all()):
+            i, j = next(
+                (i, j)
+                for i, st in enumerate(stages)
+                for j, p in enumerate(st.params)
+                if not bool(torch.isfinite(p).all())
+            )
+            raise ValueError(
+                f"parameter {j} of stage {i} ({describe_stage(stages[i])}) contains NaN or Inf"
+            )
         _check_no_shared_tensors(stages)
         if z0.device != device:
             raise ValueError(f"z0 is on {z0.device} but the parameters are on {device}")
