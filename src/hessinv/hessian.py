@@ -202,7 +202,7 @@ class Hessian(Solves, LinearOperator):
             check_no_mixing(pipeline)
         self._snapshot = ParameterSnapshot.of_pipeline(pipeline)
         self._check_block_memory(pipeline)
-        self._runs: list[StageRun] | None = None  # the blocks stacked for hvp
+        self._runs: list[StageRun] | None = None  # set by _compute_blocks (Hessian's own)
         self._loss, self.blocks = self._compute_blocks(pipeline, generic)
         self._factors: OrderedDict[tuple[float, str], Factorization] = OrderedDict()
         self._dense_eigh: tuple[Tensor, Tensor] | None = None
@@ -243,9 +243,7 @@ class Hessian(Solves, LinearOperator):
     def matmat(self, v: Tensor) -> Tensor:
         """``H V`` for ``V`` of shape ``(W, k)`` (no checks of ``V``)."""
         self._check_fresh()
-        if self._runs is None:
-            self._runs = stage_runs(self.blocks)
-        return hvp(self.blocks, v, self._runs)
+        return hvp(self.blocks, v, self._runs)  # runs stacked with the blocks
 
     def _matmat_checked(self, v: Tensor) -> Tensor:
         """``H V`` for ``@``: :class:`~hessinv.errors.NonFiniteError` on overflow."""

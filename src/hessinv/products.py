@@ -66,23 +66,6 @@ def gradient(blocks: list[StageBlocks]) -> Tensor:
     return torch.cat([b.grad_x for b in blocks])
 
 
-def split_rows(v: Tensor, sizes: list[int]) -> list[Tensor]:
-    """Split the rows of ``v`` (``(W, k)``) into per-stage pieces."""
-    return list(torch.split(v, sizes, dim=0))
-
-
-def _contract(per_sample: Tensor, w: Tensor) -> Tensor:
-    """``sum_n per_sample[n]^T w[n]`` for ``(N, a, p)`` and ``(N, a, k)``: one matrix product."""
-    n, a, p = per_sample.shape
-    return per_sample.reshape(n * a, p).T @ w.reshape(n * a, -1)
-
-
-def _apply_per_sample(per_sample: Tensor, w: Tensor) -> Tensor:
-    """``per_sample[n] @ w`` for ``(N, a, p)`` and ``(p, k)``: one ``(N a, p) @ (p, k)`` product."""
-    n, a, p = per_sample.shape
-    return (per_sample.reshape(n * a, p) @ w).reshape(n, a, -1)
-
-
 #: ``Txx`` (``p x p`` per stage) is stacked for one batched product only up to this ``p``;
 #: larger ones are flop-bound, and a stacked copy would cost a pass over the largest blocks.
 TXX_STACK_MAX_P = 64
