@@ -79,23 +79,16 @@ class ParameterSnapshot:
             groups.setdefault((s.tensor.device, s.tensor.dtype), []).append(i)
         self._groups = list(groups.values())
         self._flat = [self._bytes(idx).clone() for idx in self._groups]
-        self._edges: list[tuple[str, nn.Module, str, nn.Module | None]] = []
-        self._keys: list[tuple[str, nn.Module, tuple[str, ...]]] = []
+        self._tree: list[tuple[str, nn.Module, tuple[tuple[str, nn.Module | None], ...]]] = []
 
     def watch(self, model: nn.Module) -> None:
         """Also watch ``model``'s module tree: a replaced submodule (``model[2] = m``) is a change.
 
-        Each edge ``parent._modules[key] is child`` is recorded; the parameters
-        of a replacing module are other tensors, which the values never see.
+        Each module's children (names and objects) are recorded: the parameters
+        of a replacing or added module are other tensors, which the values never
+        see.
         """
-        self._edges = [
-            (f"{name}.{key}" if name else key, parent, key, child)
-            for name, parent in model.named_modules()
-            for key, child in parent._modules.items()
-        ]
-        self._keys = [
-            (name or "the model", m, tuple(m._modules)) for name, m in model.named_modules()
-        ]
+        self._tree = [(name, m, tuple(m._modules.items())) for name, m in model.named_modules()]
 
     def _bytes(self, idx: list[int]) -> Tensor:
         """The bytes of the sources ``idx`` (one device and dtype), concatenated."""
@@ -110,12 +103,15 @@ class ParameterSnapshot:
 
     def changed(self) -> str | None:
         """The name of the first parameter that changed (or was replaced), else ``None``."""
-        for name, parent, key, child in self._edges:
-            if parent._modules.get(key) is not child:
-                return f"module '{name}' (replaced by another module)"
-        for name, m, keys in self._keys:
-            if tuple(m._modules) != keys:
-                return f"{name} (its submodules were added, removed or reordered)"
+        for name, m, children in self._tree:
+            now = tuple(m._modules.items())
+            if [k for k, _ in now] != [k for k, _ in children]:
+                label = f"module '{name}'" if name else "the model"
+                return f"{label} (its submodules were added, removed or reordered)"
+            for (key, child), (_, was) in zip(now, children, strict=True):
+                if child is not was:
+                    path = f"{name}.{key}" if name else key
+                    return f"module '{path}' (replaced by another module)"
         for s, meta in zip(self.sources, self._meta, strict=True):
             if s.owner is not None and getattr(s.owner, s.attr, None) is not s.tensor:
                 return f"{s.name} (replaced by another tensor)"
