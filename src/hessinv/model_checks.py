@@ -167,6 +167,18 @@ def check_no_instance_forward(model: nn.Module) -> None:
             )
 
 
+def global_hooks() -> list[str]:
+    """The kinds of torch's global module hooks registered now (empty: none)."""
+    mod = nn.modules.module
+    kinds = (
+        "_global_forward_hooks",
+        "_global_forward_pre_hooks",
+        "_global_backward_hooks",
+        "_global_backward_pre_hooks",
+    )
+    return [k for k in kinds if getattr(mod, k, None)]
+
+
 def check_no_global_hooks() -> None:
     """Refuse torch's global module hooks (``register_module_forward_hook`` and kin).
 
@@ -177,17 +189,7 @@ def check_no_global_hooks() -> None:
     Raises:
         ValueError: Naming the kinds of hooks registered.
     """
-    mod = nn.modules.module
-    kinds = [
-        k
-        for k in (
-            "_global_forward_hooks",
-            "_global_forward_pre_hooks",
-            "_global_backward_hooks",
-            "_global_backward_pre_hooks",
-        )
-        if getattr(mod, k, None)
-    ]
+    kinds = global_hooks()
     if kinds:
         raise ValueError(
             f"torch has global module hooks registered ({', '.join(kinds)}; e.g. by "

@@ -51,6 +51,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from .model_checks import global_hooks
 from .pipeline import Pipeline, Stage, describe_stage
 from .staleness import (  # noqa: F401 - re-exported: the names' earlier home
     ParameterSnapshot,
@@ -165,8 +166,7 @@ def _row_wise(m: nn.Module) -> bool:
     :func:`hessinv.model_checks.check_leaf` and
     :func:`hessinv.model_checks.check_no_instance_forward` refuse them first.
     """
-    mod = nn.modules.module
-    return type(m) in _ROW_WISE and not (mod._global_forward_hooks or mod._global_forward_pre_hooks)
+    return type(m) in _ROW_WISE and not global_hooks()
 
 
 def _row_wise_stage(stage: Stage, z: Tensor) -> bool:
