@@ -239,16 +239,27 @@ class LiftedFactorization(Factorization):
             return Inertia(*ric.inertia, verified=True, how=how)
         return None
 
-    def _congruence_counts(self, r: InertiaResult) -> tuple[int, int]:
-        """``(n_pos, n_neg)`` of ``H + dI`` from a congruence of ``K`` (Sylvester, Haynsworth)."""
+    def _consistent_counts(self, r: InertiaResult) -> tuple[int, int] | None:
+        """``(n_pos, n_neg)`` of ``H + dI`` from a congruence of ``K`` (Sylvester, Haynsworth).
+
+        ``None`` when the congruence is inconsistent with ``K``'s structure (a zero,
+        or fewer than ``m`` eigenvalues of either sign).
+        """
         pos, neg = r.positive - self.m, r.negative - self.m
         if pos < 0 or neg < 0 or r.zero:
+            return None
+        dp, dn, _ = self.system.dropped_inertia()
+        return pos + dp, neg + dn
+
+    def _congruence_counts(self, r: InertiaResult) -> tuple[int, int]:
+        """:meth:`_consistent_counts`, raising where the congruence is inconsistent."""
+        counts = self._consistent_counts(r)
+        if counts is None:
             raise LiftedPrecisionError(
                 "the congruence of the lifted system is inconsistent (K is too badly "
                 "conditioned to count signs): use method='dense' or a larger damping."
             )
-        dp, dn, _ = self.system.dropped_inertia()
-        return pos + dp, neg + dn
+        return counts
 
     def _negatives(self) -> int:
         """The certified Riccati count, else the first congruence's (no reversed one).
@@ -269,7 +280,7 @@ class LiftedFactorization(Factorization):
         :data:`CONGRUENCE_BLOCKS_BYTES` are held, for one inertia.
         """
         ls = self.merged
-        item = torch.finfo(self.lu.last.l11u.dtype).bits // 8
+        item = self.lu.last.l11u.element_size()
         sizes = ls.sizes
         total = sum(n * n for n in sizes)
         total += sum(a * b for a, b in zip(sizes[:-1], sizes[1:], strict=True))
@@ -284,13 +295,7 @@ class LiftedFactorization(Factorization):
         blocks = self._built_blocks() if self._congruence is None else None
         counts = self._congruence_counts(self.congruence(blocks))
         rev = self.reversed_congruence(blocks)
-        agrees = (
-            rev is not None
-            and not rev.zero
-            and min(rev.positive, rev.negative) >= self.m
-            and self._congruence_counts(rev) == counts
-        )
-        if agrees:
+        if rev is not None and self._consistent_counts(rev) == counts:
             how = (
                 "two congruences of the lifted system agree: delayed-pivot LDL^T eliminating "
                 "its blocks first to last and last to first (both determinants checked against "
