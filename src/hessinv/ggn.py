@@ -193,6 +193,10 @@ class GaussNewton(Hessian):
     def loss_hessians(self) -> Tensor:
         """``Lambda_n``, the per-sample loss Hessians in the outputs, ``(N, o, o)`` (cached)."""
         self._check_fresh()
+        return self._loss_hessians()
+
+    def _loss_hessians(self) -> Tensor:
+        """:meth:`loss_hessians` for callers that checked freshness already."""
         if self._lam is None:
             self._lam = loss_output_hessians(self._split.loss, self.output())
         return self._lam
@@ -200,14 +204,18 @@ class GaussNewton(Hessian):
     def kernel(self) -> GaussNewtonKernel:
         """``J`` (one backward pass per output coordinate) and ``B = Lambda^{1/2} J`` (cached)."""
         self._check_fresh()
+        return self._kernel()
+
+    def _kernel(self) -> GaussNewtonKernel:
+        """:meth:`kernel` for callers that checked freshness already."""
         if self._kern is None:
-            lam = self.loss_hessians()
+            lam = self._loss_hessians()
             jac = output_jacobian(self._net, self._flat(), self.pipeline.z0)
             self._kern = GaussNewtonKernel(jac.detach(), lam)
         return self._kern
 
     def _kernel_fits(self) -> bool:
-        n, o = self.loss_hessians().shape[:2]
+        n, o = self._loss_hessians().shape[:2]
         return 2 * n * o * self.num_params * self._itemsize() <= J_MEMORY_BUDGET
 
     def _itemsize(self) -> int:
@@ -226,7 +234,7 @@ class GaussNewton(Hessian):
         """``G V = J^T (Lambda (J V))`` for ``V`` of shape ``(W, k)``."""
         self._check_fresh()
         if self._kern is not None or self._kernel_fits():
-            return self.kernel().matmat(v)
+            return self._kernel().matmat(v)
         return self._matmat_free(v)
 
     def _matmat_free(self, v: Tensor) -> Tensor:
@@ -248,17 +256,17 @@ class GaussNewton(Hessian):
     def to_dense(self) -> Tensor:
         """The ``W x W`` matrix ``G`` (from ``B``; exactly symmetric)."""
         self._check_fresh()
-        return self.kernel().to_dense()
+        return self._kernel().to_dense()
 
     def diagonal(self) -> Tensor:
         """The exact diagonal of ``G``: squared column norms of ``Lambda^{1/2} J``."""
         self._check_fresh()
-        return self.kernel().diagonal()
+        return self._kernel().diagonal()
 
     def block_diagonal(self) -> list[Tensor]:
         """The exact ``p_l x p_l`` diagonal blocks of ``G``, one per stage."""
         self._check_fresh()
-        g = self.kernel()
+        g = self._kernel()
         out, i = [], 0
         for p in self.pipeline.stage_sizes:
             if g.B is not None:
