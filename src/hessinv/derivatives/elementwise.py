@@ -22,6 +22,11 @@ from .registry import (
 P = tuple[Tensor, ...]
 
 
+def sech2(z: Tensor) -> Tensor:
+    """``tanh'(z) = sech^2 z = cosh^-2 z``, relatively accurate also where ``tanh`` saturates."""
+    return torch.cosh(z).pow(-2)
+
+
 def sigmoid_prime(z: Tensor) -> Tensor:
     """``s'(z) = s(z) s(-z)``, relatively accurate also where ``s`` saturates."""
     return torch.sigmoid(z) * torch.sigmoid(-z)
@@ -37,10 +42,10 @@ class TanhDerivatives(ElementwiseDerivatives):
     """
 
     def df(self, z: Tensor, params: P) -> Tensor:  # noqa: D102
-        return torch.cosh(z).pow(-2)
+        return sech2(z)
 
     def d2f(self, z: Tensor, params: P) -> Tensor:  # noqa: D102
-        return -2.0 * torch.tanh(z) * torch.cosh(z).pow(-2)
+        return -2.0 * torch.tanh(z) * sech2(z)
 
 
 @register(nn.Sigmoid)
@@ -241,7 +246,7 @@ class TanhshrinkDerivatives(ElementwiseDerivatives):
         return t * t
 
     def d2f(self, z: Tensor, params: P) -> Tensor:  # noqa: D102
-        return 2.0 * torch.tanh(z) * torch.cosh(z).pow(-2)
+        return 2.0 * torch.tanh(z) * sech2(z)
 
 
 @register(nn.Softsign)
