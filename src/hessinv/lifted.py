@@ -323,6 +323,25 @@ class LiftedSystem:
             n_full = 0 if kept_only else g.shape[1]
         return self._maps.extract(x, g, self.damping, n_full, projections)
 
+    @property
+    def projections(self) -> list[Projected]:
+        """Per stage the blocks on the kept basis (shared with the stage Riccati solver)."""
+        return self._proj
+
+    def kept_rhs(self, g: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        """Per stage ``Q_l^T g_l`` (``(k_l, r)``), and per run the same as :meth:`extract` reads."""
+        runs = self._maps.project(g)
+        return [piece[i] for piece in runs for i in range(piece.shape[0])], runs
+
+    def extract_kept(
+        self, w: Sequence[Tensor], g: Tensor, n_full: int, projections: list[Tensor]
+    ) -> Tensor:
+        """:meth:`extract` from per-stage kept solutions ``w_l`` (``(k_l, r)``)."""
+        x: list[Tensor] = []
+        for wl in w:
+            x += [wl, wl]  # extract reads block 2 l of a lifted solution
+        return self._maps.extract(x, g, self.damping, n_full, projections)
+
     def project_kept(self, g: Tensor) -> Tensor:
         """``Q_l Q_l^T g_l`` per stage: the part of ``g`` in the kept directions."""
         return self._maps.project_kept(g)

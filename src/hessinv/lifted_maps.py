@@ -80,13 +80,10 @@ class BasisMaps:
             The blocks, and per run ``Q_l^T g_l`` (``(n, k, r)``) for :meth:`extract`.
         """
         out: list[Tensor] = []
-        projections: list[Tensor] = []
+        projections = self.project(g)
         r = g.shape[1]
         last = self.n_stages - 1
-        for run in self.runs:
-            rows = self._rows(g, run)
-            piece = rows if run.qs is None else run.qs.mT @ rows  # (n, k, r)
-            projections.append(piece)
+        for run, piece in zip(self.runs, projections, strict=True):
             if run.first == last:
                 out.append(piece[0] / scale)
                 continue
@@ -96,6 +93,14 @@ class BasisMaps:
             for i in range(run.n):
                 out += [buf[i], zero_u]
         return out, projections
+
+    def project(self, g: Tensor) -> list[Tensor]:
+        """Per run ``Q_l^T g_l`` as ``(n, k, r)`` (``g_l`` itself where ``Q_l = I``)."""
+        out = []
+        for run in self.runs:
+            rows = self._rows(g, run)
+            out.append(rows if run.qs is None else run.qs.mT @ rows)
+        return out
 
     def extract(
         self,

@@ -142,6 +142,9 @@ class Factorization(LinearOperator, ABC):
         """``(_apply(g), _apply_for_estimates(y))``; a method may share one pass between them."""
         return self._apply(g), self._apply_for_estimates(y)
 
+    def _first_residual(self, x: Tensor, r: Tensor) -> None:
+        """Sees the first (unrefined) solve of :meth:`_solve_with_estimates` and its residual."""
+
     def _shifted(self, shift: float) -> Factorization:
         """The same method's factorization of ``A + shift I`` (for exact counts)."""
         return type(self)(self.op, self.damping + shift)
@@ -324,7 +327,15 @@ class Factorization(LinearOperator, ABC):
                 self._sigma_min = inv.finish(self._apply_for_estimates)
 
         try:
-            out = refined_solve(matmat, apply, g, self.damping, refine, with_residual=True)
+            out = refined_solve(
+                matmat,
+                apply,
+                g,
+                self.damping,
+                refine,
+                with_residual=True,
+                on_first=self._first_residual,
+            )
         except SingularHessianError:  # the solve overflowed: say why, if the count can
             finish()
             if self.singular:

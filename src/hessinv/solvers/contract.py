@@ -103,11 +103,13 @@ def refined_solve(
     refine: int,
     *,
     with_residual: bool = False,
+    on_first: Callable[[Tensor, Tensor], None] | None = None,
 ) -> Tensor | tuple[Tensor, Tensor | None]:
     """``apply(g)`` and up to ``refine`` steps of iterative refinement.
 
     With ``with_residual``, returns ``(x, g - A x)`` (the residual from exact
-    products, ``None`` when ``refine <= 0`` computed none).
+    products, ``None`` when ``refine <= 0`` computed none). ``on_first(x, r)``
+    sees the unrefined ``x = apply(g)`` and its residual, when one is computed.
 
     A step ``x <- x + apply(g - A x)`` is kept only if it lowers the largest
     relative residual (on a system too ill-conditioned for the working
@@ -124,6 +126,8 @@ def refined_solve(
         return (x, None) if with_residual else x
     gn = torch.linalg.vector_norm(g, dim=0).clamp_min(torch.finfo(g.dtype).tiny)
     r = g - matmat(x) - damping * x
+    if on_first is not None:
+        on_first(x, r)
     worst = float((torch.linalg.vector_norm(r, dim=0) / gn).max())
     eps = torch.finfo(g.dtype).eps
     for _ in range(refine):

@@ -39,12 +39,14 @@ import torch
 from torch import Tensor
 
 from ..blocktri import BlockTriLU, InertiaResult, block_tri_inertia
-from ..errors import LiftedPrecisionError
+from ..errors import LiftedPrecisionError, SingularHessianError
 from ..lifted import LiftedSystem, _LazyBlocks, curvature_scale
 from ..lifted_merge import MergedBlocks
 from ..progress import CountedSequence, progress_bar
 from ..riccati import RiccatiResult, riccati_pass
+from ..riccati_solve import StageRiccati
 from .base import Factorization, Inertia
+from .contract import normwise_backward_error, solve_tolerance
 
 #: The most bytes of ``K``'s blocks built once and held for the two congruences of an inertia.
 CONGRUENCE_BLOCKS_BYTES = 512 * 2**20
@@ -52,24 +54,141 @@ CONGRUENCE_BLOCKS_BYTES = 512 * 2**20
 _Blocks = tuple[Sequence[Tensor], Sequence[Tensor]]
 
 
+def trust_tolerance(dtype: torch.dtype, size: int) -> float:
+    """The unrefined backward error below which the stage solver's estimates stand.
+
+    ``max(W / 10, 4) eps``: a tenth of the zero threshold ``W eps``. The
+    inverse-iteration estimate of ``sigma_min`` runs on these solves; a
+    perturbation ``E`` of ``A`` moves ``sigma_min`` by at most ``||E||``
+    (Weyl), here far less than the band ``10 W eps ||A||`` the estimate is
+    compared with.
+    """
+    return torch.finfo(dtype).eps * max(size / 10.0, 4.0)
+
+
 class LiftedFactorization(Factorization):
     """``H + damping I`` through the pivoted LU of the lifted system (linear in depth)."""
 
     method = "lifted"
 
-    def __init__(self, op, damping: float, count_dtype: torch.dtype | None = None) -> None:  # noqa: ANN001
+    def __init__(
+        self,
+        op,  # noqa: ANN001
+        damping: float,
+        count_dtype: torch.dtype | None = None,
+        *,
+        stage_solver: bool = True,
+    ) -> None:
         super().__init__(op, damping)
         s = curvature_scale(op.blocks, self.damping)
         self.system = LiftedSystem(op.blocks, self.damping, scale=s, dtype=count_dtype)
         ls = self.system
         self.merged = MergedBlocks(ls.diag, ls.upper, ls.sizes)  # small neighbours merged
-        n_bl = len(self.merged.sizes)
-        with progress_bar(n_bl, "hessinv: lifted LU", getattr(op, "progress", False), "block") as b:
-            # blocks built as consumed; the bar advances as each diagonal block is read
-            self.lu = BlockTriLU(CountedSequence(self.merged.diag, b), self.merged.upper)
         self.m = self.system.m
+        self._lu: BlockTriLU | None = None
         self._congruence: InertiaResult | None = None
         self._riccati: dict[str, RiccatiResult] = {}
+        #: The stage elimination (module doc): None when not tried or not usable.
+        self.stage_solver: StageRiccati | None = None
+        self._trust: bool | None = False  # None: on trial until the first solve's check
+        self._in_trial = False
+        self._first: tuple[Tensor, Tensor] | None = None
+        self._refine_estimates = False
+        if stage_solver and count_dtype is None and not ls.singular_by_structure:
+            st = StageRiccati(op.blocks, self.damping, ls.projections, self._progress)
+            if st.ok:
+                self.stage_solver, self._trust = st, None
+        if self.stage_solver is None:
+            self.lu  # noqa: B018 - factored now, as the factorization
+
+    @property
+    def _progress(self) -> object:
+        return getattr(self.op, "progress", False)
+
+    @property
+    def lu(self) -> BlockTriLU:
+        """The pivoted block LU of ``K`` (built on first use when the stage solver serves)."""
+        if self._lu is None:
+            n_bl = len(self.merged.sizes)
+            with progress_bar(n_bl, "hessinv: lifted LU", self._progress, "block") as b:
+                # blocks built as consumed; the bar advances as each diagonal block is read
+                self._lu = BlockTriLU(CountedSequence(self.merged.diag, b), self.merged.upper)
+        return self._lu
+
+    @property
+    def solver(self) -> str:
+        """What the solves use: ``"stages"`` or ``"lu"``.
+
+        ``"stages"``: the stage elimination (trusted, or on trial until the
+        first solve's check); ``"lu"``: the pivoted block LU of ``K``.
+        """
+        return "stages" if self._stages_serve() else "lu"
+
+    def _stages_serve(self) -> bool:
+        return self.stage_solver is not None and self._trust is not False
+
+    def _first_residual(self, x: Tensor, r: Tensor) -> None:
+        if self._in_trial and self._first is None:
+            self._first = (x, r)
+
+    def _solve_with_estimates(self, g: Tensor, refine: int) -> tuple[Tensor, Tensor | None]:
+        """The first solve tries the stage elimination and keeps it only if it is accurate.
+
+        Its unrefined solution must have a normwise backward error within
+        :func:`trust_tolerance` (with ``||A||`` from the Lanczos estimate that
+        rode along); the refinement cannot be what makes it pass, since the
+        inverse-iteration estimate of ``sigma_min`` also runs on it. Otherwise
+        the stage solver is dropped and the solve is redone, estimates
+        included, with the pivoted block LU.
+        """
+        if self._trust is not None:
+            return super()._solve_with_estimates(g, refine)
+        self._in_trial, self._first = True, None
+        try:
+            x, r = super()._solve_with_estimates(g, refine)
+            verdict = self._trial_verdict(g, x, r)
+        except SingularHessianError:  # overflow, or a singular verdict reached on its estimates
+            verdict = "reject"
+        finally:
+            self._in_trial = False
+        self._first = None
+        if verdict == "reject":
+            self._trust, self.stage_solver = False, None
+            self._sigma_min = self._zero = None  # estimated through it: estimate again
+            return super()._solve_with_estimates(g, refine)
+        self._trust = True
+        if verdict == "refined":  # the trial's estimate of sigma_min is not good enough
+            self._refine_estimates = True
+            self._sigma_min = self._zero = None
+        return x, r
+
+    def _trial_verdict(self, g: Tensor, x: Tensor, r: Tensor | None) -> str:
+        """``"exact"``, ``"refined"`` or ``"reject"`` for the stage solver (its trial solve).
+
+        ``"exact"``: the unrefined solve's normwise backward error ``eta_0`` is
+        within :func:`trust_tolerance`, so the estimates that ran on it stand.
+        ``"refined"``: ``eta_0 <= sqrt(eps)`` and the refined solve meets the
+        contract: solves are kept (refinement and the check follow every one),
+        and the inverse iteration is redone with one refinement step per
+        application. Otherwise ``"reject"``: the pivoted block LU serves.
+        """
+        if self._first is None:  # no refinement step computed a residual: one product
+            x0, r0 = x, g - self.op.matmat(x) - self.damping * x
+            r = r0
+        else:
+            x0, r0 = self._first
+        norm = self.norm()
+        eta0 = normwise_backward_error(r0, x0, g, norm)
+        if not bool(torch.isfinite(eta0).all()):
+            return "reject"
+        eta0_max = float(eta0.max())
+        if eta0_max <= trust_tolerance(self.dtype, self.size):
+            return "exact"
+        eps = torch.finfo(self.dtype).eps
+        if r is None or eta0_max > math.sqrt(eps):
+            return "reject"
+        eta = normwise_backward_error(r, x, g, norm)
+        return "refined" if float(eta.max()) <= solve_tolerance(self.dtype) else "reject"
 
     @property
     def structurally_singular(self) -> bool:
@@ -95,31 +214,53 @@ class LiftedFactorization(Factorization):
         return self.lu.singular
 
     def _shifted(self, shift: float) -> LiftedFactorization:
-        """``A + shift I`` for the exact band counts (signs only).
+        """``A + shift I`` for the exact band counts (signs only: no stage solver).
 
         A float32 operator's ``K`` is factored in float64 there.
         """
         count = torch.float64 if self.dtype == torch.float32 else None
-        return LiftedFactorization(self.op, self.damping + shift, count_dtype=count)
+        return LiftedFactorization(
+            self.op, self.damping + shift, count_dtype=count, stage_solver=False
+        )
 
     def _lu_solve(self, rhs: list[Tensor]) -> list[Tensor]:
         """``K x = r`` per block of the lifted system (through the merged partition)."""
         return self.merged.split(self.lu.solve(self.merged.join(rhs)))
 
+    def _stage_apply(self, g: Tensor, n_full: int) -> Tensor:
+        """The stage elimination's solve; the first ``n_full`` columns get the dropped part."""
+        rhs, runs = self.system.kept_rhs(g)
+        w = self.stage_solver.solve(rhs)
+        return self.system.extract_kept(w, g, n_full, runs)
+
     def _apply(self, g: Tensor) -> Tensor:
+        if self._stages_serve():
+            return self._stage_apply(g, g.shape[1])
         rhs, proj = self.system.rhs_and_projections(g)
         return self.system.extract(self._lu_solve(rhs), g, projections=proj)
 
     def _apply_for_estimates(self, g: Tensor) -> Tensor:
-        """The solve restricted to the kept directions: ``Q w`` for ``rhs = Q^T g``."""
+        """The solve restricted to the kept directions: ``Q w`` for ``rhs = Q^T g``.
+
+        Through the stage elimination only once trusted (or within its trial solve).
+        """
+        if self._stages_serve() and (self._trust or self._in_trial):
+            z = self._stage_apply(g, 0)
+            if self._refine_estimates:  # one step, in the kept directions (H keeps them)
+                res = self.system.project_kept(g) - self.op.matmat(z) - self.damping * z
+                z = z + self._stage_apply(res, 0)
+            return z
         return self.system.extract(self._lu_solve(self.system.rhs(g)), g, kept_only=True)
 
     def _apply_pair(self, g: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        """:meth:`_apply` of ``g`` and :meth:`_apply_for_estimates` of ``y`` in one LU pass."""
+        """:meth:`_apply` of ``g`` and :meth:`_apply_for_estimates` of ``y`` in one pass."""
         k = g.shape[1]
         gy = torch.cat([g, y], dim=1)
-        rhs, proj = self.system.rhs_and_projections(gy)
-        out = self.system.extract(self._lu_solve(rhs), gy, n_full=k, projections=proj)
+        if self._stages_serve() and (self._trust or self._in_trial):
+            out = self._stage_apply(gy, k)
+        else:
+            rhs, proj = self.system.rhs_and_projections(gy)
+            out = self.system.extract(self._lu_solve(rhs), gy, n_full=k, projections=proj)
         return out[:, :k], out[:, k:]
 
     def _logdet(self) -> tuple[float, float]:

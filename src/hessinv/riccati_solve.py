@@ -1,0 +1,182 @@
+"""The stage Riccati recursion as a solver for indefinite ``H + dI`` (the structured elimination).
+
+:mod:`hessinv.riccati` reads the lifted system as the KKT matrix of a linear
+quadratic control problem (states ``u_l``, controls ``v_l`` in the kept basis
+``Q_l``) and eliminates ``v_{L-1}, ..., v_0`` in turn; with ``P`` the Hessian
+of the cost-to-go in the state entering stage ``l + 1``::
+
+    Q_vv = Q^T (Txx_l + dI) Q + (Jx_l Q)^T P (Jx_l Q)     (k_l x k_l, the pivot)
+    Q_vu = (Tzx_l Q)^T + (Jx_l Q)^T P Jz_l                (k_l x M_{l-1})
+    Q_uu = Tzz_l + Jz_l^T P Jz_l                          (M_{l-1} x M_{l-1})
+    K_l  = Q_vv^{-1} Q_vu,   P <- Q_uu - Q_vu^T K_l
+
+That module factors the pivots by Cholesky or ``eigh`` to *certify* a sign
+count; this one factors them by LU with partial pivoting, so any nonsingular
+pivot, definite or not, is eliminated, and keeps the gains ``K_l`` for solves.
+It is block Gaussian elimination of ``H + dI`` in stage order, written on the
+blocks: per stage ``O(k_l^3 + k_l^2 M + k_l M^2)`` multiply-adds (``M = N
+a_l``), where the pivoted block LU of the lifted system (:mod:`hessinv.blocktri`)
+factors dense panels of ``k_l + 2 M`` rows, about ``(k_l + 2 M)^3``: at width
+16, batch 8 a fifth of the flops. It never forms ``H``.
+
+**Solve.** The linear part of the cost-to-go, ``s`` (``s = 0`` after the last
+stage), is swept backwards with ``k_l = Q_vv^{-1} (Jx^T s - Q^T g_l)`` and ``s
+<- Jz^T s - Q_vu^T k_l``; then forwards ``w_l = -K_l u_{l-1} - k_l``, ``u_l =
+Jz u_{l-1} + Jx Q w_l`` (``u_{-1} = 0``), the stationary point of ``1/2 v^T
+(H + dI) v - g^T v`` restricted to the kept directions (``v_l = Q_l w_l`` plus
+the dropped part ``(g_l - Q_l Q_l^T g_l) / d``, :class:`hessinv.lifted_maps.BasisMaps`).
+
+**Stability.** Only the pivots are pivoted; nothing pivots across stages.
+On an indefinite ``H`` a pivot may be near singular while ``H + dI`` is not,
+and the growth of ``P`` then spoils the solve (the reason the lifted system
+exists). So the result is never trusted by construction:
+:class:`hessinv.solvers.LiftedFactorization` uses it only after its first
+solve has met the contract's backward error *without* refinement, and falls
+back to the pivoted block LU otherwise. Every product is at the blocks'
+scale: for the loss ``c l`` and damping ``c d``, ``P`` and the pivots scale by
+``c``, the gains do not, and the solution scales by ``1 / c``.
+
+All pivots' LU ``info`` and the finiteness of every ``P`` are read on the host
+once, after the loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from .derivatives import StageBlocks
+from .lifted import Projected, _block_diag
+from .progress import ProgressArg, progress_bar
+from .riccati import _add_block_diag, _jz_t_p_jz
+
+
+class _StageFactor:
+    """What a solve needs of stage ``l``: ``LU(Q_vv)``, ``K_l``, ``Jx Q`` and the closed loop.
+
+    ``closed = Jz_l - Jx_l Q K_l`` (``M_l x M_{l-1}``, dense: ``P`` couples the
+    samples) turns both sweeps into a few matrix products per stage.
+    """
+
+    __slots__ = ("closed", "gain", "jx", "lu", "piv")
+
+    def __init__(
+        self,
+        lu: Tensor,
+        piv: Tensor,
+        gain: Tensor | None,
+        jx: Tensor | None,
+        closed: Tensor | None,
+    ) -> None:
+        self.lu, self.piv, self.gain, self.jx, self.closed = lu, piv, gain, jx, closed
+
+    def inv(self, x: Tensor) -> Tensor:
+        """``Q_vv^{-1} x``."""
+        if self.lu.shape[0] == 0:
+            return x
+        return torch.linalg.lu_solve(self.lu, self.piv, x)
+
+
+class StageRiccati:
+    """The stage elimination of ``H + dI`` on its kept directions, with LU-pivoted pivots.
+
+    Args:
+        blocks: The stage blocks.
+        damping: The shift ``d``.
+        projections: Per stage the blocks on the kept basis (``LiftedSystem``'s).
+        progress: The operator's progress setting (a bar over the stages).
+
+    Attributes:
+        ok: Every pivot was nonsingular (no exactly zero LU pivot) and every
+            ``P`` finite. When False, :meth:`solve` must not be used.
+    """
+
+    def __init__(
+        self,
+        blocks: Sequence[StageBlocks],
+        damping: float,
+        projections: Sequence[Projected],
+        progress: ProgressArg = False,
+    ) -> None:
+        n_st = len(blocks)
+        ref = blocks[0].grad_x
+        self.n_stages = n_st
+        self.stages: list[_StageFactor] = [None] * n_st  # type: ignore[list-item]
+        infos: list[Tensor] = []
+        finite: list[Tensor] = []
+        p_mat: Tensor | None = None
+        with progress_bar(n_st, "hessinv: stage Riccati", progress) as bar:
+            for l in reversed(range(n_st)):  # noqa: E741
+                b, pr = blocks[l], projections[l]
+                k = b.num_params if pr.q is None else pr.q.shape[1]
+                jx = None if l == n_st - 1 else pr.jx
+                qvv = torch.eye(k, dtype=ref.dtype, device=ref.device) * damping
+                if pr.txx is not None:
+                    qvv = qvv + pr.txx
+                pjx = None
+                if p_mat is not None and jx is not None:
+                    pjx = p_mat @ jx
+                    qvv = qvv + jx.T @ pjx
+                qvv = 0.5 * (qvv + qvv.T)
+                lu, piv, info = torch.linalg.lu_factor_ex(qvv)
+                infos.append(info.reshape(1))
+                if l == 0:
+                    self.stages[l] = _StageFactor(lu, piv, None, jx, None)
+                    bar.update()
+                    break
+                n, a_in = b.Tzx.shape[0], b.Tzx.shape[1]
+                m_in = n * a_in
+                qvu = qvv.new_zeros(k, m_in) if pr.tzx is None else pr.tzx.T
+                if pjx is not None:
+                    a = b.Jz.shape[1]
+                    jz_pjx = torch.einsum("nsi,nsk->kni", b.Jz, pjx.reshape(n, a, k))
+                    qvu = qvu + jz_pjx.reshape(k, m_in)
+                    quu = _jz_t_p_jz(b.Jz, p_mat)
+                else:
+                    quu = qvv.new_zeros(m_in, m_in)
+                if b.Tzz is not None:
+                    quu = _add_block_diag(quu, b.Tzz)
+                gain = torch.linalg.lu_solve(lu, piv, qvu) if k else qvu.new_zeros(0, m_in)
+                p_mat = quu - qvu.T @ gain
+                p_mat = 0.5 * (p_mat + p_mat.T)
+                finite.append(torch.isfinite(p_mat).all().reshape(1))
+                closed = None
+                if jx is not None:
+                    closed = _block_diag(b.Jz) - jx @ gain
+                self.stages[l] = _StageFactor(lu, piv, gain, jx, closed)
+                bar.update()
+        # the only reads on the host: once, after the loop
+        bad = bool((torch.cat(infos) != 0).any())
+        if finite:
+            bad = bad or not bool(torch.cat(finite).all())
+        self.ok = not bad
+
+    def solve(self, b: Sequence[Tensor]) -> list[Tensor]:
+        """``w = (Q^T (H + dI) Q)^{-1} b`` per stage, for ``b_l`` of shape ``(k_l, r)``.
+
+        With ``A_l = Jz_l - Jx_l Q K_l`` (:class:`_StageFactor`) the sweeps of the
+        module doc read ``k_l = Q_vv^{-1} (Jx^T s - b_l)``, ``s <- A_l^T s + K_l^T
+        b_l`` and ``w_l = -K_l u - k_l``, ``u <- A_l u - Jx Q k_l``.
+        """
+        n_st = self.n_stages
+        ks: list[Tensor] = [None] * n_st  # type: ignore[list-item]
+        s: Tensor | None = None
+        for l in reversed(range(n_st)):  # noqa: E741
+            st = self.stages[l]
+            q = -b[l] if s is None else torch.addmm(b[l], st.jx.T, s, beta=-1.0)
+            ks[l] = st.inv(q)
+            if l > 0:
+                kb = st.gain.T @ b[l]
+                s = kb if s is None else torch.addmm(kb, st.closed.T, s)
+        out: list[Tensor] = []
+        u: Tensor | None = None
+        for l in range(n_st):  # noqa: E741
+            st = self.stages[l]
+            w = -ks[l] if u is None else torch.addmm(ks[l], st.gain, u, beta=-1.0, alpha=-1.0)
+            if l < n_st - 1:
+                jk = st.jx @ ks[l]
+                u = -jk if u is None else torch.addmm(jk, st.closed, u, beta=-1.0)
+            out.append(w)
+        return out

@@ -1,0 +1,169 @@
+"""The stage elimination (``hessinv.riccati_solve``) that serves the lifted method's solves.
+
+Each solve is judged by its normwise backward error against an independent
+dense ``H`` (``torch.func.hessian`` of the loss in the flat parameters), with
+the contract's tolerance plus the reference's own error (its asymmetry). The
+trial logic of ``LiftedFactorization`` is exercised on all three verdicts:
+trusted, trusted with refined estimates, and rejected (the pivoted block LU
+takes over).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from cases import reference_loss_fn
+from torch import nn
+
+import hessinv
+import hessinv.solvers.lifted as lifted_mod
+from hessinv.solvers.contract import solve_tolerance
+from hessinv.solvers.lifted import LiftedFactorization
+
+DT = torch.float64
+EPS = torch.finfo(DT).eps
+
+
+def tanh_net(width: int, batch: int, depth: int, gain: float, seed: int = 0, scale: float = 1.0):
+    torch.manual_seed(seed)
+    mods: list[nn.Module] = []
+    for _ in range(depth - 1):
+        lin = nn.Linear(width, width)
+        nn.init.normal_(lin.weight, std=gain / width**0.5)
+        mods += [lin, nn.Tanh()]
+    mods.append(nn.Linear(width, 2))
+    model = nn.Sequential(*mods).to(DT)
+    X = torch.randn(batch, width, dtype=DT)
+    y = torch.randn(batch, 2, dtype=DT)
+
+    def loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return scale * nn.functional.mse_loss(out, target)
+
+    return model, loss, X, y
+
+
+def dense_hessian(model, loss, X, y) -> torch.Tensor:  # noqa: ANN001
+    f, x0 = reference_loss_fn(model, loss, X, y)
+    return torch.func.hessian(f)(x0).detach()
+
+
+def backward_error(a: torch.Tensor, x: torch.Tensor, g: torch.Tensor) -> float:
+    r = a @ x - g
+    den = torch.linalg.matrix_norm(a, 2) * torch.linalg.vector_norm(x) + torch.linalg.vector_norm(g)
+    return float(torch.linalg.vector_norm(r) / den)
+
+
+def reference_error(h: torch.Tensor) -> float:
+    """A lower bound of the dense reference's own relative error: its asymmetry."""
+    return float(torch.linalg.matrix_norm(h - h.T, 2) / torch.linalg.matrix_norm(h, 2))
+
+
+CASES = [
+    # width, batch, depth, gain, damping ("mid": between two middle eigenvalues), loss scale
+    (4, 2, 8, 1.5, 1e-3, 1.0),
+    (6, 3, 6, 2.0, 0.1, 1.0),
+    (8, 4, 5, 1.5, 1e-3, 1e9),
+    (8, 4, 5, 1.5, 1e-3, 1e-9),
+    (5, 2, 7, 1.5, "mid", 1.0),
+    (6, 6, 4, 1.0, "mid", 1e6),
+    (3, 8, 6, 2.5, 1e-6, 1.0),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[str(c) for c in CASES])
+def test_lifted_solve_exact_against_dense(case) -> None:  # noqa: ANN001
+    width, batch, depth, gain, damping, scale = case
+    model, loss, X, y = tanh_net(width, batch, depth, gain, scale=scale)
+    h = dense_hessian(model, loss, X, y)
+    if damping == "mid":  # strongly indefinite H + dI, well away from singular
+        ev = torch.linalg.eigvalsh(h)
+        ev = ev[ev.abs() > 1e-6 * ev.abs().max()]  # not the small batch's null space
+        k = ev.numel() // 2
+        damping = -0.5 * float(ev[k] + ev[k + 1])
+    else:
+        damping = damping * scale
+    H = hessinv.Hessian(model, loss, X, y)
+    g = torch.randn(H.num_params, 3, dtype=DT, generator=torch.Generator().manual_seed(1))
+    x = H.solve(g, damping, method="lifted")
+    a = h + damping * torch.eye(h.shape[0], dtype=DT)
+    tol = solve_tolerance(DT) + 10 * reference_error(h) + 4 * EPS
+    for j in range(g.shape[1]):
+        assert backward_error(a, x[:, j], g[:, j]) <= tol
+    assert H.factor(damping, method="lifted").solver in ("stages", "lu")
+
+
+def test_stage_solver_serves_a_deep_net() -> None:
+    """On a well-scaled deep net the stage elimination is trusted and used."""
+    model, loss, X, y = tanh_net(6, 3, 12, 1.2)
+    H = hessinv.Hessian(model, loss, X, y)
+    g = torch.randn(H.num_params, dtype=DT)
+    H.solve(g, 0.1, method="lifted")
+    fac = H.factor(0.1, method="lifted")
+    assert fac.solver == "stages"
+    assert fac._lu is None  # the block LU was never needed
+
+
+def test_singular_stage_pivot_falls_back_to_the_block_lu() -> None:
+    """A damping that makes the last stage's pivot singular, not H + dI: the LU serves."""
+    model, loss, X, y = tanh_net(4, 3, 4, 1.5)
+    H = hessinv.Hessian(model, loss, X, y)
+    probe = LiftedFactorization(H, 0.0, stage_solver=False)
+    txx = probe.system.projections[-1].txx
+    mu = float(torch.linalg.eigvalsh(txx)[-1])  # the last pivot is Q^T Txx Q + d I
+    d = -mu
+    h = dense_hessian(model, loss, X, y)
+    a = h + d * torch.eye(h.shape[0], dtype=DT)
+    assert float(torch.linalg.svdvals(a)[-1]) > 1e-6 * float(torch.linalg.matrix_norm(a, 2))
+    g = torch.randn(H.num_params, dtype=DT)
+    x = H.solve(g, d, method="lifted")
+    fac = H.factor(d, method="lifted")
+    assert fac.solver == "lu" and fac.stage_solver is None
+    tol = solve_tolerance(DT) + 10 * reference_error(h) + 4 * EPS
+    assert backward_error(a, x, g) <= tol
+
+
+def test_refined_verdict_recomputes_sigma_min(monkeypatch) -> None:  # noqa: ANN001
+    """With a trust tolerance nobody meets, the solver is kept with refined estimates."""
+    monkeypatch.setattr(lifted_mod, "trust_tolerance", lambda dtype, size: 0.0)
+    model, loss, X, y = tanh_net(5, 3, 6, 1.5)
+    H = hessinv.Hessian(model, loss, X, y)
+    d = 1e-3
+    g = torch.randn(H.num_params, dtype=DT)
+    x = H.solve(g, d, method="lifted")
+    fac = H.factor(d, method="lifted")
+    assert fac.solver == "stages" and fac._refine_estimates
+    ref = LiftedFactorization(H, d, stage_solver=False)
+    s1, s2 = fac.sigma_min_estimate(), ref.sigma_min_estimate()
+    assert abs(s1 - s2) <= 1e-8 * s2
+    h = dense_hessian(model, loss, X, y)
+    a = h + d * torch.eye(h.shape[0], dtype=DT)
+    assert backward_error(a, x, g) <= solve_tolerance(DT) + 10 * reference_error(h) + 4 * EPS
+
+
+def test_rejected_trial_estimates_again_with_the_lu(monkeypatch) -> None:  # noqa: ANN001
+    """A rejected trial leaves no estimate behind: sigma_min is the LU's own."""
+    monkeypatch.setattr(LiftedFactorization, "_trial_verdict", lambda self, g, x, r: "reject")
+    model, loss, X, y = tanh_net(5, 3, 6, 1.5)
+    H = hessinv.Hessian(model, loss, X, y)
+    g = torch.randn(H.num_params, dtype=DT)
+    x = H.solve(g, 1e-3, method="lifted")
+    fac = H.factor(1e-3, method="lifted")
+    assert fac.solver == "lu"
+    H2 = hessinv.Hessian(model, loss, X, y)
+    ref = LiftedFactorization(H2, 1e-3, stage_solver=False)
+    x_ref = ref.solve(g)
+    assert fac.sigma_min_estimate() == pytest.approx(ref.sigma_min_estimate(), rel=1e-10)
+    assert torch.allclose(x, x_ref, rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize("c", [2.0**-30, 2.0**30])
+def test_scaled_loss_scales_the_stage_solution(c: float) -> None:
+    """Loss times a power of two: the same verdict, the solution divided by it."""
+    model, loss, X, y = tanh_net(5, 3, 8, 1.5)
+    _, loss_c, _, _ = tanh_net(5, 3, 8, 1.5, scale=c)
+    g = torch.randn(sum(p.numel() for p in model.parameters()), dtype=DT)
+    H, Hc = hessinv.Hessian(model, loss, X, y), hessinv.Hessian(model, loss_c, X, y)
+    x = H.solve(g, 1e-3, method="lifted")
+    xc = Hc.solve(g, 1e-3 * c, method="lifted")
+    assert H.factor(1e-3, method="lifted").solver == Hc.factor(1e-3 * c, method="lifted").solver
+    assert float(torch.linalg.vector_norm(xc * c - x) / torch.linalg.vector_norm(x)) <= 1e-13
