@@ -167,3 +167,46 @@ def test_scaled_loss_scales_the_stage_solution(c: float) -> None:
     xc = Hc.solve(g, 1e-3 * c, method="lifted")
     assert H.factor(1e-3, method="lifted").solver == Hc.factor(1e-3 * c, method="lifted").solver
     assert float(torch.linalg.vector_norm(xc * c - x) / torch.linalg.vector_norm(x)) <= 1e-13
+
+
+@pytest.mark.parametrize("damping", [1e-3, "mid"])
+def test_inertia_from_the_stage_elimination_and_one_congruence(damping) -> None:  # noqa: ANN001
+    """After a trusted solve the inertia needs no block LU, and matches eigvalsh."""
+    model, loss, X, y = tanh_net(6, 3, 7, 1.5)
+    h = dense_hessian(model, loss, X, y)
+    ev = torch.linalg.eigvalsh(h)
+    if damping == "mid":
+        nz = ev[ev.abs() > 1e-6 * ev.abs().max()]
+        damping = -0.5 * float(nz[nz.numel() // 2] + nz[nz.numel() // 2 + 1])
+    H = hessinv.Hessian(model, loss, X, y)
+    H.solve(torch.randn(H.num_params, dtype=DT), damping, method="lifted")
+    fac = H.factor(damping, method="lifted")
+    if fac.solver != "stages":
+        pytest.skip("the stage elimination was not trusted on this net")
+    inert = fac.inertia()
+    shifted = ev + damping
+    assert tuple(inert) == (int((shifted > 0).sum()), int((shifted < 0).sum()), 0)
+    assert inert.verified and "stage elimination" in inert.how
+    assert fac._lu is None
+
+
+def test_stage_witness_that_disagrees_is_not_used(monkeypatch) -> None:  # noqa: ANN001
+    """Wrong stage counts: the lifted LU's two congruences decide, and are right."""
+    from hessinv.riccati_solve import StageRiccati
+
+    orig = StageRiccati.signature
+
+    def wrong(self):  # noqa: ANN001, ANN202
+        pos, neg, zero, la = orig(self)
+        return pos - 2, neg + 2, zero, la  # same determinant sign, wrong counts
+
+    monkeypatch.setattr(StageRiccati, "signature", wrong)
+    model, loss, X, y = tanh_net(6, 3, 7, 1.5)
+    h = dense_hessian(model, loss, X, y)
+    H = hessinv.Hessian(model, loss, X, y)
+    H.solve(torch.randn(H.num_params, dtype=DT), 1e-3, method="lifted")
+    fac = H.factor(1e-3, method="lifted")
+    inert = fac.inertia()
+    shifted = torch.linalg.eigvalsh(h) + 1e-3
+    assert tuple(inert) == (int((shifted > 0).sum()), int((shifted < 0).sum()), 0)
+    assert "stage elimination" not in inert.how

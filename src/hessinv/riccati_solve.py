@@ -60,17 +60,19 @@ class _StageFactor:
     samples) turns both sweeps into a few matrix products per stage.
     """
 
-    __slots__ = ("closed", "gain", "jx", "lu", "piv")
+    __slots__ = ("closed", "gain", "jx", "lu", "piv", "qvv")
 
     def __init__(
         self,
+        qvv: Tensor,
         lu: Tensor,
         piv: Tensor,
         gain: Tensor | None,
         jx: Tensor | None,
         closed: Tensor | None,
     ) -> None:
-        self.lu, self.piv, self.gain, self.jx, self.closed = lu, piv, gain, jx, closed
+        self.qvv, self.lu, self.piv = qvv, lu, piv
+        self.gain, self.jx, self.closed = gain, jx, closed
 
     def inv(self, x: Tensor) -> Tensor:
         """``Q_vv^{-1} x``."""
@@ -123,7 +125,7 @@ class StageRiccati:
                 lu, piv, info = torch.linalg.lu_factor_ex(qvv)
                 infos.append(info.reshape(1))
                 if l == 0:
-                    self.stages[l] = _StageFactor(lu, piv, None, jx, None)
+                    self.stages[l] = _StageFactor(qvv, lu, piv, None, jx, None)
                     bar.update()
                     break
                 n, a_in = b.Tzx.shape[0], b.Tzx.shape[1]
@@ -145,13 +147,34 @@ class StageRiccati:
                 closed = None
                 if jx is not None:
                     closed = _block_diag(b.Jz) - jx @ gain
-                self.stages[l] = _StageFactor(lu, piv, gain, jx, closed)
+                self.stages[l] = _StageFactor(qvv, lu, piv, gain, jx, closed)
                 bar.update()
         # the only reads on the host: once, after the loop
         bad = bool((torch.cat(infos) != 0).any())
         if finite:
             bad = bad or not bool(torch.cat(finite).all())
         self.ok = not bad
+        self._signature: tuple[int, int, int, float] | None = None
+
+    def signature(self) -> tuple[int, int, int, float]:
+        """``(n_pos, n_neg, n_zero, log|det|)`` of the kept ``Q^T (H + dI) Q`` (cached).
+
+        Haynsworth: the pivots ``Q_vv`` are the diagonal blocks of successive
+        Schur complements, so their inertias add up to the matrix's, and
+        their determinants multiply. Each pivot's signs are read off its
+        Bunch-Kaufman ``D`` (Sylvester), one batched ``sytrf`` per run of
+        equally sized pivots. A second congruence of ``H + dI``, independent of
+        the lifted system's: computed on demand (the solves do not need it).
+        """
+        if self._signature is None:
+            by_size: dict[int, list[Tensor]] = {}
+            for st in self.stages:
+                by_size.setdefault(st.qvv.shape[0], []).append(st.qvv)
+            parts = [_bk_signature(torch.stack(qs)) for k, qs in by_size.items() if k]
+            tot = torch.stack(parts).sum(0) if parts else torch.zeros(4)
+            pos, neg, zero, logabs = tot.tolist()
+            self._signature = (int(pos), int(neg), int(zero), float(logabs))
+        return self._signature
 
     def solve(self, b: Sequence[Tensor]) -> list[Tensor]:
         """``w = (Q^T (H + dI) Q)^{-1} b`` per stage, for ``b_l`` of shape ``(k_l, r)``.
@@ -180,3 +203,46 @@ class StageRiccati:
                 u = -jk if u is None else torch.addmm(jk, st.closed, u, beta=-1.0)
             out.append(w)
         return out
+
+
+def _bk_signature(a: Tensor) -> Tensor:
+    """Summed ``(n_pos, n_neg, n_zero, log|det|)`` of a batch ``(n, k, k)`` of symmetric matrices.
+
+    From LAPACK's ``sytrf`` (lower): ``a[p][:, p] = L D L^T`` with ``D`` of
+    ``1 x 1`` and ``2 x 2`` blocks, a ``2 x 2`` block where ``ipiv`` is negative
+    (two entries per block, paired from the start of each run). A ``2 x 2``
+    block ``[[x, y], [y, z]]`` has one eigenvalue of each sign when ``x z - y^2
+    < 0`` and two of the sign of ``x`` when it is positive.
+    """
+    ld, piv, _ = torch.linalg.ldl_factor_ex(a)
+    d = torch.diagonal(ld, dim1=-2, dim2=-1)
+    sub = torch.nn.functional.pad(torch.diagonal(ld, -1, dim1=-2, dim2=-1), (0, 1))
+    neg = piv < 0
+    k = d.shape[-1]
+    idx = torch.arange(k, device=a.device).expand_as(piv)
+    start = neg & torch.cat([torch.ones_like(neg[..., :1]), ~neg[..., :-1]], dim=-1)
+    run_start = torch.cummax(torch.where(start, idx, torch.zeros_like(idx)), dim=-1).values
+    first = neg & ((idx - run_start) % 2 == 0)
+    single = ~neg
+    d_next = torch.nn.functional.pad(d[..., 1:], (0, 1))
+    det2 = d * d_next - sub * sub
+    one = torch.ones_like(d)
+    pos = (single & (d > 0)).sum() + (first & (det2 < 0)).sum()
+    pos = (
+        pos
+        + 2 * (first & (det2 > 0) & (d > 0)).sum()
+        + (first & (det2 == 0) & (d + d_next > 0)).sum()
+    )
+    negs = (single & (d < 0)).sum() + (first & (det2 < 0)).sum()
+    negs = (
+        negs
+        + 2 * (first & (det2 > 0) & (d < 0)).sum()
+        + (first & (det2 == 0) & (d + d_next < 0)).sum()
+    )
+    zero = (single & (d == 0)).sum() + (first & (det2 == 0)).sum()
+    zero = zero + (first & (det2 == 0) & (d + d_next == 0)).sum()
+    logabs = (
+        torch.where(single, d.abs(), one).log().sum()
+        + torch.where(first, det2.abs(), one).log().sum()
+    )
+    return torch.stack([pos.to(d.dtype), negs.to(d.dtype), zero.to(d.dtype), logabs])

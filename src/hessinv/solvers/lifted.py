@@ -297,19 +297,8 @@ class LiftedFactorization(Factorization):
         """
         if self._congruence is None:
             self._require_regular_lu("inertia")
-            ls = self.merged
-            diag, upper = (ls.diag, ls.upper) if blocks is None else blocks
-            cap = max(ls.sizes)
-            attempts: list[dict] = [
-                {"alpha": 0.01, "max_carry": cap, "pivoting": "ldl"},
-                {"alpha": 0.01, "max_carry": cap},
-                {"alpha": 0.1, "max_carry": 4 * cap},
-            ]
-            for kw in attempts:
-                r = block_tri_inertia(diag, upper, rtol=0.0, **kw)
-                if self._agrees_with_lu(r):
-                    break
-            else:
+            r = self._first_congruence(self.lu.slogdet(), blocks)
+            if r is None:
                 raise LiftedPrecisionError(
                     "no congruence of the lifted system agrees with the determinant of its "
                     f"pivoted LU (smallest pivot {self.lu.min_pivot:.1e}, largest entry "
@@ -318,6 +307,28 @@ class LiftedFactorization(Factorization):
                 )
             self._congruence = r
         return self._congruence
+
+    def _first_congruence(
+        self, reference: tuple[float, float], blocks: _Blocks | None = None
+    ) -> InertiaResult | None:
+        """The first congruence attempt of :meth:`congruence` whose determinant is ``reference``.
+
+        ``reference``: ``(sign, log|det K'|)`` to agree with (:meth:`_agrees`); None
+        when no attempt does.
+        """
+        ls = self.merged
+        diag, upper = (ls.diag, ls.upper) if blocks is None else blocks
+        cap = max(ls.sizes)
+        attempts: list[dict] = [
+            {"alpha": 0.01, "max_carry": cap, "pivoting": "ldl"},
+            {"alpha": 0.01, "max_carry": cap},
+            {"alpha": 0.1, "max_carry": 4 * cap},
+        ]
+        for kw in attempts:
+            r = block_tri_inertia(diag, upper, rtol=0.0, **kw)
+            if self._agrees(r, reference):
+                return r
+        return None
 
     def reversed_congruence(self, blocks: _Blocks | None = None) -> InertiaResult | None:
         """The same congruence of ``K`` with the blocks eliminated last to first.
@@ -338,15 +349,20 @@ class LiftedFactorization(Factorization):
             {"alpha": 0.01, "max_carry": cap},
         ):
             r = block_tri_inertia(diag, upper, rtol=0.0, **kw)
-            if self._agrees_with_lu(r):
+            if self._agrees(r, self.lu.slogdet()):
                 return r
         return None
 
-    def _agrees_with_lu(self, r: InertiaResult) -> bool:
+    def _agrees(self, r: InertiaResult, reference: tuple[float, float]) -> bool:
+        """``r``'s determinant is ``reference`` (``K``'s working precision's ``eps``).
+
+        The sign exactly, ``log|det|`` to ``0.1 + sqrt(eps) |log|det||``.
+        """
         if r.zero:
             return False
-        s, la = self.lu.slogdet()
-        tol = 0.1 + math.sqrt(torch.finfo(self.lu.last.l11u.dtype).eps) * abs(la)
+        s, la = reference
+        dtype = self.system.dtype or self.system.blocks[0].grad_x.dtype
+        tol = 0.1 + math.sqrt(torch.finfo(dtype).eps) * abs(la)
         return r.sign == s and abs(r.logabsdet - la) <= tol
 
     def riccati(self, mode: str = "inertia") -> RiccatiResult:
@@ -429,10 +445,45 @@ class LiftedFactorization(Factorization):
             return None
         return list(ls.diag), list(ls.upper)
 
+    def _stage_witness(self) -> Inertia | None:
+        """The trusted stage elimination and one congruence of ``K``, when they agree.
+
+        The stage elimination's pivot signs (:meth:`StageRiccati.signature`,
+        eliminating ``v_{L-1}`` first, on ``H + dI``) and the delayed-pivot
+        congruence of ``K`` (first block first), whose determinant must equal
+        the stage elimination's (``det K' = (-1)^m det(Q^T (H + dI) Q) /
+        s^{sum k_l}``): two different congruences that agree on every count,
+        without the pivoted LU. None when there is no trusted stage solver or
+        they disagree.
+        """
+        st = self.stage_solver
+        if st is None or self._trust is not True:
+            return None
+        pos, neg, zero, la = st.signature()
+        if zero or not math.isfinite(la):
+            return None
+        sign_k = -1.0 if (neg + self.m) % 2 else 1.0
+        la_k = la - self.system.n_kept * math.log(self.system.scale)
+        r = self._first_congruence((sign_k, la_k))
+        if r is None:
+            return None
+        dp, dn, _ = self.system.dropped_inertia()
+        if self._consistent_counts(r) != (pos + dp, neg + dn):
+            return None
+        how = (
+            "two congruences agree: the stage elimination of H + damping*I (Bunch-Kaufman "
+            "pivots, last stage first) and the delayed-pivot LDL^T of the lifted system "
+            "(first block first), whose determinants also agree"
+        )
+        return Inertia(pos + dp, neg + dn, 0, verified=True, how=how)
+
     def _signs(self) -> Inertia:
         ric = self._certified_riccati()
         if ric is not None:
             return ric
+        witness = self._stage_witness()
+        if witness is not None:
+            return witness
         blocks = self._built_blocks() if self._congruence is None else None
         counts = self._congruence_counts(self.congruence(blocks))
         rev = self.reversed_congruence(blocks)
