@@ -178,7 +178,16 @@ class LiftedFactorization(Factorization):
         else:
             x0, r0 = self._first
         norm = self.norm()
-        eta0 = normwise_backward_error(r0, x0, g, norm)
+        # judged on the kept directions, where the stage elimination works (the dropped
+        # part g_l / d is exact whatever it does), on columns with a kept part
+        g0 = self.system.project_kept(g)
+        has_kept = torch.linalg.vector_norm(g0, dim=0) > 0
+        if not bool(has_kept.any()):  # nothing to judge by: a random probe, one product
+            return self._probe_verdict(norm)
+        keep = torch.nonzero(has_kept).flatten()
+        eta0 = normwise_backward_error(
+            r0[:, keep], self.system.project_kept(x0)[:, keep], g0[:, keep], norm
+        )
         if not bool(torch.isfinite(eta0).all()):
             return "reject"
         eta0_max = float(eta0.max())
@@ -189,6 +198,19 @@ class LiftedFactorization(Factorization):
             return "reject"
         eta = normwise_backward_error(r, x, g, norm)
         return "refined" if float(eta.max()) <= solve_tolerance(self.dtype) else "reject"
+
+    def _probe_verdict(self, norm: float) -> str:
+        """``"exact"`` or ``"reject"`` from the stage solve of a random kept vector."""
+        gen = torch.Generator(device="cpu").manual_seed(2)
+        y = torch.randn(self.size, 1, generator=gen, dtype=self.dtype).to(self.op.device)
+        y = self.system.project_kept(y)
+        z = self._stage_apply(y, 0)
+        r = y - self.op.matmat(z) - self.damping * z
+        eta = normwise_backward_error(r, z, y, norm)
+        ok = bool(torch.isfinite(eta).all()) and float(eta.max()) <= trust_tolerance(
+            self.dtype, self.size
+        )
+        return "exact" if ok else "reject"
 
     @property
     def structurally_singular(self) -> bool:
