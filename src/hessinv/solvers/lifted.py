@@ -181,7 +181,7 @@ class LiftedFactorization(Factorization):
         # judged on the kept directions, where the stage elimination works (the dropped
         # part g_l / d is exact whatever it does), on columns with a kept part
         g0 = self.system.project_kept(g)
-        has_kept = torch.linalg.vector_norm(g0, dim=0) > 0
+        has_kept = g0.abs().amax(dim=0) > 0
         if not bool(has_kept.any()):  # nothing to judge by: a random probe, one product
             return self._probe_verdict(norm)
         keep = torch.nonzero(has_kept).flatten()
