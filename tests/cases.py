@@ -301,3 +301,28 @@ def stages_hessian(stages, z0: torch.Tensor) -> torch.Tensor:  # noqa: ANN001
         return z.reshape(())
 
     return torch.func.hessian(f)(x0)
+
+
+def tanh_net(width: int, batch: int, depth: int, gain: float, seed: int = 0, scale: float = 1.0):
+    """A deep tanh MLP with 2 outputs and ``scale`` times the MSE loss (float64)."""
+    torch.manual_seed(seed)
+    mods: list[nn.Module] = []
+    for _ in range(depth - 1):
+        lin = nn.Linear(width, width)
+        nn.init.normal_(lin.weight, std=gain / width**0.5)
+        mods += [lin, nn.Tanh()]
+    mods.append(nn.Linear(width, 2))
+    model = nn.Sequential(*mods).to(torch.float64)
+    X = torch.randn(batch, width, dtype=torch.float64)
+    y = torch.randn(batch, 2, dtype=torch.float64)
+
+    def loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return scale * nn.functional.mse_loss(out, target)
+
+    return model, loss, X, y
+
+
+def dense_hessian(model: nn.Module, loss, X, y) -> torch.Tensor:  # noqa: ANN001
+    """``torch.func.hessian`` of the loss in the flat trainable parameters."""
+    f, x0 = reference_loss_fn(model, loss, X, y)
+    return torch.func.hessian(f)(x0).detach()

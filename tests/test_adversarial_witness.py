@@ -29,8 +29,8 @@ import math
 
 import pytest
 import torch
-from cases import reference_loss_fn
-from torch import nn
+from cases import dense_hessian
+from cases import tanh_net as net
 
 import hessinv
 from hessinv.riccati_solve import _bk_signature
@@ -39,29 +39,6 @@ from hessinv.solvers.lifted import LiftedFactorization
 from hessinv.spectrum import eigenvalue_count
 
 DT = torch.float64
-
-
-def net(width: int, batch: int, depth: int, gain: float, seed: int = 0, scale: float = 1.0):
-    torch.manual_seed(seed)
-    mods: list[nn.Module] = []
-    for _ in range(depth - 1):
-        lin = nn.Linear(width, width)
-        nn.init.normal_(lin.weight, std=gain / width**0.5)
-        mods += [lin, nn.Tanh()]
-    mods.append(nn.Linear(width, 2))
-    model = nn.Sequential(*mods).to(DT)
-    X = torch.randn(batch, width, dtype=DT)
-    y = torch.randn(batch, 2, dtype=DT)
-
-    def loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return scale * nn.functional.mse_loss(out, target)
-
-    return model, loss, X, y
-
-
-def dense_hessian(model, loss, X, y) -> torch.Tensor:  # noqa: ANN001
-    f, x0 = reference_loss_fn(model, loss, X, y)
-    return torch.func.hessian(f)(x0).detach()
 
 
 def backward_error(a: torch.Tensor, x: torch.Tensor, g: torch.Tensor) -> float:
