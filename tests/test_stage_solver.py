@@ -186,3 +186,19 @@ def test_stage_witness_that_disagrees_is_not_used(monkeypatch) -> None:  # noqa:
     shifted = torch.linalg.eigvalsh(h) + 1e-3
     assert tuple(inert) == (int((shifted > 0).sum()), int((shifted < 0).sum()), 0)
     assert "stage elimination" not in inert.how
+
+
+def test_inertia_before_any_solve_settles_trust_by_a_probe() -> None:
+    """H.inertia(d) without a solve: a random probe trusts the stage elimination, no LU."""
+    model, loss, X, y = tanh_net(6, 3, 7, 1.5)
+    h = dense_hessian(model, loss, X, y)
+    H = hessinv.Hessian(model, loss, X, y)
+    inert = H.inertia(1e-3, method="lifted")
+    shifted = torch.linalg.eigvalsh(h) + 1e-3
+    assert tuple(inert) == (int((shifted > 0).sum()), int((shifted < 0).sum()), 0)
+    fac = H.factor(1e-3, method="lifted")
+    assert inert.verified and fac.solver == "stages"
+    assert "stage elimination" in inert.how and fac._lu is None
+    sign, la = H.logdet(1e-3, method="lifted")  # builds the LU: the reference determinant
+    s_ref, la_ref = torch.linalg.slogdet(h + 1e-3 * torch.eye(h.shape[0], dtype=DT))
+    assert sign == float(s_ref) and abs(la - float(la_ref)) <= 1e-9 * max(1.0, abs(float(la_ref)))

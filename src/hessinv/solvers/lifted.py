@@ -199,18 +199,39 @@ class LiftedFactorization(Factorization):
         eta = normwise_backward_error(r, x, g, norm)
         return "refined" if float(eta.max()) <= solve_tolerance(self.dtype) else "reject"
 
+    def _settle_trust(self) -> None:
+        """Outside a solve, decide an undecided stage solver by the random probe.
+
+        So that the estimates of a log-determinant, an inertia or a singularity
+        test asked for before any solve need not build the block LU.
+        """
+        if self._trust is None and not self._in_trial:
+            verdict = self._probe_verdict(self.norm())
+            if verdict == "reject":
+                self._trust, self.stage_solver = False, None
+            else:
+                self._trust, self._refine_estimates = True, verdict == "refined"
+
     def _probe_verdict(self, norm: float) -> str:
-        """``"exact"`` or ``"reject"`` from the stage solve of a random kept vector."""
+        """:meth:`_trial_verdict`'s verdict for the stage solve of a random kept vector.
+
+        ``"refined"`` needs one refinement step of the probe to meet the
+        contract (a second product).
+        """
         gen = torch.Generator(device="cpu").manual_seed(2)
         y = torch.randn(self.size, 1, generator=gen, dtype=self.dtype).to(self.op.device)
         y = self.system.project_kept(y)
         z = self._stage_apply(y, 0)
         r = y - self.op.matmat(z) - self.damping * z
-        eta = normwise_backward_error(r, z, y, norm)
-        ok = bool(torch.isfinite(eta).all()) and float(eta.max()) <= trust_tolerance(
-            self.dtype, self.size
-        )
-        return "exact" if ok else "reject"
+        eta = float(normwise_backward_error(r, z, y, norm).max())
+        if not math.isfinite(eta) or eta > math.sqrt(torch.finfo(self.dtype).eps):
+            return "reject"
+        if eta <= trust_tolerance(self.dtype, self.size):
+            return "exact"
+        z = z + self._stage_apply(r, 0)
+        r = y - self.op.matmat(z) - self.damping * z
+        eta = float(normwise_backward_error(r, z, y, norm).max())
+        return "refined" if eta <= solve_tolerance(self.dtype) else "reject"
 
     @property
     def structurally_singular(self) -> bool:
@@ -266,6 +287,7 @@ class LiftedFactorization(Factorization):
 
         Through the stage elimination only once trusted (or within its trial solve).
         """
+        self._settle_trust()
         if self._stages_serve() and (self._trust or self._in_trial):
             z = self._stage_apply(g, 0)
             if self._refine_estimates:  # one step, in the kept directions (H keeps them)
@@ -478,6 +500,7 @@ class LiftedFactorization(Factorization):
         without the pivoted LU. None when there is no trusted stage solver or
         they disagree.
         """
+        self._settle_trust()
         st = self.stage_solver
         if st is None or self._trust is not True:
             return None
