@@ -135,6 +135,39 @@ def _add_block_diag(q: Tensor, blocks: Tensor) -> Tensor:
     return q4.reshape(n * a, n * a)
 
 
+def stage_pivot(
+    txx: Tensor | None, jx: Tensor | None, p_mat: Tensor | None, damping: float, k: int, ref: Tensor
+) -> tuple[Tensor, Tensor | None]:
+    """``Q_vv = Txx + dI + Jx^T P Jx`` (symmetrized), and ``P Jx`` (None without ``P``)."""
+    qvv = torch.eye(k, dtype=ref.dtype, device=ref.device) * damping
+    if txx is not None:
+        qvv = qvv + txx
+    pjx = None
+    if p_mat is not None and jx is not None:
+        pjx = p_mat @ jx
+        qvv = qvv + jx.T @ pjx
+    return _sym(qvv), pjx
+
+
+def stage_coupling(
+    b: StageBlocks, tzx: Tensor | None, pjx: Tensor | None, p_mat: Tensor | None, k: int
+) -> tuple[Tensor, Tensor]:
+    """``Q_vu = Tzx^T + Jx^T P Jz`` (``k x M_{l-1}``) and ``Q_uu = Tzz + Jz^T P Jz``."""
+    n, a_in = b.Tzx.shape[0], b.Tzx.shape[1]
+    m_in = n * a_in
+    ref = b.Tzx
+    qvu = ref.new_zeros(k, m_in) if tzx is None else tzx.T
+    quu = ref.new_zeros(m_in, m_in)
+    if pjx is not None:
+        a = b.Jz.shape[1]
+        jz_pjx = torch.einsum("nsi,nsk->kni", b.Jz, pjx.reshape(n, a, k)).reshape(k, m_in)
+        qvu = qvu + jz_pjx
+        quu = _jz_t_p_jz(b.Jz, p_mat)
+    if b.Tzz is not None:
+        quu = _add_block_diag(quu, b.Tzz)
+    return qvu, quu
+
+
 def _next_majorant(
     b_mat: Tensor | None,
     b_ok: bool,
@@ -229,14 +262,7 @@ def riccati_pass(  # noqa: C901, PLR0912, PLR0915
         tzx = None if l == 0 else pr.tzx
         txx = pr.txx
         n_jx, n_p = _fro(jx), _fro(p_mat)
-        qvv = torch.eye(k, dtype=ref.dtype, device=ref.device) * d
-        if txx is not None:
-            qvv = qvv + txx
-        pjx = None
-        if p_mat is not None:
-            pjx = p_mat @ jx
-            qvv = qvv + jx.T @ pjx
-        qvv = _sym(qvv)
+        qvv, pjx = stage_pivot(txx, jx, p_mat, d, k, ref)
         if not bool(torch.isfinite(qvv).all()):  # overflow (or NaN blocks): undecided
             pd_status = None if pd_status is True else pd_status
             failed = l if failed is None else failed
@@ -306,14 +332,7 @@ def riccati_pass(  # noqa: C901, PLR0912, PLR0915
             break
         # -- P update -----------------------------------------------------------------
         n_tzx, n_jz = _fro(tzx), _fro(b.Jz)
-        qvu = tzx.T
-        quu_core = torch.zeros(m_in, m_in, dtype=ref.dtype, device=ref.device)
-        if p_mat is not None:
-            n, a, a_in = b.Jz.shape
-            jz_pjx = torch.einsum("nsi,nsk->kni", b.Jz, pjx.reshape(n, a, k)).reshape(k, m_in)
-            qvu = qvu + jz_pjx
-            quu_core = _jz_t_p_jz(b.Jz, p_mat)
-        quu = _add_block_diag(quu_core, b.Tzz) if b.Tzz is not None else quu_core
+        qvu, quu = stage_coupling(b, tzx, pjx, p_mat, k)
         if chol_ok:  # positive definite pivot: Y = L^{-1} Q_vu, P = Q_uu - Y^T Y
             y = torch.linalg.solve_triangular(piv.chol, qvu, upper=False)
             kmat = torch.linalg.solve_triangular(piv.chol.T, y, upper=True)

@@ -50,7 +50,7 @@ from torch import Tensor
 from .derivatives import StageBlocks
 from .lifted import Projected, _block_diag
 from .progress import ProgressArg, progress_bar
-from .riccati import _add_block_diag, _jz_t_p_jz
+from .riccati import _sym, stage_coupling, stage_pivot
 
 
 class _StageFactor:
@@ -114,35 +114,16 @@ class StageRiccati:
                 b, pr = blocks[l], projections[l]
                 k = b.num_params if pr.q is None else pr.q.shape[1]
                 jx = None if l == n_st - 1 else pr.jx
-                qvv = torch.eye(k, dtype=ref.dtype, device=ref.device) * damping
-                if pr.txx is not None:
-                    qvv = qvv + pr.txx
-                pjx = None
-                if p_mat is not None and jx is not None:
-                    pjx = p_mat @ jx
-                    qvv = qvv + jx.T @ pjx
-                qvv = 0.5 * (qvv + qvv.T)
+                qvv, pjx = stage_pivot(pr.txx, jx, p_mat, damping, k, ref)
                 lu, piv, info = torch.linalg.lu_factor_ex(qvv)
                 infos.append(info.reshape(1))
                 if l == 0:
                     self.stages[l] = _StageFactor(qvv, lu, piv, None, jx, None)
                     bar.update()
                     break
-                n, a_in = b.Tzx.shape[0], b.Tzx.shape[1]
-                m_in = n * a_in
-                qvu = qvv.new_zeros(k, m_in) if pr.tzx is None else pr.tzx.T
-                if pjx is not None:
-                    a = b.Jz.shape[1]
-                    jz_pjx = torch.einsum("nsi,nsk->kni", b.Jz, pjx.reshape(n, a, k))
-                    qvu = qvu + jz_pjx.reshape(k, m_in)
-                    quu = _jz_t_p_jz(b.Jz, p_mat)
-                else:
-                    quu = qvv.new_zeros(m_in, m_in)
-                if b.Tzz is not None:
-                    quu = _add_block_diag(quu, b.Tzz)
-                gain = torch.linalg.lu_solve(lu, piv, qvu) if k else qvu.new_zeros(0, m_in)
-                p_mat = quu - qvu.T @ gain
-                p_mat = 0.5 * (p_mat + p_mat.T)
+                qvu, quu = stage_coupling(b, pr.tzx, pjx, p_mat, k)
+                gain = torch.linalg.lu_solve(lu, piv, qvu) if k else qvu  # (0, M) when k = 0
+                p_mat = _sym(quu - qvu.T @ gain)
                 finite.append(torch.isfinite(p_mat).all().reshape(1))
                 closed = None
                 if jx is not None:

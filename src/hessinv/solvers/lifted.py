@@ -33,7 +33,7 @@ across block boundaries in ``O(sum_k n_k^3)``, linear in depth.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -47,6 +47,7 @@ from ..riccati import RiccatiResult, riccati_pass
 from ..riccati_solve import StageRiccati
 from .base import Factorization, Inertia
 from .contract import normwise_backward_error, solve_tolerance
+from .estimates import _start
 
 #: The most bytes of ``K``'s blocks built once and held for the two congruences of an inertia.
 CONGRUENCE_BLOCKS_BYTES = 512 * 2**20
@@ -127,6 +128,10 @@ class LiftedFactorization(Factorization):
     def _stages_serve(self) -> bool:
         return self.stage_solver is not None and self._trust is not False
 
+    def _estimates_on_stages(self) -> bool:
+        """The estimates run on the stage solver: trusted, or within its trial solve."""
+        return self._stages_serve() and (self._trust is True or self._in_trial)
+
     def _first_residual(self, x: Tensor, r: Tensor) -> None:
         if self._in_trial and self._first is None:
             self._first = (x, r)
@@ -188,16 +193,19 @@ class LiftedFactorization(Factorization):
         eta0 = normwise_backward_error(
             r0[:, keep], self.system.project_kept(x0)[:, keep], g0[:, keep], norm
         )
-        if not bool(torch.isfinite(eta0).all()):
+        return self._grade(eta0, lambda: normwise_backward_error(r, x, g, norm))
+
+    def _grade(self, eta0: Tensor, refined: Callable[[], Tensor]) -> str:
+        """``"exact"``, ``"refined"`` or ``"reject"`` from the unrefined backward errors.
+
+        ``refined``: the backward errors after refinement (called only when needed).
+        """
+        eta = float(eta0.max())
+        if not math.isfinite(eta) or eta > math.sqrt(torch.finfo(self.dtype).eps):
             return "reject"
-        eta0_max = float(eta0.max())
-        if eta0_max <= trust_tolerance(self.dtype, self.size):
+        if eta <= trust_tolerance(self.dtype, self.size):
             return "exact"
-        eps = torch.finfo(self.dtype).eps
-        if r is None or eta0_max > math.sqrt(eps):
-            return "reject"
-        eta = normwise_backward_error(r, x, g, norm)
-        return "refined" if float(eta.max()) <= solve_tolerance(self.dtype) else "reject"
+        return "refined" if float(refined().max()) <= solve_tolerance(self.dtype) else "reject"
 
     def _settle_trust(self) -> None:
         """Outside a solve, decide an undecided stage solver by the random probe.
@@ -218,20 +226,15 @@ class LiftedFactorization(Factorization):
         ``"refined"`` needs one refinement step of the probe to meet the
         contract (a second product).
         """
-        gen = torch.Generator(device="cpu").manual_seed(2)
-        y = torch.randn(self.size, 1, generator=gen, dtype=self.dtype).to(self.op.device)
-        y = self.system.project_kept(y)
+        y = self.system.project_kept(_start(self.size, self.dtype, self.op.device, seed=2))
         z = self._stage_apply(y, 0)
         r = y - self.op.matmat(z) - self.damping * z
-        eta = float(normwise_backward_error(r, z, y, norm).max())
-        if not math.isfinite(eta) or eta > math.sqrt(torch.finfo(self.dtype).eps):
-            return "reject"
-        if eta <= trust_tolerance(self.dtype, self.size):
-            return "exact"
-        z = z + self._stage_apply(r, 0)
-        r = y - self.op.matmat(z) - self.damping * z
-        eta = float(normwise_backward_error(r, z, y, norm).max())
-        return "refined" if eta <= solve_tolerance(self.dtype) else "reject"
+
+        def refined() -> Tensor:
+            z1 = z + self._stage_apply(r, 0)
+            return normwise_backward_error(y - self.op.matmat(z1) - self.damping * z1, z1, y, norm)
+
+        return self._grade(normwise_backward_error(r, z, y, norm), refined)
 
     @property
     def structurally_singular(self) -> bool:
@@ -288,7 +291,7 @@ class LiftedFactorization(Factorization):
         Through the stage elimination only once trusted (or within its trial solve).
         """
         self._settle_trust()
-        if self._stages_serve() and (self._trust or self._in_trial):
+        if self._estimates_on_stages():
             z = self._stage_apply(g, 0)
             if self._refine_estimates:  # one step, in the kept directions (H keeps them)
                 res = self.system.project_kept(g) - self.op.matmat(z) - self.damping * z
@@ -300,7 +303,7 @@ class LiftedFactorization(Factorization):
         """:meth:`_apply` of ``g`` and :meth:`_apply_for_estimates` of ``y`` in one pass."""
         k = g.shape[1]
         gy = torch.cat([g, y], dim=1)
-        if self._stages_serve() and (self._trust or self._in_trial):
+        if self._estimates_on_stages() and not self._refine_estimates:
             out = self._stage_apply(gy, k)
         else:
             rhs, proj = self.system.rhs_and_projections(gy)
