@@ -321,7 +321,7 @@ class LiftedSystem:
         """
         if n_full is None:
             n_full = 0 if kept_only else g.shape[1]
-        return self._maps.extract(x, g, self.damping, n_full, projections)
+        return self._maps.extract(x[::2], g, self.damping, n_full, projections)
 
     @property
     def projections(self) -> list[Projected]:
@@ -337,10 +337,7 @@ class LiftedSystem:
         self, w: Sequence[Tensor], g: Tensor, n_full: int, projections: list[Tensor]
     ) -> Tensor:
         """:meth:`extract` from per-stage kept solutions ``w_l`` (``(k_l, r)``)."""
-        x: list[Tensor] = []
-        for wl in w:
-            x += [wl, wl]  # extract reads block 2 l of a lifted solution
-        return self._maps.extract(x, g, self.damping, n_full, projections)
+        return self._maps.extract(w, g, self.damping, n_full, projections)
 
     def project_kept(self, g: Tensor) -> Tensor:
         """``Q_l Q_l^T g_l`` per stage: the part of ``g`` in the kept directions."""

@@ -112,7 +112,9 @@ class BasisMaps:
     ) -> Tensor:
         """``v_l = Q_l w_l + (g_l - Q_l Q_l^T g_l) / d`` for the first ``n_full`` columns.
 
-        The kept part from the lifted solution, the dropped directions' part
+        ``x[l]``: stage ``l``'s solution, ``w_l`` in its first ``k_l`` rows (the
+        ``(v_l, lam_l)`` block of a lifted solution, or ``w_l`` itself).
+        The kept part from it, the dropped directions' part
         ``(I - Q_l Q_l^T) g_l / d`` from ``g``, projected twice (as Gram-Schmidt
         with reorthogonalization): one projection leaves ``eps |g_l|`` of ``g_l``
         in the kept directions, which ``1 / d`` would amplify past the solve's
@@ -124,7 +126,7 @@ class BasisMaps:
         out = []
         for i_run, run in enumerate(self.runs):
             stages = range(run.first, run.first + run.n)
-            w = torch.stack([x[2 * i][: run.k] for i in stages])  # (n, k, r)
+            w = torch.stack([x[i][: run.k] for i in stages])  # (n, k, r)
             if run.qs is None:
                 out.append(w.reshape(run.n * run.p, w.shape[-1]))
                 continue
