@@ -356,21 +356,34 @@ class LiftedFactorization(Factorization):
         return self._congruence
 
     def _first_congruence(
-        self, reference: tuple[float, float], blocks: _Blocks | None = None
+        self,
+        reference: tuple[float, float],
+        blocks: _Blocks | None = None,
+        *,
+        reverse: bool = False,
     ) -> InertiaResult | None:
-        """The first congruence attempt of :meth:`congruence` whose determinant is ``reference``.
+        """The first congruence attempt whose determinant is ``reference`` (None: none is).
 
-        ``reference``: ``(sign, log|det K'|)`` to agree with (:meth:`_agrees`); None
-        when no attempt does.
+        ``reference``: ``(sign, log|det K'|)`` to agree with (:meth:`_agrees`).
+        Attempts: Bunch-Kaufman fronts, then orthogonal fronts (both threshold
+        0.01, at most ``max_k n_k`` carried directions), then (not ``reverse``)
+        threshold 0.1 with four times the cap. ``reverse``: the blocks
+        eliminated last to first.
         """
         ls = self.merged
         diag, upper = (ls.diag, ls.upper) if blocks is None else blocks
+        n = len(ls.sizes)
+        if reverse:
+            d0, u0 = diag, upper
+            diag = _LazyBlocks(n, lambda i: d0[n - 1 - i])
+            upper = _LazyBlocks(n - 1, lambda i: u0[n - 2 - i].T)
         cap = max(ls.sizes)
         attempts: list[dict] = [
             {"alpha": 0.01, "max_carry": cap, "pivoting": "ldl"},
             {"alpha": 0.01, "max_carry": cap},
-            {"alpha": 0.1, "max_carry": 4 * cap},
         ]
+        if not reverse:
+            attempts.append({"alpha": 0.1, "max_carry": 4 * cap})
         for kw in attempts:
             r = block_tri_inertia(diag, upper, rtol=0.0, **kw)
             if self._agrees(r, reference):
@@ -385,20 +398,7 @@ class LiftedFactorization(Factorization):
         attempt agrees with the LU's determinant. ``blocks`` as for
         :meth:`congruence`.
         """
-        ls = self.merged
-        d0, u0 = (ls.diag, ls.upper) if blocks is None else blocks
-        n = len(ls.sizes)
-        diag = _LazyBlocks(n, lambda i: d0[n - 1 - i])
-        upper = _LazyBlocks(n - 1, lambda i: u0[n - 2 - i].T)
-        cap = max(ls.sizes)
-        for kw in (
-            {"alpha": 0.01, "max_carry": cap, "pivoting": "ldl"},
-            {"alpha": 0.01, "max_carry": cap},
-        ):
-            r = block_tri_inertia(diag, upper, rtol=0.0, **kw)
-            if self._agrees(r, self.lu.slogdet()):
-                return r
-        return None
+        return self._first_congruence(self.lu.slogdet(), blocks, reverse=True)
 
     def _agrees(self, r: InertiaResult, reference: tuple[float, float]) -> bool:
         """``r``'s determinant is ``reference`` (``K``'s working precision's ``eps``).
