@@ -211,7 +211,7 @@ def test_two_misclassified_eigenvalues_are_never_verified(monkeypatch, d):
     """Two eigenvalues counted with the wrong sign keep the determinant's sign and size,
     which fooled the old parity check. A verified inertia must be right: the Riccati pass or
     the reverse-order congruence catches the spoiled count."""
-    import hessinv.solvers.lifted as hl
+    import hessinv.solvers.lifted_inertia as hl
 
     H, A1 = _problem(1.0, batch=6)
     ev = torch.linalg.eigvalsh(A1 + d * torch.eye(H.num_params, dtype=DT))

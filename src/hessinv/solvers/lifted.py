@@ -1,4 +1,4 @@
-"""The lifted factorization: pivoted block LU of the equilibrated lifted system ``K``.
+"""The lifted factorization of ``H + dI``: the stage elimination, the pivoted block LU of ``K``.
 
 ``K`` (:class:`hessinv.lifted.LiftedSystem`, equilibrated by
 :func:`hessinv.lifted.curvature_scale`) is block tridiagonal with Schur
@@ -6,53 +6,34 @@ complement ``H + dI`` onto the parameter unknowns (the lifting of the paper's
 eq. 26); :class:`hessinv.blocktri.BlockTriLU` factors it with partial pivoting
 across block boundaries in ``O(sum_k n_k^3)``, linear in depth.
 
-* Solves: one pass over the factors, then refinement with exact ``H @ v``
-  (:func:`hessinv.solvers.base.refined_solve`).
+* Solves: through the stage elimination (:mod:`hessinv.riccati_solve`) once
+  its first solve proves accurate (:meth:`LiftedFactorization._trial_verdict`),
+  else through the block LU (built on first use); then refinement with exact
+  ``H @ v`` (:func:`hessinv.solvers.contract.refined_solve`).
 * ``log|det(H + dI)| = log|det K'| + (sum_l k_l) log s + (p - k) log|d|`` and
-  ``sign = (-1)^m sign(det K) sign(d)^(p - k)``.
-* Inertia: first the stage Riccati pass (:func:`hessinv.riccati.riccati_pass`,
-  a block LDL^T of ``H + dI`` itself, eliminating ``v_{L-1}, ..., v_0``):
-  when every pivot is separated from singular by more than twice its
-  running error bound, its count is exact for the given blocks (Haynsworth)
-  and is returned as verified, at the cost of one pass (less than the
-  factorization). The pass stops at the first pivot it cannot vouch for
-  (near singular: common on indefinite ``H``); then ``inertia(H + dI) =
-  inertia(K) - (m, m, 0)`` plus the dropped directions (Sylvester,
-  Haynsworth), from a congruence of ``K`` built front by front
-  (:func:`hessinv.blocktri.block_tri_inertia`) whose determinant must match
-  the LU's, *verified* by a second, different congruence: the same
-  delayed-pivot LDL^T of ``K`` eliminated in the opposite block order (last
-  block first: different pivots, different fronts), whose determinant must
-  also match the LU's. A parity check alone cannot tell two misclassified
-  eigenvalues apart; two different congruences that agree on every count can.
-* Positive definiteness (:meth:`LiftedFactorization.is_positive_definite`):
-  proven by the Riccati pass, ``H + dI > 0`` exactly when every stage pivot
-  has a Cholesky factor with a margin above its error bound.
+  ``sign = (-1)^m sign(det K) sign(d)^(p - k)``, from the block LU.
+* Inertia and positive definiteness: :mod:`hessinv.solvers.lifted_inertia`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-from ..blocktri import BlockTriLU, InertiaResult, block_tri_inertia
-from ..errors import LiftedPrecisionError, SingularHessianError
-from ..lifted import LiftedSystem, _LazyBlocks, curvature_scale
+from ..blocktri import BlockTriLU, InertiaResult
+from ..errors import SingularHessianError
+from ..lifted import LiftedSystem, curvature_scale
 from ..lifted_merge import MergedBlocks
 from ..progress import CountedSequence, progress_bar
-from ..riccati import RiccatiResult, riccati_pass
+from ..riccati import RiccatiResult
 from ..riccati_solve import StageRiccati
-from .base import Factorization, Inertia
+from .base import Factorization
 from .contract import normwise_backward_error, solve_tolerance
 from .estimates import _start
-
-#: The most bytes of ``K``'s blocks built once and held for the two congruences of an inertia.
-CONGRUENCE_BLOCKS_BYTES = 512 * 2**20
-
-_Blocks = tuple[Sequence[Tensor], Sequence[Tensor]]
+from .lifted_inertia import LiftedInertia
 
 
 def trust_tolerance(dtype: torch.dtype, size: int) -> float:
@@ -67,7 +48,7 @@ def trust_tolerance(dtype: torch.dtype, size: int) -> float:
     return torch.finfo(dtype).eps * max(size / 10.0, 4.0)
 
 
-class LiftedFactorization(Factorization):
+class LiftedFactorization(LiftedInertia, Factorization):
     """``H + damping I`` through the pivoted LU of the lifted system (linear in depth)."""
 
     method = "lifted"
@@ -318,235 +299,3 @@ class LiftedFactorization(Factorization):
         la += self.system.n_kept * math.log(self.system.scale)
         s2, la2 = self.system.dropped_logdet()
         return s * s2 * (-1.0 if self.m % 2 else 1.0), la + la2
-
-    def _require_regular_lu(self, what: str) -> None:
-        if not (self.lu.min_pivot > 0.0 and math.isfinite(self.lu.min_pivot)):
-            raise LiftedPrecisionError(
-                f"cannot compute the {what} of H + damping*I (damping={self.damping:g}) from the "
-                "lifted system: its LU has a zero pivot although H + damping*I is not known to "
-                "be singular. Exploding activations or Jacobians make the lifted system far "
-                "worse conditioned than H. Use method='dense' (small W) or a larger damping."
-            )
-
-    def congruence(self, blocks: _Blocks | None = None) -> InertiaResult:
-        """The congruence ``K = X diag(w) X^T`` of :func:`block_tri_inertia` (cached).
-
-        Sign-only counting (``rtol=0``; ``K`` is nonsingular by the LU): first
-        Bunch-Kaufman fronts with delayed pivots (threshold ``0.01``, at most
-        ``max_k n_k`` carried directions), then orthogonal fronts with the same
-        cap, then threshold ``0.1`` with no cap; the first whose determinant
-        agrees with the LU's (sign exactly, ``log|det|`` to ``0.1 + sqrt(eps)
-        |log|det||``) is kept, else the last, with a
-        :class:`~hessinv.errors.LiftedPrecisionWarning`.
-
-        ``blocks``: ``K``'s merged blocks already built (:meth:`_built_blocks`);
-        by default they are built as each attempt reads them.
-        """
-        if self._congruence is None:
-            self._require_regular_lu("inertia")
-            r = self._first_congruence(self.lu.slogdet(), blocks)
-            if r is None:
-                raise LiftedPrecisionError(
-                    "no congruence of the lifted system agrees with the determinant of its "
-                    f"pivoted LU (smallest pivot {self.lu.min_pivot:.1e}, largest entry "
-                    f"{self.lu.scale:.1e}): the lifted system is too badly conditioned to count "
-                    "signs. Use method='dense' (small W) or a larger damping."
-                )
-            self._congruence = r
-        return self._congruence
-
-    def _first_congruence(
-        self,
-        reference: tuple[float, float],
-        blocks: _Blocks | None = None,
-        *,
-        reverse: bool = False,
-    ) -> InertiaResult | None:
-        """The first congruence attempt whose determinant is ``reference`` (None: none is).
-
-        ``reference``: ``(sign, log|det K'|)`` to agree with (:meth:`_agrees`).
-        Attempts: Bunch-Kaufman fronts, then orthogonal fronts (both threshold
-        0.01, at most ``max_k n_k`` carried directions), then (not ``reverse``)
-        threshold 0.1 with four times the cap. ``reverse``: the blocks
-        eliminated last to first.
-        """
-        ls = self.merged
-        diag, upper = (ls.diag, ls.upper) if blocks is None else blocks
-        n = len(ls.sizes)
-        if reverse:
-            d0, u0 = diag, upper
-            diag = _LazyBlocks(n, lambda i: d0[n - 1 - i])
-            upper = _LazyBlocks(n - 1, lambda i: u0[n - 2 - i].T)
-        cap = max(ls.sizes)
-        attempts: list[dict] = [
-            {"alpha": 0.01, "max_carry": cap, "pivoting": "ldl"},
-            {"alpha": 0.01, "max_carry": cap},
-        ]
-        if not reverse:
-            attempts.append({"alpha": 0.1, "max_carry": 4 * cap})
-        for kw in attempts:
-            r = block_tri_inertia(diag, upper, rtol=0.0, **kw)
-            if self._agrees(r, reference):
-                return r
-        return None
-
-    def reversed_congruence(self, blocks: _Blocks | None = None) -> InertiaResult | None:
-        """The same congruence of ``K`` with the blocks eliminated last to first.
-
-        ``P K P^T`` (block order reversed) has the inertia and determinant of
-        ``K``; its fronts and delayed pivots are different. ``None`` when no
-        attempt agrees with the LU's determinant. ``blocks`` as for
-        :meth:`congruence`.
-        """
-        return self._first_congruence(self.lu.slogdet(), blocks, reverse=True)
-
-    def _agrees(self, r: InertiaResult, reference: tuple[float, float]) -> bool:
-        """``r``'s determinant is ``reference`` (``K``'s working precision's ``eps``).
-
-        The sign exactly, ``log|det|`` to ``0.1 + sqrt(eps) |log|det||``.
-        """
-        if r.zero:
-            return False
-        s, la = reference
-        dtype = self.system.dtype or self.system.blocks[0].grad_x.dtype
-        tol = 0.1 + math.sqrt(torch.finfo(dtype).eps) * abs(la)
-        return r.sign == s and abs(r.logabsdet - la) <= tol
-
-    def riccati(self, mode: str = "inertia") -> RiccatiResult:
-        """The stage Riccati pass of ``H + damping I`` (cached per mode).
-
-        In ``"inertia"`` mode it stops at the first pivot it cannot certify
-        (only a certified count is used).
-        """
-        if mode not in self._riccati:
-            self._riccati[mode] = riccati_pass(
-                self.op.blocks,
-                self.damping,
-                self.system.bases,
-                mode=mode,
-                stop_unreliable=mode == "inertia",
-            )
-        return self._riccati[mode]
-
-    def _positive_definite(self) -> bool | None:
-        """The Riccati pass's verdict: proven PD, proven not PD, or ``None``."""
-        return self.riccati("cholesky").pd_status
-
-    def _certified_riccati(self) -> Inertia | None:
-        """The stage Riccati pass's count, when it certifies it (else ``None``)."""
-        ric = self.riccati("inertia")
-        if ric.reliable and ric.inertia is not None:
-            how = (
-                "the stage Riccati pass: a block LDL^T congruence of H + damping*I whose every "
-                "pivot is separated from singular by more than twice its running error bound"
-            )
-            return Inertia(*ric.inertia, verified=True, how=how)
-        return None
-
-    def _consistent_counts(self, r: InertiaResult) -> tuple[int, int] | None:
-        """``(n_pos, n_neg)`` of ``H + dI`` from a congruence of ``K`` (Sylvester, Haynsworth).
-
-        ``None`` when the congruence is inconsistent with ``K``'s structure (a zero,
-        or fewer than ``m`` eigenvalues of either sign).
-        """
-        pos, neg = r.positive - self.m, r.negative - self.m
-        if pos < 0 or neg < 0 or r.zero:
-            return None
-        dp, dn, _ = self.system.dropped_inertia()
-        return pos + dp, neg + dn
-
-    def _congruence_counts(self, r: InertiaResult) -> tuple[int, int]:
-        """:meth:`_consistent_counts`, raising where the congruence is inconsistent."""
-        counts = self._consistent_counts(r)
-        if counts is None:
-            raise LiftedPrecisionError(
-                "the congruence of the lifted system is inconsistent (K is too badly "
-                "conditioned to count signs): use method='dense' or a larger damping."
-            )
-        return counts
-
-    def _negatives(self) -> int:
-        """The certified Riccati count, else the first congruence's (no reversed one).
-
-        The band count of :meth:`Factorization.zero_count` decides with the
-        count alone; the reversed congruence only verifies it and would cost
-        as much again.
-        """
-        ric = self._certified_riccati()
-        if ric is not None:
-            return ric.negative
-        return self._congruence_counts(self.congruence())[1]
-
-    def _built_blocks(self) -> _Blocks | None:
-        """``K``'s merged blocks, built once for the two congruences (``None``: too large).
-
-        Each congruence otherwise builds every block again; at most
-        :data:`CONGRUENCE_BLOCKS_BYTES` are held, for one inertia.
-        """
-        ls = self.merged
-        item = self.lu.last.l11u.element_size()
-        sizes = ls.sizes
-        total = sum(n * n for n in sizes)
-        total += sum(a * b for a, b in zip(sizes[:-1], sizes[1:], strict=True))
-        if total * item > CONGRUENCE_BLOCKS_BYTES:
-            return None
-        return list(ls.diag), list(ls.upper)
-
-    def _stage_witness(self) -> Inertia | None:
-        """The trusted stage elimination and one congruence of ``K``, when they agree.
-
-        The stage elimination's pivot signs (:meth:`StageRiccati.signature`,
-        eliminating ``v_{L-1}`` first, on ``H + dI``) and the delayed-pivot
-        congruence of ``K`` (first block first), whose determinant must equal
-        the stage elimination's (``det K' = (-1)^m det(Q^T (H + dI) Q) /
-        s^{sum k_l}``): two different congruences that agree on every count,
-        without the pivoted LU. None when there is no trusted stage solver or
-        they disagree.
-        """
-        self._settle_trust()
-        st = self.stage_solver
-        if st is None or self._trust is not True:
-            return None
-        pos, neg, zero, la = st.signature()
-        if zero or not math.isfinite(la):
-            return None
-        sign_k = -1.0 if (neg + self.m) % 2 else 1.0
-        la_k = la - self.system.n_kept * math.log(self.system.scale)
-        r = self._first_congruence((sign_k, la_k))
-        if r is None:
-            return None
-        dp, dn, _ = self.system.dropped_inertia()
-        if self._consistent_counts(r) != (pos + dp, neg + dn):
-            return None
-        how = (
-            "two congruences agree: the stage elimination of H + damping*I (Bunch-Kaufman "
-            "pivots, last stage first) and the delayed-pivot LDL^T of the lifted system "
-            "(first block first), whose determinants also agree"
-        )
-        return Inertia(pos + dp, neg + dn, 0, verified=True, how=how)
-
-    def _signs(self) -> Inertia:
-        ric = self._certified_riccati()
-        if ric is not None:
-            return ric
-        witness = self._stage_witness()
-        if witness is not None:
-            return witness
-        blocks = self._built_blocks() if self._congruence is None else None
-        counts = self._congruence_counts(self.congruence(blocks))
-        rev = self.reversed_congruence(blocks)
-        if rev is not None and self._consistent_counts(rev) == counts:
-            how = (
-                "two congruences of the lifted system agree: delayed-pivot LDL^T eliminating "
-                "its blocks first to last and last to first (both determinants checked against "
-                "the pivoted LU; the stage Riccati pass had a pivot within its error bound of "
-                "singular)"
-            )
-            return Inertia(*counts, 0, verified=True, how=how)
-        how = (
-            "signs of a delayed-pivot LDL^T congruence of the lifted system, whose determinant "
-            "agrees with the pivoted LU's; NOT verified (the stage Riccati pass had a pivot "
-            "within its error bound of singular, and the reverse-order congruence "
-            + ("disagreed)" if rev is not None else "did not match the LU)")
-        )
-        return Inertia(*counts, 0, verified=False, how=how)
