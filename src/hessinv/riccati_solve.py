@@ -42,6 +42,7 @@ once, after the loop.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -51,16 +52,20 @@ from .derivatives import StageBlocks
 from .lifted import Projected, _block_diag
 from .progress import ProgressArg, progress_bar
 from .riccati import _sym, stage_coupling, stage_pivot
+from .stage_split import SplitStage, split_stage
 
 
 class _StageFactor:
     """What a solve needs of stage ``l``: ``LU(Q_vv)``, ``K_l``, ``Jx Q`` and the closed loop.
 
     ``closed = Jz_l - Jx_l Q K_l`` (``M_l x M_{l-1}``, dense: ``P`` couples the
-    samples) turns both sweeps into a few matrix products per stage.
+    samples) turns both sweeps into a few matrix products per stage. A split
+    stage (:mod:`hessinv.stage_split`) works in its basis ``B``: the pivot is
+    ``blockdiag(Q_vv, d I)``, ``jx`` has the ``r`` columns ``Jx`` sees, ``gain``
+    all ``p`` rows.
     """
 
-    __slots__ = ("closed", "gain", "jx", "lu", "piv", "qvv")
+    __slots__ = ("basis", "closed", "damping", "gain", "jx", "lu", "piv", "qvv")
 
     def __init__(
         self,
@@ -70,15 +75,44 @@ class _StageFactor:
         gain: Tensor | None,
         jx: Tensor | None,
         closed: Tensor | None,
+        basis: SplitStage | None = None,
+        damping: float = 0.0,
     ) -> None:
         self.qvv, self.lu, self.piv = qvv, lu, piv
         self.gain, self.jx, self.closed = gain, jx, closed
+        self.basis, self.damping = basis, damping
+
+    @property
+    def r(self) -> int:
+        """Rows of the LU-factored pivot (the rest, in a split stage, is ``d I``)."""
+        return self.qvv.shape[0]
 
     def inv(self, x: Tensor) -> Tensor:
-        """``Q_vv^{-1} x``."""
-        if self.lu.shape[0] == 0:
-            return x
-        return torch.linalg.lu_solve(self.lu, self.piv, x)
+        """``Q_vv^{-1} x`` (with the ``d I`` block of a split stage)."""
+        r = self.r
+        head = x[:r] if r == 0 else torch.linalg.lu_solve(self.lu, self.piv, x[:r])
+        if self.basis is None:
+            return head
+        return torch.cat([head, x[r:] / self.damping])
+
+    def rows(self, b: Tensor) -> Tensor:
+        """The right-hand side in the stage's basis (``B^T b``; ``b`` itself unsplit)."""
+        return b if self.basis is None else self.basis.to_basis(b)
+
+    def back(self, w: Tensor) -> Tensor:
+        """A solution from the stage's basis (``B w``; ``w`` itself unsplit)."""
+        return w if self.basis is None else self.basis.from_basis(w)
+
+    def jx_t(self, s: Tensor, b: Tensor) -> Tensor:
+        """``Jx^T s - b`` (zero rows of ``Jx^T`` past ``r`` in a split stage)."""
+        if self.basis is None:
+            return torch.addmm(b, self.jx.T, s, beta=-1.0)
+        r = self.r
+        return torch.cat([torch.addmm(b[:r], self.jx.T, s, beta=-1.0), -b[r:]])
+
+    def jx_times(self, k: Tensor) -> Tensor:
+        """``Jx k`` (only the first ``r`` rows of ``k`` in a split stage)."""
+        return self.jx @ (k if self.basis is None else k[: self.r])
 
 
 class StageRiccati:
@@ -105,6 +139,7 @@ class StageRiccati:
         n_st = len(blocks)
         ref = blocks[0].grad_x
         self.n_stages = n_st
+        self.damping = float(damping)
         self.stages: list[_StageFactor] = [None] * n_st  # type: ignore[list-item]
         infos: list[Tensor] = []
         finite: list[Tensor] = []
@@ -112,23 +147,36 @@ class StageRiccati:
         with progress_bar(n_st, "hessinv: stage Riccati", progress) as bar:
             for l in reversed(range(n_st)):  # noqa: E741
                 b, pr = blocks[l], projections[l]
-                k = b.num_params if pr.q is None else pr.q.shape[1]
-                jx = None if l == n_st - 1 else pr.jx
-                qvv, pjx = stage_pivot(pr.txx, jx, p_mat, damping, k, ref)
+                split = split_stage(b) if pr.q is None and damping != 0.0 else None
+                if split is not None:
+                    k, txx, jx, tzx = split.r, split.txx, split.jx, split.tzx
+                else:
+                    k = b.num_params if pr.q is None else pr.q.shape[1]
+                    txx, jx, tzx = pr.txx, pr.jx, pr.tzx
+                if l == n_st - 1:
+                    jx = None
+                qvv, pjx = stage_pivot(txx, jx, p_mat, damping, k, ref)
                 lu, piv, info = torch.linalg.lu_factor_ex(qvv)
                 infos.append(info.reshape(1))
+                basis = split
                 if l == 0:
-                    self.stages[l] = _StageFactor(qvv, lu, piv, None, jx, None)
+                    self.stages[l] = _StageFactor(qvv, lu, piv, None, jx, None, basis, damping)
                     bar.update()
                     break
-                qvu, quu = stage_coupling(b, pr.tzx, pjx, p_mat, k)
+                head = None if tzx is None or split is None else tzx[:, :k]
+                qvu, quu = stage_coupling(b, tzx if split is None else head, pjx, p_mat, k)
                 gain = torch.linalg.lu_solve(lu, piv, qvu) if k else qvu  # (0, M) when k = 0
-                p_mat = _sym(quu - qvu.T @ gain)
+                p_mat = quu - qvu.T @ gain
+                if split is not None and split.free:  # the d I block: gain Tzx_2^T / d
+                    tail = tzx[:, k:]
+                    gain = torch.cat([gain, tail.T / damping])
+                    p_mat = p_mat - (tail @ tail.T) / damping
+                p_mat = _sym(p_mat)
                 finite.append(torch.isfinite(p_mat).all().reshape(1))
                 closed = None
                 if jx is not None:
-                    closed = _block_diag(b.Jz) - jx @ gain
-                self.stages[l] = _StageFactor(qvv, lu, piv, gain, jx, closed)
+                    closed = _block_diag(b.Jz) - jx @ gain[:k]
+                self.stages[l] = _StageFactor(qvv, lu, piv, gain, jx, closed, basis, damping)
                 bar.update()
         # the only reads on the host: once, after the loop
         bad = bool((torch.cat(infos) != 0).any())
@@ -154,6 +202,10 @@ class StageRiccati:
             parts = [_bk_signature(torch.stack(qs)) for k, qs in by_size.items() if k]
             tot = torch.stack(parts).sum(0) if parts else torch.zeros(4)
             pos, neg, zero, logabs = tot.tolist()
+            free = sum(st.basis.free for st in self.stages if st.basis is not None)
+            if free:  # the d I blocks of split stages (d != 0 there)
+                pos, neg = (pos + free, neg) if self.damping > 0 else (pos, neg + free)
+                logabs += free * math.log(abs(self.damping))
             self._signature = (int(pos), int(neg), int(zero), float(logabs))
         return self._signature
 
@@ -169,10 +221,11 @@ class StageRiccati:
         s: Tensor | None = None
         for l in reversed(range(n_st)):  # noqa: E741
             st = self.stages[l]
-            q = -b[l] if s is None else torch.addmm(b[l], st.jx.T, s, beta=-1.0)
+            bl = st.rows(b[l])
+            q = -bl if s is None else st.jx_t(s, bl)
             ks[l] = st.inv(q)
             if l > 0:
-                kb = st.gain.T @ b[l]
+                kb = st.gain.T @ bl
                 s = kb if s is None else torch.addmm(kb, st.closed.T, s)
         out: list[Tensor] = []
         u: Tensor | None = None
@@ -180,9 +233,9 @@ class StageRiccati:
             st = self.stages[l]
             w = -ks[l] if u is None else torch.addmm(ks[l], st.gain, u, beta=-1.0, alpha=-1.0)
             if l < n_st - 1:
-                jk = st.jx @ ks[l]
+                jk = st.jx_times(ks[l])
                 u = -jk if u is None else torch.addmm(jk, st.closed, u, beta=-1.0)
-            out.append(w)
+            out.append(st.back(w))
         return out
 
 

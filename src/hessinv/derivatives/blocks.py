@@ -27,6 +27,40 @@ from torch import Tensor
 from torch.func import vjp, vmap
 
 
+@dataclass(frozen=True)
+class KronX:
+    """A stage whose layer is ``y_n = W z_n + c`` (``nn.Linear`` on ``(N, a_in)`` inputs).
+
+    Its parameters are ``W`` (``a x a_in``, row-major) then ``c`` (``a``, when
+    ``bias``), so ``Jf_x`` of sample ``n`` is ``I_a (x) [z_n; 1]^T`` up to the
+    order of the parameters (:meth:`order`). Every row of ``Jx = Jg Jf_x`` and
+    of ``Txx = sum_n Jf_x^T Tg Jf_x`` (the layer is linear in ``x``) lies in
+    ``R^a (x) span{[z_n; 1]}``, whatever the tail ``g``: a promise
+    :mod:`hessinv.stage_split` builds its Kronecker basis on.
+
+    Attributes:
+        z: The layer's input ``(N, a_in)``.
+        a: The layer's output width.
+        bias: The layer has a bias (the ``1`` entries of ``[z_n; 1]``).
+    """
+
+    z: Tensor
+    a: int
+    bias: bool
+
+    @property
+    def width(self) -> int:
+        """``c``: the length of ``[z_n; 1]`` (``a_in + 1`` with a bias, else ``a_in``)."""
+        return self.z.shape[1] + int(self.bias)
+
+    def order(self) -> Tensor:
+        """``idx[q c + i]``: the parameter index of entry ``(q, i)`` of ``I_a (x) [z; 1]``."""
+        a, a_in, c = self.a, self.z.shape[1], self.width
+        q = torch.arange(a, device=self.z.device).unsqueeze(1)
+        i = torch.arange(c, device=self.z.device).unsqueeze(0)
+        return torch.where(i < a_in, q * a_in + i, a * a_in + q).reshape(a * c)
+
+
 @dataclass
 class StageBlocks:
     """Derivative blocks of one stage at the current point (see module doc).
@@ -45,6 +79,8 @@ class StageBlocks:
     ``True`` is a promise (tested), ``False`` promises nothing:
 
     Attributes:
+        kron_x: When set, the layer is affine in its input and parameters
+            (:class:`KronX`): ``Jx`` and ``Txx`` have Kronecker-structured rows.
         tzz_zero: ``Tzz`` is exactly zero (stored as zeros when not first).
         tzx_zero: ``Tzx`` is exactly zero.
         txx_zero: ``Txx`` is exactly zero (or ``None``).
@@ -58,6 +94,7 @@ class StageBlocks:
     grad_x: Tensor
     cot_in: Tensor | None
     x_span: Tensor | None = None
+    kron_x: KronX | None = None
     tzz_zero: bool = False
     tzx_zero: bool = False
     txx_zero: bool = False

@@ -27,7 +27,8 @@ from torch import Tensor, nn
 
 from ..module_params import all_parameters
 from .autodiff import AutodiffDerivatives, GenericDerivatives
-from .blocks import StageBlocks
+from .blocks import KronX, StageBlocks
+from .linear import LinearDerivatives
 from .registry import ModuleDerivatives, derivatives_class
 
 if TYPE_CHECKING:
@@ -192,8 +193,11 @@ def structured_blocks(
     # A layer linear in x: Jx = Jg Jf_x, Txx = Jf_x^T Tg Jf_x, so the rows of Jf_x (with
     # Tzx) span every parameter direction the stage's blocks see.
     x_span = jfx if layer is not None and layer.params_linear else None
+    kron_x = None
+    if isinstance(layer, LinearDerivatives):
+        kron_x = KronX(z.detach(), y.shape[1], len(params) == 2)
     return StageBlocks(
-        jz, jx, tzz, tzx, txx, grad_x, cot_in, x_span,
+        jz, jx, tzz, tzx, txx, grad_x, cot_in, x_span, kron_x,
         tzz_zero=tzz_zero, tzx_zero=tzx_zero, txx_zero=txx_zero,
     )  # fmt: skip
 
