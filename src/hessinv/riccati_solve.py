@@ -52,67 +52,8 @@ from .derivatives import StageBlocks
 from .lifted import Projected, _block_diag
 from .progress import ProgressArg, progress_bar
 from .riccati import _sym, stage_coupling, stage_pivot
-from .stage_split import SplitStage, split_stage
-
-
-class _StageFactor:
-    """What a solve needs of stage ``l``: ``LU(Q_vv)``, ``K_l``, ``Jx Q`` and the closed loop.
-
-    ``closed = Jz_l - Jx_l Q K_l`` (``M_l x M_{l-1}``, dense: ``P`` couples the
-    samples) turns both sweeps into a few matrix products per stage. A split
-    stage (:mod:`hessinv.stage_split`) works in its basis ``B``: the pivot is
-    ``blockdiag(Q_vv, d I)``, ``jx`` has the ``r`` columns ``Jx`` sees, ``gain``
-    all ``p`` rows.
-    """
-
-    __slots__ = ("basis", "closed", "damping", "gain", "jx", "lu", "piv", "qvv")
-
-    def __init__(
-        self,
-        qvv: Tensor,
-        lu: Tensor,
-        piv: Tensor,
-        gain: Tensor | None,
-        jx: Tensor | None,
-        closed: Tensor | None,
-        basis: SplitStage | None = None,
-        damping: float = 0.0,
-    ) -> None:
-        self.qvv, self.lu, self.piv = qvv, lu, piv
-        self.gain, self.jx, self.closed = gain, jx, closed
-        self.basis, self.damping = basis, damping
-
-    @property
-    def r(self) -> int:
-        """Rows of the LU-factored pivot (the rest, in a split stage, is ``d I``)."""
-        return self.qvv.shape[0]
-
-    def inv(self, x: Tensor) -> Tensor:
-        """``Q_vv^{-1} x`` (with the ``d I`` block of a split stage)."""
-        r = self.r
-        head = x[:r] if r == 0 else torch.linalg.lu_solve(self.lu, self.piv, x[:r])
-        if self.basis is None:
-            return head
-        return torch.cat([head, x[r:] / self.damping])
-
-    def rows(self, b: Tensor) -> Tensor:
-        """The right-hand side in the stage's basis (``B^T b``; ``b`` itself unsplit)."""
-        return b if self.basis is None else self.basis.to_basis(b)
-
-    def back(self, w: Tensor) -> Tensor:
-        """A solution from the stage's basis (``B w``; ``w`` itself unsplit)."""
-        return w if self.basis is None else self.basis.from_basis(w)
-
-    def jx_t(self, s: Tensor, b: Tensor) -> Tensor:
-        """``Jx^T s - b`` (zero rows of ``Jx^T`` past ``r`` in a split stage)."""
-        if self.basis is None:
-            return torch.addmm(b, self.jx.T, s, beta=-1.0)
-        r = self.r
-        return torch.cat([torch.addmm(b[:r], self.jx.T, s, beta=-1.0), -b[r:]])
-
-    def jx_times(self, k: Tensor) -> Tensor:
-        """``Jx k`` (only the first ``r`` rows of ``k`` in a split stage)."""
-        return self.jx @ (k if self.basis is None else k[: self.r])
+from .riccati_sweeps import StageFactor, solve_sweeps, sweep_runs
+from .stage_split import split_stage
 
 
 class StageRiccati:
@@ -140,7 +81,7 @@ class StageRiccati:
         ref = blocks[0].grad_x
         self.n_stages = n_st
         self.damping = float(damping)
-        self.stages: list[_StageFactor] = [None] * n_st  # type: ignore[list-item]
+        self.stages: list[StageFactor] = [None] * n_st  # type: ignore[list-item]
         infos: list[Tensor] = []
         finite: list[Tensor] = []
         p_mat: Tensor | None = None
@@ -160,7 +101,7 @@ class StageRiccati:
                 infos.append(info.reshape(1))
                 basis = split
                 if l == 0:
-                    self.stages[l] = _StageFactor(qvv, lu, piv, None, jx, None, basis, damping)
+                    self.stages[l] = StageFactor(qvv, lu, piv, None, jx, None, basis)
                     bar.update()
                     break
                 head = None if tzx is None or split is None else tzx[:, :k]
@@ -176,13 +117,14 @@ class StageRiccati:
                 closed = None
                 if jx is not None:
                     closed = _block_diag(b.Jz) - jx @ gain[:k]
-                self.stages[l] = _StageFactor(qvv, lu, piv, gain, jx, closed, basis, damping)
+                self.stages[l] = StageFactor(qvv, lu, piv, gain, jx, closed, basis)
                 bar.update()
         # the only reads on the host: once, after the loop
         bad = bool((torch.cat(infos) != 0).any())
         if finite:
             bad = bad or not bool(torch.cat(finite).all())
         self.ok = not bad
+        self.runs = sweep_runs(self.stages)
         self._signature: tuple[int, int, int, float] | None = None
 
     def signature(self) -> tuple[int, int, int, float]:
@@ -212,31 +154,10 @@ class StageRiccati:
     def solve(self, b: Sequence[Tensor]) -> list[Tensor]:
         """``w = (Q^T (H + dI) Q)^{-1} b`` per stage, for ``b_l`` of shape ``(k_l, r)``.
 
-        With ``A_l = Jz_l - Jx_l Q K_l`` (:class:`_StageFactor`) the sweeps of the
-        module doc read ``k_l = Q_vv^{-1} (Jx^T s - b_l)``, ``s <- A_l^T s + K_l^T
-        b_l`` and ``w_l = -K_l u - k_l``, ``u <- A_l u - Jx Q k_l``.
+        The sweeps of the module doc, batched over runs of equal stages
+        (:func:`hessinv.riccati_sweeps.solve_sweeps`).
         """
-        n_st = self.n_stages
-        ks: list[Tensor] = [None] * n_st  # type: ignore[list-item]
-        s: Tensor | None = None
-        for l in reversed(range(n_st)):  # noqa: E741
-            st = self.stages[l]
-            bl = st.rows(b[l])
-            q = -bl if s is None else st.jx_t(s, bl)
-            ks[l] = st.inv(q)
-            if l > 0:
-                kb = st.gain.T @ bl
-                s = kb if s is None else torch.addmm(kb, st.closed.T, s)
-        out: list[Tensor] = []
-        u: Tensor | None = None
-        for l in range(n_st):  # noqa: E741
-            st = self.stages[l]
-            w = -ks[l] if u is None else torch.addmm(ks[l], st.gain, u, beta=-1.0, alpha=-1.0)
-            if l < n_st - 1:
-                jk = st.jx_times(ks[l])
-                u = -jk if u is None else torch.addmm(jk, st.closed, u, beta=-1.0)
-            out.append(st.back(w))
-        return out
+        return solve_sweeps(self.stages, self.runs, list(b), self.damping)
 
 
 def _bk_signature(a: Tensor) -> Tensor:

@@ -85,17 +85,38 @@ class SplitStage:
 
     def to_basis(self, x: Tensor) -> Tensor:
         """``B^T x`` for ``x`` of shape ``(p, k)`` (parameter order)."""
-        k = x.shape[1]
-        y = self.qc.T @ x[self.idx].reshape(self.a, self.c, k)  # (a, c, k)
-        return self._order(y.permute(2, 0, 1)).T
+        return kron_to_basis(self.qc, self.idx, self.rz, x)
 
     def from_basis(self, w: Tensor) -> Tensor:
         """``B w`` for ``w`` of shape ``(p, k)`` (basis order)."""
-        k = w.shape[1]
-        head = w[: self.r].reshape(self.a, self.rz, k)
-        tail = w[self.r :].reshape(self.a, self.c - self.rz, k)
-        y = self.qc @ torch.cat([head, tail], dim=1)  # (a, c, k) in (q, i) order
-        return y.reshape(self.p, k)[self.inv_idx]
+        return kron_from_basis(self.qc, self.inv_idx, self.rz, w)
+
+
+def kron_to_basis(qc: Tensor, idx: Tensor, rz: int, x: Tensor) -> Tensor:
+    """``B^T x`` for ``B = I_a (x) Q_c`` (columns in basis order), batched over leading dims.
+
+    Args:
+        qc: ``Q_c`` (``(..., c, c)``).
+        idx: :meth:`~hessinv.derivatives.blocks.KronX.order` (``a c`` entries).
+        rz: The leading columns of ``Q_c`` that span ``[z_n; 1]``.
+        x: ``(..., p, k)`` in parameter order.
+    """
+    c = qc.shape[-1]
+    lead, k = x.shape[:-2], x.shape[-1]
+    y = qc.mT.unsqueeze(-3) @ x[..., idx, :].reshape(*lead, -1, c, k)  # (..., a, c, k)
+    head = y[..., :rz, :].reshape(*lead, -1, k)
+    return torch.cat([head, y[..., rz:, :].reshape(*lead, -1, k)], dim=-2)
+
+
+def kron_from_basis(qc: Tensor, inv_idx: Tensor, rz: int, w: Tensor) -> Tensor:
+    """``B w`` (:func:`kron_to_basis`'s inverse), ``inv_idx`` the inverse permutation of ``idx``."""
+    c = qc.shape[-1]
+    lead, k, p = w.shape[:-2], w.shape[-1], w.shape[-2]
+    a = p // c
+    head = w[..., : a * rz, :].reshape(*lead, a, rz, k)
+    tail = w[..., a * rz :, :].reshape(*lead, a, c - rz, k)
+    y = qc.unsqueeze(-3) @ torch.cat([head, tail], dim=-2)  # (..., a, c, k) in (q, i) order
+    return y.reshape(*lead, p, k)[..., inv_idx, :]
 
 
 #: Smallest stage (parameters) worth splitting: below it the pivot's LU costs less than

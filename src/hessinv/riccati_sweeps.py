@@ -1,0 +1,188 @@
+"""The two sweeps of a stage-elimination solve, batched over runs of equal stages.
+
+:class:`hessinv.riccati_solve.StageRiccati` keeps per stage ``l`` the LU of
+the pivot ``Q_vv``, the gain ``K_l = Q_vv^{-1} Q_vu`` (``p_l x M_{l-1}``), the
+closed loop ``A_l = Jz_l - Jx_l Q K_l`` and ``Jx_l Q``. A solve of ``(Q^T (H +
+dI) Q) w = b`` is, with ``s_l`` the linear part of the cost-to-go at stage
+``l``'s output (``s_{L-1} = 0``)::
+
+    backwards:  s_{l-1} = A_l^T s_l + K_l^T b_l
+    then:       k_l = Q_vv^{-1} (Jx_l^T s_l - b_l)
+    forwards:   u_l = A_l u_{l-1} - Jx_l k_l           (u_{-1} = 0)
+    then:       w_l = -k_l - K_l u_{l-1}
+
+Only ``s`` and ``u`` recur, one matrix product per stage each; ``K_l^T b_l``,
+``k_l`` (a batched LU solve), ``Jx_l k_l`` and ``w_l`` are formed for a whole
+:class:`SweepRun` of equally shaped stages at once (one batched call each),
+as are the basis changes of split stages (:mod:`hessinv.stage_split`, where
+``Q_vv`` is ``blockdiag(Q_11, d I)``, ``Jx`` sees the first ``r`` rows and
+``k``'s others are ``-b / d``). At width 4, batch 2 the sweeps were bound by
+the per-call overhead of five to seven small calls per stage.
+
+The factors of a run of small stages (:data:`STACK_MAX` numbers) are stacked
+once, right after the factorization, and each stage's tensors become views of
+the stacks (held once); larger stages, whose sweeps are bound by reading their
+factors rather than by calls, are runs of one (views, no copy).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .stage_split import SplitStage, kron_from_basis, kron_to_basis
+
+
+class StageFactor:
+    """What a solve needs of stage ``l`` (module doc); ``basis`` for a split stage.
+
+    ``qvv`` is the LU-factored pivot (``r x r``: in a split stage only its
+    first block, the rest is ``d I``), ``gain`` has all ``p_l`` rows (in the
+    split basis), ``jx`` the ``r`` columns ``Jx`` sees.
+    """
+
+    __slots__ = ("basis", "closed", "gain", "jx", "lu", "piv", "qvv")
+
+    def __init__(
+        self,
+        qvv: Tensor,
+        lu: Tensor,
+        piv: Tensor,
+        gain: Tensor | None,
+        jx: Tensor | None,
+        closed: Tensor | None,
+        basis: SplitStage | None = None,
+    ) -> None:
+        self.qvv, self.lu, self.piv = qvv, lu, piv
+        self.gain, self.jx, self.closed = gain, jx, closed
+        self.basis = basis
+
+    @property
+    def r(self) -> int:
+        """Rows of the LU-factored pivot."""
+        return self.qvv.shape[0]
+
+    def key(self) -> tuple:
+        """Equal keys: the stage's tensors stack (same shapes, same kind of stage)."""
+        shapes = tuple(
+            None if t is None else tuple(t.shape)
+            for t in (self.lu, self.gain, self.jx, self.closed)
+        )
+        kind = None if self.basis is None else (self.basis.a, self.basis.c, self.basis.rz)
+        return shapes, kind
+
+    def numel(self) -> int:
+        """Numbers held for the sweeps."""
+        return sum(
+            0 if t is None else t.numel() for t in (self.lu, self.gain, self.jx, self.closed)
+        )
+
+
+#: Stages holding at most this many numbers of factors are stacked into runs (their
+#: sweeps are bound by kernel calls); larger ones are runs of one.
+STACK_MAX = 16384
+
+
+def _stack_views(stages: list[StageFactor], name: str) -> Tensor | None:
+    """Stack attribute ``name`` of ``stages``, rebinding each to its view (held once)."""
+    first = getattr(stages[0], name)
+    if first is None:
+        return None
+    if len(stages) == 1:
+        return first.unsqueeze(0)
+    out = torch.stack([getattr(st, name) for st in stages])
+    for i, st in enumerate(stages):
+        setattr(st, name, out[i])
+    return out
+
+
+@dataclass
+class SweepRun:
+    """Stages ``lo .. hi - 1`` of equal :meth:`StageFactor.key`, their factors stacked."""
+
+    lo: int
+    hi: int
+    p: int
+    r: int
+    lu: Tensor
+    piv: Tensor
+    gain: Tensor | None
+    jx: Tensor | None
+    qc: Tensor | None  # (R, c, c) for split stages
+    idx: Tensor | None
+    inv_idx: Tensor | None
+    rz: int
+
+
+def sweep_runs(stages: list[StageFactor]) -> list[SweepRun]:
+    """The maximal runs of consecutive stages with equal :meth:`StageFactor.key`."""
+    runs: list[SweepRun] = []
+    lo = 0
+    n = len(stages)
+    for hi in range(1, n + 1):
+        if hi < n and stages[hi].key() == stages[lo].key() and stages[lo].numel() <= STACK_MAX:
+            continue
+        run = stages[lo:hi]
+        lu, piv = _stack_views(run, "lu"), _stack_views(run, "piv")
+        gain, jx = _stack_views(run, "gain"), _stack_views(run, "jx")
+        _stack_views(run, "closed")
+        sp = run[0].basis
+        qc = idx = inv_idx = None
+        rz = 0
+        p = run[0].r if sp is None else sp.p
+        if sp is not None:
+            qc = torch.stack([st.basis.qc for st in run])  # type: ignore[union-attr]
+            idx, inv_idx, rz = sp.idx, sp.inv_idx, sp.rz
+        runs.append(SweepRun(lo, hi, p, run[0].r, lu, piv, gain, jx, qc, idx, inv_idx, rz))  # type: ignore[arg-type]
+        lo = hi
+    return runs
+
+
+def solve_sweeps(
+    stages: list[StageFactor], runs: list[SweepRun], b: list[Tensor], damping: float
+) -> list[Tensor]:
+    """``w = (Q^T (H + dI) Q)^{-1} b`` per stage (module doc), ``b_l`` of shape ``(p_l, k)``."""
+    n_st = len(stages)
+    kb: list[Tensor] = [None] * n_st  # type: ignore[list-item]
+    bbs: list[Tensor] = []
+    for run in runs:
+        bb = torch.stack(b[run.lo : run.hi])
+        if run.qc is not None:
+            bb = kron_to_basis(run.qc, run.idx, run.rz, bb)  # type: ignore[arg-type]
+        bbs.append(bb)
+        if run.gain is not None:
+            kb[run.lo : run.hi] = torch.bmm(run.gain.mT, bb).unbind(0)
+    sv: list[Tensor | None] = [None] * n_st  # sv[l]: s at stage l's output
+    s: Tensor | None = None
+    for l in range(n_st - 1, 0, -1):  # noqa: E741
+        sv[l] = s
+        s = kb[l] if s is None else torch.addmm(kb[l], stages[l].closed.mT, s)
+    sv[0] = s
+    ks: list[Tensor] = []  # per run: k (R, r, k), the LU-factored rows
+    jk: list[Tensor] = [None] * n_st  # type: ignore[list-item]
+    for run, bb in zip(runs, bbs, strict=True):
+        q = -bb[:, : run.r]
+        if run.jx is not None:
+            q = torch.baddbmm(q, run.jx.mT, torch.stack(sv[run.lo : run.hi]))  # type: ignore[arg-type]
+        kr = torch.linalg.lu_solve(run.lu, run.piv, q) if run.r else q
+        if run.jx is not None:
+            jk[run.lo : run.hi] = torch.bmm(run.jx, kr).unbind(0)
+        ks.append(kr)
+    us: list[Tensor | None] = [None] * n_st  # us[l]: the state entering stage l
+    u: Tensor | None = None
+    for l in range(n_st - 1):  # noqa: E741
+        u = -jk[l] if u is None else torch.addmm(jk[l], stages[l].closed, u, beta=-1.0)
+        us[l + 1] = u
+    out: list[Tensor] = []
+    for run, bb, kr in zip(runs, bbs, ks, strict=True):
+        if run.qc is not None:
+            kr = torch.cat([kr, -bb[:, run.r :] / damping], dim=1)
+        w = -kr
+        if run.gain is not None:
+            w = torch.baddbmm(w, run.gain, torch.stack(us[run.lo : run.hi]), alpha=-1.0)  # type: ignore[arg-type]
+        if run.qc is not None:
+            w = kron_from_basis(run.qc, run.inv_idx, run.rz, w)  # type: ignore[arg-type]
+        out.extend(w.unbind(0))
+    return out
