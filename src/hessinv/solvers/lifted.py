@@ -24,13 +24,13 @@ import torch
 from torch import Tensor
 
 from ..blocktri import BlockTriLU, InertiaResult
-from ..errors import SingularHessianError
+from ..errors import InaccurateSolveError, SingularHessianError
 from ..lifted import LiftedSystem, curvature_scale
 from ..lifted_merge import MergedBlocks
 from ..progress import CountedSequence, progress_bar
 from ..riccati import RiccatiResult
 from ..riccati_solve import StageRiccati
-from .base import Factorization
+from .base import Factorization, VectorLike
 from .contract import normwise_backward_error, solve_tolerance
 from .estimates import _start
 from .lifted_inertia import LiftedInertia
@@ -117,6 +117,38 @@ class LiftedFactorization(LiftedInertia, Factorization):
         if self._in_trial and self._first is None:
             self._first = (x, r)
 
+    def solve(self, g: VectorLike, *, check: bool = True, refine: int = 2) -> VectorLike:
+        """:meth:`Factorization.solve`; a refusal through the stage solver is retried by the LU.
+
+        The trial (and the probe) judge the stage elimination on one vector,
+        and its error is not the same on every right-hand side: where the
+        elimination grows (a pivot of size ``d`` at a tiny damping, gains of
+        ``1e8``), a random vector, whose solution is large, reads a small
+        backward error while a right-hand side with a moderate solution (an
+        eigenvector of ``H``, ``H w``) does not. So a solve that the contract
+        would refuse (:class:`InaccurateSolveError`, or an overflow; not a
+        zero count, exact by Sylvester) while the stage elimination serves
+        drops it for good: the estimates made with
+        it are discarded and the solve is redone with the pivoted block LU,
+        whose verdict stands.
+        """
+        try:
+            return super().solve(g, check=check, refine=refine)
+        except InaccurateSolveError:
+            if not self._stages_serve():
+                raise
+        except SingularHessianError:  # a count's verdict stands; an overflow is retried
+            if not self._stages_serve() or self._zero:
+                raise
+        self._demote()
+        return super().solve(g, check=check, refine=refine)
+
+    def _demote(self) -> None:
+        """Drop the stage solver; estimates made through it are made again."""
+        self._trust, self.stage_solver = False, None
+        self._refine_estimates = False
+        self._sigma_min = self._zero = None
+
     def _solve_with_estimates(self, g: Tensor, refine: int) -> tuple[Tensor, Tensor | None]:
         """The first solve tries the stage elimination and keeps it only if it is accurate.
 
@@ -139,8 +171,7 @@ class LiftedFactorization(LiftedInertia, Factorization):
             self._in_trial = False
         self._first = None
         if verdict == "reject":
-            self._trust, self.stage_solver = False, None
-            self._sigma_min = self._zero = None  # estimated through it: estimate again
+            self._demote()  # the estimates made through it are made again
             return super()._solve_with_estimates(g, refine)
         self._trust = True
         if verdict == "refined":  # the trial's estimate of sigma_min is not good enough
