@@ -36,6 +36,12 @@ back to the pivoted block LU otherwise. Every product is at the blocks'
 scale: for the loss ``c l`` and damping ``c d``, ``P`` and the pivots scale by
 ``c``, the gains do not, and the solution scales by ``1 / c``.
 
+**Split stages.** An ``nn.Linear`` stage whose parameters all stay (``Q_l = I``)
+is eliminated in its Kronecker basis (:mod:`hessinv.stage_split`), where the
+pivot is ``blockdiag(Q_11, d I)``: only ``Q_11`` (``a N x a N``) is factored,
+the free block's gain is ``Tzx_2^T / d`` and it adds ``-Tzx_2 Tzx_2^T / d`` to
+``P``. The sweeps are :mod:`hessinv.riccati_sweeps`.
+
 All pivots' LU ``info`` and the finiteness of every ``P`` are read on the host
 once, after the loop.
 """
