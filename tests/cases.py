@@ -322,6 +322,18 @@ def tanh_net(width: int, batch: int, depth: int, gain: float, seed: int = 0, sca
     return model, loss, X, y
 
 
+def backward_error(a: torch.Tensor, x: torch.Tensor, g: torch.Tensor) -> float:
+    """Normwise backward error ``||A x - g|| / (||A||_2 ||x|| + ||g||)`` against a dense ``A``."""
+    r = a @ x - g
+    den = torch.linalg.matrix_norm(a, 2) * torch.linalg.vector_norm(x) + torch.linalg.vector_norm(g)
+    return float(torch.linalg.vector_norm(r) / den)
+
+
+def reference_error(h: torch.Tensor) -> float:
+    """A lower bound of the dense reference's own relative error: its asymmetry."""
+    return float(torch.linalg.matrix_norm(h - h.T, 2) / torch.linalg.matrix_norm(h, 2))
+
+
 def dense_hessian(model: nn.Module, loss, X, y) -> torch.Tensor:  # noqa: ANN001
     """``torch.func.hessian`` of the loss in the flat trainable parameters."""
     f, x0 = reference_loss_fn(model, loss, X, y)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from cases import dense_hessian, tanh_net
+from cases import backward_error, dense_hessian, reference_error, tanh_net
 
 import hessinv
 import hessinv.solvers.lifted as lifted_mod
@@ -21,17 +21,6 @@ from hessinv.solvers.lifted import LiftedFactorization
 
 DT = torch.float64
 EPS = torch.finfo(DT).eps
-
-
-def backward_error(a: torch.Tensor, x: torch.Tensor, g: torch.Tensor) -> float:
-    r = a @ x - g
-    den = torch.linalg.matrix_norm(a, 2) * torch.linalg.vector_norm(x) + torch.linalg.vector_norm(g)
-    return float(torch.linalg.vector_norm(r) / den)
-
-
-def reference_error(h: torch.Tensor) -> float:
-    """A lower bound of the dense reference's own relative error: its asymmetry."""
-    return float(torch.linalg.matrix_norm(h - h.T, 2) / torch.linalg.matrix_norm(h, 2))
 
 
 CASES = [

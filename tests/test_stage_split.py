@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from cases import dense_hessian, tanh_net
+from cases import backward_error, dense_hessian, reference_error, tanh_net
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -31,16 +31,6 @@ EPS = torch.finfo(DT).eps
 @pytest.fixture
 def split_small(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(split_mod, "SPLIT_MIN_P", 0)
-
-
-def backward_error(a: torch.Tensor, x: torch.Tensor, g: torch.Tensor) -> float:
-    r = a @ x - g
-    den = torch.linalg.matrix_norm(a, 2) * torch.linalg.vector_norm(x) + torch.linalg.vector_norm(g)
-    return float(torch.linalg.vector_norm(r) / den)
-
-
-def reference_error(h: torch.Tensor) -> float:
-    return float(torch.linalg.matrix_norm(h - h.T, 2) / torch.linalg.matrix_norm(h, 2))
 
 
 def net(width: int, batch: int, depth: int, tail: str, bias: bool, seed: int = 0):  # noqa: ANN201

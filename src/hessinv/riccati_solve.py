@@ -105,13 +105,12 @@ class StageRiccati:
                 qvv, pjx = stage_pivot(txx, jx, p_mat, damping, k, ref)
                 lu, piv, info = torch.linalg.lu_factor_ex(qvv)
                 infos.append(info.reshape(1))
-                basis = split
                 if l == 0:
-                    self.stages[l] = StageFactor(qvv, lu, piv, None, jx, None, basis)
+                    self.stages[l] = StageFactor(qvv, lu, piv, None, jx, None, split)
                     bar.update()
                     break
-                head = None if tzx is None or split is None else tzx[:, :k]
-                qvu, quu = stage_coupling(b, tzx if split is None else head, pjx, p_mat, k)
+                # (l > 0: tzx is set) a split stage couples its first k columns through P
+                qvu, quu = stage_coupling(b, tzx if split is None else tzx[:, :k], pjx, p_mat, k)
                 gain = torch.linalg.lu_solve(lu, piv, qvu) if k else qvu  # (0, M) when k = 0
                 p_mat = quu - qvu.T @ gain
                 if split is not None and split.free:  # the d I block: gain Tzx_2^T / d
@@ -123,7 +122,7 @@ class StageRiccati:
                 closed = None
                 if jx is not None:
                     closed = _block_diag(b.Jz) - jx @ gain[:k]
-                self.stages[l] = StageFactor(qvv, lu, piv, gain, jx, closed, basis)
+                self.stages[l] = StageFactor(qvv, lu, piv, gain, jx, closed, split)
                 bar.update()
         # the only reads on the host: once, after the loop
         bad = bool((torch.cat(infos) != 0).any())

@@ -104,7 +104,6 @@ class SweepRun:
 
     lo: int
     hi: int
-    p: int
     r: int
     lu: Tensor
     piv: Tensor
@@ -131,11 +130,10 @@ def sweep_runs(stages: list[StageFactor]) -> list[SweepRun]:
         sp = run[0].basis
         qc = idx = inv_idx = None
         rz = 0
-        p = run[0].r if sp is None else sp.p
         if sp is not None:
             qc = torch.stack([st.basis.qc for st in run])  # type: ignore[union-attr]
             idx, inv_idx, rz = sp.idx, sp.inv_idx, sp.rz
-        runs.append(SweepRun(lo, hi, p, run[0].r, lu, piv, gain, jx, qc, idx, inv_idx, rz))  # type: ignore[arg-type]
+        runs.append(SweepRun(lo, hi, run[0].r, lu, piv, gain, jx, qc, idx, inv_idx, rz))  # type: ignore[arg-type]
         lo = hi
     return runs
 

@@ -60,13 +60,11 @@ class SplitStage:
         self.txx: Tensor | None = None
         if b.Txx is not None and not b.txx_zero:
             rows = (qz.T @ b.Txx[self.idx].reshape(self.a, self.c, self.p)).reshape(self.r, -1)
-            t11 = self._cols(rows, qz)
-            self.txx = 0.5 * (t11 + t11.T)
+            self.txx = self._cols(rows, qz)  # symmetrized with the whole pivot (stage_pivot)
         self.jx = None if b.Jx is None else self._cols(b.Jx.reshape(-1, self.p), qz)
         self.tzx: Tensor | None = None
-        if b.Tzx is not None:
-            full = self._cols(b.Tzx.reshape(-1, self.p), qc).reshape(-1, self.a, self.c)
-            self.tzx = self._order(full)
+        if b.Tzx is not None:  # Tzx B = (B^T Tzx^T)^T
+            self.tzx = kron_to_basis(qc, self.idx, rz, b.Tzx.reshape(-1, self.p).T).T
 
     @property
     def free(self) -> int:
@@ -77,11 +75,6 @@ class SplitStage:
         """``X (I_a (x) q)`` for ``X`` of shape ``(m, p)``: ``(m, a * q.shape[1])``."""
         m = x.shape[0]
         return (x[:, self.idx].reshape(m, self.a, self.c) @ q).reshape(m, -1)
-
-    def _order(self, y: Tensor) -> Tensor:
-        """``(m, a, c)`` in the basis order: the ``(q, j < r_z)`` then ``(q, j >= r_z)``."""
-        m, rz = y.shape[0], self.rz
-        return torch.cat([y[:, :, :rz].reshape(m, -1), y[:, :, rz:].reshape(m, -1)], dim=1)
 
     def to_basis(self, x: Tensor) -> Tensor:
         """``B^T x`` for ``x`` of shape ``(p, k)`` (parameter order)."""

@@ -128,9 +128,8 @@ class LiftedFactorization(LiftedInertia, Factorization):
         eigenvector of ``H``, ``H w``) does not. So a solve that the contract
         would refuse (:class:`InaccurateSolveError`, or an overflow; not a
         zero count, exact by Sylvester) while the stage elimination serves
-        drops it for good: the estimates made with
-        it are discarded and the solve is redone with the pivoted block LU,
-        whose verdict stands.
+        drops it for good: the estimates made with it are discarded and the
+        solve is redone with the pivoted block LU, whose verdict stands.
         """
         try:
             return super().solve(g, check=check, refine=refine)
