@@ -102,7 +102,14 @@ class StageRiccati:
                     txx, jx, tzx = pr.txx, pr.jx, pr.tzx
                 if l == n_st - 1:
                     jx = None
-                qvv, pjx = stage_pivot(txx, jx, p_mat, damping, k, ref)
+                fast = split is not None and split.factored and jx is not None
+                if fast and p_mat is not None:  # J_1's Kronecker structure (stage_split)
+                    pjx = split.p_jx(p_mat)
+                    eye = torch.eye(k, dtype=ref.dtype, device=ref.device)
+                    qvv = split.jx_t(pjx) + eye * damping
+                    qvv = _sym(qvv if txx is None else qvv + txx)
+                else:
+                    qvv, pjx = stage_pivot(txx, jx, p_mat, damping, k, ref)
                 lu, piv, info = torch.linalg.lu_factor_ex(qvv)
                 infos.append(info.reshape(1))
                 if l == 0:
@@ -116,12 +123,14 @@ class StageRiccati:
                 if split is not None and split.free:  # the d I block: gain Tzx_2^T / d
                     tail = tzx[:, k:]
                     gain = torch.cat([gain, tail.T / damping])
-                    p_mat = p_mat - (tail @ tail.T) / damping
+                    outer = split.free_outer() if split.factored else tail @ tail.T
+                    p_mat = p_mat - outer / damping
                 p_mat = _sym(p_mat)
                 finite.append(torch.isfinite(p_mat).all().reshape(1))
                 closed = None
                 if jx is not None:
-                    closed = _block_diag(b.Jz) - jx @ gain[:k]
+                    jk = split.jx_mul(gain[:k]) if fast else jx @ gain[:k]
+                    closed = _block_diag(b.Jz) - jk
                 self.stages[l] = StageFactor(qvv, lu, piv, gain, jx, closed, split)
                 bar.update()
         # the only reads on the host: once, after the loop

@@ -131,7 +131,7 @@ class Solves:
         key = (d, name)
         if key in self._factors:
             self._factors.move_to_end(key)
-            return self._factors[key]
+            return self._factors[key]._handle(self)
         build = self._factorization_class(name)
         cost = self.costs().get(name)
         if cost is not None:
@@ -140,7 +140,7 @@ class Solves:
             )
             _select.warn_if_slow(cost[0], name, self.device)
         fac = build(self, d)
-        self._factors[key] = fac
+        self._factors[key] = fac._handle(None)  # the cache holds no reference to self
         while len(self._factors) > max(self.max_cached_factorizations, 0):
             self._factors.popitem(last=False)
         return fac

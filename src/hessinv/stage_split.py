@@ -58,13 +58,93 @@ class SplitStage:
         self.inv_idx = torch.argsort(self.idx)
         qz = qc[:, :rz]
         self.txx: Tensor | None = None
+        self.jx: Tensor | None = None
+        self.tzx: Tensor | None = None
+        self._r: Tensor | None = None  # R = Q_c[:, :r_z]^T [t_1 ... t_N], when factored
+        if kx.factored:
+            self._from_factors(b, qz)
+            return
         if b.Txx is not None and not b.txx_zero:
             rows = (qz.T @ b.Txx[self.idx].reshape(self.a, self.c, self.p)).reshape(self.r, -1)
             self.txx = self._cols(rows, qz)  # symmetrized with the whole pivot (stage_pivot)
         self.jx = None if b.Jx is None else self._cols(b.Jx.reshape(-1, self.p), qz)
-        self.tzx: Tensor | None = None
         if b.Tzx is not None:  # Tzx B = (B^T Tzx^T)^T
             self.tzx = kron_to_basis(qc, self.idx, rz, b.Tzx.reshape(-1, self.p).T).T
+
+    def _from_factors(self, b: StageBlocks, qz: Tensor) -> None:
+        """``J_1``, ``T_11`` and ``Tzx B`` from the factors of :class:`KronX`, never the blocks.
+
+        With ``R = Q_c[:, :r_z]^T [t_1 ... t_N]`` (``t_n^T Q_c[:, k] = R[k, n]``),
+        ``s`` the tail's diagonal Jacobian and ``Tg`` its curvature::
+
+            J_1[(n, q), (q', k)]     = s[n, q] delta_qq' R[k, n]
+            T_11[(q, k), (q', k')]   = sum_n Tg_n[q, q'] R[k, n] R[k', n]
+            (Tzx B)[(n, j), (q, k)]  = (W^T Tg_n)[j, q] R[k, n] + b_y[n, q] Q_c[j, k]
+
+        (the first term of ``Tzx B`` only for ``k < r_z``), in ``O(N a r_z (N + c))``
+        against ``O(N a p c)`` for projecting the dense blocks.
+        """
+        kx = b.kron_x
+        assert kx is not None and kx.s is not None and kx.weight is not None
+        n, a, rz, c = kx.z.shape[0], self.a, self.rz, self.c
+        a_in = kx.z.shape[1]
+        r = qz.T @ kx.inputs().T  # (r_z, N)
+        self._r, self._s = r, kx.s
+        self._by, self._q2 = kx.b_y, self.qc[:a_in, rz:]
+        tg = kx.tg
+        if b.Jx is not None:
+            j1 = r.new_zeros(n, a, a, rz)
+            torch.diagonal(j1, dim1=1, dim2=2).copy_(kx.s.unsqueeze(1) * r.T.unsqueeze(2))
+            self.jx = j1.reshape(n * a, a * rz)
+        if tg is not None and b.Txx is not None and not b.txx_zero:
+            if tg.dim() == 2:  # block diagonal over q: R diag(tg_q) R^T
+                blk = (r.unsqueeze(0) * tg.T.unsqueeze(1)) @ r.T  # (a, r_z, r_z)
+                t11 = r.new_zeros(a, rz, a, rz)
+                torch.diagonal(t11, dim1=0, dim2=2).copy_(blk.permute(1, 2, 0))
+            else:
+                full = r @ (tg.reshape(n, a * a, 1) * r.T.unsqueeze(1)).reshape(n, -1)
+                t11 = full.reshape(rz, a, a, rz).permute(1, 0, 2, 3)  # (q, k, q', k')
+            self.txx = t11.reshape(a * rz, a * rz)
+        if b.Tzx is not None:
+            w = kx.weight
+            if tg is None:
+                head = r.new_zeros(n, a_in, a, rz)
+            else:
+                wt = w.T.unsqueeze(0) * tg.unsqueeze(1) if tg.dim() == 2 else w.T @ tg
+                head = wt.unsqueeze(-1) * r.T.reshape(n, 1, 1, rz)  # (n, j, q, k)
+            bq = kx.b_y.reshape(n, 1, a, 1) * self.qc[:a_in].reshape(1, a_in, 1, c)
+            head = head + bq[..., :rz]
+            tail = bq[..., rz:]
+            self.tzx = torch.cat(
+                [head.reshape(n * a_in, a * rz), tail.reshape(n * a_in, a * (c - rz))], dim=1
+            )
+
+    @property
+    def factored(self) -> bool:
+        """The blocks came from :class:`KronX`'s factors: the structured products apply."""
+        return self._r is not None
+
+    def p_jx(self, p_mat: Tensor) -> Tensor:
+        """``P J_1`` in ``O(M N a r_z)`` (``J_1[(n, q), (q', k)] = s[n, q] delta_qq' R[k, n]``)."""
+        m, (rz, n), a = p_mat.shape[0], self._r.shape, self.a
+        ps = p_mat.reshape(m, n, a) * self._s  # (m, n, q)
+        return (ps.transpose(1, 2) @ self._r.T).reshape(m, a * rz)  # (m, q, k)
+
+    def jx_t(self, x: Tensor) -> Tensor:
+        """``J_1^T X`` for ``X`` of shape ``(N a, C)``: ``(a r_z, C)``."""
+        (rz, n), a, cols = self._r.shape, self.a, x.shape[1]
+        xs = (x.reshape(n, a, cols) * self._s.unsqueeze(-1)).reshape(n, a * cols)
+        return (self._r @ xs).reshape(rz, a, cols).transpose(0, 1).reshape(a * rz, cols)
+
+    def jx_mul(self, g: Tensor) -> Tensor:
+        """``J_1 G`` for ``G`` of shape ``(a r_z, C)``: ``(N a, C)``."""
+        (rz, n), a, cols = self._r.shape, self.a, g.shape[1]
+        y = self._r.T @ g.reshape(a, rz, cols)  # (q, n, C)
+        return (y.transpose(0, 1) * self._s.unsqueeze(-1)).reshape(n * a, cols)
+
+    def free_outer(self) -> Tensor:
+        """``Tzx_2 Tzx_2^T = (B_y B_y^T) (x) (Q_2 Q_2^T)``, ``Q_2 = Q_c[:a_in, r_z:]``."""
+        return torch.kron(self._by @ self._by.T, self._q2 @ self._q2.T)
 
     @property
     def free(self) -> int:

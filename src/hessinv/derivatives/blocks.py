@@ -38,15 +38,33 @@ class KronX:
     ``R^a (x) span{[z_n; 1]}``, whatever the tail ``g``: a promise
     :mod:`hessinv.stage_split` builds its Kronecker basis on.
 
+    The factors of the blocks (set by :func:`hessinv.derivatives.chain.structured_blocks`,
+    ``None`` when not known) let the blocks be formed, and projected onto a
+    Kronecker basis, without reading their dense forms (``t_n = [z_n; 1]``,
+    ``Tg`` the tail's curvature, ``b_y`` the cotangent at the layer's output)::
+
+        Jx_n  = diag(s_n) (I_a (x) t_n^T)
+        Txx   = sum_n (I_a (x) t_n) Tg_n (I_a (x) t_n^T)
+        Tzx_n = W^T Tg_n (I_a (x) t_n^T) + [b_y,n (x) I_a_in, 0]
+
     Attributes:
         z: The layer's input ``(N, a_in)``.
         a: The layer's output width.
         bias: The layer has a bias (the ``1`` entries of ``[z_n; 1]``).
+        weight: ``W`` (``a x a_in``).
+        b_y: ``b_y`` (``(N, a)``).
+        tg: ``Tg``: ``(N, a)`` when diagonal, ``(N, a, a)``, or ``None`` when zero.
+        s: The tail's Jacobian ``Jg`` when it is diagonal (``(N, a)``; ones for
+            an empty tail), else ``None``: then only the dense ``Jx`` has it.
     """
 
     z: Tensor
     a: int
     bias: bool
+    weight: Tensor | None = None
+    b_y: Tensor | None = None
+    tg: Tensor | None = None
+    s: Tensor | None = None
 
     @property
     def width(self) -> int:
@@ -59,6 +77,48 @@ class KronX:
         q = torch.arange(a, device=self.z.device).unsqueeze(1)
         i = torch.arange(c, device=self.z.device).unsqueeze(0)
         return torch.where(i < a_in, q * a_in + i, a * a_in + q).reshape(a * c)
+
+    @property
+    def factored(self) -> bool:
+        """The factors ``W``, ``b_y`` and a diagonal ``Jg`` are known (module doc)."""
+        return self.weight is not None and self.b_y is not None and self.s is not None
+
+    def inputs(self) -> Tensor:
+        """``t_n = [z_n; 1]`` (``[z_n]`` without a bias) as ``(N, c)``."""
+        z = self.z
+        return torch.cat([z, z.new_ones(z.shape[0], 1)], dim=1) if self.bias else z
+
+    def txx(self, tg: Tensor) -> Tensor:
+        """``sum_n (I_a (x) t_n) Tg_n (I_a (x) t_n^T)`` (``p x p``, parameter order).
+
+        ``O(a c^2 N)`` for a diagonal ``Tg`` (``O(a^2 c^2 N)`` for a dense one)
+        plus writing the ``p^2`` result, against ``O(p^2 N a)`` for the dense
+        product ``Jf_x^T Tg Jf_x``.
+        """
+        t = self.inputs()
+        a, c, a_in = self.a, t.shape[1], self.z.shape[1]
+        m = a * a_in  # the weight's entries come first, row-major, then the bias
+        out = t.new_zeros(a * c, a * c)
+        ww = out[:m, :m].unflatten(0, (a, a_in)).unflatten(2, (a, a_in))  # (q, i, q', j)
+        wb = out[:m, m:].unflatten(0, (a, a_in))  # (q, i, q')
+        bw = out[m:, :m].unflatten(1, (a, a_in))  # (q, q', j)
+        if tg.dim() == 2:  # block diagonal over the output q: sum_n tg_nq t_n t_n^T
+            blk = (tg.T.unsqueeze(2) * t).mT @ t  # (q, i, j); one batched product
+            torch.diagonal(ww, dim1=0, dim2=2).copy_(blk[:, :a_in, :a_in].permute(1, 2, 0))
+            if self.bias:
+                torch.diagonal(wb, dim1=0, dim2=2).copy_(blk[:, :a_in, a_in].T)
+                torch.diagonal(bw, dim1=0, dim2=1).copy_(blk[:, a_in, :a_in].T)
+                out[m:, m:].diagonal().copy_(blk[:, a_in, a_in])
+            return out
+        n = t.shape[0]
+        full = t.T @ (tg.reshape(n, a * a, 1) * t.unsqueeze(1)).reshape(n, -1)  # (i, q q' j)
+        full = full.reshape(c, a, a, c).permute(1, 0, 2, 3)  # (q, i, q', j)
+        ww.copy_(full[:, :a_in, :, :a_in])
+        if self.bias:
+            wb.copy_(full[:, :a_in, :, a_in])
+            bw.copy_(full[:, a_in, :, :a_in])
+            out[m:, m:].copy_(full[:, a_in, :, a_in])
+        return out
 
 
 @dataclass

@@ -157,9 +157,18 @@ def structured_blocks(
         jfz, jfx, tf_zz, tf_zx, tf_xx = lb.Jz, lb.Jx, lb.Tzz, lb.Tzx, lb.Txx
 
     p = jfx.shape[2]
+    kron_x = None
+    if isinstance(layer, LinearDerivatives):  # Jf_x = I (x) [z; 1]^T: the factors of KronX
+        diag = all(j.dim() == 2 for j in jacs)
+        s = y.new_ones(y.shape) if diag else None
+        for j in jacs if diag else ():
+            s = s * j
+        kron_x = KronX(z.detach(), y.shape[1], len(params) == 2, params[0].detach(), b_y, tg, s)
     tg_jfx = None if tg is None else _apply(tg, jfx)  # (N, a_y, p)
     txx = None
-    if tg_jfx is not None:
+    if tg_jfx is not None and kron_x is not None:
+        txx = kron_x.txx(tg)
+    elif tg_jfx is not None:
         txx = jfx.reshape(-1, p).T @ tg_jfx.reshape(-1, p)  # sum_n Jf_x^T Tg Jf_x, one GEMM
     if tf_xx is not None:
         txx = tf_xx if txx is None else txx + tf_xx
@@ -193,9 +202,6 @@ def structured_blocks(
     # A layer linear in x: Jx = Jg Jf_x, Txx = Jf_x^T Tg Jf_x, so the rows of Jf_x (with
     # Tzx) span every parameter direction the stage's blocks see.
     x_span = jfx if layer is not None and layer.params_linear else None
-    kron_x = None
-    if isinstance(layer, LinearDerivatives):
-        kron_x = KronX(z.detach(), y.shape[1], len(params) == 2)
     return StageBlocks(
         jz, jx, tzz, tzx, txx, grad_x, cot_in, x_span, kron_x,
         tzz_zero=tzz_zero, tzx_zero=tzx_zero, txx_zero=txx_zero,

@@ -42,8 +42,9 @@ at damping ``c d`` are those for ``l`` at ``d``.
 from __future__ import annotations
 
 import math
+import weakref
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
@@ -92,12 +93,46 @@ class Factorization(LinearOperator, ABC):
 
     method: ClassVar[str] = "abstract"
     symmetric = True
+    #: The handle's strong reference to :attr:`op` (``None`` in the operator's own cache).
+    __slots__ = ("_owner",)
 
     def __init__(self, op: Hessian, damping: float) -> None:
-        self.op = op
+        self._owner: Hessian | None = op
+        try:
+            self._op_ref: Callable[[], Hessian | None] = weakref.ref(op)
+        except TypeError:  # an operator without weak references: held strongly
+            self._op_ref = lambda: op
         self.damping = float(damping)
         self._zero: int | None = None
         self._sigma_min: float | None = None
+
+    @property
+    def op(self) -> Hessian:
+        """The operator ``H`` factored (``A = H + damping I``)."""
+        owner = self._owner
+        if owner is None:
+            owner = self._op_ref()
+            if owner is None:
+                raise ReferenceError(
+                    f"{type(self).__name__}: the operator it factors has been freed"
+                )
+        return owner
+
+    def _handle(self, owner: Hessian | None) -> Factorization:
+        """Another handle on this factorization: the same state, ``owner`` held (or not).
+
+        An operator caches its factorizations (:meth:`hessinv.solves.Solves.factor`)
+        as handles without an owner, which reach it through a weak reference, and
+        gives out handles that hold it: no reference cycle joins an operator and
+        its cache, so both are freed as soon as the last handle goes (a cycle
+        would wait for Python's cyclic collector, holding the blocks and factors,
+        and on a GPU their memory, across the steps of a loop). Both handles share
+        one ``__dict__``: whatever one computes lazily, the other sees.
+        """
+        h = object.__new__(type(self))
+        h.__dict__ = self.__dict__
+        h._owner = owner
+        return h
 
     # -- what a method provides ---------------------------------------------------------
     @abstractmethod

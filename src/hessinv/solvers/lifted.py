@@ -69,6 +69,7 @@ class LiftedFactorization(LiftedInertia, Factorization):
         self.m = self.system.m
         self._lu: BlockTriLU | None = None
         self._congruence: InertiaResult | None = None
+        self._congruence_reversed = False  # the congruence eliminated K's blocks last to first
         self._riccati: dict[str, RiccatiResult] = {}
         #: The stage elimination (module doc): None when not tried or not usable.
         self.stage_solver: StageRiccati | None = None

@@ -61,6 +61,7 @@ class LiftedInertia:
     stage_solver: StageRiccati | None
     _trust: bool | None
     _congruence: InertiaResult | None
+    _congruence_reversed: bool
     _riccati: dict[str, RiccatiResult]
 
     def _require_regular_lu(self, what: str) -> None:
@@ -80,8 +81,11 @@ class LiftedInertia:
         ``max_k n_k`` carried directions), then orthogonal fronts with the same
         cap, then threshold ``0.1`` with no cap; the first whose determinant
         agrees with the LU's (sign exactly, ``log|det|`` to ``0.1 + sqrt(eps)
-        |log|det||``) is kept, else the last, with a
-        :class:`~hessinv.errors.LiftedPrecisionWarning`.
+        |log|det||``) is kept. When none does (a nearly singular ``K``, whose
+        smallest eigenvalues each elimination resolves to a few digits), the
+        same attempts eliminating the blocks last to first
+        (:meth:`reversed_congruence`); when none of those agrees either,
+        :class:`~hessinv.errors.LiftedPrecisionError`.
 
         ``blocks``: ``K``'s merged blocks already built (:meth:`_built_blocks`);
         by default they are built as each attempt reads them.
@@ -89,6 +93,9 @@ class LiftedInertia:
         if self._congruence is None:
             self._require_regular_lu("inertia")
             r = self._first_congruence(self.lu.slogdet(), blocks)
+            self._congruence_reversed = r is None
+            if r is None:
+                r = self.reversed_congruence(blocks)
             if r is None:
                 raise LiftedPrecisionError(
                     "no congruence of the lifted system agrees with the determinant of its "
@@ -278,6 +285,14 @@ class LiftedInertia:
             return witness
         blocks = self._built_blocks() if self._congruence is None else None
         counts = self._congruence_counts(self.congruence(blocks))
+        if self._congruence_reversed:  # no independent second congruence
+            how = (
+                "signs of a delayed-pivot LDL^T congruence of the lifted system eliminating its "
+                "blocks last to first, whose determinant agrees with the pivoted LU's; NOT "
+                "verified (no first-to-last congruence matched the LU, and the stage Riccati "
+                "pass had a pivot within its error bound of singular)"
+            )
+            return Inertia(*counts, 0, verified=False, how=how)
         rev = self.reversed_congruence(blocks)
         if rev is not None and self._consistent_counts(rev) == counts:
             how = (
