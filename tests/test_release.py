@@ -73,6 +73,7 @@ def test_hessian_freed_after_use(no_gc: None, what: str) -> None:
     del H
     assert ref() is None, "the Hessian outlived its last reference (a reference cycle)"
     assert all(c() is None for c in caches)
+    assert gc.collect() == 0, "using the Hessian left cyclic garbage (e.g. a stored bound method)"
 
 
 def test_factorization_keeps_its_operator_alive(no_gc: None) -> None:

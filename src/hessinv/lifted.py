@@ -235,10 +235,18 @@ class LiftedSystem:
             self.sizes += [self._k[l] + self._m[l], self._m[l]]
         self.sizes.append(self._k[-1])
         self._maps = BasisMaps(self.bases, [b.num_params for b in blocks], self._k, self._m)
-        self.diag: Sequence[Tensor] = _LazyBlocks(len(self.sizes), self._cast(self._diag_block))
-        self.upper: Sequence[Tensor] = _LazyBlocks(
-            len(self.sizes) - 1, self._cast(self._upper_block)
-        )
+
+    # diag and upper are made on access: a lazy sequence stored on self would hold a bound
+    # method of self, a reference cycle that only Python's cyclic collector frees
+    @property
+    def diag(self) -> Sequence[Tensor]:
+        """The diagonal blocks ``D_i`` (lazy, built on access)."""
+        return _LazyBlocks(len(self.sizes), self._cast(self._diag_block))
+
+    @property
+    def upper(self) -> Sequence[Tensor]:
+        """The super-diagonal blocks ``K[i, i+1]`` (lazy, built on access)."""
+        return _LazyBlocks(len(self.sizes) - 1, self._cast(self._upper_block))
 
     def _cast(self, build: Callable[[int], Tensor]) -> Callable[[int], Tensor]:
         if self.dtype is None:

@@ -70,8 +70,16 @@ class MergedBlocks:
         self._diag, self._upper, self._sizes = diag, upper, list(sizes)
         self.groups = merge_groups(self._sizes, cap)
         self.sizes = [sum(self._sizes[i] for i in g) for g in self.groups]
-        self.diag: Sequence[Tensor] = _LazyBlocks(len(self.groups), self._merged_diag)
-        self.upper: Sequence[Tensor] = _LazyBlocks(len(self.groups) - 1, self._merged_upper)
+
+    @property
+    def diag(self) -> Sequence[Tensor]:
+        """Merged diagonal blocks (lazy; made on access, so no cycle through a bound method)."""
+        return _LazyBlocks(len(self.groups), self._merged_diag)
+
+    @property
+    def upper(self) -> Sequence[Tensor]:
+        """Merged super-diagonal blocks (lazy)."""
+        return _LazyBlocks(len(self.groups) - 1, self._merged_upper)
 
     def _merged_diag(self, j: int) -> Tensor:
         g = self.groups[j]
