@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from .derivatives import StageBlocks, stage_blocks
+from .kron_products import KronRun
 from .pipeline import Pipeline
 from .progress import ProgressArg, progress_bar
 
@@ -89,6 +90,7 @@ class StageRun:
     tzx: Tensor | None
     tzz: Tensor | None
     txx: Tensor | None
+    kron: KronRun | None = None  # the Linear stages' factors (hessinv.kron_products)
 
 
 def _shape_key(b: StageBlocks) -> tuple:
@@ -131,7 +133,10 @@ def stage_runs(blocks: list[StageBlocks]) -> list[StageRun]:
         p = run[0].num_params
         names = ["Jx", "Tzx", "Tzz"] + (["Txx"] if p <= TXX_STACK_MAX_P else [])
         st = {n: None if getattr(run[0], n) is None else _stack_in_place(run, n) for n in names}
-        runs.append(StageRun(lo, l, offset, p, st["Jx"], st["Tzx"], st["Tzz"], st.get("Txx")))
+        kron = KronRun.of(run)
+        runs.append(
+            StageRun(lo, l, offset, p, st["Jx"], st["Tzx"], st["Tzz"], st.get("Txx"), kron)
+        )
         offset += p * len(run)
         lo = l
     return runs
@@ -158,32 +163,39 @@ def hvp(blocks: list[StageBlocks], v: Tensor, runs: list[StageRun] | None = None
     and the output ``(H v)_l = Jx_l^T lam_l + Tzx_l^T u_{l-1} + Txx_l v_l``
     are independent across stages and are formed for a whole
     :class:`StageRun` at once (``runs``: :func:`stage_runs` of ``blocks``,
-    computed here when not given).
+    computed here when not given); for a run of ``nn.Linear`` stages from
+    their Kronecker factors (:mod:`hessinv.kron_products`), never reading the
+    dense ``Jx``, ``Tzx`` and ``Txx``.
     """
     if runs is None:
         runs = stage_runs(blocks)
     k = v.shape[1]
     n_st = len(blocks)
     vr = [v[r.offset : r.offset + (r.hi - r.lo) * r.p].reshape(r.hi - r.lo, r.p, k) for r in runs]
+    ys = [None if r.kron is None else r.kron.layer_rows(vv) for r, vv in zip(runs, vr, strict=True)]
     us: list[Tensor | None] = [None] * n_st
-    for run, vv in zip(runs, vr, strict=True):
+    for run, vv, y in zip(runs, vr, ys, strict=True):
         if run.jx is None:  # the last stage: its output is the loss
             continue
-        jxv = _bmm_rows(run.jx, vv)
+        jxv = _bmm_rows(run.jx, vv) if run.kron is None else run.kron.jx_rows(y)
         for i, l in enumerate(range(run.lo, run.hi)):  # noqa: E741
             u = jxv[i]
             us[l] = u if l == 0 else torch.baddbmm(u, blocks[l].Jz, us[l - 1])
     outs: list[Tensor] = [None] * len(runs)  # type: ignore[list-item]
     lams: list[Tensor | None] = [None] * n_st  # lams[l]: the adjoint of stage l's output
     for j in reversed(range(len(runs))):
-        run, vv = runs[j], vr[j]
+        run, vv, y = runs[j], vr[j], ys[j]
         r_len = run.hi - run.lo
         terms: list[Tensor] = []
+        u_prev = None
         if run.tzx is not None:  # not the first stage
             u_prev = torch.stack([us[i - 1] for i in range(run.lo, run.hi)])  # (R, N, a_in, k)
-            terms.append(_bmm_contract(run.tzx, u_prev))
             rr, n, a_in, _ = u_prev.shape
-            push = _bmm_rows(run.tzx, vv)  # Tzz_l u_{l-1} + Tzx_l v_l
+            if run.kron is None:
+                terms.append(_bmm_contract(run.tzx, u_prev))
+                push = _bmm_rows(run.tzx, vv)  # Tzz_l u_{l-1} + Tzx_l v_l
+            else:
+                push = run.kron.tzx_rows(vv, y)
             if run.tzz is not None:
                 push = torch.baddbmm(
                     push.reshape(rr * n, a_in, k),
@@ -198,8 +210,13 @@ def hvp(blocks: list[StageBlocks], v: Tensor, runs: list[StageRun] | None = None
                     if lam is None
                     else torch.baddbmm(push[i], blocks[l].Jz.transpose(-1, -2), lam)
                 )
+        lam_run = None
         if run.jx is not None:
             lam_run = torch.stack([lams[i] for i in range(run.lo, run.hi)])
+        if run.kron is not None:
+            outs[j] = run.kron.contract(y, u_prev, lam_run).reshape(r_len * run.p, k)
+            continue
+        if lam_run is not None:
             terms.append(_bmm_contract(run.jx, lam_run))
         if run.txx is not None:
             terms.append(torch.bmm(run.txx, vv))

@@ -61,7 +61,7 @@ class SplitStage:
         self.jx: Tensor | None = None
         self.tzx: Tensor | None = None
         self._r: Tensor | None = None  # R = Q_c[:, :r_z]^T [t_1 ... t_N], when factored
-        if kx.factored:
+        if kx.factors_of(b):
             self._from_factors(b, qz)
             return
         if b.Txx is not None and not b.txx_zero:

@@ -83,6 +83,19 @@ class KronX:
         """The factors ``W``, ``b_y`` and a diagonal ``Jg`` are known (module doc)."""
         return self.weight is not None and self.b_y is not None and self.s is not None
 
+    def factors_of(self, b: StageBlocks) -> bool:
+        """:attr:`factored`, and in ``b``'s dtype and on its device.
+
+        Blocks cast apart from their factors keep this object: their products
+        must then come from the dense blocks.
+        """
+        ref = b.grad_x
+        return (
+            self.factored
+            and self.b_y.dtype == ref.dtype  # type: ignore[union-attr]
+            and self.b_y.device == ref.device  # type: ignore[union-attr]
+        )
+
     def inputs(self) -> Tensor:
         """``t_n = [z_n; 1]`` (``[z_n]`` without a bias) as ``(N, c)``."""
         z = self.z

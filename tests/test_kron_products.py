@@ -1,0 +1,101 @@
+"""``H @ v`` of Linear stages from their Kronecker factors (:mod:`hessinv.kron_products`).
+
+The reference is ``torch.func.hessian`` of the loss in the flat parameters
+(independent of the blocks). The products must also fall back to the dense
+blocks when the factors do not describe them (blocks cast to another dtype).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from cases import DT, dense_hessian
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import hessinv
+from hessinv.products import hvp, stage_runs
+
+TAILS = {
+    "tanh": lambda: [nn.Tanh()],
+    "sigmoid_softplus": lambda: [nn.Sigmoid(), nn.Softplus()],
+    "none": lambda: [],
+    "relu": lambda: [nn.ReLU()],
+    "elu_silu": lambda: [nn.ELU(), nn.SiLU()],
+}
+
+
+def _net(widths: list[int], tail: str, bias: bool, batch: int, loss: str, seed: int):  # noqa: ANN202
+    torch.manual_seed(seed)
+    mods: list[nn.Module] = []
+    for a_in, a in zip(widths[:-2], widths[1:-1], strict=True):
+        mods += [nn.Linear(a_in, a, bias=bias), *TAILS[tail]()]
+    mods.append(nn.Linear(widths[-2], widths[-1], bias=bias))
+    model = nn.Sequential(*mods).to(DT)
+    X = torch.randn(batch, widths[0], dtype=DT)
+    if loss == "ce":
+        return model, nn.CrossEntropyLoss(), X, torch.randint(0, widths[-1], (batch,))
+    return model, nn.MSELoss(reduction=loss), X, torch.randn(batch, widths[-1], dtype=DT)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    widths=st.lists(st.integers(1, 7), min_size=3, max_size=5),
+    tail=st.sampled_from(sorted(TAILS)),
+    bias=st.booleans(),
+    batch=st.integers(1, 9),
+    loss=st.sampled_from(["mean", "sum", "ce"]),
+    k=st.sampled_from([1, 3]),
+    seed=st.integers(0, 2**16),
+)
+def test_kron_hvp_matches_autodiff(widths, tail, bias, batch, loss, k, seed) -> None:  # noqa: ANN001
+    if loss == "ce" and widths[-1] < 2:
+        widths = [*widths[:-1], 2]
+    model, lossf, X, y = _net(widths, tail, bias, batch, loss, seed)
+    H = hessinv.Hessian(model, lossf, X, y)
+    assert any(r.kron is not None for r in H._runs)  # the factor path is the one tested
+    h = dense_hessian(model, lossf, X, y)
+    V = torch.randn(H.num_params, k, dtype=DT, generator=torch.Generator().manual_seed(seed))
+    ref = h @ V
+    # torch.func.hessian's own rounding: a few eps of |h| |V| per entry
+    tol = 64 * torch.finfo(DT).eps * float((h.abs() @ V.abs()).max()) + 1e-300
+    assert float((H @ V - ref).abs().max()) <= tol
+
+
+@pytest.mark.parametrize("tail", sorted(TAILS))
+def test_kron_and_dense_products_agree(tail: str) -> None:
+    """The same blocks with the factors hidden take the dense path: the same ``H @ V``."""
+    model, lossf, X, y = _net([6, 5, 5, 3], tail, True, 4, "mean", 0)
+    H = hessinv.Hessian(model, lossf, X, y)
+    V = torch.randn(H.num_params, 2, dtype=DT, generator=torch.Generator().manual_seed(1))
+    bare = [dataclasses.replace(b, kron_x=None) for b in H.blocks]
+    runs = stage_runs(bare)
+    assert all(r.kron is None for r in runs)
+    assert _rel(H @ V, hvp(bare, V, runs)) < 1e-13
+
+
+def test_cast_blocks_fall_back_to_dense() -> None:
+    """Blocks cast to float64 from float32 keep float32 factors: those are not used."""
+    model, lossf, X, y = _net([5, 4, 4, 2], "tanh", True, 3, "mean", 0)
+    H = hessinv.Hessian(model.float(), lossf, X.float(), y.float())
+    cast = []
+    for b in H.blocks:
+        kw = {
+            f.name: (v.double() if torch.is_tensor(v) else v)
+            for f in dataclasses.fields(b)
+            for v in [getattr(b, f.name)]
+        }
+        cast.append(type(b)(**kw))
+    runs = stage_runs(cast)
+    assert all(r.kron is None for r in runs)
+    V = torch.randn(H.num_params, 2, dtype=DT)
+    dense64 = hvp(cast, V, runs)
+    assert dense64.dtype == DT
+    assert _rel(dense64, (H @ V.float()).double()) < 1e-5
