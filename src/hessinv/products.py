@@ -78,7 +78,9 @@ class StageRun:
 
     ``jx``, ``tzx``, ``tzz``, ``txx``: the stages' blocks stacked along a new
     first dimension (``None`` where the stages have none, and ``txx`` also
-    where ``p > TXX_STACK_MAX_P``: then each stage's own ``Txx`` is applied).
+    where ``p > TXX_STACK_MAX_P``: then each stage's own ``Txx`` is applied;
+    ``jx``, ``tzx`` and ``txx`` are ``None`` where ``kron`` is set: the
+    products of such a run come from its factors).
     The stages' :class:`StageBlocks` tensors are views of these stacks.
     """
 
@@ -91,6 +93,8 @@ class StageRun:
     tzz: Tensor | None
     txx: Tensor | None
     kron: KronRun | None = None  # the Linear stages' factors (hessinv.kron_products)
+    first: bool = False  # stage lo is the network's first (no Tzx, Tzz: its input is data)
+    last: bool = False  # stage hi - 1 is the last (no Jx: its output is the loss)
 
 
 def _shape_key(b: StageBlocks) -> tuple:
@@ -131,11 +135,16 @@ def stage_runs(blocks: list[StageBlocks]) -> list[StageRun]:
             continue
         run = blocks[lo:l]
         p = run[0].num_params
-        names = ["Jx", "Tzx", "Tzz"] + (["Txx"] if p <= TXX_STACK_MAX_P else [])
-        st = {n: None if getattr(run[0], n) is None else _stack_in_place(run, n) for n in names}
         kron = KronRun.of(run)
+        # a run with its Kronecker factors reads no dense Jx, Tzx, Txx: those stay unstacked
+        names = ["Tzz"] if kron is not None else ["Jx", "Tzx", "Tzz"]
+        names += ["Txx"] if p <= TXX_STACK_MAX_P and kron is None else []
+        st = {n: None if getattr(run[0], n) is None else _stack_in_place(run, n) for n in names}
         runs.append(
-            StageRun(lo, l, offset, p, st["Jx"], st["Tzx"], st["Tzz"], st.get("Txx"), kron)
+            StageRun(
+                lo, l, offset, p, st.get("Jx"), st.get("Tzx"), st["Tzz"], st.get("Txx"), kron,
+                first=run[0].Tzx is None, last=run[-1].Jx is None,
+            )  # fmt: skip
         )
         offset += p * len(run)
         lo = l
@@ -175,7 +184,7 @@ def hvp(blocks: list[StageBlocks], v: Tensor, runs: list[StageRun] | None = None
     ys = [None if r.kron is None else r.kron.layer_rows(vv) for r, vv in zip(runs, vr, strict=True)]
     us: list[Tensor | None] = [None] * n_st
     for run, vv, y in zip(runs, vr, ys, strict=True):
-        if run.jx is None:  # the last stage: its output is the loss
+        if run.last:  # the last stage: its output is the loss
             continue
         jxv = _bmm_rows(run.jx, vv) if run.kron is None else run.kron.jx_rows(y)
         for i, l in enumerate(range(run.lo, run.hi)):  # noqa: E741
@@ -188,7 +197,7 @@ def hvp(blocks: list[StageBlocks], v: Tensor, runs: list[StageRun] | None = None
         r_len = run.hi - run.lo
         terms: list[Tensor] = []
         u_prev = None
-        if run.tzx is not None:  # not the first stage
+        if not run.first:
             u_prev = torch.stack([us[i - 1] for i in range(run.lo, run.hi)])  # (R, N, a_in, k)
             rr, n, a_in, _ = u_prev.shape
             if run.kron is None:
@@ -211,13 +220,13 @@ def hvp(blocks: list[StageBlocks], v: Tensor, runs: list[StageRun] | None = None
                     else torch.baddbmm(push[i], blocks[l].Jz.transpose(-1, -2), lam)
                 )
         lam_run = None
-        if run.jx is not None:
+        if not run.last:
             lam_run = torch.stack([lams[i] for i in range(run.lo, run.hi)])
         if run.kron is not None:
             outs[j] = run.kron.contract(y, u_prev, lam_run).reshape(r_len * run.p, k)
             continue
         if lam_run is not None:
-            terms.append(_bmm_contract(run.jx, lam_run))
+            terms.append(_bmm_contract(run.jx, lam_run))  # type: ignore[arg-type]
         if run.txx is not None:
             terms.append(torch.bmm(run.txx, vv))
         elif blocks[run.lo].Txx is not None:  # large p: each stage's own (flop-bound)
