@@ -79,6 +79,7 @@ matrix), linear in depth.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -86,6 +87,9 @@ from torch import Tensor
 from .derivatives import StageBlocks
 from .lifted import _basis, _block_diag, project_on
 from .riccati_result import RiccatiResult, _Pivot, _Stage
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .stage_split import SplitStage
 
 __all__ = ["RiccatiResult", "riccati_pass"]
 
@@ -136,16 +140,27 @@ def _add_block_diag(q: Tensor, blocks: Tensor) -> Tensor:
 
 
 def stage_pivot(
-    txx: Tensor | None, jx: Tensor | None, p_mat: Tensor | None, damping: float, k: int, ref: Tensor
+    txx: Tensor | None,
+    jx: Tensor | None,
+    p_mat: Tensor | None,
+    damping: float,
+    k: int,
+    ref: Tensor,
+    kron: SplitStage | None = None,
 ) -> tuple[Tensor, Tensor | None]:
-    """``Q_vv = Txx + dI + Jx^T P Jx`` (symmetrized), and ``P Jx`` (None without ``P``)."""
+    """``Q_vv = Txx + dI + Jx^T P Jx`` (symmetrized), and ``P Jx`` (None without ``P``).
+
+    ``kron``: a factored split stage whose ``J_1`` is ``jx``; its structured
+    products (:meth:`~hessinv.stage_split.SplitStage.p_jx`, ``jx_t``) replace
+    the two dense ones.
+    """
     qvv = torch.eye(k, dtype=ref.dtype, device=ref.device) * damping
     if txx is not None:
         qvv = qvv + txx
     pjx = None
     if p_mat is not None and jx is not None:
-        pjx = p_mat @ jx
-        qvv = qvv + jx.T @ pjx
+        pjx = p_mat @ jx if kron is None else kron.p_jx(p_mat)
+        qvv = qvv + (jx.T @ pjx if kron is None else kron.jx_t(pjx))
     return _sym(qvv), pjx
 
 

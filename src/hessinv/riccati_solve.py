@@ -102,14 +102,8 @@ class StageRiccati:
                     txx, jx, tzx = pr.txx, pr.jx, pr.tzx
                 if l == n_st - 1:
                     jx = None
-                fast = split is not None and split.factored and jx is not None
-                if fast and p_mat is not None:  # J_1's Kronecker structure (stage_split)
-                    pjx = split.p_jx(p_mat)
-                    eye = torch.eye(k, dtype=ref.dtype, device=ref.device)
-                    qvv = split.jx_t(pjx) + eye * damping
-                    qvv = _sym(qvv if txx is None else qvv + txx)
-                else:
-                    qvv, pjx = stage_pivot(txx, jx, p_mat, damping, k, ref)
+                kron = split if split is not None and split.factored else None  # J_1's structure
+                qvv, pjx = stage_pivot(txx, jx, p_mat, damping, k, ref, kron)
                 lu, piv, info = torch.linalg.lu_factor_ex(qvv)
                 infos.append(info.reshape(1))
                 if l == 0:
@@ -123,13 +117,13 @@ class StageRiccati:
                 if split is not None and split.free:  # the d I block: gain Tzx_2^T / d
                     tail = tzx[:, k:]
                     gain = torch.cat([gain, tail.T / damping])
-                    outer = split.free_outer() if split.factored else tail @ tail.T
+                    outer = tail @ tail.T if kron is None else kron.free_outer()
                     p_mat = p_mat - outer / damping
                 p_mat = _sym(p_mat)
                 finite.append(torch.isfinite(p_mat).all().reshape(1))
                 closed = None
                 if jx is not None:
-                    jk = split.jx_mul(gain[:k]) if fast else jx @ gain[:k]
+                    jk = jx @ gain[:k] if kron is None else kron.jx_mul(gain[:k])
                     closed = _block_diag(b.Jz) - jk
                 self.stages[l] = StageFactor(qvv, lu, piv, gain, jx, closed, split)
                 bar.update()

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from .derivatives import StageBlocks
+from .derivatives.blocks import kron_gram
 
 
 class SplitStage:
@@ -60,7 +61,9 @@ class SplitStage:
         self.txx: Tensor | None = None
         self.jx: Tensor | None = None
         self.tzx: Tensor | None = None
-        self._r: Tensor | None = None  # R = Q_c[:, :r_z]^T [t_1 ... t_N], when factored
+        # when factored: R = Q_c[:, :r_z]^T [t_1 ... t_N], s, b_y and Q_c[:a_in, r_z:]
+        self._r: Tensor | None = None
+        self._s = self._by = self._q2 = None
         if kx.factors_of(b):
             self._from_factors(b, qz)
             return
@@ -97,14 +100,7 @@ class SplitStage:
             torch.diagonal(j1, dim1=1, dim2=2).copy_(kx.s.unsqueeze(1) * r.T.unsqueeze(2))
             self.jx = j1.reshape(n * a, a * rz)
         if tg is not None and b.Txx is not None and not b.txx_zero:
-            if tg.dim() == 2:  # block diagonal over q: R diag(tg_q) R^T
-                blk = (r.unsqueeze(0) * tg.T.unsqueeze(1)) @ r.T  # (a, r_z, r_z)
-                t11 = r.new_zeros(a, rz, a, rz)
-                torch.diagonal(t11, dim1=0, dim2=2).copy_(blk.permute(1, 2, 0))
-            else:
-                full = r @ (tg.reshape(n, a * a, 1) * r.T.unsqueeze(1)).reshape(n, -1)
-                t11 = full.reshape(rz, a, a, rz).permute(1, 0, 2, 3)  # (q, k, q', k')
-            self.txx = t11.reshape(a * rz, a * rz)
+            self.txx = kron_gram(r.T, tg).reshape(a * rz, a * rz)  # (q, k, q', k')
         if b.Tzx is not None:
             w = kx.weight
             if tg is None:

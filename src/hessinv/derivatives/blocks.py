@@ -108,30 +108,41 @@ class KronX:
         plus writing the ``p^2`` result, against ``O(p^2 N a)`` for the dense
         product ``Jf_x^T Tg Jf_x``.
         """
-        t = self.inputs()
-        a, c, a_in = self.a, t.shape[1], self.z.shape[1]
+        a, a_in = self.a, self.z.shape[1]
+        g = kron_gram(self.inputs(), tg)  # (q, i, q', j)
+        p = g.shape[0] * g.shape[1]
+        if not self.bias:  # (q, i) is the parameter order
+            return g.reshape(p, p)
         m = a * a_in  # the weight's entries come first, row-major, then the bias
-        out = t.new_zeros(a * c, a * c)
-        ww = out[:m, :m].unflatten(0, (a, a_in)).unflatten(2, (a, a_in))  # (q, i, q', j)
-        wb = out[:m, m:].unflatten(0, (a, a_in))  # (q, i, q')
-        bw = out[m:, :m].unflatten(1, (a, a_in))  # (q, q', j)
-        if tg.dim() == 2:  # block diagonal over the output q: sum_n tg_nq t_n t_n^T
-            blk = (tg.T.unsqueeze(2) * t).mT @ t  # (q, i, j); one batched product
-            torch.diagonal(ww, dim1=0, dim2=2).copy_(blk[:, :a_in, :a_in].permute(1, 2, 0))
-            if self.bias:
-                torch.diagonal(wb, dim1=0, dim2=2).copy_(blk[:, :a_in, a_in].T)
-                torch.diagonal(bw, dim1=0, dim2=1).copy_(blk[:, a_in, :a_in].T)
-                out[m:, m:].diagonal().copy_(blk[:, a_in, a_in])
-            return out
-        n = t.shape[0]
-        full = t.T @ (tg.reshape(n, a * a, 1) * t.unsqueeze(1)).reshape(n, -1)  # (i, q q' j)
-        full = full.reshape(c, a, a, c).permute(1, 0, 2, 3)  # (q, i, q', j)
-        ww.copy_(full[:, :a_in, :, :a_in])
-        if self.bias:
-            wb.copy_(full[:, :a_in, :, a_in])
-            bw.copy_(full[:, a_in, :, :a_in])
-            out[m:, m:].copy_(full[:, a_in, :, a_in])
+        out = g.new_empty(p, p)
+        out[:m, :m] = g[:, :a_in, :, :a_in].reshape(m, m)
+        out[:m, m:] = g[:, :a_in, :, a_in].reshape(m, a)
+        out[m:, :m] = g[:, a_in, :, :a_in].reshape(a, m)
+        out[m:, m:] = g[:, a_in, :, a_in]
         return out
+
+
+def kron_gram(x: Tensor, tg: Tensor) -> Tensor:
+    """``G[q, i, q', j] = sum_n Tg_n[q, q'] x[n, i] x[n, j]``.
+
+    That is ``sum_n (I (x) x_n) Tg_n (I (x) x_n^T)`` with rows and columns ``(q, i)``.
+
+    Args:
+        x: ``(N, c)``.
+        tg: ``(N, a)`` (a diagonal ``Tg_n``: ``G`` is block diagonal over ``q``) or ``(N, a, a)``.
+
+    Returns:
+        ``(a, c, a, c)``; one batched product, ``O(a c^2 N)`` (``O(a^2 c^2 N)`` dense).
+    """
+    n, c = x.shape
+    a = tg.shape[1]
+    if tg.dim() == 2:
+        blk = (tg.T.unsqueeze(2) * x).mT @ x  # (q, i, j)
+        g = x.new_zeros(a, c, a, c)
+        torch.diagonal(g, dim1=0, dim2=2).copy_(blk.permute(1, 2, 0))
+        return g
+    full = x.T @ (tg.reshape(n, a * a, 1) * x.unsqueeze(1)).reshape(n, -1)  # (i, q q' j)
+    return full.reshape(c, a, a, c).permute(1, 0, 2, 3)
 
 
 @dataclass

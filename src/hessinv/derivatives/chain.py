@@ -159,10 +159,11 @@ def structured_blocks(
     p = jfx.shape[2]
     kron_x = None
     if isinstance(layer, LinearDerivatives):  # Jf_x = I (x) [z; 1]^T: the factors of KronX
-        diag = all(j.dim() == 2 for j in jacs)
-        s = y.new_ones(y.shape) if diag else None
-        for j in jacs if diag else ():
-            s = s * j
+        s = None  # the tail's Jacobian, when every module's is diagonal
+        if all(j.dim() == 2 for j in jacs):
+            s = y.new_ones(y.shape)
+            for j in jacs:
+                s = s * j
         kron_x = KronX(z.detach(), y.shape[1], len(params) == 2, params[0].detach(), b_y, tg, s)
     tg_jfx = None if tg is None else _apply(tg, jfx)  # (N, a_y, p)
     txx = None
