@@ -338,3 +338,17 @@ def dense_hessian(model: nn.Module, loss, X, y) -> torch.Tensor:  # noqa: ANN001
     """``torch.func.hessian`` of the loss in the flat trainable parameters."""
     f, x0 = reference_loss_fn(model, loss, X, y)
     return torch.func.hessian(f)(x0).detach()
+
+
+def last_stage_pivot_mu(model: nn.Module, loss, X, y) -> float:  # noqa: ANN001
+    """The largest eigenvalue ``mu`` of the last stage's ``Txx`` on its kept basis.
+
+    At damping ``-mu`` the stage elimination's last pivot ``Txx + dI`` is
+    singular while ``H + dI`` (in general) is not. A case parameter computed with
+    hessinv (the one helper here that uses it), never a reference.
+    """
+    import hessinv  # noqa: PLC0415
+    from hessinv.solvers.lifted import LiftedFactorization  # noqa: PLC0415
+
+    probe = LiftedFactorization(hessinv.Hessian(model, loss, X, y), 0.0, stage_solver=False)
+    return float(torch.linalg.eigvalsh(probe.system.projections[-1].txx)[-1])

@@ -244,21 +244,7 @@ def _unit_vector_refusals() -> int:
     h = dense_hessian(model, loss, X, y)
     n = h.shape[0]
     d = -1.251394564881083e-08
-    a = h + d * torch.eye(n, dtype=DT)
-    H = hessinv.Hessian(model, loss, X, y)
-    g0 = torch.randn(n, 4, dtype=DT, generator=torch.Generator().manual_seed(5))[:, 0]
-    H.solve(g0, d, method="lifted")
-    bad = 0
-    for j in range(0, n, 5):
-        e = torch.zeros(n, dtype=DT)
-        e[j] = 1.0
-        try:
-            x = H.solve(e, d, method="lifted")
-        except hessinv.InaccurateSolveError:
-            bad += 1
-            continue
-        bad += backward_error(a, x, e) > tolerance(h)
-    return bad
+    return _refusals_after_trial(model, loss, X, y, h, d, list(torch.eye(n, dtype=DT)[::5]))
 
 
 @pytest.mark.usefixtures("split_small")
@@ -278,11 +264,18 @@ def _later_refusals(model, loss, X, y, d) -> int:  # noqa: ANN001
     a = h + d * torch.eye(n, dtype=DT)
     vecs = torch.linalg.eigh(a).eigenvectors[:, -4:]
     aw = a @ torch.randn(n, dtype=DT, generator=torch.Generator().manual_seed(9))
+    return _refusals_after_trial(model, loss, X, y, h, d, [*vecs.T, aw])
+
+
+def _refusals_after_trial(model, loss, X, y, h, d: float, rhss: list) -> int:  # noqa: ANN001
+    """Right-hand sides refused or solved inaccurately, after a first (trial) solve."""
+    n = h.shape[0]
+    a = h + d * torch.eye(n, dtype=DT)
     H = hessinv.Hessian(model, loss, X, y)
     g0 = torch.randn(n, 4, dtype=DT, generator=torch.Generator().manual_seed(5))[:, 0]
     H.solve(g0, d, method="lifted")
     bad = 0
-    for g in [*vecs.T, aw]:
+    for g in rhss:
         try:
             x = H.solve(g, d, method="lifted")
         except hessinv.InaccurateSolveError:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from cases import dense_hessian, tanh_net
+from cases import dense_hessian, last_stage_pivot_mu, tanh_net
 from torch import nn
 
 import hessinv
@@ -51,9 +51,7 @@ def tol_for(h: torch.Tensor) -> float:
 def pivot_case():
     """A net and the damping ``d = -mu`` that makes the last stage pivot singular (not A)."""
     model, loss, X, y = tanh_net(4, 3, 4, 1.5)
-    H = hessinv.Hessian(model, loss, X, y)
-    probe = LiftedFactorization(H, 0.0, stage_solver=False)
-    mu = float(torch.linalg.eigvalsh(probe.system.projections[-1].txx)[-1])
+    mu = last_stage_pivot_mu(model, loss, X, y)
     h = dense_hessian(model, loss, X, y)
     d = -mu
     a = h + d * torch.eye(h.shape[0], dtype=DT)

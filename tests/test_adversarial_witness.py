@@ -29,13 +29,12 @@ import math
 
 import pytest
 import torch
-from cases import dense_hessian
+from cases import dense_hessian, last_stage_pivot_mu
 from cases import tanh_net as net
 
 import hessinv
 from hessinv.riccati_solve import _bk_signature
 from hessinv.solvers.contract import solve_tolerance
-from hessinv.solvers.lifted import LiftedFactorization
 from hessinv.spectrum import eigenvalue_count
 
 DT = torch.float64
@@ -67,9 +66,7 @@ def rhs(w: int, k: int = 1, seed: int = 1, dtype: torch.dtype = DT) -> torch.Ten
 def case():
     """A 4-stage tanh net, its dense Hessian, ``mu``: the last stage pivot is singular at -mu."""
     model, loss, X, y = net(4, 3, 4, 1.5)
-    H = hessinv.Hessian(model, loss, X, y)
-    probe = LiftedFactorization(H, 0.0, stage_solver=False)
-    mu = float(torch.linalg.eigvalsh(probe.system.projections[-1].txx)[-1])
+    mu = last_stage_pivot_mu(model, loss, X, y)
     return model, loss, X, y, dense_hessian(model, loss, X, y), mu
 
 
