@@ -70,6 +70,7 @@ class LiftedFactorization(LiftedInertia, Factorization):
         self._lu: BlockTriLU | None = None
         self._congruence: InertiaResult | None = None
         self._congruence_reversed = False  # the congruence eliminated K's blocks last to first
+        self._unmatched: list[InertiaResult] = []  # first-to-last attempts off the LU's det
         self._riccati: dict[str, RiccatiResult] = {}
         #: The stage elimination (module doc): None when not tried or not usable.
         self.stage_solver: StageRiccati | None = None

@@ -16,7 +16,11 @@
   by front whose determinant must match the block LU's, *verified* by a
   second, different congruence: the same delayed-pivot LDL^T of ``K``
   eliminated in the opposite block order (last block first: different
-  pivots, different fronts), whose determinant must also match the LU's. A
+  pivots, different fronts), whose determinant must also match the LU's.
+  When only the reversed one matches (many eigenvalues of ``K`` near zero,
+  whose logarithms each congruence resolves to a few digits), the
+  first-to-last attempts that missed the determinant verify its counts if
+  they agree on every one. A
   parity check alone cannot tell two misclassified eigenvalues apart; two
   different congruences that agree on every count can.
 * Positive definiteness: proven by the Riccati pass, ``H + dI > 0`` exactly
@@ -62,6 +66,7 @@ class LiftedInertia:
     _trust: bool | None
     _congruence: InertiaResult | None
     _congruence_reversed: bool
+    _unmatched: list[InertiaResult]
     _riccati: dict[str, RiccatiResult]
 
     def _require_regular_lu(self, what: str) -> None:
@@ -139,6 +144,8 @@ class LiftedInertia:
             r = block_tri_inertia(diag, upper, rtol=0.0, **kw)
             if self._agrees(r, reference):
                 return r
+            if not reverse:
+                self._unmatched.append(r)
         return None
 
     def reversed_congruence(self, blocks: _Blocks | None = None) -> InertiaResult | None:
@@ -285,7 +292,16 @@ class LiftedInertia:
             return witness
         blocks = self._built_blocks() if self._congruence is None else None
         counts = self._congruence_counts(self.congruence(blocks))
-        if self._congruence_reversed:  # no independent second congruence
+        if self._congruence_reversed:  # the first-to-last attempts missed the LU's determinant
+            if any(self._consistent_counts(r) == counts for r in self._unmatched):
+                how = (
+                    "two congruences of the lifted system agree on every count: delayed-pivot "
+                    "LDL^T eliminating its blocks last to first, whose determinant agrees with "
+                    "the pivoted LU's, and first to last, whose log|det| does not (K has many "
+                    "eigenvalues near zero, each resolved to a few digits; the stage Riccati "
+                    "pass had a pivot within its error bound of singular)"
+                )
+                return Inertia(*counts, 0, verified=True, how=how)
             how = (
                 "signs of a delayed-pivot LDL^T congruence of the lifted system eliminating its "
                 "blocks last to first, whose determinant agrees with the pivoted LU's; NOT "
