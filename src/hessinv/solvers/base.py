@@ -62,8 +62,10 @@ from .contract import (
     zero_threshold,
 )
 from .estimates import (
+    INVERSE_STEPS,
     Rider,
     block_lanczos_steps,
+    excludes_band,
     inverse_iteration_steps,
     smallest_singular_value,
 )
@@ -105,6 +107,9 @@ class Factorization(LinearOperator, ABC):
         self.damping = float(damping)
         self._zero: int | None = None
         self._sigma_min: float | None = None
+        #: ``(estimate, steps)`` of an inverse iteration the first solve ended early
+        #: (:func:`excludes_band`); ``sigma_min_estimate`` then runs the full one.
+        self._sigma_early: tuple[float, int] | None = None
 
     @property
     def op(self) -> Hessian:
@@ -240,7 +245,9 @@ class Factorization(LinearOperator, ABC):
 
         When the inverse-iteration estimate of the smallest singular value is
         above ``10 t`` there is none (five steps from a random start overestimate
-        an isolated small singular value by far less). Otherwise the band is counted exactly
+        an isolated small singular value by far less; after ``j < 5`` steps, the
+        first solve's, above ``t 10^{5/j}``: :func:`~hessinv.solvers.estimates.
+        excludes_band`). Otherwise the band is counted exactly
         by Sylvester's law: ``neg(A - tI) - neg(A + tI)`` eigenvalues lie in
         ``[-t, t)``.
         """
@@ -258,8 +265,11 @@ class Factorization(LinearOperator, ABC):
     def _band_count(self, t: float, kept_only: bool) -> int:
         if t == 0.0:  # A == 0: every eigenvalue is zero
             return self.size
-        sigma = self.sigma_min_estimate()
-        if sigma > 10.0 * t:
+        if self._sigma_min is None and self._sigma_early is not None:
+            sigma, steps = self._sigma_early
+        else:
+            sigma, steps = self.sigma_min_estimate(), INVERSE_STEPS
+        if excludes_band(sigma, steps, t):
             return self._known_zeros(t)
         below = self._shifted(-t)._negatives()  # eigenvalues < t
         above = self._shifted(t)._negatives()  # eigenvalues < -t
@@ -320,19 +330,26 @@ class Factorization(LinearOperator, ABC):
         anyway (:class:`~hessinv.solvers.estimates.Rider`): on a layered
         operator a few more columns cost little, so only the steps left over
         run on their own. The estimates are the same sequences as
-        :meth:`norm` and :meth:`sigma_min_estimate` would compute.
+        :meth:`norm` and :meth:`sigma_min_estimate` would compute, except that
+        the inverse iteration ends with the solve's last application when its
+        estimate already excludes the zero band at the confidence of five steps
+        (:func:`~hessinv.solvers.estimates.excludes_band`; :meth:`zero_count`
+        decides on it, :meth:`sigma_min_estimate` runs the full iteration).
         """
         inv = lan = None
         cls = type(self)
         # only the estimates this method's decisions use: the default singularity test
         # (inverse iteration) and the default norm (Lanczos on the operator)
+        steps: list[tuple[float, int]] = []  # the inverse iteration's (estimate, j) so far
         if (
             self._zero is None
             and self._sigma_min is None
             and cls.singular is Factorization.singular
             and cls.zero_count is Factorization.zero_count
         ):
-            inv = Rider(inverse_iteration_steps(self.size, self.dtype, self.op.device))
+            inv = Rider(
+                inverse_iteration_steps(self.size, self.dtype, self.op.device, record=steps)
+            )
         if (
             cls.norm is Factorization.norm
             and getattr(self.op, "_bounds", 0) is None
@@ -358,8 +375,14 @@ class Factorization(LinearOperator, ABC):
         def finish() -> None:  # the steps that found no product to ride along
             if lan is not None and self.op._bounds is None:
                 self.op._store_bounds(lan.finish(self.op.matmat))
-            if inv is not None and self._sigma_min is None:
-                self._sigma_min = inv.finish(self._apply_for_estimates)
+            if inv is None or self._sigma_min is not None:
+                return
+            if not inv.done and steps and lan is not None and self.op._bounds is not None:
+                est, j = steps[-1]  # far above the band already: no step on its own
+                if excludes_band(est, j, self.zero_threshold()):
+                    self._sigma_early = (est, j)
+                    return
+            self._sigma_min = inv.finish(self._apply_for_estimates)
 
         try:
             out = refined_solve(

@@ -26,6 +26,11 @@ from torch import Tensor
 
 T = TypeVar("T")
 
+#: Inverse iterations of the contract's estimate of ``sigma_min`` (:func:`smallest_singular_value`).
+INVERSE_STEPS = 5
+#: :func:`excludes_band`: ``e_j > t 10^(BAND_EXPONENT / j)`` (``e_5 > 10 t`` after five steps).
+BAND_EXPONENT = 5.0
+
 
 def _start(size: int, dtype: torch.dtype, device: torch.device, seed: int) -> Tensor:
     gen = torch.Generator(device="cpu").manual_seed(seed)
@@ -133,6 +138,11 @@ class Rider(Generic[T]):
         except StopIteration as stop:
             self.block, self.value, self._done = None, stop.value, True
 
+    @property
+    def done(self) -> bool:
+        """The estimate needs no more products (:attr:`value` is set)."""
+        return self._done
+
     def feed(self, product: Tensor) -> None:
         """The product of the waiting :attr:`block`."""
         self._advance(lambda: self._steps.send(product))
@@ -206,7 +216,7 @@ def smallest_singular_value(
     size: int,
     dtype: torch.dtype,
     device: torch.device,
-    steps: int = 5,
+    steps: int = INVERSE_STEPS,
     seed: int = 1,
 ) -> float:
     """An estimate from above of ``sigma_min(A)`` from ``steps`` inverse iterations.
@@ -220,15 +230,20 @@ def inverse_iteration_steps(
     size: int,
     dtype: torch.dtype,
     device: torch.device,
-    steps: int = 5,
+    steps: int = INVERSE_STEPS,
     seed: int = 1,
+    record: list[tuple[float, int]] | None = None,
 ) -> Steps[float]:
-    """The steps of :func:`smallest_singular_value`: ``||y|| / ||A^{-1} y||``, minimised."""
+    """The steps of :func:`smallest_singular_value`: ``||y|| / ||A^{-1} y||``, minimised.
+
+    ``record``: after step ``j`` the pair ``(estimate so far, j)`` is appended
+    (for :func:`excludes_band`, which may end the iteration early).
+    """
     if size == 0:
         return math.inf
     y = _start(size, dtype, device, seed)
     best = math.inf
-    for _ in range(steps):
+    for j in range(1, steps + 1):
         z = yield y
         if not torch.isfinite(z).all():
             return 0.0
@@ -236,8 +251,28 @@ def inverse_iteration_steps(
         if nz == 0.0:
             return math.inf if best == math.inf else best
         best = min(best, float(torch.linalg.vector_norm(y)) / nz)
+        if record is not None:
+            record.append((best, j))
         y = z / nz
     return best
+
+
+def excludes_band(estimate: float, steps: int, t: float) -> bool:
+    """Inverse iteration's estimate after ``steps`` steps rules out eigenvalues in ``[-t, t]``.
+
+    With ``y_0`` the random start, ``c_1`` its component along the
+    eigenvector of the smallest ``|lambda|`` and ``N_j = ||A^{-j} y_0||``,
+    the estimate after ``j`` steps is ``e_j = N_{j-1} / N_j`` (:func:`
+    inverse_iteration_steps`). ``log N_j`` is convex in ``j`` (a sum of
+    exponentials), so ``N_j / N_{j-1} >= N_j^{1/j}``, and ``N_j >= |c_1|
+    sigma_min^{-j}``: hence ``e_j <= sigma_min |c_1|^{-1/j}``. An eigenvalue in
+    ``[-t, t]`` would need ``|c_1| <= (t / e_j)^j``. The contract's rule, five
+    steps and ``e_5 > 10 t``, accepts ``|c_1| <= 10^-5`` (a chance of about
+    ``10^-5 sqrt(2 W / pi)`` for a random start); ``e_j > t 10^{5/j}`` accepts
+    no more after ``j`` steps (``46 t`` after three), so the iteration may
+    stop there at the same confidence.
+    """
+    return steps >= 1 and estimate > t * 10.0 ** (BAND_EXPONENT / steps)
 
 
 def robust_eigh(a: Tensor) -> tuple[Tensor, Tensor]:

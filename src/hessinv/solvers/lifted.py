@@ -148,7 +148,7 @@ class LiftedFactorization(LiftedInertia, Factorization):
         """Drop the stage solver; estimates made through it are made again."""
         self._trust, self.stage_solver = False, None
         self._refine_estimates = False
-        self._sigma_min = self._zero = None
+        self._sigma_min = self._zero = self._sigma_early = None
 
     def _solve_with_estimates(self, g: Tensor, refine: int) -> tuple[Tensor, Tensor | None]:
         """The first solve tries the stage elimination and keeps it only if it is accurate.
@@ -177,7 +177,7 @@ class LiftedFactorization(LiftedInertia, Factorization):
         self._trust = True
         if verdict == "refined":  # the trial's estimate of sigma_min is not good enough
             self._refine_estimates = True
-            self._sigma_min = self._zero = None
+            self._sigma_min = self._zero = self._sigma_early = None
         return x, r
 
     def _trial_verdict(self, g: Tensor, x: Tensor, r: Tensor | None) -> str:
