@@ -109,6 +109,8 @@ class KronX:
         product ``Jf_x^T Tg Jf_x``.
         """
         a, a_in = self.a, self.z.shape[1]
+        if tg.dim() == 2:  # block diagonal over q: written straight into parameter order
+            return self._txx_diagonal(tg)
         g = kron_gram(self.inputs(), tg)  # (q, i, q', j)
         p = g.shape[0] * g.shape[1]
         if not self.bias:  # (q, i) is the parameter order
@@ -119,6 +121,31 @@ class KronX:
         out[:m, m:] = g[:, :a_in, :, a_in].reshape(m, a)
         out[m:, :m] = g[:, a_in, :, :a_in].reshape(a, m)
         out[m:, m:] = g[:, a_in, :, a_in]
+        return out
+
+
+    def _txx_diagonal(self, tg: Tensor) -> Tensor:
+        """:meth:`txx` for a diagonal ``Tg`` (``(N, a)``): ``a`` Gram blocks on the diagonal.
+
+        ``blk[q] = sum_n Tg_n[q] t_n t_n^T`` (``c x c``) couples parameter ``(q, i)``
+        with ``(q, j)`` only; each of the four parts (weight-weight, weight-bias,
+        bias-weight, bias-bias) is a strided diagonal of a view of the output,
+        so the ``p x p`` matrix is written once.
+        """
+        x = self.inputs()
+        a, a_in = self.a, self.z.shape[1]
+        blk = (tg.T.unsqueeze(2) * x).mT @ x  # (q, i, j)
+        p = a * x.shape[1]
+        out = x.new_zeros(p, p)
+        m = a * a_in  # the weight's entries come first, row-major, then the bias
+        ww = out[:m, :m].unflatten(0, (a, a_in)).unflatten(2, (a, a_in))  # (q, i, q', j)
+        torch.diagonal(ww, dim1=0, dim2=2).copy_(blk[:, :a_in, :a_in].permute(1, 2, 0))
+        if self.bias:
+            wb = out[:m, m:].unflatten(0, (a, a_in))  # (q, i, q')
+            torch.diagonal(wb, dim1=0, dim2=2).copy_(blk[:, :a_in, a_in].T)
+            bw = out[m:, :m].unflatten(1, (a, a_in))  # (q, q', j)
+            torch.diagonal(bw, dim1=0, dim2=1).copy_(blk[:, a_in, :a_in].T)
+            torch.diagonal(out[m:, m:]).copy_(blk[:, a_in, a_in])
         return out
 
 
