@@ -131,12 +131,12 @@ def _jz_t_p_jz(jz: Tensor, p: Tensor) -> Tensor:
 
 
 def _add_block_diag(q: Tensor, blocks: Tensor) -> Tensor:
-    """``q + blockdiag(blocks)`` for per-sample ``blocks`` (``(N, a, a)``)."""
+    """``q + blockdiag(blocks)`` for per-sample ``blocks`` (``(N, a, a)``); ``q`` is overwritten."""
     n, a, _ = blocks.shape
-    q4 = q.reshape(n, a, n, a).clone()
-    idx = torch.arange(n, device=q.device)
-    q4[idx, :, idx, :] += blocks
-    return q4.reshape(n * a, n * a)
+    q = q.contiguous()
+    q4 = q.view(n, a, n, a)
+    torch.diagonal(q4, dim1=0, dim2=2).add_(blocks.permute(1, 2, 0))
+    return q
 
 
 def stage_pivot(
@@ -174,9 +174,8 @@ def stage_coupling(
     qvu = ref.new_zeros(k, m_in) if tzx is None else tzx.T
     quu = ref.new_zeros(m_in, m_in)
     if pjx is not None:
-        a = b.Jz.shape[1]
-        jz_pjx = torch.einsum("nsi,nsk->kni", b.Jz, pjx.reshape(n, a, k)).reshape(k, m_in)
-        qvu = qvu + jz_pjx
+        n, a, _ = b.Jz.shape
+        qvu = qvu + (b.Jz.mT @ pjx.reshape(n, a, k)).reshape(m_in, k).T  # (Jz^T P Jx)^T
         quu = _jz_t_p_jz(b.Jz, p_mat)
     if b.Tzz is not None:
         quu = _add_block_diag(quu, b.Tzz)
