@@ -17,8 +17,9 @@ True
 
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -226,9 +227,35 @@ class Hessian(Solves, LinearOperator):
         self._check_fresh()
         return self.blocks
 
+    #: Inside :meth:`_fresh_call`: the parameters were checked at its start.
+    _fresh_held = False
+
     def _check_fresh(self) -> None:
-        """Raise :class:`hessinv.StaleOperatorError` if the parameters changed since build."""
+        """Raise :class:`hessinv.StaleOperatorError` if the parameters changed since build.
+
+        Skipped inside :meth:`_fresh_call`, which checked once at its start.
+        """
+        if not self._fresh_held:
+            self._snapshot.check()
+
+    @contextlib.contextmanager
+    def _fresh_call(self) -> Iterator[None]:
+        """Check the parameters once for a whole public call (a solve and its products).
+
+        A default solve makes about ten products and norm estimates, each of
+        which checked every parameter's bytes (``O(W)`` and a Python loop over
+        the tensors, ~0.4 ms at 128 tensors); no user code runs in between,
+        so one check at the start of the call decides for all of them.
+        """
+        if self._fresh_held:
+            yield
+            return
         self._snapshot.check()
+        self._fresh_held = True
+        try:
+            yield
+        finally:
+            self._fresh_held = False
 
     def loss(self) -> Tensor:
         """The loss ``z_L`` at the current parameters."""

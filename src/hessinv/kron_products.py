@@ -112,9 +112,7 @@ class KronRun:
         xr = x.reshape(r, n, a * k)
         gw = torch.bmm(self.z.mT, xr).reshape(r, a_in, a, k).transpose(1, 2)  # (R, a, a_in, k)
         if u_prev is not None:  # Tf_zx^T u: sum_n b_y,n u_n^T
-            gw = gw + torch.bmm(self.b_y.mT, u_prev.reshape(r, n, a_in * k)).reshape(
-                r, a, a_in, k
-            )
+            gw = gw + torch.bmm(self.b_y.mT, u_prev.reshape(r, n, a_in * k)).reshape(r, a, a_in, k)
         parts = [gw.reshape(r, a * a_in, k)]
         if self.bias:
             parts.append(x.sum(1))

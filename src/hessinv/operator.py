@@ -26,7 +26,8 @@ curvlinops operator can enter hessinv's algebra (``H - curvlinops_op``).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -67,6 +68,12 @@ class LinearOperator:
     def _check_fresh(self) -> None:
         """Raise if the operator no longer describes its model (a hook; no-op here)."""
 
+    @contextlib.contextmanager
+    def _fresh_call(self) -> Iterator[None]:
+        """One :meth:`_check_fresh` for a whole public call (a hook; here the check alone)."""
+        self._check_fresh()
+        yield
+
     def _matmat_checked(self, v: Tensor) -> Tensor:
         """``matmat`` as ``@`` calls it (a hook for output checks)."""
         return self.matmat(v)
@@ -101,9 +108,9 @@ class LinearOperator:
         """``A @ x``: the product with a vector/block/list (same form back) or an operator."""
         if _is_operator(x):
             return _Product(self, as_operator(x))
-        self._check_fresh()
-        vm, form = self.layout.to_matrix(x, "v")
-        return self.out_layout.from_matrix(self._matmat_checked(vm), form)
+        with self._fresh_call():
+            vm, form = self.layout.to_matrix(x, "v")
+            return self.out_layout.from_matrix(self._matmat_checked(vm), form)
 
     def __rmatmul__(self, x: VectorLike) -> VectorLike:
         """``x @ A = (A^T x^T)^T``: ``x`` of shape ``(m,)`` or ``(k, m)``.
@@ -171,8 +178,8 @@ class LinearOperator:
     # -- dense and SciPy --------------------------------------------------------------
     def to_dense(self) -> Tensor:
         """The ``m x n`` matrix, ``A @ I`` (``n`` products)."""
-        self._check_fresh()
-        return self.matmat(torch.eye(self.shape[1], dtype=self.dtype, device=self.device))
+        with self._fresh_call():
+            return self.matmat(torch.eye(self.shape[1], dtype=self.dtype, device=self.device))
 
     def to_scipy(self, dtype=None):  # noqa: ANN001, ANN201
         """A ``scipy.sparse.linalg.LinearOperator`` for ``A`` (``rmatvec`` by ``A^T``).
@@ -230,9 +237,9 @@ class LinearOperator:
 
     def _matmat(self, x: list[Tensor]) -> list[Tensor]:
         """As curvlinops: ``[(*p.shape, k)]`` in, ``[(*q.shape, k)]`` out."""
-        self._check_fresh()
-        vm, _ = self.layout.to_matrix(list(x), "v")
-        return self.out_layout.from_matrix(self._matmat_checked(vm), "list-matrix")
+        with self._fresh_call():
+            vm, _ = self.layout.to_matrix(list(x), "v")
+            return self.out_layout.from_matrix(self._matmat_checked(vm), "list-matrix")
 
     def _adjoint(self) -> LinearOperator:
         return self.T

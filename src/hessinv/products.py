@@ -142,8 +142,17 @@ def stage_runs(blocks: list[StageBlocks]) -> list[StageRun]:
         st = {n: None if getattr(run[0], n) is None else _stack_in_place(run, n) for n in names}
         runs.append(
             StageRun(
-                lo, l, offset, p, st.get("Jx"), st.get("Tzx"), st["Tzz"], st.get("Txx"), kron,
-                first=run[0].Tzx is None, last=run[-1].Jx is None,
+                lo,
+                l,
+                offset,
+                p,
+                st.get("Jx"),
+                st.get("Tzx"),
+                st["Tzz"],
+                st.get("Txx"),
+                kron,
+                first=run[0].Tzx is None,
+                last=run[-1].Jx is None,
             )  # fmt: skip
         )
         offset += p * len(run)

@@ -123,7 +123,6 @@ class KronX:
         out[m:, m:] = g[:, a_in, :, a_in]
         return out
 
-
     def _txx_diagonal(self, tg: Tensor) -> Tensor:
         """:meth:`txx` for a diagonal ``Tg`` (``(N, a)``): ``a`` Gram blocks on the diagonal.
 

@@ -307,7 +307,11 @@ class Factorization(LinearOperator, ABC):
                 error exceeds :func:`solve_tolerance`.
             StaleOperatorError: The parameters changed since ``H`` was built.
         """
-        self.op._check_fresh()
+        with self.op._fresh_call():  # one staleness check for all the products inside
+            return self._solve_fresh(g, check, refine)
+
+    def _solve_fresh(self, g: VectorLike, check: bool, refine: int) -> VectorLike:
+        """:meth:`solve` once the operator is known to be fresh."""
         gm, form = self.op.layout.to_matrix(g, "g")
         if gm.shape[1] == 0:
             return self.op.layout.from_matrix(gm.clone(), form)
@@ -430,10 +434,10 @@ class Factorization(LinearOperator, ABC):
 
     def logdet(self) -> tuple[float, float]:
         """``(sign, log|det(H + damping I)|)``; ``(0.0, -inf)`` when numerically singular."""
-        self.op._check_fresh()
-        if self.singular:
-            return 0.0, -math.inf
-        return self._logdet()
+        with self.op._fresh_call():
+            if self.singular:
+                return 0.0, -math.inf
+            return self._logdet()
 
     def inertia(self) -> Inertia:
         """``(n_pos, n_neg, n_zero)`` of ``H + damping I`` (:class:`Inertia`).
@@ -441,8 +445,8 @@ class Factorization(LinearOperator, ABC):
         Zeros are eigenvalues within :meth:`zero_threshold`; they are counted
         exactly from the inertias of ``A -+ t I`` when there are any.
         """
-        self.op._check_fresh()
-        out = self._inertia_unchecked()
+        with self.op._fresh_call():
+            out = self._inertia_unchecked()
         if sum(out) != self.size or min(out) < 0:  # pragma: no cover - a guard, never expected
             raise torch.linalg.LinAlgError(
                 f"method={self.method!r} counted {tuple(out)} eigenvalues for W = {self.size}"

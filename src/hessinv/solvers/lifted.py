@@ -133,16 +133,17 @@ class LiftedFactorization(LiftedInertia, Factorization):
         drops it for good: the estimates made with it are discarded and the
         solve is redone with the pivoted block LU, whose verdict stands.
         """
-        try:
+        with self.op._fresh_call():
+            try:
+                return super().solve(g, check=check, refine=refine)
+            except InaccurateSolveError:
+                if not self._stages_serve():
+                    raise
+            except SingularHessianError:  # a count's verdict stands; an overflow is retried
+                if not self._stages_serve() or self._zero:
+                    raise
+            self._demote()
             return super().solve(g, check=check, refine=refine)
-        except InaccurateSolveError:
-            if not self._stages_serve():
-                raise
-        except SingularHessianError:  # a count's verdict stands; an overflow is retried
-            if not self._stages_serve() or self._zero:
-                raise
-        self._demote()
-        return super().solve(g, check=check, refine=refine)
 
     def _demote(self) -> None:
         """Drop the stage solver; estimates made through it are made again."""
