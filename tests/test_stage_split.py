@@ -232,3 +232,38 @@ def test_stage_riccati_direct_against_dense_inverse(split_small) -> None:  # noq
     ref = torch.linalg.solve(kept, b)
     cond = float(torch.linalg.cond(kept))
     assert float((w - ref).abs().max()) <= 1e3 * cond * EPS * float(ref.abs().max())
+
+
+def test_split_stages_of_several_shapes_against_dense_inverse(split_small) -> None:  # noqa: ANN001
+    """Widths 8, 7, 7, 7, 6, 6, 6, batch 4: split stages of four basis shapes; the last two
+    share one but not their keys (the last has no ``Jx``), so a group holds two runs. Each
+    group changes basis in one call (``basis_groups``), and the solve of an indefinite
+    system equals ``(Q^T (H + dI) Q)^{-1} b``."""
+    from hessinv.riccati_sweeps import basis_groups
+
+    torch.manual_seed(4)
+    widths = [8, 7, 7, 7, 6, 6, 6]
+    mods: list[nn.Module] = []
+    for a, b in zip(widths[:-1], widths[1:], strict=True):
+        mods += [nn.Linear(a, b), nn.Tanh()]
+    model = nn.Sequential(*mods[:-1]).to(DT)
+    X, y = torch.randn(4, 8, dtype=DT), torch.randn(4, 6, dtype=DT)
+    loss = nn.MSELoss()
+    h = dense_hessian(model, loss, X, y)
+    H = hessinv.Hessian(model, loss, X, y)
+    d = -0.03  # indefinite
+    ls = H.factor(d, method="lifted").system
+    sr = StageRiccati(H.blocks, d, ls.projections)
+    groups = basis_groups(sr.runs)
+    assert sr.ok and len(groups) >= 3 and max(g.hi - g.lo for g in groups) >= 2
+    assert sum(g.qc.shape[0] for g in groups) == sum(s.basis is not None for s in sr.stages)
+    q_blocks = [pr.q if pr.q is not None else torch.eye(b.num_params, dtype=DT)
+                for pr, b in zip(ls.projections, H.blocks, strict=True)]  # fmt: skip
+    q = torch.block_diag(*q_blocks)
+    kept = q.T @ (h + d * torch.eye(h.shape[0], dtype=DT)) @ q
+    b = torch.randn(kept.shape[0], 3, dtype=DT, generator=torch.Generator().manual_seed(2))
+    sizes = [qb.shape[1] for qb in q_blocks]
+    w = torch.cat(sr.solve(list(torch.split(b, sizes))))
+    ref = torch.linalg.solve(kept, b)
+    cond = float(torch.linalg.cond(kept))
+    assert float((w - ref).abs().max()) <= 1e3 * cond * EPS * float(ref.abs().max())

@@ -58,7 +58,7 @@ from .derivatives import StageBlocks
 from .lifted import Projected, _block_diag
 from .progress import ProgressArg, progress_bar
 from .riccati import _sym, stage_coupling, stage_pivot
-from .riccati_sweeps import StageFactor, solve_sweeps, sweep_runs
+from .riccati_sweeps import StageFactor, basis_groups, solve_sweeps, sweep_runs
 from .stage_split import split_stage
 
 
@@ -133,6 +133,7 @@ class StageRiccati:
             bad = bad or not bool(torch.cat(finite).all())
         self.ok = not bad
         self.runs = sweep_runs(self.stages)
+        self.groups = basis_groups(self.runs)
         self._signature: tuple[int, int, int, float] | None = None
 
     def signature(self) -> tuple[int, int, int, float]:
@@ -165,7 +166,7 @@ class StageRiccati:
         The sweeps of the module doc, batched over runs of equal stages
         (:func:`hessinv.riccati_sweeps.solve_sweeps`).
         """
-        return solve_sweeps(self.stages, self.runs, list(b), self.damping)
+        return solve_sweeps(self.stages, self.runs, list(b), self.damping, self.groups)
 
 
 def _bk_signature(a: Tensor) -> Tensor:
