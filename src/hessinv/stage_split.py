@@ -56,7 +56,7 @@ class SplitStage:
         self.r = self.a * rz
         self.qc = qc
         self.idx = kx.order()  # parameter index of (q, i)
-        self.inv_idx = torch.argsort(self.idx)
+        self.inv_idx = kx.inverse_order()
         qz = qc[:, :rz]
         self.txx: Tensor | None = None
         self.jx: Tensor | None = None

@@ -20,6 +20,7 @@ matrices, never as an ``(N a) x (N a)`` block diagonal.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -73,10 +74,11 @@ class KronX:
 
     def order(self) -> Tensor:
         """``idx[q c + i]``: the parameter index of entry ``(q, i)`` of ``I_a (x) [z; 1]``."""
-        a, a_in, c = self.a, self.z.shape[1], self.width
-        q = torch.arange(a, device=self.z.device).unsqueeze(1)
-        i = torch.arange(c, device=self.z.device).unsqueeze(0)
-        return torch.where(i < a_in, q * a_in + i, a * a_in + q).reshape(a * c)
+        return _order(self.a, self.z.shape[1], self.width, self.z.device)[0]
+
+    def inverse_order(self) -> Tensor:
+        """The inverse permutation of :meth:`order` (``argsort``)."""
+        return _order(self.a, self.z.shape[1], self.width, self.z.device)[1]
 
     @property
     def factored(self) -> bool:
@@ -146,6 +148,15 @@ class KronX:
             torch.diagonal(bw, dim1=0, dim2=1).copy_(blk[:, a_in, :a_in].T)
             torch.diagonal(out[m:, m:]).copy_(blk[:, a_in, a_in])
         return out
+
+
+@functools.lru_cache(maxsize=64)
+def _order(a: int, a_in: int, c: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """:meth:`KronX.order` and its inverse, one pair per shape (index tensors, never written)."""
+    q = torch.arange(a, device=device).unsqueeze(1)
+    i = torch.arange(c, device=device).unsqueeze(0)
+    idx = torch.where(i < a_in, q * a_in + i, a * a_in + q).reshape(a * c)
+    return idx, torch.argsort(idx)
 
 
 def kron_gram(x: Tensor, tg: Tensor) -> Tensor:
