@@ -97,7 +97,7 @@ def phases(width: int, batch: int, depth: int, reps: int) -> dict[str, float]:
         t = rec("stage elimination (bases cached)", t)
         fac._trust = True  # as after a first solve that proved it accurate (profiling only)
         fac.sigma_min_estimate()
-        t = rec("sigma_min (5 inverse iterations)", t)
+        t = rec("sigma_min (5 inverse iterations on their own)", t)
         x = refined_solve(H.matmat, fac._apply, g, DAMPING, 2)
         t = rec("solve + refinement", t)
         fac.check(x, g)
