@@ -267,3 +267,20 @@ def test_split_stages_of_several_shapes_against_dense_inverse(split_small) -> No
     ref = torch.linalg.solve(kept, b)
     cond = float(torch.linalg.cond(kept))
     assert float((w - ref).abs().max()) <= 1e3 * cond * EPS * float(ref.abs().max())
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_a_non_finite_cost_to_go_is_refused(bad) -> None:  # noqa: ANN001
+    """One non-finite entry of a middle stage's ``Tzz`` makes ``P`` non-finite from there on:
+    the elimination reports ``ok = False`` (its check reads each ``P``'s sum)."""
+    import dataclasses
+
+    model, loss, X, y = tanh_net(16, 8, 4, 1.2)
+    H = hessinv.Hessian(model, loss, X, y)
+    prj = H.factor(1e-3, method="lifted").system.projections
+    assert StageRiccati(H.blocks, 1e-3, prj).ok
+    blocks = list(H.blocks)
+    tzz = blocks[2].Tzz.clone()
+    tzz[3, 1, 2] = bad
+    blocks[2] = dataclasses.replace(blocks[2], Tzz=tzz)
+    assert not StageRiccati(blocks, 1e-3, prj).ok
