@@ -39,7 +39,7 @@ def test_each_public_call_checks_once(monkeypatch):
         calls.clear()
         call()
         assert len(calls) == 1
-    assert not H._fresh_held
+    assert not H._fresh_threads
 
 
 def test_a_change_between_calls_is_caught(monkeypatch):
@@ -59,7 +59,7 @@ def test_an_error_inside_a_call_leaves_the_checks_on(monkeypatch):
     fac = H.factor(0.1)
     with pytest.raises(ValueError):
         fac.solve(torch.randn(H.num_params + 1, dtype=DT))  # a wrong shape, inside the call
-    assert not H._fresh_held
+    assert not H._fresh_threads
     with torch.no_grad():
         model[2].bias.add_(1.0)
     with pytest.raises(hessinv.StaleOperatorError, match=r"^2\.bias changed"):

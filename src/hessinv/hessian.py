@@ -18,6 +18,7 @@ True
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 
@@ -227,15 +228,15 @@ class Hessian(Solves, LinearOperator):
         self._check_fresh()
         return self.blocks
 
-    #: Inside :meth:`_fresh_call`: the parameters were checked at its start.
-    _fresh_held = False
+    #: The threads inside :meth:`_fresh_call` (the parameters were checked at its start).
+    _fresh_threads: frozenset[int] | set[int] = frozenset()
 
     def _check_fresh(self) -> None:
         """Raise :class:`hessinv.StaleOperatorError` if the parameters changed since build.
 
-        Skipped inside :meth:`_fresh_call`, which checked once at its start.
+        Skipped in a thread inside :meth:`_fresh_call`, which checked once at its start.
         """
-        if not self._fresh_held:
+        if threading.get_ident() not in self._fresh_threads:
             self._snapshot.check()
 
     @contextlib.contextmanager
@@ -244,18 +245,24 @@ class Hessian(Solves, LinearOperator):
 
         A default solve makes about ten products and norm estimates, each of
         which checked every parameter's bytes (``O(W)`` and a Python loop over
-        the tensors, ~0.4 ms at 128 tensors); no user code runs in between,
-        so one check at the start of the call decides for all of them.
+        the tensors, ~0.4 ms at 128 tensors); no user code runs in between in
+        the calling thread, so one check at the start of the call decides for
+        all of them. Per thread: a call in another thread sharing the operator
+        checks for itself (a parameter changed there meanwhile is caught).
         """
-        if self._fresh_held:
+        me = threading.get_ident()
+        if me in self._fresh_threads:
             yield
             return
         self._snapshot.check()
-        self._fresh_held = True
+        held = self.__dict__.get("_fresh_threads")
+        if held is None:
+            held = self.__dict__.setdefault("_fresh_threads", set())
+        held.add(me)  # set.add / discard are atomic under the GIL
         try:
             yield
         finally:
-            self._fresh_held = False
+            held.discard(me)
 
     def loss(self) -> Tensor:
         """The loss ``z_L`` at the current parameters."""
