@@ -55,6 +55,7 @@ from ..operator import LinearOperator
 from .contract import (
     SOLVE_TOL_FACTOR,
     Inertia,
+    column_norms,
     normwise_backward_error,
     refined_solve,
     shifted_norm,
@@ -368,13 +369,23 @@ class Factorization(LinearOperator, ABC):
             inv.feed(z)
             return x
 
+        floor = [0.0]  # ||(H + dI) q|| of the unit Lanczos columns so far: <= ||A||
+
         def matmat(v: Tensor) -> Tensor:
             if lan is None or lan.block is None or self.op._bounds is not None:
                 return self.op.matmat(v)  # (a method may have estimated the norm itself)
             k = v.shape[1]
-            out = self.op.matmat(torch.cat([v, lan.block], dim=1))
+            blk = lan.block
+            out = self.op.matmat(torch.cat([v, blk], dim=1))
+            shifted = column_norms(out[:, k:] + self.damping * blk)
+            floor[0] = max(floor[0], float(shifted.max()) if shifted.numel() else 0.0)
             lan.feed(out[:, k:])
             return out[:, :k]
+
+        def norm_floor() -> float:  # a lower bound of ||A||, for the refinement's stop
+            if cls.norm is Factorization.norm and getattr(self.op, "_bounds", None) is not None:
+                return max(self.norm(), floor[0])  # Ritz values lie inside the spectrum
+            return floor[0]
 
         def finish() -> None:  # the steps that found no product to ride along
             if lan is not None and self.op._bounds is None:
@@ -397,6 +408,7 @@ class Factorization(LinearOperator, ABC):
                 refine,
                 with_residual=True,
                 on_first=self._first_residual,
+                norm_floor=norm_floor,
             )
         except SingularHessianError:  # the solve overflowed: say why, if the count can
             finish()
