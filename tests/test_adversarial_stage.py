@@ -76,21 +76,18 @@ def _rhs(w: int, k: int = 3, seed: int = 1) -> torch.Tensor:
 # -- defects ------------------------------------------------------------------------------
 
 
-def test_zero_first_rhs_then_unchecked_solve_is_exact(pivot_case) -> None:  # noqa: ANN001
+@pytest.mark.parametrize("checked", [False, True])
+def test_zero_first_rhs_then_solve_is_exact(pivot_case, checked) -> None:  # noqa: ANN001
+    """After a zero first right-hand side, an unchecked solve is exact and a checked one
+    (through ``H.inverse``) succeeds."""
     *_, h, a, d, _ = pivot_case
     H = _fresh(pivot_case)
     H.solve(torch.zeros(h.shape[0], dtype=DT), d, method="lifted")
     g = _rhs(h.shape[0])
-    x = H.solve(g, d, method="lifted", check=False)
-    assert backward_error(a, x, g) <= tol_for(h)
-
-
-def test_zero_first_rhs_then_checked_solve_succeeds(pivot_case) -> None:  # noqa: ANN001
-    *_, h, a, d, _ = pivot_case
-    H = _fresh(pivot_case)
-    H.solve(torch.zeros(h.shape[0], dtype=DT), d, method="lifted")
-    g = _rhs(h.shape[0])
-    x = H.inverse(d, method="lifted") @ g
+    if checked:
+        x = H.inverse(d, method="lifted") @ g
+    else:
+        x = H.solve(g, d, method="lifted", check=False)
     assert backward_error(a, x, g) <= tol_for(h)
 
 

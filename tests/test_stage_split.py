@@ -213,6 +213,20 @@ def test_default_threshold_splits_a_wide_stage() -> None:
     assert fac.solver == "stages"
 
 
+def _assert_kept_solve(sr, ls, H, h, d: float, cols: int) -> None:  # noqa: ANN001, N803
+    """``sr.solve(b)`` equals ``(Q^T (H + dI) Q)^{-1} b`` (dense, ``torch.linalg.solve``)."""
+    q_blocks = [pr.q if pr.q is not None else torch.eye(b.num_params, dtype=DT)
+                for pr, b in zip(ls.projections, H.blocks, strict=True)]  # fmt: skip
+    q = torch.block_diag(*q_blocks)
+    kept = q.T @ (h + d * torch.eye(h.shape[0], dtype=DT)) @ q
+    b = torch.randn(kept.shape[0], cols, dtype=DT, generator=torch.Generator().manual_seed(2))
+    sizes = [qb.shape[1] for qb in q_blocks]
+    w = torch.cat(sr.solve(list(torch.split(b, sizes))))
+    ref = torch.linalg.solve(kept, b)
+    cond = float(torch.linalg.cond(kept))
+    assert float((w - ref).abs().max()) <= 1e3 * cond * EPS * float(ref.abs().max())
+
+
 def test_stage_riccati_direct_against_dense_inverse(split_small) -> None:  # noqa: ANN001
     """``StageRiccati.solve`` on the kept directions equals ``(Q^T (H + dI) Q)^{-1} b``."""
     model, loss, X, y = net(6, 2, 4, "tanh", True, seed=5)
@@ -222,16 +236,7 @@ def test_stage_riccati_direct_against_dense_inverse(split_small) -> None:  # noq
     ls = fac.system
     sr = StageRiccati(H.blocks, 0.05, ls.projections)
     assert sr.ok and sum(s.basis is not None for s in sr.stages) > 0
-    q_blocks = [pr.q if pr.q is not None else torch.eye(b.num_params, dtype=DT)
-                for pr, b in zip(ls.projections, H.blocks, strict=True)]  # fmt: skip
-    q = torch.block_diag(*q_blocks)
-    kept = q.T @ (h + 0.05 * torch.eye(h.shape[0], dtype=DT)) @ q
-    b = torch.randn(kept.shape[0], 2, dtype=DT, generator=torch.Generator().manual_seed(2))
-    sizes = [qb.shape[1] for qb in q_blocks]
-    w = torch.cat(sr.solve(list(torch.split(b, sizes))))
-    ref = torch.linalg.solve(kept, b)
-    cond = float(torch.linalg.cond(kept))
-    assert float((w - ref).abs().max()) <= 1e3 * cond * EPS * float(ref.abs().max())
+    _assert_kept_solve(sr, ls, H, h, 0.05, cols=2)
 
 
 def test_split_stages_of_several_shapes_against_dense_inverse(split_small) -> None:  # noqa: ANN001
@@ -257,16 +262,7 @@ def test_split_stages_of_several_shapes_against_dense_inverse(split_small) -> No
     groups = basis_groups(sr.runs)
     assert sr.ok and len(groups) >= 3 and max(g.hi - g.lo for g in groups) >= 2
     assert sum(g.qc.shape[0] for g in groups) == sum(s.basis is not None for s in sr.stages)
-    q_blocks = [pr.q if pr.q is not None else torch.eye(b.num_params, dtype=DT)
-                for pr, b in zip(ls.projections, H.blocks, strict=True)]  # fmt: skip
-    q = torch.block_diag(*q_blocks)
-    kept = q.T @ (h + d * torch.eye(h.shape[0], dtype=DT)) @ q
-    b = torch.randn(kept.shape[0], 3, dtype=DT, generator=torch.Generator().manual_seed(2))
-    sizes = [qb.shape[1] for qb in q_blocks]
-    w = torch.cat(sr.solve(list(torch.split(b, sizes))))
-    ref = torch.linalg.solve(kept, b)
-    cond = float(torch.linalg.cond(kept))
-    assert float((w - ref).abs().max()) <= 1e3 * cond * EPS * float(ref.abs().max())
+    _assert_kept_solve(sr, ls, H, h, d, cols=3)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])

@@ -255,10 +255,8 @@ class Hessian(Solves, LinearOperator):
             yield
             return
         self._snapshot.check()
-        held = self.__dict__.get("_fresh_threads")
-        if held is None:
-            held = self.__dict__.setdefault("_fresh_threads", set())
-        held.add(me)  # set.add / discard are atomic under the GIL
+        held = self.__dict__.setdefault("_fresh_threads", set())  # (the class's is frozen)
+        held.add(me)  # setdefault, set.add and discard are atomic under the GIL
         try:
             yield
         finally:

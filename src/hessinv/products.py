@@ -153,7 +153,7 @@ def stage_runs(blocks: list[StageBlocks]) -> list[StageRun]:
                 kron,
                 first=run[0].Tzx is None,
                 last=run[-1].Jx is None,
-            )  # fmt: skip
+            )
         )
         offset += p * len(run)
         lo = l

@@ -167,17 +167,18 @@ def basis_groups(runs: list[SweepRun]) -> list[BasisGroup]:
         if run.qc is None:
             i += 1
             continue
-        j = i + 1
-        shape = (run.qc.shape[1:], run.idx.shape, run.rz)  # type: ignore[union-attr]
-        while j < len(runs) and runs[j].qc is not None:
-            nxt = runs[j]
-            if (nxt.qc.shape[1:], nxt.idx.shape, nxt.rz) != shape:  # type: ignore[union-attr]
-                break
+        j, shape = i + 1, _basis_shape(run)
+        while j < len(runs) and runs[j].qc is not None and _basis_shape(runs[j]) == shape:
             j += 1
         qc = torch.cat([r.qc for r in runs[i:j]])  # type: ignore[misc]
         groups.append(BasisGroup(i, j, qc, run.idx, run.inv_idx, run.rz))  # type: ignore[arg-type]
         i = j
     return groups
+
+
+def _basis_shape(run: SweepRun) -> tuple:
+    """What runs of one :class:`BasisGroup` share: ``Q_c``'s shape, the index and ``r_z``."""
+    return run.qc.shape[1:], run.idx.shape, run.rz  # type: ignore[union-attr]
 
 
 def _sizes(runs: list[SweepRun]) -> list[int]:

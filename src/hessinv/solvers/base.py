@@ -382,8 +382,11 @@ class Factorization(LinearOperator, ABC):
             lan.feed(out[:, k:])
             return out[:, :k]
 
+        def norm_known() -> bool:  # the default norm, its Lanczos estimate already stored
+            return cls.norm is Factorization.norm and getattr(self.op, "_bounds", None) is not None
+
         def norm_floor() -> float:  # a lower bound of ||A||, for the refinement's stop
-            if cls.norm is Factorization.norm and getattr(self.op, "_bounds", None) is not None:
+            if norm_known():
                 return max(self.norm(), floor[0])  # Ritz values lie inside the spectrum
             return floor[0]
 
@@ -392,7 +395,7 @@ class Factorization(LinearOperator, ABC):
                 self.op._store_bounds(lan.finish(self.op.matmat))
             if inv is None or self._sigma_min is not None:
                 return
-            if not inv.done and steps and lan is not None and self.op._bounds is not None:
+            if not inv.done and steps and lan is not None and norm_known():
                 est, j = steps[-1]  # far above the band already: no step on its own
                 if excludes_band(est, j, self.zero_threshold()):
                     self._sigma_early = (est, j)
