@@ -141,3 +141,23 @@ def test_next_to_the_band_the_full_iteration_runs(monkeypatch, c):
     assert fac._sigma_early is None and fac._sigma_min is not None
     assert fac.zero_count() == 0
     assert len(calls) <= INVERSE_STEPS
+
+
+def test_a_second_factorization_of_the_operator_also_ends_early(monkeypatch):
+    """Its norm is known from the first (no Lanczos rides along): the early end still
+    applies, on the same rule, and its decision agrees with ``eigvalsh``."""
+    H, A = _net(1.0)
+    ev = torch.linalg.eigvalsh(A)
+    gaps = ev[1:] - ev[:-1]
+    i = int(gaps.argmax())
+    d = -0.5 * float(ev[i] + ev[i + 1])
+    g = torch.ones(H.num_params, dtype=DT)
+    H.factor(d + 1.0, "lifted").solve(g)  # stores the norm estimate
+    assert H._bounds is not None
+    calls = _count_standalone(monkeypatch)
+    fac = H.factor(d, "lifted")
+    fac.solve(g)
+    assert calls == [] and fac._sigma_min is None
+    est, j = fac._sigma_early
+    assert j < INVERSE_STEPS and excludes_band(est, j, fac.zero_threshold())
+    assert fac.zero_count() == 0 and float((ev + d).abs().min()) > 1e4 * fac.zero_threshold()

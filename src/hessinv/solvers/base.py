@@ -395,7 +395,7 @@ class Factorization(LinearOperator, ABC):
                 self.op._store_bounds(lan.finish(self.op.matmat))
             if inv is None or self._sigma_min is not None:
                 return
-            if not inv.done and steps and lan is not None and norm_known():
+            if not inv.done and steps and norm_known():
                 est, j = steps[-1]  # far above the band already: no step on its own
                 if excludes_band(est, j, self.zero_threshold()):
                     self._sigma_early = (est, j)
