@@ -79,12 +79,15 @@ def test_lu_rejects_bad_block_counts():
         BlockTriLU([torch.eye(2, dtype=DT)], [torch.eye(2, dtype=DT)])
 
 
-def _lifted(depth, width, batch, damping, seed=0):
+def _lifted(depth, width, batch, damping, seed=0, stage_solver=True):
     from test_solve import tanh_mlp
 
     import hessinv
+    from hessinv.solvers.lifted import LiftedFactorization
 
     H = hessinv.Hessian(*tanh_mlp(depth, width, batch, gain=1.2, seed=seed))
+    if not stage_solver:  # the block LU and its congruences (no stage elimination to verify)
+        return H, LiftedFactorization(H, damping, stage_solver=False)
     return H, H.factor(damping, method="lifted")
 
 
@@ -134,7 +137,7 @@ def test_factorization_falls_back_when_the_capped_inertia_disagrees(monkeypatch)
     """A capped congruence whose determinant disagrees with the LU is recomputed safely."""
     import hessinv.solvers.lifted_inertia as hh
 
-    H, fac = _lifted(6, 5, 4, 1e-2)
+    H, fac = _lifted(6, 5, 4, 1e-2, stage_solver=False)
     calls = []
     real = hh.block_tri_inertia
 
@@ -163,7 +166,7 @@ def test_inertia_that_no_attempt_can_verify_raises(monkeypatch):
     import hessinv
     import hessinv.solvers.lifted_inertia as hh
 
-    _, fac = _lifted(6, 5, 4, 1e-2)
+    _, fac = _lifted(6, 5, 4, 1e-2, stage_solver=False)
     real = hh.block_tri_inertia
 
     def spoiled(diag, upper, **kw):

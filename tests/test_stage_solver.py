@@ -10,6 +10,8 @@ takes over).
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from cases import backward_error, dense_hessian, reference_error, tanh_net
@@ -134,9 +136,16 @@ def test_scaled_loss_scales_the_stage_solution(c: float) -> None:
     assert float(torch.linalg.vector_norm(xc * c - x) / torch.linalg.vector_norm(x)) <= 1e-13
 
 
+@pytest.mark.parametrize("near", [True, False])
 @pytest.mark.parametrize("damping", [1e-3, "mid"])
-def test_inertia_from_the_stage_elimination_and_one_congruence(damping) -> None:  # noqa: ANN001
-    """After a trusted solve the inertia needs no block LU, and matches eigvalsh."""
+def test_inertia_from_the_stage_elimination(damping, near: bool, monkeypatch) -> None:  # noqa: ANN001
+    """After a trusted solve the inertia needs no block LU, and matches eigvalsh.
+
+    Verified by the near-inverse bound, or (``near=False``: the bound forced to
+    fail) by one congruence of ``K``.
+    """
+    if not near:
+        monkeypatch.setattr(LiftedFactorization, "near_inverse_bound", lambda self: math.inf)
     model, loss, X, y = tanh_net(6, 3, 7, 1.5)
     h = dense_hessian(model, loss, X, y)
     ev = torch.linalg.eigvalsh(h)
@@ -152,29 +161,8 @@ def test_inertia_from_the_stage_elimination_and_one_congruence(damping) -> None:
     shifted = ev + damping
     assert tuple(inert) == (int((shifted > 0).sum()), int((shifted < 0).sum()), 0)
     assert inert.verified and "stage elimination" in inert.how
+    assert ("near inverse" in inert.how) == near and ("two congruences" in inert.how) != near
     assert fac._lu is None
-
-
-def test_stage_witness_that_disagrees_is_not_used(monkeypatch) -> None:  # noqa: ANN001
-    """Wrong stage counts: the lifted LU's two congruences decide, and are right."""
-    from hessinv.riccati_solve import StageRiccati
-
-    orig = StageRiccati.signature
-
-    def wrong(self):  # noqa: ANN001, ANN202
-        pos, neg, zero, la = orig(self)
-        return pos - 2, neg + 2, zero, la  # same determinant sign, wrong counts
-
-    monkeypatch.setattr(StageRiccati, "signature", wrong)
-    model, loss, X, y = tanh_net(6, 3, 7, 1.5)
-    h = dense_hessian(model, loss, X, y)
-    H = hessinv.Hessian(model, loss, X, y)
-    H.solve(torch.randn(H.num_params, dtype=DT), 1e-3, method="lifted")
-    fac = H.factor(1e-3, method="lifted")
-    inert = fac.inertia()
-    shifted = torch.linalg.eigvalsh(h) + 1e-3
-    assert tuple(inert) == (int((shifted > 0).sum()), int((shifted < 0).sum()), 0)
-    assert "stage elimination" not in inert.how
 
 
 def test_inertia_before_any_solve_settles_trust_by_a_probe() -> None:

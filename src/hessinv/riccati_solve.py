@@ -160,6 +160,33 @@ class StageRiccati:
             self._signature = (int(pos), int(neg), int(zero), float(logabs))
         return self._signature
 
+    def lu_slogdet(self) -> tuple[float, float]:
+        """``(sign, log|det|)`` of the kept ``Q^T (H + dI) Q`` from the pivots' LUs.
+
+        The pivots of :meth:`signature` as the solves factor them (partial
+        pivoting): ``det Q_vv = (-1)^swaps prod_i u_ii``, batched per run of
+        equal sizes, times ``d`` per free direction of a split stage. Its sign
+        is the parity of the Bunch-Kaufman count's negatives when both
+        factorizations see the same signs.
+        """
+        by_size: dict[int, list[StageFactor]] = {}
+        for st in self.stages:
+            if st.r:
+                by_size.setdefault(st.r, []).append(st)
+        parts = []
+        for k, sts in by_size.items():
+            u = torch.stack([st.lu for st in sts]).diagonal(dim1=-2, dim2=-1)
+            piv = torch.stack([st.piv for st in sts])
+            rows = torch.arange(1, k + 1, device=piv.device, dtype=piv.dtype)
+            negs = (u < 0).sum() + (piv != rows).sum()
+            parts.append(torch.stack([negs.to(u.dtype), u.abs().log().sum()]))
+        negs, logabs = torch.stack(parts).sum(0).tolist() if parts else (0.0, 0.0)
+        free = sum(st.basis.free for st in self.stages if st.basis is not None)
+        if free:  # the d I blocks of split stages (d != 0 there)
+            negs += free if self.damping < 0 else 0
+            logabs += free * math.log(abs(self.damping))
+        return (-1.0 if int(negs) % 2 else 1.0), float(logabs)
+
     def solve(self, b: Sequence[Tensor]) -> list[Tensor]:
         """``w = (Q^T (H + dI) Q)^{-1} b`` per stage, for ``b_l`` of shape ``(k_l, r)``.
 

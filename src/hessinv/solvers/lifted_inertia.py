@@ -8,9 +8,12 @@
   factorization). The pass stops at the first pivot it cannot vouch for
   (near singular: common on indefinite ``H``).
 * After a solve that trusted the stage elimination (:mod:`hessinv.riccati_solve`):
-  its Bunch-Kaufman pivot signs, verified by one delayed-pivot congruence of
-  ``K`` (:func:`hessinv.blocktri.block_tri_inertia`) that agrees on every count
-  and on the determinant.
+  its Bunch-Kaufman pivot signs, whose parity and ``log|det|`` must agree with
+  the same pivots' LUs, verified by the stage solve being a near inverse of
+  ``H + dI`` (``||I - (H + dI) G||_2 < 1``, bounded from four random probes:
+  one solve and one product, :mod:`hessinv.solvers.near_inverse`), else by one
+  delayed-pivot congruence of ``K`` (:func:`hessinv.blocktri.block_tri_inertia`)
+  that agrees on every count and on the determinant.
 * Otherwise ``inertia(H + dI) = inertia(K) - (m, m, 0)`` plus the dropped
   directions (Sylvester, Haynsworth), from a congruence of ``K`` built front
   by front whose determinant must match the block LU's, *verified* by a
@@ -43,6 +46,13 @@ from ..lifted_merge import MergedBlocks
 from ..riccati import RiccatiResult, riccati_pass
 from ..riccati_solve import StageRiccati
 from .base import Inertia
+from .near_inverse import (
+    PROBE_COLUMNS,
+    PROBE_FAILURE,
+    near_inverse_bound,
+    probes,
+    verifies,
+)
 
 #: The most bytes of ``K``'s blocks built once and held for the two congruences of an inertia.
 CONGRUENCE_BLOCKS_BYTES = 512 * 2**20
@@ -165,10 +175,13 @@ class LiftedInertia:
         """
         if r.zero:
             return False
-        s, la = reference
+        return self._agrees_det(r.sign, r.logabsdet, *reference)
+
+    def _agrees_det(self, sign: float, logabs: float, ref_sign: float, ref_logabs: float) -> bool:
+        """Equal signs, ``log|det|`` to ``0.1 + sqrt(eps) |log|det||`` (:meth:`_agrees`)."""
         dtype = self.system.dtype or self.system.blocks[0].grad_x.dtype
-        tol = 0.1 + math.sqrt(torch.finfo(dtype).eps) * abs(la)
-        return r.sign == s and abs(r.logabsdet - la) <= tol
+        tol = 0.1 + math.sqrt(torch.finfo(dtype).eps) * abs(ref_logabs)
+        return sign == ref_sign and abs(logabs - ref_logabs) <= tol
 
     def riccati(self, mode: str = "inertia") -> RiccatiResult:
         """The stage Riccati pass of ``H + damping I`` (cached per mode).
@@ -251,37 +264,67 @@ class LiftedInertia:
         return list(ls.diag), list(ls.upper)
 
     def _stage_witness(self) -> Inertia | None:
-        """The trusted stage elimination and one congruence of ``K``, when they agree.
+        """The trusted stage elimination's pivot signs, when something verifies them.
 
-        The stage elimination's pivot signs (:meth:`StageRiccati.signature`,
-        eliminating ``v_{L-1}`` first, on ``H + dI``) and the delayed-pivot
-        congruence of ``K`` (first block first), whose determinant must equal
-        the stage elimination's (``det K' = (-1)^m det(Q^T (H + dI) Q) /
-        s^{sum k_l}``): two different congruences that agree on every count,
-        without the pivoted LU. None when there is no trusted stage solver or
-        they disagree.
+        The stage elimination's signs (:meth:`StageRiccati.signature`,
+        eliminating ``v_{L-1}`` first, on ``H + dI``) must first agree with the
+        sign and ``log|det|`` of the same pivots' LUs (:meth:`StageRiccati.lu_slogdet`,
+        what the solves use). Then either the stage solve is a near inverse of
+        ``H + dI`` (:meth:`near_inverse_bound` at most :data:`NEAR_INVERSE_LIMIT`:
+        one solve and one product, :mod:`hessinv.solvers.near_inverse`), or the
+        delayed-pivot congruence of ``K`` (first block first) agrees on every
+        count and on the determinant (``det K' = (-1)^m det(Q^T (H + dI) Q) /
+        s^{sum k_l}``). None when there is no trusted stage solver or neither
+        verifies.
         """
         self._settle_trust()
         st = self.stage_solver
         if st is None or self._trust is not True:
             return None
         pos, neg, zero, la = st.signature()
-        if zero or not math.isfinite(la):
+        if zero or not math.isfinite(la) or not self._agrees_with_lu(st, neg, la):
             return None
+        dp, dn, _ = self.system.dropped_inertia()
+        counts = (pos + dp, neg + dn)
+        bound = self.near_inverse_bound()
+        if verifies(bound):
+            how = (
+                "the stage elimination of H + damping*I (Bunch-Kaufman pivot signs, last stage "
+                f"first), whose solve G is a near inverse: ||I - (H + damping*I) G||_2 <= "
+                f"{bound:.1e} < 1 ({PROBE_COLUMNS} random probes, chance of an understatement "
+                f"<= {PROBE_FAILURE:g}), so no eigenvalue crosses zero between the two"
+            )
+            return Inertia(*counts, 0, verified=True, how=how)
         sign_k = -1.0 if (neg + self.m) % 2 else 1.0
         la_k = la - self.system.n_kept * math.log(self.system.scale)
         r = self._first_congruence((sign_k, la_k))
-        if r is None:
-            return None
-        dp, dn, _ = self.system.dropped_inertia()
-        if self._consistent_counts(r) != (pos + dp, neg + dn):
+        if r is None or self._consistent_counts(r) != counts:
             return None
         how = (
             "two congruences agree: the stage elimination of H + damping*I (Bunch-Kaufman "
             "pivots, last stage first) and the delayed-pivot LDL^T of the lifted system "
             "(first block first), whose determinants also agree"
         )
-        return Inertia(pos + dp, neg + dn, 0, verified=True, how=how)
+        return Inertia(*counts, 0, verified=True, how=how)
+
+    def _agrees_with_lu(self, st: StageRiccati, neg: int, la: float) -> bool:
+        """The Bunch-Kaufman signs' parity and ``log|det|`` agree with the pivots' LUs."""
+        s_lu, la_lu = st.lu_slogdet()
+        return self._agrees_det(s_lu, la_lu, -1.0 if neg % 2 else 1.0, la)
+
+    def near_inverse_bound(self) -> float:
+        """``||I - (H + dI) G||_2`` on the kept directions, ``G`` the stage solve (an estimate).
+
+        :func:`hessinv.solvers.near_inverse.near_inverse_bound` of
+        :data:`PROBE_COLUMNS` standard normal probes projected on the kept
+        directions (``H`` maps them into themselves; the dropped ones are exact):
+        one stage solve and one product. ``inf`` without a stage solver.
+        """
+        if self.stage_solver is None:
+            return math.inf
+        y = self.system.project_kept(probes(self.size, self.dtype, self.op.device))
+        z = self._stage_apply(y, 0)
+        return near_inverse_bound(y - self.op.matmat(z) - self.damping * z)
 
     def _signs(self) -> Inertia:
         ric = self._certified_riccati()
