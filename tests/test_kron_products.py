@@ -99,3 +99,40 @@ def test_cast_blocks_fall_back_to_dense() -> None:
     dense64 = hvp(cast, V, runs)
     assert dense64.dtype == DT
     assert _rel(dense64, (H @ V.float()).double()) < 1e-5
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    widths=st.lists(st.integers(1, 7), min_size=3, max_size=5),
+    tail=st.sampled_from(sorted(TAILS)),
+    bias=st.booleans(),
+    batch=st.integers(1, 4),
+    loss=st.sampled_from(["mean", "ce"]),
+    seed=st.integers(0, 2**16),
+)
+def test_projected_txx_from_the_factors(widths, tail, bias, batch, loss, seed) -> None:  # noqa: ANN001
+    """``Q^T Txx Q`` on the kept basis from the Kronecker factors (``KronX.txx_on``).
+
+    Against the dense ``Txx`` on every stage, and for the last stage (whose
+    ``Txx`` is its diagonal block of ``H``) against ``torch.func.hessian``.
+    """
+    from hessinv.lifted import _basis, _project
+
+    if loss == "ce" and widths[-1] < 2:
+        widths = [*widths[:-1], 2]
+    model, lossf, X, y = _net(widths, tail, bias, batch, loss, seed)
+    H = hessinv.Hessian(model, lossf, X, y)
+    for b in H.blocks:
+        q = _basis(b)
+        if q is None or b.kron_x is None or b.kron_x.tg is None:
+            continue
+        got = _project(b, q).txx
+        tol = 64 * torch.finfo(DT).eps * float(b.Txx.abs().sum(0).max()) + 1e-300
+        assert float((got - q.T @ b.Txx @ q).abs().max()) <= tol
+    last = H.blocks[-1]
+    q = _basis(last)
+    if q is not None and last.kron_x is not None and last.kron_x.tg is not None:
+        h = dense_hessian(model, lossf, X, y)[-last.num_params :, -last.num_params :]
+        ref = q.T @ h @ q
+        tol = 64 * torch.finfo(DT).eps * float(h.abs().sum(0).max()) + 1e-300
+        assert float((_project(last, q).txx - ref).abs().max()) <= tol

@@ -143,8 +143,17 @@ def _project(b: StageBlocks, q: Tensor | None) -> Projected:
     if q is not None:
         jx = None if jx is None else jx @ q
         tzx = None if tzx is None else tzx @ q
-        txx = None if txx is None else q.T @ txx @ q
+        txx = None if txx is None else _txx_on(b, q)
     return Projected(q, txx, jx, tzx)
+
+
+def _txx_on(b: StageBlocks, q: Tensor) -> Tensor:
+    """``Q^T Txx Q``: from a Linear stage's Kronecker factors when ``Txx`` is theirs alone."""
+    kron = b.kron_x
+    if kron is not None and kron.tg is not None and kron.z.dtype == q.dtype:
+        if kron.z.device == q.device and not b.txx_zero:
+            return kron.txx_on(q)
+    return q.T @ b.Txx @ q
 
 
 def projected(b: StageBlocks, keep_all: bool = False) -> Projected:

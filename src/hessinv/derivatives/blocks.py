@@ -125,6 +125,28 @@ class KronX:
         out[m:, m:] = g[:, a_in, :, a_in]
         return out
 
+    def txx_on(self, q: Tensor) -> Tensor:
+        """``Q^T Txx Q`` for ``Txx = txx(tg)`` (:attr:`tg` set), without forming ``Txx``.
+
+        ``sum_n B_n^T Tg_n B_n`` with ``B_n = (I_a (x) t_n^T) Q`` (``a x k``: ``Q``'s
+        rows in Kronecker order, contracted with ``t_n``): ``O(N a c k + N a k^2)``
+        (``N a^2 k`` more for a dense ``Tg``) against ``O(p^2 k)`` for ``Q^T Txx Q``.
+
+        Args:
+            q: ``(p, k)`` in parameter order.
+        """
+        x = self.inputs()
+        qk = q[self.order()].reshape(self.a, x.shape[1], q.shape[1])  # (a, c, k)
+        b = torch.matmul(x, qk)  # (a, N, k): B_n's row q is b[q, n]
+        tg = self.tg
+        if tg.dim() == 2:
+            tb = b * tg.T.unsqueeze(-1)
+        else:  # (N, a, a): B_n^T Tg_n B_n with B_n = b[:, n]
+            b = b.transpose(0, 1)
+            tb = tg @ b
+        k = q.shape[1]
+        return tb.reshape(-1, k).T @ b.reshape(-1, k)
+
     def _txx_diagonal(self, tg: Tensor) -> Tensor:
         """:meth:`txx` for a diagonal ``Tg`` (``(N, a)``): ``a`` Gram blocks on the diagonal.
 
