@@ -136,3 +136,45 @@ def test_projected_txx_from_the_factors(widths, tail, bias, batch, loss, seed) -
         ref = q.T @ h @ q
         tol = 64 * torch.finfo(DT).eps * float(h.abs().sum(0).max()) + 1e-300
         assert float((_project(last, q).txx - ref).abs().max()) <= tol
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    widths=st.lists(st.integers(1, 7), min_size=3, max_size=5),
+    tail=st.sampled_from(sorted(TAILS)),
+    bias=st.booleans(),
+    batch=st.integers(1, 4),
+    loss=st.sampled_from(["mean", "ce"]),
+    seed=st.integers(0, 2**16),
+)
+def test_kept_basis_from_the_factors_leaves_only_null_directions(
+    widths,
+    tail,
+    bias,
+    batch,
+    loss,
+    seed,  # noqa: ANN001
+) -> None:
+    """``KronX.kept_basis``: orthonormal, and every direction of a stage orthogonal to it is
+    a null direction of the dense ``H`` (``torch.func.hessian``), so dropping it is exact."""
+    from hessinv.lifted import _basis
+
+    if loss == "ce" and widths[-1] < 2:
+        widths = [*widths[:-1], 2]
+    model, lossf, X, y = _net(widths, tail, bias, batch, loss, seed)
+    H = hessinv.Hessian(model, lossf, X, y)
+    h = dense_hessian(model, lossf, X, y)
+    scale = float(h.abs().sum(0).max()) + 1e-300
+    start = 0
+    for b in H.blocks:
+        p = b.num_params
+        q = _basis(b)
+        if q is not None and b.kron_x is not None:
+            assert q.shape[1] < p
+            eye = torch.eye(q.shape[1], dtype=DT)
+            assert float((q.T @ q - eye).abs().max()) <= 64 * torch.finfo(DT).eps * p
+            drop = torch.eye(p, dtype=DT) - q @ q.T  # the dropped directions (a projector)
+            v = torch.zeros(h.shape[0], p, dtype=DT)
+            v[start : start + p] = drop
+            assert float((h @ v).abs().max()) <= 256 * torch.finfo(DT).eps * scale
+        start += p

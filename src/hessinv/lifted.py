@@ -100,6 +100,10 @@ KEEP_ALL_DAMPING = 1e-6
 def _basis(b: StageBlocks, keep_all: bool = False) -> Tensor | None:
     """Orthonormal ``Q_l`` spanning the parameter directions stage ``l``'s blocks see.
 
+    A thin QR of the rows of ``x_span`` and ``Tzx``; for a Linear stage whose
+    Kronecker factors are at hand, :meth:`~hessinv.derivatives.blocks.KronX.kept_basis`
+    (QRs of ``c x N`` and ``a x N`` only; the same span or a little more).
+
     ``None`` when no reduction is possible or promised, or (``keep_all``: a
     damping large enough, :data:`KEEP_ALL_DAMPING`) not worth its cost
     (:data:`KEEP_ALL`): ``Q_l = I``.
@@ -113,6 +117,12 @@ def _basis(b: StageBlocks, keep_all: bool = False) -> Tensor | None:
     n_rows = sum(r.shape[0] for r in rows)
     if n_rows >= p or (keep_all and n_rows >= KEEP_ALL * p):
         return None
+    kron = b.kron_x
+    ref = rows[0]
+    if kron is not None and kron.z.dtype == ref.dtype and kron.z.device == ref.device:
+        if b.Tzx is None or kron.b_y is not None:
+            q = kron.kept_basis(b.Tzx is not None)  # no QR of the rows
+            return q if q.shape[1] < p else None
     a = torch.cat(rows, dim=0)
     q, _ = torch.linalg.qr(a.T, mode="reduced")  # (p, k)
     return q
