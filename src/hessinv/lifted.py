@@ -72,6 +72,7 @@ import torch
 from torch import Tensor
 
 from .derivatives import StageBlocks
+from .derivatives.kron_basis import KronBasis
 from .lifted_maps import BasisMaps
 
 
@@ -108,24 +109,30 @@ def _basis(b: StageBlocks, keep_all: bool = False) -> Tensor | None:
     damping large enough, :data:`KEEP_ALL_DAMPING`) not worth its cost
     (:data:`KEEP_ALL`): ``Q_l = I``.
     """
+    return _basis_factors(b, keep_all)[0]
+
+
+def _basis_factors(b: StageBlocks, keep_all: bool) -> tuple[Tensor | None, KronBasis | None]:
+    """:func:`_basis`, and its Kronecker factors when it came from them."""
     if b.x_span is None:
-        return None
+        return None, None
     p = b.num_params
     rows = [b.x_span.reshape(-1, p)]
     if b.Tzx is not None:
         rows.append(b.Tzx.reshape(-1, p))
     n_rows = sum(r.shape[0] for r in rows)
     if n_rows >= p or (keep_all and n_rows >= KEEP_ALL * p):
-        return None
+        return None, None
     kron = b.kron_x
     ref = rows[0]
     if kron is not None and kron.z.dtype == ref.dtype and kron.z.device == ref.device:
         if b.Tzx is None or kron.b_y is not None:
-            q = kron.kept_basis(b.Tzx is not None)  # no QR of the rows
-            return q if q.shape[1] < p else None
+            factors = kron.kept_basis(b.Tzx is not None)  # no QR of the rows
+            q = factors.dense()
+            return (q, factors) if q.shape[1] < p else (None, None)
     a = torch.cat(rows, dim=0)
     q, _ = torch.linalg.qr(a.T, mode="reduced")  # (p, k)
-    return q
+    return q, None
 
 
 @dataclass
@@ -137,12 +144,14 @@ class Projected:
         txx: ``Q_l^T Txx_l Q_l`` (``None`` when ``Txx`` is).
         jx: ``Jx_l Q_l`` as ``(N a_l, k_l)`` (``None`` for the last stage).
         tzx: ``Tzx_l Q_l`` as ``(N a_{l-1}, k_l)`` (``None`` for the first stage).
+        kron: ``Q_l``'s Kronecker factors, when it came from them (for the basis maps).
     """
 
     q: Tensor | None
     txx: Tensor | None
     jx: Tensor | None
     tzx: Tensor | None
+    kron: KronBasis | None = None
 
 
 def _project(b: StageBlocks, q: Tensor | None) -> Projected:
@@ -176,7 +185,10 @@ def projected(b: StageBlocks, keep_all: bool = False) -> Projected:
     """
     cache = b.__dict__.setdefault("_projected", {})
     if keep_all not in cache:
-        cache[keep_all] = _project(b, _basis(b, keep_all))
+        q, kron = _basis_factors(b, keep_all)
+        pr = _project(b, q)
+        pr.kron = kron
+        cache[keep_all] = pr
     return cache[keep_all]
 
 
@@ -253,7 +265,9 @@ class LiftedSystem:
         for l in range(n_st - 1):  # noqa: E741
             self.sizes += [self._k[l] + self._m[l], self._m[l]]
         self.sizes.append(self._k[-1])
-        self._maps = BasisMaps(self.bases, [b.num_params for b in blocks], self._k, self._m)
+        params = [b.num_params for b in blocks]
+        krons = [pr.kron for pr in self._proj]
+        self._maps = BasisMaps(self.bases, params, self._k, self._m, krons)
 
     # diag and upper are made on access: a lazy sequence stored on self would hold a bound
     # method of self, a reference cycle that only Python's cyclic collector frees

@@ -17,13 +17,29 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .derivatives.kron_basis import KronBasis, KronStack
+
+
+class _DenseStack:
+    """``Q^T x`` and ``Q w`` for a run's stacked dense bases ``(n, p, k)``."""
+
+    def __init__(self, qs: Tensor) -> None:
+        self.qs = qs
+
+    def t(self, x: Tensor) -> Tensor:
+        return self.qs.mT @ x
+
+    def q(self, w: Tensor) -> Tensor:
+        return self.qs @ w
+
 
 @dataclass
 class _Run:
     """A run of ``n`` equal stages from ``first``, their rows from ``offset`` in ``g``.
 
     Each has ``p`` parameters, ``k`` kept directions and ``m`` ``u`` unknowns;
-    ``qs`` stacks their bases (``None``: ``Q_l = I``).
+    ``qs`` applies their stacked bases (``None``: ``Q_l = I``), dense or from
+    their Kronecker factors (:class:`~hessinv.derivatives.kron_basis.KronStack`).
     """
 
     first: int
@@ -32,7 +48,7 @@ class _Run:
     p: int
     k: int
     m: int
-    qs: Tensor | None
+    qs: _DenseStack | KronStack | None
 
 
 class BasisMaps:
@@ -43,31 +59,43 @@ class BasisMaps:
         params: Per stage ``p_l``.
         kept: Per stage ``k_l``.
         ms: Per stage ``m_l = N a_l`` (all but the last stage).
+        krons: Per stage ``Q_l``'s Kronecker factors or ``None`` (then ``Q_l`` dense).
     """
 
     def __init__(
-        self, bases: list[Tensor | None], params: list[int], kept: list[int], ms: list[int]
+        self,
+        bases: list[Tensor | None],
+        params: list[int],
+        kept: list[int],
+        ms: list[int],
+        krons: list[KronBasis | None] | None = None,
     ) -> None:
         self.n_stages = len(bases)
         last = self.n_stages - 1
+        kr = krons if krons is not None else [None] * self.n_stages
         self.runs: list[_Run] = []
         off, l = 0, 0  # noqa: E741
         while l < self.n_stages:
-            key = self._key(bases, params, kept, ms, l)
+            key = self._key(bases, params, kept, ms, kr, l)
             j = l + 1
-            while j < last and l < last and self._key(bases, params, kept, ms, j) == key:
+            while j < last and l < last and self._key(bases, params, kept, ms, kr, j) == key:
                 j += 1
-            qs = None if bases[l] is None else torch.stack(bases[l:j])
+            qs: _DenseStack | KronStack | None = None
+            if kr[l] is not None:
+                qs = KronStack(kr[l:j])  # type: ignore[arg-type]
+            elif bases[l] is not None:
+                qs = _DenseStack(torch.stack(bases[l:j]))
             m = ms[l] if l < last else 0
             self.runs.append(_Run(l, j - l, off, params[l], kept[l], m, qs))
             off += (j - l) * params[l]
             l = j  # noqa: E741
 
     @staticmethod
-    def _key(bases, params, kept, ms, l):  # noqa: ANN001, ANN205, E741
-        q = bases[l]
+    def _key(bases, params, kept, ms, krons, l):  # noqa: ANN001, ANN205, E741
+        q, kron = bases[l], krons[l]
         shape = None if q is None else tuple(q.shape)
-        return (shape, params[l], kept[l], ms[l] if l < len(ms) else 0)
+        form = None if kron is None else kron.key()
+        return (shape, form, params[l], kept[l], ms[l] if l < len(ms) else 0)
 
     def _rows(self, g: Tensor, run: _Run) -> Tensor:
         """Rows of ``g`` for the run's stages as ``(n, p, r)`` (a view)."""
@@ -99,7 +127,7 @@ class BasisMaps:
         out = []
         for run in self.runs:
             rows = self._rows(g, run)
-            out.append(rows if run.qs is None else run.qs.mT @ rows)
+            out.append(rows if run.qs is None else run.qs.t(rows))
         return out
 
     def extract(
@@ -131,17 +159,17 @@ class BasisMaps:
                 out.append(w.reshape(run.n * run.p, w.shape[-1]))
                 continue
             if not n_full:
-                out.append((run.qs @ w).reshape(run.n * run.p, w.shape[-1]))
+                out.append(run.qs.q(w).reshape(run.n * run.p, w.shape[-1]))
                 continue
             rows = self._rows(g, run)[..., :n_full]
             if projections is None:
-                proj = run.qs.mT @ rows
+                proj = run.qs.t(rows)
             else:
                 proj = projections[i_run][..., :n_full]
-            both = run.qs @ torch.cat([w, proj], dim=-1)  # Q w and Q Q^T g in one product
+            both = run.qs.q(torch.cat([w, proj], dim=-1))  # Q w and Q Q^T g in one product
             v, qqg = both[..., : w.shape[-1]], both[..., w.shape[-1] :]
             perp = rows - qqg
-            perp = perp - run.qs @ (run.qs.mT @ perp)  # reorthogonalized
+            perp = perp - run.qs.q(run.qs.t(perp))  # reorthogonalized
             v[..., :n_full] += perp / damping
             out.append(v.reshape(run.n * run.p, v.shape[-1]))
         return torch.cat(out, dim=0)
@@ -151,6 +179,6 @@ class BasisMaps:
         out = []
         for run in self.runs:
             rows = self._rows(g, run)
-            kept = rows if run.qs is None else run.qs @ (run.qs.mT @ rows)
+            kept = rows if run.qs is None else run.qs.q(run.qs.t(rows))
             out.append(kept.reshape(run.n * run.p, kept.shape[-1]))
         return torch.cat(out, dim=0)

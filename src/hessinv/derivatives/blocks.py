@@ -27,6 +27,8 @@ import torch
 from torch import Tensor
 from torch.func import vjp, vmap
 
+from .kron_basis import KronBasis
+
 
 @dataclass(frozen=True)
 class KronX:
@@ -125,7 +127,7 @@ class KronX:
         out[m:, m:] = g[:, a_in, :, a_in]
         return out
 
-    def kept_basis(self, tzx: bool) -> Tensor:
+    def kept_basis(self, tzx: bool) -> KronBasis:
         """An orthonormal basis of every direction ``Jx``, ``Txx`` and (``tzx``) ``Tzx`` see.
 
         Their rows lie in ``R^a (x) T`` (``T = span{t_n}``) plus, for ``Tzx``'s
@@ -135,20 +137,25 @@ class KronX:
         min(N, c)``) and ``Q_B`` an orthonormal basis of ``B``, their sum lies in
         the span of the orthonormal ``[I_a (x) Q_T, Q_B (x) Q_C]`` (the second
         part is ``B (x) E`` projected on ``R^a (x) T^perp``): ``a r_z + r_B (c - r_z)``
-        columns, in parameter order, from QRs of ``c x N`` and ``a x N``
-        instead of one of ``p x N (2 a + a_in)``.
+        columns, from QRs of ``c x N`` and ``a x N`` instead of one of ``p x N
+        (2 a + a_in)`` (:mod:`hessinv.derivatives.kron_basis`).
         """
         x = self.inputs()
         n, c = x.shape
         rz = min(n, c)
         qc = torch.linalg.qr(x.T, mode="complete")[0]  # (c, c)
-        eye = torch.eye(self.a, dtype=x.dtype, device=x.device)
-        parts = [_kron(eye, qc[:, :rz])]
         if tzx and rz < c:
             assert self.b_y is not None
             qb = torch.linalg.qr(self.b_y.T, mode="reduced")[0]  # (a, min(N, a))
-            parts.append(_kron(qb, qc[:, rz:]))
-        return torch.cat(parts, dim=1)[self.inverse_order()]
+        else:
+            qb = x.new_zeros(self.a, 0)
+        return KronBasis(
+            qc[:, :rz].contiguous(),
+            qc[:, rz:].contiguous(),
+            qb.contiguous(),
+            self.order(),
+            self.inverse_order(),
+        )
 
     def txx_on(self, q: Tensor) -> Tensor:
         """``Q^T Txx Q`` for ``Txx = txx(tg)`` (:attr:`tg` set), without forming ``Txx``.
@@ -195,12 +202,6 @@ class KronX:
             torch.diagonal(bw, dim1=0, dim2=1).copy_(blk[:, a_in, :a_in].T)
             torch.diagonal(out[m:, m:]).copy_(blk[:, a_in, a_in])
         return out
-
-
-def _kron(a: Tensor, b: Tensor) -> Tensor:
-    """``a (x) b`` (``torch.kron`` fails on some strided operands)."""
-    (ra, ca), (rb, cb) = a.shape, b.shape
-    return (a[:, None, :, None] * b[None, :, None, :]).reshape(ra * rb, ca * cb)
 
 
 @functools.lru_cache(maxsize=64)
