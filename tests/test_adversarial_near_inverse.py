@@ -260,6 +260,32 @@ def test_catalogue_verified_counts_are_dense(case) -> None:  # noqa: ANN001
             _check(inert, ev, t)
 
 
+@pytest.mark.parametrize("c", [1e-12, 1e12])
+def test_catalogue_at_extreme_scales_through_the_near_inverse(
+    c: float, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Conv, cross-entropy, softmax and LayerNorm tails at loss scale ``c`` (damping ``c d``),
+    the stage Riccati pass switched off: the near inverse verifies, the counts are those of
+    ``c = 1``'s dense Hessian (scale invariance)."""
+    _no_riccati(monkeypatch)
+    names = {"conv1d", "conv2d_ce", "softmax_tail", "layernorm", "relu_ce_sum"}
+    seen = 0
+    for case in [k for k in CASES if k.name in names]:
+        model, loss0, X, y = build(case)
+        h = dense_hessian(model, loss0, X, y)
+        nrm = float(torch.linalg.matrix_norm(h, 2))
+
+        def loss(o: torch.Tensor, t: torch.Tensor, loss0=loss0) -> torch.Tensor:  # noqa: ANN001
+            return c * loss0(o, t)
+
+        for f in (-1e-3, -0.1):
+            ev, t = _ref(h, f * nrm)
+            fac, inert = _inertia(model, loss, X, y, f * nrm * c)
+            if inert is not None:
+                seen += _check(inert, ev, t) and "near inverse" in inert.how
+    assert seen >= 6
+
+
 @pytest.mark.parametrize("c", [1e-12, 1.0, 1e12])
 def test_split_linear_stages_near_inverse_at_every_scale(
     c: float, monkeypatch: pytest.MonkeyPatch
