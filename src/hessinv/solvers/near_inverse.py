@@ -7,17 +7,27 @@ along ``A_t = S + t (A - S) = (I - t (I - A G)) S``, ``t in [0, 1]``, every
 symmetric ``A_t``, continuous in ``t``, crosses zero.
 
 The stage elimination of ``H + dI`` (:class:`hessinv.riccati_solve.StageRiccati`)
-is such an ``S``: a block ``LDL^T`` whose pivots' signs (Bunch-Kaufman, Haynsworth)
-are its inertia, and whose sweeps apply ``G``. Its own rounding perturbs ``S`` by
-as much as it perturbs the measured ``I - A G``; the limit
-:data:`NEAR_INVERSE_LIMIT`, far below ``1``, leaves room for both.
+is such an ``S``: a block elimination whose pivots' signs (Bunch-Kaufman,
+Haynsworth) are its inertia, and whose sweeps apply ``G``. **Not a proof in
+floating point:** the sweeps solve with the pivots' LUs, the count reads their
+Bunch-Kaufman factors, so the probes measure ``A`` against ``S_LU`` while the
+count is that of ``S_BK``; the two differ by each pivot's factorization
+error. They can differ in inertia only where a pivot has an eigenvalue within
+that error of zero, and then the gains through it are wrong by ``O(1)`` and so
+is ``G`` (adversarial tests: forced trust at such pivots gives bounds above
+100). The check that the Bunch-Kaufman parity and ``log|det|`` match the LUs'
+catches an odd number of such flips; the limit :data:`NEAR_INVERSE_LIMIT`, far
+below ``1``, leaves room for the rounding of ``G`` and ``A`` themselves.
 
 **The estimate.** ``||I - A G||_2`` is bounded from random probes, at a stated
 confidence: with ``E = I - A G``, ``v`` its first right singular vector and
 ``y_i`` independent standard normal vectors, ``||E y_i|| >= sigma_1(E) |c_i|``
 with ``c_i = v^T y_i ~ N(0, 1)`` and ``P(|c_i| < delta) <= delta sqrt(2 / pi)``.
 So ``sigma_1(E) <= max_i ||E y_i|| / delta`` except with a chance of at most
-``(delta sqrt(2 / pi))^b`` for ``b`` probes, whatever the size ``W``. Probes
+``(delta sqrt(2 / pi))^b`` for ``b`` probes, whatever the size ``W``. The
+probes come from a fixed seed (as every estimate of the solver contract), so
+the answer is deterministic per problem and the chance is over a draw
+independent of ``E``. Probes
 projected onto a subspace that holds ``v`` (the kept directions, which ``H``
 maps into themselves) have the same ``c_i``.
 
@@ -67,8 +77,7 @@ def near_inverse_bound(residual: Tensor, failure: float = PROBE_FAILURE) -> floa
 
     ``max_i ||E y_i|| / delta`` with ``delta`` from :func:`probe_radius`: an upper
     bound except with a chance of at most ``failure`` (module doc). ``inf``
-    when a column is not finite; ``0`` for no probes' worth of directions
-    (an all-zero ``residual`` of zero rows).
+    when a column is not finite; ``0`` for zero rows (no directions).
 
     Args:
         residual: ``(W, b)``, ``b >= 1`` probes' residuals.
