@@ -113,6 +113,17 @@ def _mse_sum(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 # -- a last pivot with a multiple round-off eigenvalue --------------------------------------------
 
 
+def _roundoff_case(outs: int, seed: int):  # noqa: ANN202
+    """A tanh net with a Linear last layer of ``outs`` outputs: its dense ``H`` and the ``mu``
+    whose damping ``-mu`` makes the last stage pivot singular (``outs`` zero eigenvalues)."""
+    torch.manual_seed(seed)
+    model = _mlp([4, 4, 4, outs], nn.Tanh, 1.5, seed)
+    X = torch.randn(3, 4, dtype=DT)
+    y = torch.randn(3, outs, dtype=DT)
+    h = dense_hessian(model, _mse_sum, X, y)
+    return model, X, y, h, last_stage_pivot_mu(model, _mse_sum, X, y)
+
+
 @pytest.mark.parametrize("outs", [2, 3])
 @pytest.mark.parametrize("seed", [0, 1])
 def test_last_pivot_with_a_multiple_roundoff_eigenvalue(outs: int, seed: int) -> None:
@@ -120,12 +131,7 @@ def test_last_pivot_with_a_multiple_roundoff_eigenvalue(outs: int, seed: int) ->
     its pivot has ``outs`` eigenvalues at round-off level, each a sign the LU and the
     Bunch-Kaufman factorizations may read differently (an even number of flips passes the
     parity test). A verified count must still be the dense one."""
-    torch.manual_seed(seed)
-    model = _mlp([4, 4, 4, outs], nn.Tanh, 1.5, seed)
-    X = torch.randn(3, 4, dtype=DT)
-    y = torch.randn(3, outs, dtype=DT)
-    h = dense_hessian(model, _mse_sum, X, y)
-    mu = last_stage_pivot_mu(model, _mse_sum, X, y)
+    model, X, y, h, mu = _roundoff_case(outs, seed)
     for k in (-3, 0, 2, 13):
         d = -mu * (1 + k * EPS)
         ev, t = _ref(h, d)
@@ -148,12 +154,7 @@ def test_forced_trust_at_a_roundoff_pivot_is_caught_by_the_bound(
     monkeypatch.setattr(LiftedFactorization, "_grade", lambda self, eta0, refined: "exact")
     wrong_signatures = 0
     for outs, seed in ((2, 0), (3, 1)):
-        torch.manual_seed(seed)
-        model = _mlp([4, 4, 4, outs], nn.Tanh, 1.5, seed)
-        X = torch.randn(3, 4, dtype=DT)
-        y = torch.randn(3, outs, dtype=DT)
-        h = dense_hessian(model, _mse_sum, X, y)
-        mu = last_stage_pivot_mu(model, _mse_sum, X, y)
+        model, X, y, h, mu = _roundoff_case(outs, seed)
         for k in (-3, -1, 0, 2):
             d = -mu * (1 + k * EPS)
             ev, t = _ref(h, d)

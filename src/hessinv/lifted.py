@@ -124,8 +124,7 @@ def _basis_factors(b: StageBlocks, keep_all: bool) -> tuple[Tensor | None, KronB
     if n_rows >= p or (keep_all and n_rows >= KEEP_ALL * p):
         return None, None
     kron = b.kron_x
-    ref = rows[0]
-    if kron is not None and kron.z.dtype == ref.dtype and kron.z.device == ref.device:
+    if kron is not None and kron.on(rows[0]):
         if b.Tzx is None or kron.b_y is not None:
             factors = kron.kept_basis(b.Tzx is not None)  # no QR of the rows
             q = factors.dense()
@@ -169,9 +168,8 @@ def _project(b: StageBlocks, q: Tensor | None) -> Projected:
 def _txx_on(b: StageBlocks, q: Tensor) -> Tensor:
     """``Q^T Txx Q``: from a Linear stage's Kronecker factors when ``Txx`` is theirs alone."""
     kron = b.kron_x
-    if kron is not None and kron.tg is not None and kron.z.dtype == q.dtype:
-        if kron.z.device == q.device and not b.txx_zero:
-            return kron.txx_on(q)
+    if kron is not None and kron.tg is not None and kron.on(q) and not b.txx_zero:
+        return kron.txx_on(q)
     return q.T @ b.Txx @ q
 
 

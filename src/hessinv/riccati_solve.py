@@ -147,18 +147,28 @@ class StageRiccati:
         the lifted system's: computed on demand (the solves do not need it).
         """
         if self._signature is None:
-            by_size: dict[int, list[Tensor]] = {}
-            for st in self.stages:
-                by_size.setdefault(st.qvv.shape[0], []).append(st.qvv)
-            parts = [_bk_signature(torch.stack(qs)) for k, qs in by_size.items() if k]
+            groups = self._by_size().values()
+            parts = [_bk_signature(torch.stack([st.qvv for st in sts])) for sts in groups]
             tot = torch.stack(parts).sum(0) if parts else torch.zeros(4)
             pos, neg, zero, logabs = tot.tolist()
-            free = sum(st.basis.free for st in self.stages if st.basis is not None)
+            free = self._free()
             if free:  # the d I blocks of split stages (d != 0 there)
                 pos, neg = (pos + free, neg) if self.damping > 0 else (pos, neg + free)
                 logabs += free * math.log(abs(self.damping))
             self._signature = (int(pos), int(neg), int(zero), float(logabs))
         return self._signature
+
+    def _free(self) -> int:
+        """The split stages' free directions: the ``d I`` blocks, eigenvalues ``d`` each."""
+        return sum(st.basis.free for st in self.stages if st.basis is not None)
+
+    def _by_size(self) -> dict[int, list[StageFactor]]:
+        """The stages with a nonempty pivot, grouped by its size (batched factorizations)."""
+        by_size: dict[int, list[StageFactor]] = {}
+        for st in self.stages:
+            if st.r:
+                by_size.setdefault(st.r, []).append(st)
+        return by_size
 
     def lu_slogdet(self) -> tuple[float, float]:
         """``(sign, log|det|)`` of the kept ``Q^T (H + dI) Q`` from the pivots' LUs.
@@ -169,19 +179,15 @@ class StageRiccati:
         is the parity of the Bunch-Kaufman count's negatives when both
         factorizations see the same signs.
         """
-        by_size: dict[int, list[StageFactor]] = {}
-        for st in self.stages:
-            if st.r:
-                by_size.setdefault(st.r, []).append(st)
         parts = []
-        for k, sts in by_size.items():
+        for k, sts in self._by_size().items():
             u = torch.stack([st.lu for st in sts]).diagonal(dim1=-2, dim2=-1)
             piv = torch.stack([st.piv for st in sts])
             rows = torch.arange(1, k + 1, device=piv.device, dtype=piv.dtype)
             negs = (u < 0).sum() + (piv != rows).sum()
             parts.append(torch.stack([negs.to(u.dtype), u.abs().log().sum()]))
         negs, logabs = torch.stack(parts).sum(0).tolist() if parts else (0.0, 0.0)
-        free = sum(st.basis.free for st in self.stages if st.basis is not None)
+        free = self._free()
         if free:  # the d I blocks of split stages (d != 0 there)
             negs += free if self.damping < 0 else 0
             logabs += free * math.log(abs(self.damping))

@@ -87,6 +87,10 @@ class KronX:
         """The factors ``W``, ``b_y`` and a diagonal ``Jg`` are known (module doc)."""
         return self.weight is not None and self.b_y is not None and self.s is not None
 
+    def on(self, ref: Tensor) -> bool:
+        """The factors are in ``ref``'s dtype and on its device (blocks cast apart keep them)."""
+        return self.z.dtype == ref.dtype and self.z.device == ref.device
+
     def factors_of(self, b: StageBlocks) -> bool:
         """:attr:`factored`, and in ``b``'s dtype and on its device.
 

@@ -32,9 +32,21 @@ INVERSE_STEPS = 5
 BAND_EXPONENT = 5.0
 
 
-def _start(size: int, dtype: torch.dtype, device: torch.device, seed: int) -> Tensor:
+def gaussian(
+    size: int, columns: int, dtype: torch.dtype, device: torch.device, seed: int
+) -> Tensor:
+    """``(size, columns)`` standard normal entries from a seeded CPU generator (float64, cast).
+
+    The same numbers on every device and dtype: the random starts and probes of
+    the solver contract's estimates.
+    """
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    v = torch.randn(size, 1, generator=gen, dtype=torch.float64).to(dtype=dtype, device=device)
+    y = torch.randn(size, columns, generator=gen, dtype=torch.float64)
+    return y.to(dtype=dtype, device=device)
+
+
+def _start(size: int, dtype: torch.dtype, device: torch.device, seed: int) -> Tensor:
+    v = gaussian(size, 1, dtype, device, seed)
     return v / torch.linalg.vector_norm(v)
 
 
@@ -179,10 +191,8 @@ def block_lanczos_steps(
     k = min(k, size)
     if k == 0:
         return (0.0, 0.0)
-    gen = torch.Generator(device="cpu").manual_seed(seed)
     b = min(block, k)
-    start = torch.randn(size, b, generator=gen, dtype=torch.float64).to(dtype=dtype, device=device)
-    q, _ = torch.linalg.qr(start)
+    q, _ = torch.linalg.qr(gaussian(size, b, dtype, device, seed))
     qs: list[Tensor] = []
     aqs: list[Tensor] = []
     done = 0

@@ -241,8 +241,7 @@ class LiftedFactorization(LiftedInertia, Factorization):
         contract (a second product).
         """
         y = self.system.project_kept(_start(self.size, self.dtype, self.op.device, seed=2))
-        z = self._stage_apply(y, 0)
-        r = y - self.op.matmat(z) - self.damping * z
+        z, r = self._stage_residual(y)
 
         def refined() -> Tensor:
             z1 = z + self._stage_apply(r, 0)
@@ -286,6 +285,11 @@ class LiftedFactorization(LiftedInertia, Factorization):
     def _lu_solve(self, rhs: list[Tensor]) -> list[Tensor]:
         """``K x = r`` per block of the lifted system (through the merged partition)."""
         return self.merged.split(self.lu.solve(self.merged.join(rhs)))
+
+    def _stage_residual(self, y: Tensor) -> tuple[Tensor, Tensor]:
+        """``z`` = the stage solve of the kept ``y`` (no dropped part) and ``y - (H + dI) z``."""
+        z = self._stage_apply(y, 0)
+        return z, y - self.op.matmat(z) - self.damping * z
 
     def _stage_apply(self, g: Tensor, n_full: int) -> Tensor:
         """The stage elimination's solve; the first ``n_full`` columns get the dropped part."""

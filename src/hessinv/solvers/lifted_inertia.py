@@ -323,8 +323,7 @@ class LiftedInertia:
         if self.stage_solver is None:
             return math.inf
         y = self.system.project_kept(probes(self.size, self.dtype, self.op.device))
-        z = self._stage_apply(y, 0)
-        return near_inverse_bound(y - self.op.matmat(z) - self.damping * z)
+        return near_inverse_bound(self._stage_residual(y)[1])
 
     def _signs(self) -> Inertia:
         ric = self._certified_riccati()

@@ -44,6 +44,7 @@ import torch
 from torch import Tensor
 
 from .contract import column_norms
+from .estimates import gaussian
 
 #: Random probes (columns) of :func:`near_inverse_bound`.
 PROBE_COLUMNS = 4
@@ -62,9 +63,7 @@ def probes(
     seed: int = 3,
 ) -> Tensor:
     """``(size, columns)`` independent standard normal entries (not normalized; CPU seed)."""
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    y = torch.randn(size, columns, generator=gen, dtype=torch.float64)
-    return y.to(dtype=dtype, device=device)
+    return gaussian(size, columns, dtype, device, seed)
 
 
 def probe_radius(columns: int, failure: float = PROBE_FAILURE) -> float:
