@@ -452,31 +452,3 @@ def test_positive_definite_next_to_the_smallest_eigenvalue(seed: int) -> None:
             assert pd is truth
         else:  # in the band: a zero, so not positive definite (or undecided)
             assert pd is not True
-
-
-# -- a cancelled norm estimate (not the near inverse: the zero band before it) ---------------------
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect: with H = lambda I (one Linear(1, 3) stage, MSE sum) and d = -theta, theta "
-    "Lanczos' Ritz value of H (one ulp below the diagonal of H), shifted_norm = max(|theta_max "
-    "+ d|, |theta_min + d|) = 0, so zero_threshold() = 0 and the lifted inertia returns "
-    "(0, 0, 3) verified ('H + damping*I is zero') while H + dI = 1 ulp * I: torch.func.hessian "
-    "+ eigvalsh and method='dense' both say (3, 0, 0), is_positive_definite lifted False vs "
-    "dense True",
-)
-def test_cancelled_norm_estimate_is_not_a_zero_matrix() -> None:
-    model = nn.Sequential(nn.Linear(1, 3, bias=False)).to(DT)
-    X = torch.tensor([[-0.72085433432664], [-0.31067639876160846]], dtype=DT)
-    y = torch.zeros(2, 3, dtype=DT)
-    h = dense_hessian(model, _mse_sum, X, y)
-    H = hessinv.Hessian(model, _mse_sum, X, y)
-    lo, hi = H.spectral_bounds()
-    d = -hi
-    ev, t = _ref(h, d)
-    if bool((ev == 0).all()):
-        pytest.skip("the Ritz value is the diagonal itself here: H + dI is zero")
-    inert = H.factor(d, method="lifted").inertia()
-    assert inert.verified
-    assert tuple(inert) == _counts(ev, t)

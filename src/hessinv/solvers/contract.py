@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from ..errors import HINT, SingularHessianError
+from .estimates import spectral_bounds
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..hessian import Hessian
@@ -82,10 +83,44 @@ class Inertia(tuple):
         return (self[0], self[1], self[2]), {"verified": self.verified, "how": self.how}
 
 
+#: :func:`shifted_norm` measures ``||H + dI||`` on its own products below ``max(W, 64) eps ||H||``.
+CANCELLED_STEPS = 64
+
+
 def shifted_norm(op: Hessian, damping: float) -> float:
-    """``max(|theta_max + d|, |theta_min + d|)``: ``||H + dI||_2`` from below (Lanczos on ``H``)."""
+    """``||H + dI||_2`` from below: ``max(|theta_max + d|, |theta_min + d|)`` (Lanczos on ``H``).
+
+    The Ritz values ``theta`` carry round-off of a few (up to about the
+    number of Lanczos steps) ``eps ||H||``. When the shift cancels them to that
+    level (``d`` close to ``-theta`` and a narrow Ritz range, e.g. ``H = lambda I``
+    and ``d = -theta``), the difference has no correct digit: it may even read
+    ``0`` while ``H + dI`` is one ulp times ``I``, and ``t = W eps ||A||``
+    would call every eigenvalue zero. So below ``max(W, 64) eps max|theta|``
+    ``||A||`` is estimated by Lanczos on the products ``(H + dI) v`` themselves
+    (:func:`cancelled_norm`; four more products, kept on the operator per
+    ``d``), whose round-off is that of the solves' residuals.
+    """
     lo, hi = op.spectral_bounds()
-    return max(abs(hi + damping), abs(lo + damping))
+    n = max(abs(hi + damping), abs(lo + damping))
+    level = max(op.num_params, CANCELLED_STEPS) * torch.finfo(op.dtype).eps
+    if n > level * max(abs(lo), abs(hi)):
+        return n
+    return cancelled_norm(op, damping)
+
+
+def cancelled_norm(op: Hessian, damping: float) -> float:
+    """``||H + dI||_2`` from below by Lanczos on ``V -> H V + d V`` (cached on ``op`` per ``d``).
+
+    Zero only when every product read is exactly zero: ``H + dI`` is then zero
+    as the operator computes it.
+    """
+    cache = op.__dict__.setdefault("_cancelled_norms", {})
+    if damping not in cache:
+        lo, hi = spectral_bounds(
+            lambda v: op.matmat(v) + damping * v, op.num_params, op.dtype, op.device
+        )
+        cache[damping] = max(abs(lo), abs(hi))
+    return cache[damping]
 
 
 def column_norms(t: Tensor) -> Tensor:
