@@ -13,6 +13,7 @@ from torch.func import functional_call, hessian, jacrev
 
 import hessinv
 from hessinv.cli import make_mlp
+from hessinv.errors import SingularHessianError
 from hessinv.optim import Newton, ShiftedSolver, Spectrum
 from hessinv.optim.cholesky import ShiftedCholesky
 from hessinv.optim.curvature import kernel_spectrum
@@ -178,16 +179,20 @@ def test_cholesky_trust_region_matches_eigh():
 
 
 class _FakeFactorization:
-    def __init__(self, verdict, inertia):
-        self.verdict, self._inertia = verdict, inertia
+    structurally_singular = False
 
-    def is_positive_definite(self):
+    def __init__(self, verdict, inertia, singular=False):
+        self.verdict, self._inertia, self.singular = verdict, inertia, singular
+
+    def _positive_definite(self):  # the proof; the zero band is the solve's to count
         return self.verdict
 
     def inertia(self):
         return self._inertia
 
     def solve(self, g, check=True):
+        if self.singular:
+            raise SingularHessianError("an eigenvalue in the zero band")
         return g
 
 
@@ -213,6 +218,15 @@ def test_factored_route_certifies_only_by_proof(verdict, inertia, pd, certified)
     t = FactoredSolver(_FakeOperator(verdict, inertia), 1.0, g).trial(1.0)
     assert t.pd is pd and t.certified is certified
     assert ("unverified" in t.how) is (not certified)
+
+
+def test_factored_route_proof_of_a_numerically_singular_shift_is_not_definite():
+    """A Cholesky-type proof with eigenvalues in the zero band: the solve refuses, no step."""
+    op = _FakeOperator(True, (3, 0, 0))
+    op.fac.singular = True
+    t = FactoredSolver(op, 1.0, torch.ones(3, dtype=DT)).trial(1.0)
+    assert not t.pd and not t.certified and t.s is None
+    assert t.how == "numerically singular"
 
 
 def _outputs(model, X):

@@ -35,6 +35,18 @@ class Trial:
     fac: object
 
 
+def _definite_proof(fac) -> bool | None:  # noqa: ANN001
+    """:meth:`~hessinv.solvers.Factorization.is_positive_definite` without its zero-band count.
+
+    A proof that every eigenvalue is positive; the solve that follows counts
+    the zero band itself (riding along its products), so that count is not
+    made twice.
+    """
+    if fac.structurally_singular:
+        return False
+    return fac._positive_definite()
+
+
 class FactoredSolver:
     """``C + lam I`` factored per shift; ``C = scale * op``."""
 
@@ -46,16 +58,18 @@ class FactoredSolver:
         """Factor ``C + lam I`` (as ``scale (op + lam/scale I)``) and solve if definite."""
         fac = self.op.factor(lam / self.scale, method=self.method)
         self.factorizations += 1
-        proof = getattr(fac, "is_positive_definite", None)
-        verdict = proof() if callable(proof) else None
-        if verdict is True:
-            pd, certified, how = True, True, "is_positive_definite() proof"
-        else:
-            inertia = fac.inertia()
-            pd = inertia[1] == 0 and inertia[2] == 0 and verdict is not False
-            certified, how = False, f"unverified: inertia count {tuple(inertia)}"
+        verdict = _definite_proof(fac)
+        if verdict is True:  # the zero band is left to the solve's own singularity test
+            try:
+                s = -fac.solve(self.g / self.scale, check=False)
+            except SingularHessianError:  # eigenvalues in the zero band: not definite
+                return Trial(lam, False, False, "numerically singular", None, fac)
+            return Trial(lam, True, True, "is_positive_definite() proof", s, fac)
+        inertia = fac.inertia()
+        pd = inertia[1] == 0 and inertia[2] == 0 and verdict is not False
+        how = f"unverified: inertia count {tuple(inertia)}"
         s = -fac.solve(self.g / self.scale, check=False) if pd else None
-        return Trial(lam, pd, certified, how, s, fac)
+        return Trial(lam, pd, False, how, s, fac)
 
     def levenberg_marquardt(self, lam: float) -> Trial:
         """The first shift ``lam, 4 lam, 16 lam, ...`` whose factorization is definite."""

@@ -487,15 +487,21 @@ class Factorization(LinearOperator, ABC):
         )
 
     def is_positive_definite(self) -> bool | None:
-        """``True`` only if ``H + damping I`` is proven positive definite.
+        """``True`` only if ``H + damping I`` is proven positive definite and not singular.
 
         ``False`` when proven not to be (a verified inertia with a nonpositive
-        eigenvalue, or a failed stage Cholesky pass), ``None`` when undecided.
+        eigenvalue, a failed stage Cholesky pass), or when an eigenvalue lies in
+        the zero band (:meth:`zero_count`: numerically singular, as
+        :meth:`inertia` counts it and :meth:`solve` refuses it, even where a
+        Cholesky-type pass proves every eigenvalue positive); ``None`` when
+        undecided.
         """
         self.op._check_fresh()
         if self.structurally_singular:
             return False
         proof = self._positive_definite()
+        if proof is True:
+            return self.zero_count() == 0
         if proof is not None:
             return proof
         try:
