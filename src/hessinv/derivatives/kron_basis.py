@@ -58,14 +58,20 @@ class KronBasis:
 
 
 class KronStack:
-    """``Q^T x`` and ``Q w`` for a run of ``n`` stages with :class:`KronBasis` of one shape."""
+    """``Q^T x`` and ``Q w`` for a run of ``n`` stages with :class:`KronBasis` of one shape.
+
+    Each map is two batched products over the run (one GEMM per stage), not
+    one per stage and row ``q``: the ``a`` rows ``x_q`` (``c x r`` each) of a
+    stage sit side by side as one ``c x (a r)`` operand of ``[Q_T, Q_C]^T``.
+    """
 
     def __init__(self, bases: list[KronBasis]) -> None:
         first = bases[0]
-        self.qt = torch.stack([b.qt for b in bases])  # (n, c, r_z)
-        self.qb = torch.stack([b.qb for b in bases])  # (n, a, r_B)
         self.two = first.qb.shape[1] > 0
-        self.qc = torch.stack([b.qc for b in bases]) if self.two else None  # (n, c, c - r_z)
+        parts = [(b.qt, b.qc) if self.two else (b.qt,) for b in bases]
+        self.qf = torch.stack([torch.cat(pt, dim=1) for pt in parts])  # (n, c, r_z [+ c - r_z])
+        self.qb = torch.stack([b.qb for b in bases])  # (n, a, r_B)
+        self.rz = first.qt.shape[1]
         self.order, self.inverse_order = first.order, first.inverse_order
         self.a, self.c = first.qb.shape[0], first.qt.shape[0]
 
@@ -76,24 +82,29 @@ class KronStack:
         is ``Q_T^T x_q`` per ``q``, the second ``sum_q Q_B[q] Q_C^T x_q``.
         """
         n, _, r = x.shape
-        xk = x[:, self.order].reshape(n, self.a, self.c, r)
-        first = self.qt.mT.unsqueeze(1) @ xk  # (n, a, r_z, r)
-        parts = [first.reshape(n, -1, r)]
-        if self.two:
-            y = self.qc.mT.unsqueeze(1) @ xk  # (n, a, c - r_z, r)
-            second = self.qb.mT @ y.reshape(n, self.a, -1)  # (n, r_B, (c - r_z) r)
-            parts.append(second.reshape(n, -1, r))
-        return torch.cat(parts, dim=1)
+        a, c, rz = self.a, self.c, self.rz
+        xc = x[:, self.order].reshape(n, a, c, r).transpose(1, 2).reshape(n, c, a * r)
+        z = (self.qf.mT @ xc).reshape(n, -1, a, r)  # (n, j, q, r): [Q_T, Q_C]^T x_q
+        first = z[:, :rz].transpose(1, 2).reshape(n, a * rz, r)
+        if not self.two:
+            return first
+        y = z[:, rz:].transpose(1, 2).reshape(n, a, (c - rz) * r)
+        second = (self.qb.mT @ y).reshape(n, -1, r)  # (n, r_B (c - r_z), r)
+        return torch.cat([first, second], dim=1)
 
     def q(self, w: Tensor) -> Tensor:
-        """``Q w`` for ``w`` of shape ``(n, k, r)``: ``(n, p, r)`` in parameter order."""
+        """``Q w`` for ``w`` of shape ``(n, k, r)``: ``(n, p, r)`` in parameter order.
+
+        Row ``q``'s coefficients in ``[Q_T, Q_C]`` are ``[w1_q; sum_b Q_B[q, b] w2_b]``.
+        """
         n, _, r = w.shape
-        rz = self.qt.shape[2]
-        w1 = w[:, : self.a * rz].reshape(n, self.a, rz, r)
-        v = self.qt.unsqueeze(1) @ w1  # (n, a, c, r)
+        a, c, rz = self.a, self.c, self.rz
+        coef = w[:, : a * rz].reshape(n, a, rz, r)
         if self.two:
             rb = self.qb.shape[2]
-            w2 = w[:, self.a * rz :].reshape(n, rb, -1, r)
-            y = self.qc.unsqueeze(1) @ w2  # (n, r_B, c, r)
-            v = v + (self.qb @ y.reshape(n, rb, -1)).reshape(n, self.a, self.c, r)
-        return v.reshape(n, self.a * self.c, r)[:, self.inverse_order]
+            w2 = w[:, a * rz :].reshape(n, rb, -1)
+            u2 = (self.qb @ w2).reshape(n, a, c - rz, r)
+            coef = torch.cat([coef, u2], dim=2)  # (n, a, c, r)
+        cols = coef.transpose(1, 2).reshape(n, -1, a * r)  # (n, j, (q, r))
+        v = (self.qf @ cols).reshape(n, c, a, r).transpose(1, 2)  # (n, a, c, r)
+        return v.reshape(n, a * c, r)[:, self.inverse_order]
