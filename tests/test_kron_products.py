@@ -190,3 +190,46 @@ def test_basis_maps_from_the_factors_match_the_dense_basis(widths, tail, bias, b
     ls._maps = dense
     x_d = ls.extract(fac._lu_solve(dense.rhs(g, 1.0)[0]), g)
     assert float((x - x_d).abs().max()) <= 1e-12 * float(x_d.abs().max())
+
+
+@settings(max_examples=25, deadline=None)
+@given(**SMALL_NETS, loss=st.sampled_from(["mean", "sum", "ce"]))
+def test_lazy_txx_is_formed_as_the_generic_blocks(widths, tail, bias, batch, loss, seed) -> None:  # noqa: ANN001
+    """A Linear stage with an elementwise tail holds ``Txx`` unformed (``LazyBlock``).
+
+    Its ``max |Txx|`` (from the factors) and its dense form on first read must
+    be the generic autodiff blocks' (``generic=True``: no closed forms, no
+    factors), and so must the equilibration ``curvature_scale``.
+    """
+    from hessinv.lifted import curvature_scale
+
+    model, lossf, X, y = _net(widths, tail, bias, batch, loss, seed)
+    H = hessinv.Hessian(model, lossf, X, y)
+    G = hessinv.Hessian(model, lossf, X, y, generic=True)
+    lazy = [i for i, b in enumerate(H.blocks) if not b.txx_formed]
+    if tail not in ("none", "relu") and len(H.blocks) > 1:  # a tail with curvature
+        assert lazy, "no Linear + elementwise stage held Txx unformed"
+    for i in lazy:
+        b, ref = H.blocks[i], G.blocks[i].Txx
+        tol = 64 * torch.finfo(DT).eps * float(ref.abs().max()) + 1e-300
+        assert abs(float(b.txx_absmax()) - float(ref.abs().max())) <= tol
+        assert not b.txx_formed  # reading the maximum forms nothing
+    assert curvature_scale(H.blocks, 1e-3) == curvature_scale(G.blocks, 1e-3)
+    for i in lazy:
+        b, ref = H.blocks[i], G.blocks[i].Txx
+        tol = 64 * torch.finfo(DT).eps * float(ref.abs().sum(0).max()) + 1e-300
+        assert float((b.Txx - ref).abs().max()) <= tol
+        assert b.txx_formed and b.Txx is b.Txx  # formed once, then held
+
+
+def test_default_solve_forms_no_hidden_txx() -> None:
+    """The default solve reads a tanh MLP's hidden ``Txx`` through their factors only."""
+    model, lossf, X, y = _net([6, 5, 5, 5, 3], "tanh", True, 2, "mean", 0)
+    H = hessinv.Hessian(model, lossf, X, y)
+    x = H.solve(H.gradient(), damping=1e-3)
+    hidden = H.blocks[:-1]
+    assert all(not b.txx_formed for b in hidden)
+    ref = torch.linalg.solve(
+        dense_hessian(model, lossf, X, y) + 1e-3 * torch.eye(H.num_params, dtype=DT), H.gradient()
+    )
+    assert _rel(x, ref) < 1e-10

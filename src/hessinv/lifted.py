@@ -157,11 +157,11 @@ def _project(b: StageBlocks, q: Tensor | None) -> Projected:
     p = b.num_params  # explicit row counts: -1 is ambiguous for a stage without parameters
     jx = None if b.Jx is None else b.Jx.reshape(b.Jx.shape[0] * b.Jx.shape[1], p)
     tzx = None if b.Tzx is None else b.Tzx.reshape(b.Tzx.shape[0] * b.Tzx.shape[1], p)
-    txx = b.Txx
-    if q is not None:
-        jx = None if jx is None else jx @ q
-        tzx = None if tzx is None else tzx @ q
-        txx = None if txx is None else _txx_on(b, q)
+    if q is None:
+        return Projected(q, b.Txx, jx, tzx)
+    jx = None if jx is None else jx @ q
+    tzx = None if tzx is None else tzx @ q
+    txx = None if b.__dict__["Txx"] is None else _txx_on(b, q)
     return Projected(q, txx, jx, tzx)
 
 
@@ -423,8 +423,9 @@ def curvature_scale(blocks: list[StageBlocks], damping: float) -> float:
     power of two (so that scaling is exact); ``1`` when all of them vanish.
     """
     maxima = [
-        t.abs().amax() for b in blocks for t in (b.Txx, b.Tzz, b.Tzx) if t is not None and t.numel()
+        t.abs().amax() for b in blocks for t in (b.Tzz, b.Tzx) if t is not None and t.numel()
     ]  # read on the host once (one device synchronization, not one per block)
+    maxima += [m for b in blocks if (m := b.txx_absmax()) is not None]
     big = max(abs(damping), float(torch.stack(maxima).amax()) if maxima else 0.0)
     if big == 0.0 or not math.isfinite(big):
         return 1.0

@@ -98,9 +98,12 @@ class StageRun:
 
 
 def _shape_key(b: StageBlocks) -> tuple:
-    return tuple(
-        None if t is None else (tuple(t.shape), t.dtype) for t in (b.Jx, b.Jz, b.Tzz, b.Tzx, b.Txx)
+    key = tuple(
+        None if t is None else (tuple(t.shape), t.dtype) for t in (b.Jx, b.Jz, b.Tzz, b.Tzx)
     )
+    if not b.txx_formed:  # p x p in the blocks' dtype, not formed to be read
+        return (*key, ((b.num_params, b.num_params), b.grad_x.dtype))
+    return (*key, None if b.Txx is None else (tuple(b.Txx.shape), b.Txx.dtype))
 
 
 def _stack_in_place(run: list[StageBlocks], name: str) -> Tensor:

@@ -21,6 +21,7 @@ matrices, never as an ``(N a) x (N a)`` block diagonal.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -130,6 +131,19 @@ class KronX:
         out[m:, :m] = g[:, a_in, :, :a_in].reshape(a, m)
         out[m:, m:] = g[:, a_in, :, a_in]
         return out
+
+    def txx_lazy(self, tg: Tensor) -> LazyBlock:
+        """:meth:`txx` of a diagonal ``Tg`` (``(N, a)``), formed on first read.
+
+        ``max |Txx|`` is that of the ``a`` Gram blocks ``sum_n Tg_n[q] t_n t_n^T``
+        (``a c^2`` entries, the only nonzero ones).
+        """
+
+        def absmax() -> Tensor:
+            x = self.inputs()
+            return ((tg.T.unsqueeze(2) * x).mT @ x).abs().amax()
+
+        return LazyBlock(lambda: self.txx(tg), absmax)
 
     def kept_basis(self, tzx: bool) -> KronBasis:
         """An orthonormal basis of every direction ``Jx``, ``Txx`` and (``tzx``) ``Tzx`` see.
@@ -279,8 +293,20 @@ class StageBlocks:
     txx_zero: bool = False
 
     def __post_init__(self) -> None:
-        if self.Txx is None:
+        if self.__dict__["Txx"] is None:
             self.txx_zero = True
+
+    @property
+    def txx_formed(self) -> bool:
+        """``Txx`` is held densely (not a :class:`LazyBlock` still to be formed)."""
+        return not isinstance(self.__dict__["Txx"], LazyBlock)
+
+    def txx_absmax(self) -> Tensor | None:
+        """``max |Txx|`` (a 0-d tensor), from the factors when ``Txx`` is not formed yet."""
+        raw = self.__dict__["Txx"]
+        if isinstance(raw, LazyBlock):
+            return raw.absmax()
+        return None if raw is None or raw.numel() == 0 else raw.abs().amax()
 
     @property
     def num_params(self) -> int:
@@ -301,6 +327,39 @@ class StageBlocks:
     def params_linear(self) -> bool:
         """True when the stage promises the ``x_span`` reduction (output linear in ``x``)."""
         return self.x_span is not None
+
+
+class LazyBlock:
+    """A block formed on first read of :attr:`StageBlocks.Txx` (then stored densely).
+
+    A Linear stage's ``Txx`` (``p x p``, ``p = a c``) has ``a c^2`` nonzero
+    entries for an elementwise tail: the default solve reads it only through
+    its factors (:meth:`KronX.txx_on`, :meth:`absmax`), so the ``p^2`` entries
+    are written only for a path that reads them densely.
+
+    Args:
+        form: Returns the dense block.
+        absmax: Returns ``max |block|`` (0-d) without forming it.
+    """
+
+    def __init__(self, form: Callable[[], Tensor], absmax: Callable[[], Tensor]) -> None:
+        self.form, self.absmax = form, absmax
+
+
+def _get_txx(b: StageBlocks) -> Tensor | None:
+    raw = b.__dict__["Txx"]
+    if isinstance(raw, LazyBlock):
+        raw = b.__dict__["Txx"] = raw.form()
+    return raw
+
+
+def _set_txx(b: StageBlocks, value: Tensor | LazyBlock | None) -> None:
+    b.__dict__["Txx"] = value
+
+
+# ``Txx`` stays a dataclass field (``__init__``, ``fields``, ``replace``); reads go through
+# this property, which forms a LazyBlock on first access
+StageBlocks.Txx = property(_get_txx, _set_txx, doc="``Txx`` (``p x p``, formed on first read).")  # type: ignore[assignment]
 
 
 def comb(eye: Tensor, n: int) -> Tensor:

@@ -167,7 +167,9 @@ def structured_blocks(
         kron_x = KronX(z.detach(), y.shape[1], len(params) == 2, params[0].detach(), b_y, tg, s)
     tg_jfx = None if tg is None else _apply(tg, jfx)  # (N, a_y, p)
     txx = None
-    if tg_jfx is not None and kron_x is not None:
+    if tg_jfx is not None and kron_x is not None and tg.dim() == 2 and tf_xx is None:
+        txx = kron_x.txx_lazy(tg)  # formed on first dense read (the solves read its factors)
+    elif tg_jfx is not None and kron_x is not None:
         txx = kron_x.txx(tg)
     elif tg_jfx is not None:
         txx = jfx.reshape(-1, p).T @ tg_jfx.reshape(-1, p)  # sum_n Jf_x^T Tg Jf_x, one GEMM
