@@ -233,3 +233,49 @@ def test_default_solve_forms_no_hidden_txx() -> None:
         dense_hessian(model, lossf, X, y) + 1e-3 * torch.eye(H.num_params, dtype=DT), H.gradient()
     )
     assert _rel(x, ref) < 1e-10
+
+
+@settings(max_examples=30, deadline=None)
+@given(**SMALL_NETS, loss=st.sampled_from(["mean", "sum", "ce"]))
+def test_batched_projections_from_the_factors(widths, tail, bias, batch, loss, seed) -> None:  # noqa: ANN001
+    """``projected_all`` (Linear stages from their factors, batched) against the dense route.
+
+    Every stage's ``Jx Q``, ``Tzx Q`` and ``Q^T Txx Q`` from the closed forms of
+    :mod:`hessinv.kron_projection` must be the dense blocks (generic autodiff,
+    ``generic=True``) times the dense ``Q`` of the same basis.
+    """
+    from hessinv.lifted import projected_all
+
+    model, lossf, X, y = _net(widths, tail, bias, batch, loss, seed)
+    H = hessinv.Hessian(model, lossf, X, y)
+    G = hessinv.Hessian(model, lossf, X, y, generic=True)
+    prs = projected_all(H.blocks)
+    for pr, g in zip(prs, G.blocks, strict=True):
+        if pr.identity:
+            continue
+        q = pr.q
+        p = q.shape[0]
+        assert torch.allclose(q.T @ q, torch.eye(q.shape[1], dtype=DT), atol=1e-13)
+        for got, dense in ((pr.jx, g.Jx), (pr.tzx, g.Tzx)):
+            assert (got is None) == (dense is None)
+            if got is not None:
+                ref = dense.reshape(-1, p) @ q
+                tol = 64 * torch.finfo(DT).eps * float(dense.abs().sum(-1).max()) + 1e-300
+                assert float((got - ref).abs().max()) <= tol
+        if pr.txx is not None:
+            ref = q.T @ g.Txx @ q
+            tol = 64 * torch.finfo(DT).eps * float(g.Txx.abs().sum(0).max()) + 1e-300
+            assert float((pr.txx - ref).abs().max()) <= tol
+        else:
+            assert g.Txx is None or float(g.Txx.abs().max()) == 0.0
+
+
+def test_batched_projections_are_used_by_a_deep_mlp() -> None:
+    """A tanh MLP's hidden stages are projected in one batched run (no dense ``Q`` formed)."""
+    from hessinv.lifted import projected_all
+
+    model, lossf, X, y = _net([6, 5, 5, 5, 5, 3], "tanh", True, 2, "mean", 1)
+    H = hessinv.Hessian(model, lossf, X, y)
+    prs = projected_all(H.blocks)
+    batched = [pr for pr in prs if pr.kron is not None and pr.q_dense is None]
+    assert len(batched) >= 3

@@ -73,6 +73,7 @@ from torch import Tensor
 
 from .derivatives import StageBlocks
 from .derivatives.kron_basis import KronBasis
+from .kron_projection import factored_stage, project_run, run_key
 from .lifted_maps import BasisMaps
 
 
@@ -112,23 +113,40 @@ def _basis(b: StageBlocks, keep_all: bool = False) -> Tensor | None:
     return _basis_factors(b, keep_all)[0]
 
 
+def _reducible(b: StageBlocks, keep_all: bool) -> bool:
+    """The stage promises a span (``x_span``) of fewer rows than ``p`` (worth it: ``keep_all``)."""
+    if b.x_span is None:
+        return False
+    p = b.num_params
+    n_rows = b.x_span.shape[0] * b.x_span.shape[1]
+    if b.Tzx is not None:
+        n_rows += b.Tzx.shape[0] * b.Tzx.shape[1]
+    return not (n_rows >= p or (keep_all and n_rows >= KEEP_ALL * p))
+
+
+def _kron_basis(b: StageBlocks, keep_all: bool) -> bool:
+    """:func:`_basis` comes from the stage's Kronecker factors (no QR of the rows)."""
+    kron = b.kron_x
+    return (
+        _reducible(b, keep_all)
+        and kron is not None
+        and kron.on(b.x_span)
+        and (b.Tzx is None or kron.b_y is not None)
+    )
+
+
 def _basis_factors(b: StageBlocks, keep_all: bool) -> tuple[Tensor | None, KronBasis | None]:
     """:func:`_basis`, and its Kronecker factors when it came from them."""
-    if b.x_span is None:
+    if not _reducible(b, keep_all):
         return None, None
     p = b.num_params
+    if _kron_basis(b, keep_all):
+        factors = b.kron_x.kept_basis(b.Tzx is not None)  # no QR of the rows
+        q = factors.dense()
+        return (q, factors) if q.shape[1] < p else (None, None)
     rows = [b.x_span.reshape(-1, p)]
     if b.Tzx is not None:
         rows.append(b.Tzx.reshape(-1, p))
-    n_rows = sum(r.shape[0] for r in rows)
-    if n_rows >= p or (keep_all and n_rows >= KEEP_ALL * p):
-        return None, None
-    kron = b.kron_x
-    if kron is not None and kron.on(rows[0]):
-        if b.Tzx is None or kron.b_y is not None:
-            factors = kron.kept_basis(b.Tzx is not None)  # no QR of the rows
-            q = factors.dense()
-            return (q, factors) if q.shape[1] < p else (None, None)
     a = torch.cat(rows, dim=0)
     q, _ = torch.linalg.qr(a.T, mode="reduced")  # (p, k)
     return q, None
@@ -139,18 +157,37 @@ class Projected:
     """Stage ``l``'s blocks restricted to its kept basis ``Q_l`` (unscaled, no damping).
 
     Attributes:
-        q: ``Q_l`` (``p_l x k_l``) or ``None`` (``Q_l = I``).
+        q_dense: ``Q_l`` (``p_l x k_l``) when formed; ``None`` for ``Q_l = I``
+            or (``kron`` set) until :attr:`q` is read.
         txx: ``Q_l^T Txx_l Q_l`` (``None`` when ``Txx`` is).
         jx: ``Jx_l Q_l`` as ``(N a_l, k_l)`` (``None`` for the last stage).
         tzx: ``Tzx_l Q_l`` as ``(N a_{l-1}, k_l)`` (``None`` for the first stage).
         kron: ``Q_l``'s Kronecker factors, when it came from them (for the basis maps).
     """
 
-    q: Tensor | None
+    q_dense: Tensor | None
     txx: Tensor | None
     jx: Tensor | None
     tzx: Tensor | None
     kron: KronBasis | None = None
+
+    @property
+    def identity(self) -> bool:
+        """``Q_l = I``: the stage keeps every parameter direction."""
+        return self.q_dense is None and self.kron is None
+
+    @property
+    def q(self) -> Tensor | None:
+        """``Q_l`` (``None`` for ``Q_l = I``), formed from its factors on first read."""
+        if self.q_dense is None and self.kron is not None:
+            self.q_dense = self.kron.dense()
+        return self.q_dense
+
+    def k(self, p: int) -> int:
+        """``k_l`` for a stage of ``p`` parameters."""
+        if self.kron is not None:
+            return self.kron.k
+        return p if self.q_dense is None else self.q_dense.shape[1]
 
 
 def _project(b: StageBlocks, q: Tensor | None) -> Projected:
@@ -188,6 +225,38 @@ def projected(b: StageBlocks, keep_all: bool = False) -> Projected:
         pr.kron = kron
         cache[keep_all] = pr
     return cache[keep_all]
+
+
+def projected_all(blocks: Sequence[StageBlocks], keep_all: bool = False) -> list[Projected]:
+    """:func:`projected` of every stage; runs of factored Linear stages batched.
+
+    Consecutive stages whose kept basis comes from their Kronecker factors and
+    whose projections have closed forms (:func:`hessinv.kron_projection.factored_stage`)
+    get their bases and projections in one batched pass per run of equal
+    shapes (:func:`~hessinv.kron_projection.project_run`); the others (and
+    stages already cached) through :func:`projected`.
+    """
+    todo = [
+        i
+        for i, b in enumerate(blocks)
+        if keep_all not in b.__dict__.get("_projected", {})
+        and _kron_basis(b, keep_all)
+        and factored_stage(b)
+    ]
+    runs: list[list[int]] = []
+    for i in todo:
+        if runs and runs[-1][-1] == i - 1 and run_key(blocks[i]) == run_key(blocks[i - 1]):
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    for run in runs:
+        for i, (basis, txx, jx, tzx) in zip(
+            run, project_run([blocks[i] for i in run]), strict=True
+        ):
+            if basis.k < blocks[i].num_params:  # as _basis_factors: a reduction or Q = I
+                pr = Projected(None, txx, jx, tzx, basis)
+                blocks[i].__dict__.setdefault("_projected", {})[keep_all] = pr
+    return [projected(b, keep_all) for b in blocks]
 
 
 def project_on(b: StageBlocks, q: Tensor | None) -> Projected:
@@ -249,12 +318,8 @@ class LiftedSystem:
         self.scale = scale
         self.dtype = dtype  # blocks are cast to it as they are built (None: as the blocks)
         keep_all = abs(damping) >= KEEP_ALL_DAMPING * scale
-        self._proj = [projected(b, keep_all) for b in blocks]
-        self.bases = [pr.q for pr in self._proj]
-        self._k = [
-            b.num_params if q is None else q.shape[1]
-            for b, q in zip(blocks, self.bases, strict=True)
-        ]
+        self._proj = projected_all(blocks, keep_all)
+        self._k = [pr.k(b.num_params) for b, pr in zip(blocks, self._proj, strict=True)]
         self._m = [b.Jx.shape[0] * b.Jx.shape[1] for b in blocks[:-1]]
         self.m = sum(self._m)
         self.n_dropped = sum(b.num_params for b in blocks) - sum(self._k)
@@ -265,7 +330,13 @@ class LiftedSystem:
         self.sizes.append(self._k[-1])
         params = [b.num_params for b in blocks]
         krons = [pr.kron for pr in self._proj]
-        self._maps = BasisMaps(self.bases, params, self._k, self._m, krons)
+        dense = [None if pr.kron is not None else pr.q for pr in self._proj]
+        self._maps = BasisMaps(dense, params, self._k, self._m, krons)
+
+    @property
+    def bases(self) -> list[Tensor | None]:
+        """Per stage ``Q_l`` (``p_l x k_l``; ``None`` for ``Q_l = I``), formed on access."""
+        return [pr.q for pr in self._proj]
 
     # diag and upper are made on access: a lazy sequence stored on self would hold a bound
     # method of self, a reference cycle that only Python's cyclic collector frees

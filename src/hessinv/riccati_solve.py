@@ -94,11 +94,11 @@ class StageRiccati:
         with progress_bar(n_st, "hessinv: stage Riccati", progress) as bar:
             for l in reversed(range(n_st)):  # noqa: E741
                 b, pr = blocks[l], projections[l]
-                split = split_stage(b) if pr.q is None and damping != 0.0 else None
+                split = split_stage(b) if pr.identity and damping != 0.0 else None
                 if split is not None:
                     k, txx, jx, tzx = split.r, split.txx, split.jx, split.tzx
                 else:
-                    k = b.num_params if pr.q is None else pr.q.shape[1]
+                    k = pr.k(b.num_params)
                     txx, jx, tzx = pr.txx, pr.jx, pr.tzx
                 if l == n_st - 1:
                     jx = None

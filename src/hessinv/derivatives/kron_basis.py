@@ -52,6 +52,11 @@ class KronBasis:
             parts.append(kron2(self.qb, self.qc))
         return torch.cat(parts, dim=1)[self.inverse_order]
 
+    @property
+    def k(self) -> int:
+        """The number of columns ``a r_z + r_B (c - r_z)``."""
+        return self.qb.shape[0] * self.qt.shape[1] + self.qb.shape[1] * self.qc.shape[1]
+
     def key(self) -> tuple:
         """Equal keys: the factors stack (same shapes)."""
         return (tuple(self.qt.shape), tuple(self.qc.shape), tuple(self.qb.shape))
