@@ -226,7 +226,10 @@ class KernelFactorization(Factorization):
         self.n_extra = self.kernel.w - self.k  # directions with eigenvalue exactly ``damping``
         top = float(self.mu.abs().max()) if self.k else 0.0
         self._norm = max(top, abs(self.damping) if self.n_extra else 0.0)
-        self.tol = zero_threshold(self.dtype, self.size) * self._norm
+        g_norm = float(s2.abs().max()) if self.k else 0.0  # ||G||
+        self.tol = zero_threshold(self.dtype, self.size) * max(
+            self._norm, g_norm + abs(self.damping)
+        )
 
     def norm(self) -> float:
         """``||G + dI||_2``, exactly ``max(max_i |s_i^2 + d|, |d|)``."""
@@ -234,7 +237,7 @@ class KernelFactorization(Factorization):
         return self._norm
 
     def zero_threshold(self) -> float:
-        """``W eps ||G + dI||``."""
+        """``W eps max(||G + dI||, ||G|| + |d|)`` (:meth:`Factorization.zero_threshold`)."""
         self.op._check_fresh()
         return self.tol
 

@@ -20,8 +20,10 @@ keeps one contract, modelled on lineax's solver classes:
   (:func:`~hessinv.solvers.estimates.spectral_bounds`), which can only make
   the check stricter.
 * **A singular ``A`` raises.** ``A`` is *numerically singular* when it has an
-  eigenvalue with ``|lambda| <= zero_threshold * ||A||``, ``zero_threshold =
-  W eps`` (the default rank tolerance of ``numpy.linalg.matrix_rank``). Every
+  eigenvalue with ``|lambda| <= zero_threshold * max(||A||, ||H|| + |d|)``,
+  ``zero_threshold = W eps`` (the default rank tolerance of
+  ``numpy.linalg.matrix_rank``, relative to the round-off of ``A = H + dI``
+  as computed: ``||A||``, unless ``d`` cancels ``H``'s spectrum). Every
   method decides this the same way (:meth:`Factorization.zero_count`): from
   its eigenvalues where it has them, otherwise from an estimate of the
   smallest singular value by inverse iteration with the factorization itself
@@ -220,9 +222,27 @@ class Factorization(LinearOperator, ABC):
         """An estimate of ``||A||_2`` from below (:func:`shifted_norm`)."""
         return shifted_norm(self.op, self.damping)
 
+    def data_norm(self) -> float:
+        """``||H|| + |d|``: the scale of the round-off in ``A = H + dI`` as computed.
+
+        Products ``H v`` and ``d v`` are each exact to about ``eps`` of their
+        own size, so ``A`` is known to ``eps (||H|| + |d|)``, not to ``eps ||A||``
+        when ``d`` cancels ``H`` (``H`` near ``lambda I``, ``d`` near ``-lambda``:
+        then every eigenvalue of ``A`` has a sign set by round-off). ``||H||``
+        from Lanczos (the Ritz values' largest modulus).
+        """
+        lo, hi = self.op.spectral_bounds()
+        return max(abs(lo), abs(hi)) + abs(self.damping)
+
     def zero_threshold(self) -> float:
-        """Absolute zero threshold ``t = W eps ||A||`` (:func:`zero_threshold`)."""
-        return zero_threshold(self.dtype, self.size) * self.norm()
+        """Absolute zero threshold ``t = W eps max(||A||, ||H|| + |d|)`` (:func:`zero_threshold`).
+
+        ``||A||`` (:meth:`norm`) but no less than :meth:`data_norm`: an
+        eigenvalue within ``W eps`` of the round-off of forming ``A`` is zero.
+        The two differ by at most a factor 4 unless ``d`` cancels a spectrum of
+        ``H`` narrow for its size.
+        """
+        return zero_threshold(self.dtype, self.size) * max(self.norm(), self.data_norm())
 
     def sigma_min_estimate(self) -> float:
         """An estimate (from above) of ``A``'s smallest singular value, by inverse iteration."""
@@ -292,7 +312,7 @@ class Factorization(LinearOperator, ABC):
             )
         return (
             f"H + damping*I has {self.zero_count()} eigenvalue(s) within "
-            f"{self.zero_threshold():.1e} (= W eps ||H + dI||) of zero. {HINT}"
+            f"{self.zero_threshold():.1e} (= W eps max(||H + dI||, ||H|| + |d|)) of zero. {HINT}"
         )
 
     def solve(self, g: VectorLike, *, check: bool = True, refine: int = 2) -> VectorLike:
