@@ -16,7 +16,8 @@ under test and exact: ``X^T X + d I`` in rational arithmetic
 reference is ``2 X^T X`` in float64 from the float32 data (the products are
 exact, the sums err by ``1e-16``, nine orders below the eigenvalues compared).
 
-Finding (the strict xfails): when ``d`` cancels the whole spectrum of ``H``
+Finding (strict xfails until fixed, now tests of the fix): when ``d`` cancels the
+whole spectrum of ``H``
 (``||H + dI|| ~ eps ||H||``), the zero band ``t = W eps ||H + dI||`` is
 ``~ W eps^2 ||H||``, far below the round-off ``~ eps ||H||`` with which any
 method forms ``H + dI``. Every sign inside ``[-eps ||H||, eps ||H||]`` is then
@@ -25,7 +26,7 @@ reported as *verified* although it is round-off: wrong verified inertias
 ``H + dI``, ``is_positive_definite()`` ``True`` for a negative definite matrix
 (kernel) and ``False`` for a positive definite one (lifted), a wrong
 ``eigenvalue_count``, and a lifted solve accepted with a true backward error of
-``0.1``.
+``0.1``. The fix: the zero band ``t = W eps max(||H + dI||, ||H|| + |d|)``.
 """
 
 from __future__ import annotations
@@ -165,65 +166,78 @@ def _consistent(inert, truth: tuple[int, int, int]) -> bool:  # noqa: ANN001
     return (not inert.verified) or tuple(inert) == truth
 
 
-# -- confirmed defects (strict xfails) --------------------------------------------------
-CANCEL = "d cancels all of H's spectrum: t = W eps ||H + dI|| ~ W eps^2 ||H|| is far below the "
-CANCEL += "eps ||H|| round-off of forming H + dI, so round-off signs are reported as verified"
+# -- the defects, fixed: the zero band follows the round-off of forming H + dI ---------------
+# Found as strict xfails (the band W eps ||H + dI|| ~ W eps^2 ||H|| when d cancels all of H's
+# spectrum, far below the eps ||H|| round-off of forming H + dI: round-off signs reported as
+# verified). Fixed by t = W eps max(||H + dI||, ||H|| + |d|): the tests now hold every method to
+# that contract, against the exact rational matrix counted in the same band.
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason=CANCEL + " (1 parameter: 'H + damping*I is zero', norm 0)",
-)
+def _band_truth(a: list[list[Fraction]], t: Fraction) -> tuple[int, int, int]:
+    """``(pos, neg, zero)`` of the exact ``a`` with zeros ``|lambda| <= t`` (Sylvester, exactly)."""
+    w = len(a)
+    up = _exact_inertia(_shift_exact(a, -t))  # eigenvalues - t
+    dn = _exact_inertia(_shift_exact(a, t))  # eigenvalues + t
+    at_most_t = up[1] + up[2]
+    below = dn[1]
+    return w - at_most_t, below, at_most_t - below
+
+
+def _shift_exact(a: list[list[Fraction]], d: Fraction) -> list[list[Fraction]]:
+    return [[v + (d if i == j else 0) for j, v in enumerate(r)] for i, r in enumerate(a)]
+
+
+def _band(w: int, h_norm: float, d: float, dt: torch.dtype = F64) -> Fraction:
+    """The contract's ``t = W eps (||H|| + |d|)`` (``||H + dI||`` is far smaller here)."""
+    return Fraction(w) * Fraction(torch.finfo(dt).eps) * (Fraction(h_norm) + abs(Fraction(d)))
+
+
 @pytest.mark.parametrize("method", ["lifted", "dense"])
 @pytest.mark.parametrize("e", [-40, 0, 40])
-def test_one_parameter_cancellation_is_not_a_verified_zero(method: str, e: int) -> None:
+def test_one_parameter_cancellation_is_a_zero_in_the_band(method: str, e: int) -> None:
     """``H = 2 sum x^2`` (1 x 1), ``d = -1.1249999999999996``: exactly ``H + d = -1.27e-16``.
 
     The library reads ``H`` as ``1.1249999999999996`` (one rounding), so every
-    product of ``H + dI`` is exactly ``0``: ``norm() == 0`` and the inertia says
-    ``(0, 0, 1)`` 'H + damping*I is zero', verified. The exact matrix is
-    ``-1.27e-16``, negative definite; its band ``t = eps |A|`` is ``3e-32``.
+    product of ``H + dI`` is exactly ``0``. The exact ``-1.27e-16`` is within the
+    round-off ``eps (||H|| + |d|) = 5e-16`` of forming it: one zero (it was a
+    verified 'H + damping*I is zero' from ``t = 0``, and now is by the band).
     """
     c = 2.0**e
     H = _net(X_1x1, 1, scale=c)
     d = -1.1249999999999996 * c
     a = _shift(_gram(X_1x1, Fraction(c)), d)
-    truth = _exact_inertia(a)
-    assert truth == (0, 1, 0) and a[0][0] != 0
+    assert _exact_inertia(a) == (0, 1, 0) and a[0][0] != 0
+    truth = _band_truth(a, _band(1, 1.125 * c, d))
+    assert truth == (0, 0, 1)
     f = H.factor(d, method=method)
-    assert f.norm() > 0.0, "norm() is 0 while H + dI is not"
+    assert f.zero_threshold() > 0.0
     assert _consistent(f.inertia(), truth), (tuple(f.inertia()), f.inertia().how)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason=CANCEL + " (lifted, W = 4: verified (2, 2, 0), exact (0, 4, 0))",
-)
 @pytest.mark.parametrize("e", [-40, 0, 40])
 def test_lifted_verified_inertia_in_cancellation(e: int) -> None:
-    """``X`` 4 x 2, ``k = 2``, ``d = -9/8``: exactly negative definite (``|lambda| > 3e-17``)."""
+    """``X`` 4 x 2, ``k = 2``, ``d = -9/8``: exactly negative definite (``|lambda| <= 4e-16``).
+
+    Inside the band ``4 eps (||H|| + |d|) = 2e-15``: four zeros (it was a
+    verified ``(2, 2, 0)``).
+    """
     c = 2.0**e
     H = _net(X_2x2, 2, scale=c)
     d = -1.125 * c
-    truth = _exact_inertia(_shift(_kron_eye(_gram(X_2x2, Fraction(c)), 2), d))
-    assert truth == (0, 4, 0)
+    a = _shift(_kron_eye(_gram(X_2x2, Fraction(c)), 2), d)
+    assert _exact_inertia(a) == (0, 4, 0)
+    truth = _band_truth(a, _band(4, 1.125 * c, d))
+    assert truth == (0, 0, 4)
     inert = H.factor(d, method="lifted").inertia()
     assert _consistent(inert, truth), (tuple(inert), inert.how)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason=CANCEL + " (lifted solve accepted, true backward error ~0.1)",
-)
 @pytest.mark.parametrize("e", [-40, 0, 40])
 def test_lifted_solve_in_cancellation_meets_the_contract(e: int) -> None:
-    """``(H + dI) x = g`` with the case above: the lifted solve returns ``x`` without error.
+    """``(H + dI) x = g`` with the case above: refused, or within the contract.
 
-    Its exact normwise backward error (``||A||_F``, a lower bound) is about
-    ``1e14 eps``; the contract promises ``<= 64 eps`` or an error.
+    It returned ``x`` with an exact normwise backward error (``||A||_F``, a lower
+    bound) of about ``1e14 eps``; the contract promises ``<= 64 eps`` or an error.
     """
     c = 2.0**e
     H = _net(X_2x2, 2, scale=c)
@@ -237,108 +251,86 @@ def test_lifted_solve_in_cancellation_meets_the_contract(e: int) -> None:
     assert _exact_backward_error(a, x, g) <= 64 * EPS64
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason=CANCEL + " (float32, lifted and dense, float64 reference)",
-)
 @pytest.mark.parametrize("method", ["lifted", "dense"])
 def test_float32_verified_inertia_in_cancellation(method: str) -> None:
     """float32, ``X`` 6 x 3 (3/4 orthonormal columns rounded), ``k = 2``, ``d`` a float32 number.
 
     Reference: ``2 X^T X + dI`` in float64 from the float32 data (products exact,
-    ``1e-16`` relative error); its eigenvalues lie in ``[-1.6e-7, -9.4e-8]``,
-    the float32 band ``t = W eps ||A||`` is ``1.1e-13``: all six are negative.
+    ``1e-16`` relative error); its eigenvalues lie in ``[-1.6e-7, -9.4e-8]``, a
+    tenth of the float32 band ``6 eps (||H|| + |d|) = 1.6e-6``: six zeros (the
+    methods said ``(2, 4, 0)`` and ``(0, 2, 4)``, verified).
     """
     xs = torch.tensor(X32_3x2, dtype=F32)
     H = _net(X32_3x2, 2, dt=F32)
     x64 = xs.double()
     d = -1.1250001192092896
-    ev = torch.linalg.eigvalsh(2 * x64.T @ x64 + d * torch.eye(3, dtype=F64)).repeat_interleave(2)
-    t = 6 * torch.finfo(F32).eps * float(ev.abs().max())
-    truth = (int((ev > 100 * t).sum()), int((ev < -100 * t).sum()), 0)
-    assert sum(truth) == 6, "an eigenvalue near the band: not a test case"
+    h = 2 * x64.T @ x64
+    ev = torch.linalg.eigvalsh(h + d * torch.eye(3, dtype=F64)).repeat_interleave(2)
+    t = 6 * torch.finfo(F32).eps * (float(torch.linalg.eigvalsh(h).abs().max()) + abs(d))
+    assert bool((ev.abs() < t / 4).all()), "an eigenvalue near the band: not a test case"
     inert = H.factor(d, method=method).inertia()
-    assert _consistent(inert, truth), (tuple(inert), truth, ev.tolist(), inert.how)
+    assert _consistent(inert, (0, 0, 6)), (tuple(inert), ev.tolist(), inert.how)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason=CANCEL + " (GGN kernel: is_positive_definite() True, exact negative definite)",
-)
 def test_kernel_is_positive_definite_in_cancellation() -> None:
-    """GaussNewton (``= H`` here), ``method='kernel'``, ``d = -9/8``: exactly ``-1.8e-18 I_2``."""
+    """GaussNewton (``= H`` here), ``method='kernel'``, ``d = -9/8``: exactly ``-1.8e-18 I_2``.
+
+    It said positive definite; in the band ``2 eps (||G|| + |d|)``: two zeros.
+    """
     G = _net(X_1x2, 2, curv=hessinv.GaussNewton)
     d = -1.125
-    truth = _exact_inertia(_shift(_kron_eye(_gram(X_1x2), 2), d))
-    assert truth == (0, 2, 0)
+    a = _shift(_kron_eye(_gram(X_1x2), 2), d)
+    assert _exact_inertia(a) == (0, 2, 0)
+    truth = _band_truth(a, _band(2, 1.125, d))
+    assert truth == (0, 0, 2)
     f = G.factor(d, method="kernel")
-    assert f.is_positive_definite() is not True
+    assert f.is_positive_definite() is False
     assert _consistent(f.inertia(), truth), tuple(f.inertia())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason=CANCEL + " (lifted: is_positive_definite() False, exactly PD)",
-)
-def test_lifted_is_positive_definite_false_on_a_definite_matrix() -> None:
+def test_lifted_is_positive_definite_in_cancellation() -> None:
     """``X`` 4 x 2, ``k = 1``, ``d = -1.1249999999999996``: exact eigenvalues ``4.8e-18, 4.3e-16``.
 
-    Both are above ``100 t`` (``t = 2 eps ||A|| = 1.9e-31``): clearly positive
-    definite by the contract's own band; the lifted verdict is a verified ``False``
-    from a count ``(1, 1, 0)``.
+    Both inside the band ``2 eps (||H|| + |d|) = 1e-15`` (under the former band
+    ``2 eps ||A||`` they were positive and the lifted count said ``(1, 1, 0)``):
+    numerically singular, not positive definite.
     """
     H = _net(X_2x1, 1)
     d = -1.1249999999999996
     a = _shift(_gram(X_2x1), d)
     assert _exact_inertia(a) == (2, 0, 0)
+    truth = _band_truth(a, _band(2, 1.125, d))
+    assert truth == (0, 0, 2)
     f = H.factor(d, method="lifted")
-    assert f.is_positive_definite() is not False
-    assert _consistent(f.inertia(), (2, 0, 0)), tuple(f.inertia())
+    assert f.is_positive_definite() is False
+    assert _consistent(f.inertia(), truth), tuple(f.inertia())
 
 
-@pytest.mark.xfail(
-    strict=True, raises=AssertionError, reason=CANCEL + " (lifted logdet: sign -1, exact +1)"
-)
-def test_lifted_logdet_in_cancellation() -> None:
-    """Same case: exactly ``det = 2.06e-33 > 0`` (``log -75.26``); lifted reads ``(-1, -74.86)``."""
+@pytest.mark.parametrize("method", ["lifted", "dense", "auto"])
+def test_logdet_in_cancellation(method: str) -> None:
+    """Same case: every eigenvalue in the band, so ``(0.0, -inf)`` (lifted read ``-1, -74.86``)."""
     H = _net(X_2x1, 1)
     d = -1.1249999999999996
-    a = _shift(_gram(X_2x1), d)
-    det = a[0][0] * a[1][1] - a[0][1] * a[1][0]
-    assert det > 0
-    exact = math.log(det.numerator) - math.log(det.denominator)
-    sign, logabs = H.logdet(d, method="lifted")
-    assert sign == 1.0 and abs(logabs - exact) <= 1e-6 * abs(exact), (sign, logabs, exact)
+    assert H.logdet(d, method=method) == (0.0, -math.inf)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason=CANCEL + " (eigenvalue_count: 0 below sigma, exactly 1)",
-)
 def test_eigenvalue_count_at_a_cancelling_sigma() -> None:
-    """``H = 2 sum x^2 = sigma - 1.27e-16`` exactly: one eigenvalue strictly below ``sigma``."""
+    """``H = 2 sum x^2 = sigma - 1.27e-16`` exactly: within the band of ``sigma``, not below it."""
     H = _net(X_1x1, 1)
     sigma = 1.1249999999999996
-    assert _exact_inertia(_shift(_gram(X_1x1), -sigma)) == (0, 1, 0)
-    assert H.eigenvalue_count(sigma) == 1
+    a = _shift(_gram(X_1x1), -sigma)
+    assert _exact_inertia(a) == (0, 1, 0)
+    assert _band_truth(a, _band(1, 1.125, -sigma)) == (0, 0, 1)
+    assert H.eigenvalue_count(sigma) == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="shifted_norm's cancellation level max(W, 64) eps reaches "
-    "1 for W >= 2^23 in float32: the extra Lanczos runs at d = 0, no cancellation",
-)
 def test_no_extra_lanczos_without_cancellation_at_large_width(monkeypatch) -> None:  # noqa: ANN001
     """A stand-in operator with ``W = 2^24`` float32 parameters, Ritz range ``[1, 2]``, ``d = 0``.
 
     ``||H + 0 I|| = 2`` from the Ritz values has nothing to cancel; the
-    round-off of Lanczos' Ritz values is a few ``eps ||H||`` whatever ``W``.
-    (The product itself is never called: ``spectral_bounds`` is counted instead.)
+    cancellation level ``max(W, 64) eps`` reached ``1`` at ``W >= 2^23`` (it is
+    capped at ``sqrt(eps)`` now). The product itself is never called:
+    ``spectral_bounds`` is counted instead.
     """
     calls = []
     monkeypatch.setattr(contract, "spectral_bounds", lambda *a, **k: calls.append(1) or (2.0, 2.0))
@@ -355,19 +347,13 @@ def test_no_extra_lanczos_without_cancellation_at_large_width(monkeypatch) -> No
     assert calls == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=hessinv.errors.LiftedPrecisionError,
-    reason="FactoredSolver.trial: at a trust-region shift cancelling C the Riccati proof is "
-    "undecided and the trial's fac.inertia() raises LiftedPrecisionError (a SingularHessianError) "
-    "out of Newton.step instead of counting the shift as not definite",
-)
 def test_trust_region_lifted_step_at_a_cancelling_shift_does_not_crash() -> None:
     """Concave loss ``-||W x - y||^2``, ``W = 0``, ``y = 1e-17``: ``C = -H``, a cluster at ``-9/8``.
 
     The gradient is tiny, so the trust-region shift converges to within ulps of
     ``-lambda_min(C) = 9/8``; one ``Newton.step`` with ``factorization='lifted'``
-    (Gauss-Newton) must return (a flagged or certified step), not raise.
+    (Gauss-Newton) must return (a flagged or certified step), not raise (the
+    trial's inertia raised ``LiftedPrecisionError`` there).
     """
     X = torch.tensor(X_1x2, dtype=F64)  # noqa: N806
     model = nn.Sequential(nn.Linear(1, 2, bias=False)).to(F64)
@@ -386,22 +372,12 @@ def test_trust_region_lifted_step_at_a_cancelling_shift_does_not_crash() -> None
 
 
 # -- attacks that held ---------------------------------------------------------------
-def test_public_backward_error_in_cancellation() -> None:
-    """``H.backward_error(x, g, d)`` of the accepted solve against the exact backward error.
-
-    Held, but by luck of rounding: ``H x`` and ``d x`` are ``~1e17`` and cancel,
-    so the residual is round-off of ``ulp(1e17) = 16``. ``H.backward_error``
-    forms ``(H x + d x) - g`` and reads ``0.02``; the solve's own check formed
-    ``(g - H x) - d x``, read exactly ``0`` and accepted ``x`` (the xfail above).
-    """
+def test_solve_in_cancellation_is_refused_not_measured() -> None:
+    """``H.backward_error`` could not judge a solve here (``H x`` and ``d x`` of ``1e17``
+    cancel): the solve itself must refuse, even with ``check=False``."""
     H = _net(X_2x2, 2)
-    d = -1.125
-    a = _shift(_kron_eye(_gram(X_2x2), 2), d)
-    g = torch.linspace(-1.0, 1.0, 4, dtype=F64) + 0.3
-    x = H.factor(d, method="lifted").solve(g, check=False)
-    measured = float(H.backward_error(x.unsqueeze(1), g.unsqueeze(1), d).max())
-    true = _exact_backward_error(a, x, g)
-    assert measured > 64 * EPS64 or true <= 64 * EPS64, (measured, true)
+    with pytest.raises(hessinv.SingularHessianError, match="damping"):
+        H.factor(-1.125, method="lifted").solve(torch.ones(4, dtype=F64), check=False)
 
 
 CASES = [(X_1x1, 1), (X_2x2, 2), (X_2x1, 1), (X_1x2, 2)]

@@ -14,6 +14,7 @@ code under test.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -23,7 +24,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import hessinv
-from hessinv.errors import SingularHessianError
+from hessinv.errors import LiftedPrecisionError, SingularHessianError
 from hessinv.solvers.contract import shifted_norm
 
 DT = torch.float64
@@ -51,12 +52,13 @@ def _scalar_net(xs: list[float], k: int, scale: float):  # noqa: ANN202
 def _truth(lam: float, d: float, k: int) -> tuple[int, int, int] | None:
     """The counts of ``(lambda + d) I_k`` in the band ``t = k eps (|lambda| + |d|)``.
 
-    ``None`` when ``|lambda + d|`` is within a millionth of ``t`` (the library's
-    ``||H||`` is a Ritz value, an ulp or so from ``lambda``).
+    ``None`` within a factor 2 of the band's edge: the library counts the band
+    from ``A -+ tI``, whose dampings ``d -+ t`` round by ``eps |d| / 2``, as much
+    as ``t`` itself for small ``k``.
     """
     a = lam + d  # exact within a few ulps of each other (Sterbenz)
     t = k * EPS * (abs(lam) + abs(d))
-    if abs(abs(a) - t) <= 1e-6 * t:
+    if t / 2 <= abs(a) <= 2 * t:
         return None
     if abs(a) <= t:
         return (0, 0, k)
@@ -99,24 +101,25 @@ def test_the_repro_is_not_a_zero_matrix() -> None:
 def test_a_shift_within_ulps_of_the_spectrum(
     xs: list[int], k: int, ulps: int, exponent: int
 ) -> None:
-    """``d = -lambda + j ulp``: no verified count is wrong, and zero only when it is zero.
+    """``d = -lambda + j ulp``: no verified count is wrong; zeros are the band's.
 
     Loss scales ``2^{+-40}`` (about ``1e+-12``); every method.
     """
     H, lam = _scalar_net([x / 8 for x in xs], k, 2.0**exponent)
     d = -lam + ulps * math.ulp(lam)
     truth = _truth(lam, d, k)
-    f = H.factor(d, method="lifted")
-    assert (f.norm() == 0.0) == (ulps == 0)
+    if truth is None:  # at the band's edge A -+ tI is singular: a refusal is an answer
+        with contextlib.suppress(LiftedPrecisionError):
+            assert sum(H.factor(d, method="lifted").inertia()) == k
+        return
     for method in ("lifted", "dense"):
         inert = H.factor(d, method=method).inertia()
         assert sum(inert) == k
-        if inert.verified and truth is not None:
+        if inert.verified:
             assert tuple(inert) == truth, (method, inert.how)
         pd = H.factor(d, method=method).is_positive_definite()
-        if truth is not None:
-            assert pd is None or pd == (truth[0] == k), method
-    if truth is not None and truth[2]:
+        assert pd is None or pd == (truth[0] == k), method
+    if truth[2]:
         with pytest.raises(SingularHessianError, match="damping"):
             H.solve(torch.ones(k, dtype=DT), damping=d)
 

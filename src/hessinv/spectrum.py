@@ -80,7 +80,13 @@ def _inertia_at(op: Hessian, sigma: float) -> tuple[int, int, int, bool | None]:
 
 
 def eigenvalue_count(op: Hessian, sigma: float) -> int:
-    """The number of eigenvalues of ``H`` strictly below ``sigma`` (Sylvester's law)."""
+    """The number of eigenvalues of ``H`` below ``sigma`` (Sylvester's law), band excluded.
+
+    The negative count of ``inertia(H - sigma I)``: an eigenvalue within the zero
+    band ``t`` of ``sigma`` (:meth:`hessinv.solvers.Factorization.zero_threshold`,
+    ``W eps max(||H - sigma I||, ||H|| + |sigma|)``) counts as equal to ``sigma``,
+    not below it.
+    """
     sigma = _finite(sigma, "sigma")
     return _inertia_at(op, sigma)[1]
 

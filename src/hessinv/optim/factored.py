@@ -65,7 +65,10 @@ class FactoredSolver:
             except SingularHessianError:  # eigenvalues in the zero band: not definite
                 return Trial(lam, False, False, "numerically singular", None, fac)
             return Trial(lam, True, True, "is_positive_definite() proof", s, fac)
-        inertia = fac.inertia()
+        try:
+            inertia = fac.inertia()
+        except SingularHessianError as e:  # a count the factorization cannot make: not definite
+            return Trial(lam, False, False, f"unverified: no inertia count ({e})", None, fac)
         pd = inertia[1] == 0 and inertia[2] == 0 and verdict is not False
         how = f"unverified: inertia count {tuple(inertia)}"
         s = -fac.solve(self.g / self.scale, check=False) if pd else None

@@ -52,7 +52,7 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 from torch import Tensor
 
-from ..errors import HINT, InaccurateSolveError, SingularHessianError
+from ..errors import HINT, InaccurateSolveError, LiftedPrecisionError, SingularHessianError
 from ..operator import LinearOperator
 from .contract import (
     SOLVE_TOL_FACTOR,
@@ -292,8 +292,16 @@ class Factorization(LinearOperator, ABC):
             sigma, steps = self.sigma_min_estimate(), INVERSE_STEPS
         if excludes_band(sigma, steps, t):
             return self._known_zeros(t)
-        below = self._shifted(-t)._negatives()  # eigenvalues < t
-        above = self._shifted(t)._negatives()  # eigenvalues < -t
+        try:
+            below = self._shifted(-t)._negatives()  # eigenvalues < t
+            above = self._shifted(t)._negatives()  # eigenvalues < -t
+        except LiftedPrecisionError as e:  # A -+ tI singular to working precision
+            raise LiftedPrecisionError(
+                f"method={self.method!r}: cannot count the eigenvalues of H + damping*I in "
+                f"the zero band [-t, t], t = {t:.3e}: A -+ tI is singular to working precision "
+                "(an eigenvalue at the band's edge, or t below the rounding of the damping). "
+                "Use method='dense' (small W) or move damping by more than t."
+            ) from e
         band = below - above
         if kept_only:  # the structural zeros lie inside the band too
             band -= self._structural_zeros()

@@ -83,7 +83,8 @@ class Inertia(tuple):
         return (self[0], self[1], self[2]), {"verified": self.verified, "how": self.how}
 
 
-#: :func:`shifted_norm` measures ``||H + dI||`` on its own products below ``max(W, 64) eps ||H||``.
+#: :func:`shifted_norm` measures ``||H + dI||`` on its own products below ``max(W, 64) eps ||H||``
+#: (at most ``sqrt(eps) ||H||``).
 CANCELLED_STEPS = 64
 
 
@@ -95,14 +96,15 @@ def shifted_norm(op: Hessian, damping: float) -> float:
     level (``d`` close to ``-theta`` and a narrow Ritz range, e.g. ``H = lambda I``
     and ``d = -theta``), the difference has no correct digit: it may even read
     ``0`` while ``H + dI`` is one ulp times ``I``, and ``t = W eps ||A||``
-    would call every eigenvalue zero. So below ``max(W, 64) eps max|theta|``
+    would call every eigenvalue zero. So below ``min(max(W, 64) eps, sqrt(eps)) max|theta|``
     ``||A||`` is estimated by Lanczos on the products ``(H + dI) v`` themselves
     (:func:`cancelled_norm`; four more products, kept on the operator per
     ``d``), whose round-off is that of the solves' residuals.
     """
     lo, hi = op.spectral_bounds()
     n = max(abs(hi + damping), abs(lo + damping))
-    level = max(op.num_params, CANCELLED_STEPS) * torch.finfo(op.dtype).eps
+    eps = torch.finfo(op.dtype).eps
+    level = min(max(op.num_params, CANCELLED_STEPS) * eps, math.sqrt(eps))  # < 1 for any W
     if n > level * max(abs(lo), abs(hi)):
         return n
     return cancelled_norm(op, damping)
