@@ -13,7 +13,7 @@ widths 1..8, tanh/sigmoid/softplus/ELU/SiLU/ReLU/no tail, LayerNorm and Softmax 
 MSE mean/sum, CrossEntropy, a custom loss, loss scales 1e-12 and 1e12, float32 and float64,
 Hessian and GaussNewton, dampings 1e-12 ||H|| .. 1e3 ||H||, negative and 0) found no wrong number
 from the projections; the one defect it found is in the elementwise closed forms at a kink
-(the xfails at the end), where the factored and generic routes disagree.
+(tests at the end, strict xfails until fixed), where the factored and generic routes disagreed.
 """
 
 from __future__ import annotations
@@ -307,13 +307,9 @@ def _kink_case(tail: nn.Module):  # noqa: ANN202
     return m, nn.MSELoss(), X, y
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ELU/SELU closed forms take phi''(0) = alpha (e^0 branch) but torch's double backward "
-    "gives 0 at exactly 0: H differs from torch.func.hessian (6% / 2.6%) and the solve's residual "
-    "against it is 2e-3, no error (derivatives/elementwise.py ELUDerivatives.d2f, "
-    "SELUDerivatives.d2f: `z > 0` should be `z >= 0` for phi'' to match torch)",
-)
+# ELU/SELU closed forms took phi''(0) = alpha (the e^0 branch); torch's double backward gives 0
+# at exactly 0 (H was 6% / 2.6% off, the solve's residual 2e-3, no error): a strict xfail until
+# ELUDerivatives/SELUDerivatives/CELUDerivatives.d2f took z >= 0.
 @pytest.mark.parametrize("tail", [nn.ELU, nn.SELU], ids=["ELU", "SELU"])
 def test_elu_second_derivative_at_zero_matches_torch(tail: type) -> None:
     model, loss, X, y = _kink_case(tail())
@@ -322,12 +318,8 @@ def test_elu_second_derivative_at_zero_matches_torch(tail: type) -> None:
     assert float((H.to_dense() - ref).abs().max() / ref.abs().max()) <= 1e-12
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Softplus at exactly beta*x == threshold: the closed form's phi'' is sigmoid'(x), "
-    "torch's double backward gives 0 there (its first derivative takes the softplus branch): "
-    "H off by 4% against torch.func.hessian, no error",
-)
+# Softplus at exactly beta x == threshold: phi'' was sigmoid'(x), torch's double backward gives
+# 0 there (H was 4% off): a strict xfail until SoftplusDerivatives.d2f took beta z >= threshold.
 def test_softplus_at_threshold_matches_torch() -> None:
     lin = nn.Linear(1, 1, bias=False)
     out = nn.Linear(1, 1, bias=False)
@@ -343,8 +335,8 @@ def test_softplus_at_threshold_matches_torch() -> None:
 
 
 def test_kink_cases_not_vacuous() -> None:
-    """The generic (autodiff) route agrees with the reference on the kink cases: the xfails
-    above are the closed forms' convention, not the reference's."""
+    """The generic (autodiff) route agrees with the reference on the kink cases: the tests
+    above check the closed forms' convention, not the reference's."""
     for tail in (nn.ELU(), nn.SELU()):
         model, loss, X, y = _kink_case(tail)
         ref = dense_hessian(model, loss, X, y)

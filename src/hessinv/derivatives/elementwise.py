@@ -147,7 +147,10 @@ for _t in (
 
 @register(nn.ELU)
 class ELUDerivatives(ElementwiseDerivatives):
-    """``1`` for ``z > 0``, else ``alpha e^z`` (and ``alpha e^z``, 0 for ``phi''``)."""
+    """``1`` for ``z > 0``, else ``alpha e^z``; ``phi''`` is ``alpha e^z`` for ``z < 0``, else 0.
+
+    At ``z = 0`` as torch's first and double backward: ``phi'(0) = alpha``, ``phi''(0) = 0``.
+    """
 
     def df(self, z: Tensor, params: P) -> Tensor:  # noqa: D102
         a = self.module.alpha
@@ -155,12 +158,12 @@ class ELUDerivatives(ElementwiseDerivatives):
 
     def d2f(self, z: Tensor, params: P) -> Tensor:  # noqa: D102
         a = self.module.alpha
-        return torch.where(z > 0, torch.zeros_like(z), a * torch.exp(z))
+        return torch.where(z >= 0, torch.zeros_like(z), a * torch.exp(z))
 
 
 @register(nn.CELU)
 class CELUDerivatives(ElementwiseDerivatives):
-    """``1`` for ``z > 0``, else ``e^{z/alpha}`` (``phi'' = e^{z/alpha} / alpha``)."""
+    """``1`` for ``z > 0``, else ``e^{z/alpha}``; ``phi'' = e^{z/alpha} / alpha`` for ``z < 0``."""
 
     def df(self, z: Tensor, params: P) -> Tensor:  # noqa: D102
         a = self.module.alpha
@@ -168,7 +171,7 @@ class CELUDerivatives(ElementwiseDerivatives):
 
     def d2f(self, z: Tensor, params: P) -> Tensor:  # noqa: D102
         a = self.module.alpha
-        return torch.where(z > 0, torch.zeros_like(z), torch.exp(z / a) / a)
+        return torch.where(z >= 0, torch.zeros_like(z), torch.exp(z / a) / a)
 
 
 #: torch's SELU constants (``torch.nn.functional.selu``).
@@ -186,7 +189,7 @@ class SELUDerivatives(ElementwiseDerivatives):
         )
 
     def d2f(self, z: Tensor, params: P) -> Tensor:  # noqa: D102
-        return torch.where(z > 0, torch.zeros_like(z), SELU_SCALE * SELU_ALPHA * torch.exp(z))
+        return torch.where(z >= 0, torch.zeros_like(z), SELU_SCALE * SELU_ALPHA * torch.exp(z))
 
 
 @register(nn.Softplus)
@@ -203,9 +206,9 @@ class SoftplusDerivatives(ElementwiseDerivatives):
         return torch.where(lin, torch.ones_like(z), s)
 
     def d2f(self, z: Tensor, params: P) -> Tensor:  # noqa: D102
-        _, lin = self._s(z)
-        curv = self.module.beta * sigmoid_prime(z * self.module.beta)
-        return torch.where(lin, torch.zeros_like(z), curv)
+        bz = z * self.module.beta  # torch's double backward is 0 from the threshold on
+        curv = self.module.beta * sigmoid_prime(bz)
+        return torch.where(bz >= self.module.threshold, torch.zeros_like(z), curv)
 
 
 @register(nn.GELU)
