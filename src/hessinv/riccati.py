@@ -85,7 +85,8 @@ import torch
 from torch import Tensor
 
 from .derivatives import StageBlocks
-from .lifted import _basis, _block_diag, project_on
+from .lifted import _block_diag
+from .lifted_bases import _basis, project_on
 from .riccati_result import RiccatiResult, _Pivot, _Stage
 
 if TYPE_CHECKING:  # pragma: no cover

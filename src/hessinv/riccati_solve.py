@@ -55,7 +55,8 @@ import torch
 from torch import Tensor
 
 from .derivatives import StageBlocks
-from .lifted import Projected, _block_diag
+from .lifted import _block_diag
+from .lifted_bases import Projected
 from .progress import ProgressArg, progress_bar
 from .riccati import _sym, stage_coupling, stage_pivot
 from .riccati_sweeps import StageFactor, basis_groups, solve_sweeps, sweep_runs
