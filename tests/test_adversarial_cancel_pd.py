@@ -272,36 +272,30 @@ def test_float32_verified_inertia_in_cancellation(method: str) -> None:
     assert _consistent(inert, (0, 0, 6)), (tuple(inert), ev.tolist(), inert.how)
 
 
-def test_kernel_is_positive_definite_in_cancellation() -> None:
-    """GaussNewton (``= H`` here), ``method='kernel'``, ``d = -9/8``: exactly ``-1.8e-18 I_2``.
+@pytest.mark.parametrize(
+    "xs,k,curv,method,d,exact",
+    [
+        (X_1x2, 2, hessinv.GaussNewton, "kernel", -1.125, (0, 2, 0)),
+        (X_2x1, 1, hessinv.Hessian, "lifted", -1.1249999999999996, (2, 0, 0)),
+    ],
+    ids=["kernel", "lifted"],
+)
+def test_is_positive_definite_in_cancellation(xs, k, curv, method, d, exact) -> None:  # noqa: ANN001
+    """Every exact eigenvalue inside the band ``W eps (||H|| + |d|)``: not positive definite.
 
-    It said positive definite; in the band ``2 eps (||G|| + |d|)``: two zeros.
+    ``kernel``: GaussNewton (``= H`` here), ``X`` 3 x 1, ``k = 2``, ``d = -9/8``:
+    exactly ``-1.8e-18 I_2``; it said positive definite. ``lifted``: ``X`` 4 x 2,
+    ``k = 1``, ``d = -1.1249999999999996``: exact eigenvalues ``4.8e-18, 4.3e-16``,
+    positive under the former band ``2 eps ||A|| = 1.9e-31``, where the lifted count
+    said ``(1, 1, 0)``. Both are inside ``2 eps (||H|| + |d|) = 1e-15``: numerically
+    singular.
     """
-    G = _net(X_1x2, 2, curv=hessinv.GaussNewton)
-    d = -1.125
-    a = _shift(_kron_eye(_gram(X_1x2), 2), d)
-    assert _exact_inertia(a) == (0, 2, 0)
-    truth = _band_truth(a, _band(2, 1.125, d))
-    assert truth == (0, 0, 2)
-    f = G.factor(d, method="kernel")
-    assert f.is_positive_definite() is False
-    assert _consistent(f.inertia(), truth), tuple(f.inertia())
-
-
-def test_lifted_is_positive_definite_in_cancellation() -> None:
-    """``X`` 4 x 2, ``k = 1``, ``d = -1.1249999999999996``: exact eigenvalues ``4.8e-18, 4.3e-16``.
-
-    Both inside the band ``2 eps (||H|| + |d|) = 1e-15`` (under the former band
-    ``2 eps ||A||`` they were positive and the lifted count said ``(1, 1, 0)``):
-    numerically singular, not positive definite.
-    """
-    H = _net(X_2x1, 1)
-    d = -1.1249999999999996
-    a = _shift(_gram(X_2x1), d)
-    assert _exact_inertia(a) == (2, 0, 0)
-    truth = _band_truth(a, _band(2, 1.125, d))
-    assert truth == (0, 0, 2)
-    f = H.factor(d, method="lifted")
+    op = _net(xs, k, curv=curv)
+    a = _shift(_kron_eye(_gram(xs), k), d)
+    assert _exact_inertia(a) == exact
+    truth = _band_truth(a, _band(len(a), 1.125, d))
+    assert truth == (0, 0, len(a))
+    f = op.factor(d, method=method)
     assert f.is_positive_definite() is False
     assert _consistent(f.inertia(), truth), tuple(f.inertia())
 

@@ -179,12 +179,10 @@ def test_cholesky_trust_region_matches_eigh():
 
 
 class _FakeFactorization:
-    structurally_singular = False
-
     def __init__(self, verdict, inertia, singular=False):
         self.verdict, self._inertia, self.singular = verdict, inertia, singular
 
-    def _positive_definite(self):  # the proof; the zero band is the solve's to count
+    def _definite_proof(self):  # the proof; the zero band is the solve's to count
         return self.verdict
 
     def inertia(self):

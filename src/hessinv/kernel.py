@@ -21,8 +21,8 @@ backward pass per output coordinate (:func:`hessinv.jacobian.output_jacobian`).
 **Thresholds.** As every factorization of :mod:`hessinv.solvers`, an
 eigenvalue ``mu`` of ``G + lam I`` (``s_i^2 + lam``, or ``lam`` itself for the
 ``W - k`` directions outside ``B``'s row space) counts as zero when
-``|mu| <= W eps ||G + lam I||`` (:func:`hessinv.solvers.zero_threshold`;
-``||G + lam I|| = max |mu|``, known exactly here). The SVD is backward stable:
+``|mu| <= W eps max(||G + lam I||, ||G|| + |lam|)`` (:func:`hessinv.solvers.zero_threshold`;
+both norms known exactly here). The SVD is backward stable:
 the computed ``s_i`` are exact for a ``B`` perturbed by about ``eps ||B||``, so
 ``s_i^2`` carries an absolute error of order ``eps s_max s_i <= eps ||G||``, well
 inside the band. ``solve`` refuses (:class:`~hessinv.errors.SingularHessianError`)
@@ -46,7 +46,7 @@ from torch.func import vjp
 from .derivatives import comb_jacobian
 from .errors import HINT, SingularHessianError
 from .jacobian import output_jacobian
-from .solvers.base import Factorization, Inertia, zero_threshold
+from .solvers.base import Factorization, Inertia
 from .validate import batch_splits, on_side
 
 __all__ = [
@@ -226,15 +226,17 @@ class KernelFactorization(Factorization):
         self.n_extra = self.kernel.w - self.k  # directions with eigenvalue exactly ``damping``
         top = float(self.mu.abs().max()) if self.k else 0.0
         self._norm = max(top, abs(self.damping) if self.n_extra else 0.0)
-        g_norm = float(s2.abs().max()) if self.k else 0.0  # ||G||
-        self.tol = zero_threshold(self.dtype, self.size) * max(
-            self._norm, g_norm + abs(self.damping)
-        )
+        self._g_norm = float(s2.abs().max()) if self.k else 0.0  # ||G||
+        self.tol = super().zero_threshold()
 
     def norm(self) -> float:
         """``||G + dI||_2``, exactly ``max(max_i |s_i^2 + d|, |d|)``."""
         self.op._check_fresh()
         return self._norm
+
+    def data_norm(self) -> float:
+        """``||G|| + |d|``, exactly ``max_i s_i^2 + |d|``."""
+        return self._g_norm + abs(self.damping)
 
     def zero_threshold(self) -> float:
         """``W eps max(||G + dI||, ||G|| + |d|)`` (:meth:`Factorization.zero_threshold`)."""

@@ -140,8 +140,7 @@ class KronX:
         """
 
         def absmax() -> Tensor:
-            x = self.inputs()
-            return ((tg.T.unsqueeze(2) * x).mT @ x).abs().amax()
+            return gram_blocks(self.inputs(), tg).abs().amax()
 
         return LazyBlock(lambda: self.txx(tg), absmax)
 
@@ -207,7 +206,7 @@ class KronX:
         """
         x = self.inputs()
         a, a_in = self.a, self.z.shape[1]
-        blk = (tg.T.unsqueeze(2) * x).mT @ x  # (q, i, j)
+        blk = gram_blocks(x, tg)  # (q, i, j)
         p = a * x.shape[1]
         out = x.new_zeros(p, p)
         m = a * a_in  # the weight's entries come first, row-major, then the bias
@@ -231,6 +230,14 @@ def _order(a: int, a_in: int, c: int, device: torch.device) -> tuple[Tensor, Ten
     return idx, torch.argsort(idx)
 
 
+def gram_blocks(x: Tensor, tg: Tensor) -> Tensor:
+    """``blk[q] = sum_n tg[n, q] x_n x_n^T`` for ``x`` ``(N, c)``, ``tg`` ``(N, a)``: ``(a, c, c)``.
+
+    The diagonal blocks of :func:`kron_gram` for a diagonal ``Tg``, one batched product.
+    """
+    return (tg.T.unsqueeze(2) * x).mT @ x
+
+
 def kron_gram(x: Tensor, tg: Tensor) -> Tensor:
     """``G[q, i, q', j] = sum_n Tg_n[q, q'] x[n, i] x[n, j]``.
 
@@ -246,7 +253,7 @@ def kron_gram(x: Tensor, tg: Tensor) -> Tensor:
     n, c = x.shape
     a = tg.shape[1]
     if tg.dim() == 2:
-        blk = (tg.T.unsqueeze(2) * x).mT @ x  # (q, i, j)
+        blk = gram_blocks(x, tg)  # (q, i, j)
         g = x.new_zeros(a, c, a, c)
         torch.diagonal(g, dim1=0, dim2=2).copy_(blk.permute(1, 2, 0))
         return g

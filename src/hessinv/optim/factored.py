@@ -35,18 +35,6 @@ class Trial:
     fac: object
 
 
-def _definite_proof(fac) -> bool | None:  # noqa: ANN001
-    """:meth:`~hessinv.solvers.Factorization.is_positive_definite` without its zero-band count.
-
-    A proof that every eigenvalue is positive; the solve that follows counts
-    the zero band itself (riding along its products), so that count is not
-    made twice.
-    """
-    if fac.structurally_singular:
-        return False
-    return fac._positive_definite()
-
-
 class FactoredSolver:
     """``C + lam I`` factored per shift; ``C = scale * op``."""
 
@@ -58,7 +46,7 @@ class FactoredSolver:
         """Factor ``C + lam I`` (as ``scale (op + lam/scale I)``) and solve if definite."""
         fac = self.op.factor(lam / self.scale, method=self.method)
         self.factorizations += 1
-        verdict = _definite_proof(fac)
+        verdict = fac._definite_proof()
         if verdict is True:  # the zero band is left to the solve's own singularity test
             try:
                 s = -fac.solve(self.g / self.scale, check=False)

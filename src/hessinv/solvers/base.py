@@ -172,6 +172,14 @@ class Factorization(LinearOperator, ABC):
         """A proof that ``A`` is (``True``) or is not (``False``) positive definite, or ``None``."""
         return None
 
+    def _definite_proof(self) -> bool | None:
+        """:meth:`is_positive_definite` without its zero-band count (exact null directions: False).
+
+        For a caller whose next step counts the band anyway (a solve, riding
+        along its products): the optimizers' trial shifts.
+        """
+        return False if self.structurally_singular else self._positive_definite()
+
     @property
     def structurally_singular(self) -> bool:
         """``A`` has exact null directions known from the structure (``damping == 0``)."""
@@ -525,9 +533,7 @@ class Factorization(LinearOperator, ABC):
         undecided.
         """
         self.op._check_fresh()
-        if self.structurally_singular:
-            return False
-        proof = self._positive_definite()
+        proof = self._definite_proof()
         if proof is True:
             return self.zero_count() == 0
         if proof is not None:

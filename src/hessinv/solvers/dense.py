@@ -17,7 +17,7 @@ import math
 
 from torch import Tensor
 
-from .base import Factorization, Inertia, zero_threshold
+from .base import Factorization, Inertia
 
 
 class DenseFactorization(Factorization):
@@ -30,24 +30,20 @@ class DenseFactorization(Factorization):
         w, q = op._eigh()
         self.w, self.q = w + self.damping, q
         self._norm = float(self.w.abs().max()) if self.w.numel() else 0.0
-        h_norm = float(w.abs().max()) if w.numel() else 0.0
-        #: ``W eps max(||A||, ||H|| + |d|)`` (:meth:`Factorization.zero_threshold`)
-        self._band = zero_threshold(self.dtype, self.size) * max(
-            self._norm, h_norm + abs(self.damping)
-        )
+        self._h_norm = float(w.abs().max()) if w.numel() else 0.0
 
     def norm(self) -> float:
         """``||H + dI||_2``, exactly ``max_i |w_i + d|``."""
         return self._norm
 
-    def zero_threshold(self) -> float:
-        """``W eps max(||H + dI||, ||H|| + |d|)`` from the eigenvalues."""
-        return self._band
+    def data_norm(self) -> float:
+        """``||H|| + |d|``, exactly ``max_i |w_i| + |d|``."""
+        return self._h_norm + abs(self.damping)
 
     def zero_count(self) -> int:
         """Eigenvalues with ``|w_i + d| <= t`` (:meth:`zero_threshold`)."""
         if self._zero is None:
-            t = self._band
+            t = self.zero_threshold()
             self._zero = int((self.w.abs() <= t).sum()) if self.w.numel() else 0
         return self._zero
 
@@ -67,7 +63,7 @@ class DenseFactorization(Factorization):
     def inertia(self) -> Inertia:
         """Counts of ``w + d`` above, below and within the zero band."""
         self.op._check_fresh()
-        t = self._band
+        t = self.zero_threshold()
         zero = self.w.abs() <= t
         return Inertia(
             int(((self.w > 0) & ~zero).sum()),
