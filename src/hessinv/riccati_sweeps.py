@@ -42,11 +42,14 @@ class StageFactor:
     """What a solve needs of stage ``l`` (module doc); ``basis`` for a split stage.
 
     ``qvv`` is the LU-factored pivot (``r x r``: in a split stage only its
-    first block, the rest is ``d I``), ``gain`` has all ``p_l`` rows (in the
-    split basis), ``jx`` the ``r`` columns ``Jx`` sees.
+    first block, the rest is ``d I``), ``gain`` has all ``r + free`` rows (in
+    the split basis), ``jx`` the ``r`` columns ``Jx`` sees. ``free``: the
+    trailing directions whose pivot is ``d`` exactly (those of a split
+    basis, or of a kept basis already split, :class:`hessinv.riccati_solve.
+    StageRiccati`).
     """
 
-    __slots__ = ("basis", "closed", "gain", "jx", "lu", "piv", "qvv")
+    __slots__ = ("basis", "closed", "free", "gain", "jx", "lu", "piv", "qvv")
 
     def __init__(
         self,
@@ -57,10 +60,11 @@ class StageFactor:
         jx: Tensor | None,
         closed: Tensor | None,
         basis: SplitStage | None = None,
+        free: int = 0,
     ) -> None:
         self.qvv, self.lu, self.piv = qvv, lu, piv
         self.gain, self.jx, self.closed = gain, jx, closed
-        self.basis = basis
+        self.basis, self.free = basis, free
 
     @property
     def r(self) -> int:
@@ -74,7 +78,7 @@ class StageFactor:
             for t in (self.lu, self.gain, self.jx, self.closed)
         )
         kind = None if self.basis is None else (self.basis.a, self.basis.c, self.basis.rz)
-        return shapes, kind
+        return shapes, kind, self.free
 
     def numel(self) -> int:
         """Numbers held for the sweeps."""
@@ -116,6 +120,7 @@ class SweepRun:
     idx: Tensor | None
     inv_idx: Tensor | None
     rz: int
+    free: int = 0  # per stage, the trailing rows whose pivot is d
 
 
 def sweep_runs(stages: list[StageFactor]) -> list[SweepRun]:
@@ -136,7 +141,9 @@ def sweep_runs(stages: list[StageFactor]) -> list[SweepRun]:
         if sp is not None:
             qc = torch.stack([st.basis.qc for st in run])  # type: ignore[union-attr]
             idx, inv_idx, rz = sp.idx, sp.inv_idx, sp.rz
-        runs.append(SweepRun(lo, hi, run[0].r, lu, piv, gain, jx, qc, idx, inv_idx, rz))  # type: ignore[arg-type]
+        runs.append(
+            SweepRun(lo, hi, run[0].r, lu, piv, gain, jx, qc, idx, inv_idx, rz, run[0].free)  # type: ignore[arg-type]
+        )
         lo = hi
     return runs
 
@@ -235,7 +242,7 @@ def solve_sweeps(
         us[l + 1] = u
     ws: list[Tensor] = []
     for run, bb, kr in zip(runs, bbs, ks, strict=True):
-        if run.qc is not None:
+        if run.free:
             kr = torch.cat([kr, -bb[:, run.r :] / damping], dim=1)
         w = -kr
         if run.gain is not None:
