@@ -18,6 +18,7 @@ from cases import dense_hessian
 from torch import nn
 
 import hessinv
+import hessinv.riccati_fused as fused_mod
 from hessinv.riccati_solve import StageRiccati, kept_split_rows
 
 DT = torch.float64
@@ -53,8 +54,12 @@ CASES = [
 ]
 
 
+@pytest.mark.parametrize("fuse", [True, False], ids=["fused", "blockwise"])
 @pytest.mark.parametrize("case", CASES, ids=[str(c) for c in CASES])
-def test_kept_split_against_the_dense_kept_matrix(case) -> None:  # noqa: ANN001
+def test_kept_split_against_the_dense_kept_matrix(case, fuse, monkeypatch) -> None:  # noqa: ANN001
+    """Both forms of a stage's update (:mod:`hessinv.riccati_fused`, and block by block)."""
+    if not fuse:
+        monkeypatch.setattr(fused_mod, "FUSE_MAX", -1)
     width, batch, depth, rel_d, scale, seed = case
     model, X, y = net(width, batch, depth, seed)
     loss0 = nn.MSELoss()

@@ -189,35 +189,57 @@ def test_verified_without_congruence_or_lu_at_every_scale(c: float) -> None:
     assert fac.near_inverse_bound() <= 1e-3 * NEAR_INVERSE_LIMIT
 
 
-def test_a_stage_elimination_of_another_matrix_is_refused(monkeypatch) -> None:  # noqa: ANN001
-    """The last pivot's smallest eigenvalue negated: consistent signs and LU, wrong inertia.
+def _flip_largest(qvv: torch.Tensor) -> torch.Tensor:
+    """``qvv - 2 lambda v v^T``, ``lambda`` its eigenvalue of largest modulus (a sign flipped)."""
+    w, q = torch.linalg.eigh(qvv)
+    i = int(w.abs().argmax())
+    return qvv - 2 * w[i] * q[:, i : i + 1] @ q[:, i : i + 1].T
+
+
+@pytest.mark.parametrize("fuse", [True, False], ids=["fused", "blockwise"])
+def test_a_stage_elimination_of_another_matrix_is_refused(monkeypatch, fuse: bool) -> None:  # noqa: ANN001
+    """The last pivot's largest eigenvalue negated: consistent signs and LU, wrong inertia.
 
     The stage elimination then factors ``S = A - 2 lambda v v^T`` (one sign
     flipped), trusted here by force (before any solve, which would refuse it);
     its signature and LU agree with each other, so only the near-inverse bound
-    can tell, and the congruences decide.
+    can tell, and the congruences decide. In both forms of the stage update
+    (the last stage's pivot is its ``C_11`` in the fused one).
     """
+    import hessinv.riccati_fused as rf
     import hessinv.riccati_solve as rs
 
-    orig = rs.stage_pivot
+    if fuse:
+        orig_inputs = rs.fused_inputs
 
-    def flipped(txx, jx, p_mat, damping, k, ref, kron):  # noqa: ANN001, ANN202
-        qvv, pjx = orig(txx, jx, p_mat, damping, k, ref, kron)
-        if jx is None and qvv.shape[0]:  # the last stage
-            w, q = torch.linalg.eigh(qvv)
-            i = int(w.abs().argmin())
-            qvv = qvv - 2 * w[i] * q[:, i : i + 1] @ q[:, i : i + 1].T
-        return qvv, pjx
+        def flipped_inputs(parts, damping):  # noqa: ANN001, ANN202
+            c, b, tails = orig_inputs(parts, damping)
+            r = parts[-1].r
+            if b is None and r:  # the run of the last stage: its pivot is C_11
+                c[-1, :r, :r] = _flip_largest(c[-1, :r, :r])
+            return c, b, tails
 
-    monkeypatch.setattr(rs, "stage_pivot", flipped)
+        monkeypatch.setattr(rs, "fused_inputs", flipped_inputs)
+    else:
+        monkeypatch.setattr(rf, "FUSE_MAX", -1)
+        orig = rs.stage_pivot
+
+        def flipped(txx, jx, p_mat, damping, k, ref, kron):  # noqa: ANN001, ANN202
+            qvv, pjx = orig(txx, jx, p_mat, damping, k, ref, kron)
+            if jx is None and qvv.shape[0]:  # the last stage
+                qvv = _flip_largest(qvv)
+            return qvv, pjx
+
+        monkeypatch.setattr(rs, "stage_pivot", flipped)
     monkeypatch.setattr(LiftedFactorization, "_grade", lambda self, eta0, refined: "exact")
     model, loss, X, y = tanh_net(6, 3, 7, 1.5)
     fac = hessinv.Hessian(model, loss, X, y).factor(1e-3, method="lifted")  # no solve to refuse
     fac._settle_trust()  # the probe, graded "exact"
     assert fac.solver == "stages"
     pos, neg, _, _ = fac.stage_solver.signature()
+    d_pos, d_neg, _ = fac.system.dropped_inertia()
     ref = _reference(model, loss, X, y, 1e-3)
-    assert (pos, neg) != ref[:2]  # the stage counts are wrong ...
+    assert (pos + d_pos, neg + d_neg) != ref[:2]  # the stage counts are wrong ...
     assert fac.near_inverse_bound() > 1.0  # ... and G is no near inverse (theorem: >= 1)
     inert = fac.inertia()
     assert tuple(inert) == ref and "near inverse" not in inert.how

@@ -239,13 +239,21 @@ def test_stage_riccati_direct_against_dense_inverse(split_small) -> None:  # noq
     _assert_kept_solve(sr, ls, H, h, 0.05, cols=2)
 
 
-def test_split_stages_of_several_shapes_against_dense_inverse(split_small) -> None:  # noqa: ANN001
-    """Widths 8, 7, 7, 7, 6, 6, 6, batch 4: split stages of four basis shapes; the last two
+@pytest.mark.parametrize("fuse", [True, False], ids=["fused", "blockwise"])
+def test_split_stages_of_several_shapes_against_dense_inverse(
+    split_small, fuse, monkeypatch
+) -> None:  # noqa: ANN001
+    """Both forms of the stage update (``hessinv.riccati_fused.FUSE_MAX``).
+
+    Widths 8, 7, 7, 7, 6, 6, 6, batch 4: split stages of four basis shapes; the last two
     share one but not their keys (the last has no ``Jx``), so a group holds two runs. Each
     group changes basis in one call (``basis_groups``), and the solve of an indefinite
     system equals ``(Q^T (H + dI) Q)^{-1} b``."""
+    import hessinv.riccati_fused as fused_mod
     from hessinv.riccati_sweeps import basis_groups
 
+    if not fuse:
+        monkeypatch.setattr(fused_mod, "FUSE_MAX", -1)
     torch.manual_seed(4)
     widths = [8, 7, 7, 7, 6, 6, 6]
     mods: list[nn.Module] = []

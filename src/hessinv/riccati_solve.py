@@ -59,6 +59,7 @@ from .lifted import _block_diag
 from .lifted_bases import Projected
 from .progress import ProgressArg, progress_bar
 from .riccati import _sym, stage_coupling, stage_pivot
+from .riccati_fused import StageParts, fused_inputs
 from .riccati_sweeps import StageFactor, basis_groups, solve_sweeps, sweep_runs
 from .stage_split import split_stage
 
@@ -91,48 +92,18 @@ class StageRiccati:
         self.stages: list[StageFactor] = [None] * n_st  # type: ignore[list-item]
         infos: list[Tensor] = []
         sums: list[Tensor] = []  # each P's sum: not finite when P is not (or overflows)
+        last = n_st - 1
+        parts = [_stage_parts(b, pr, damping, i == last)
+                 for i, (b, pr) in enumerate(zip(blocks, projections, strict=True))]  # fmt: skip
+        fused = _fused_runs(parts, damping)
         p_mat: Tensor | None = None
         with progress_bar(n_st, "hessinv: stage Riccati", progress) as bar:
             for l in reversed(range(n_st)):  # noqa: E741
-                b, pr = blocks[l], projections[l]
-                split = split_stage(b) if pr.identity and damping != 0.0 else None
-                if split is not None:
-                    k, txx, jx, tzx = split.r, split.txx, split.jx, split.tzx
-                    free = split.free
+                pt = parts[l]
+                if l in fused:
+                    p_mat = self._fused_step(l, pt, fused[l], p_mat, infos, sums)
                 else:
-                    txx, jx, tzx = pr.txx, pr.jx, pr.tzx
-                    k = pr.k(b.num_params)
-                    free = k - kept_split_rows(pr, k) if damping != 0.0 else 0
-                    if free:  # the kept basis is split already: impose its zeros
-                        k -= free
-                        txx = None if txx is None else txx[:k, :k]
-                        jx = None if jx is None else jx[:, :k]
-                if l == n_st - 1:
-                    jx = None
-                kron = split if split is not None and split.factored else None  # J_1's structure
-                qvv, pjx = stage_pivot(txx, jx, p_mat, damping, k, ref, kron)
-                lu, piv, info = torch.linalg.lu_factor_ex(qvv)
-                infos.append(info.reshape(1))
-                if l == 0:
-                    self.stages[l] = StageFactor(qvv, lu, piv, None, jx, None, split, free)
-                    bar.update()
-                    break
-                # (l > 0: tzx is set) a split stage couples its first k columns through P
-                qvu, quu = stage_coupling(b, tzx[:, :k] if free else tzx, pjx, p_mat, k)
-                gain = torch.linalg.lu_solve(lu, piv, qvu) if k else qvu  # (0, M) when k = 0
-                p_mat = quu - qvu.T @ gain
-                if free:  # the d I block: gain Tzx_2^T / d
-                    tail = tzx[:, k:]
-                    gain = torch.cat([gain, tail.T / damping])
-                    outer = tail @ tail.T if kron is None else kron.free_outer()
-                    p_mat = p_mat - outer / damping
-                p_mat = _sym(p_mat)
-                sums.append(p_mat.sum().reshape(1))  # a tenth of isfinite(P).all()'s cost
-                closed = None
-                if jx is not None:
-                    jk = jx @ gain[:k] if kron is None else kron.jx_mul(gain[:k])
-                    closed = _block_diag(b.Jz) - jk
-                self.stages[l] = StageFactor(qvv, lu, piv, gain, jx, closed, split, free)
+                    p_mat = self._step(l, blocks[l], pt, p_mat, ref, infos, sums)
                 bar.update()
         # the only reads on the host: once, after the loop
         bad = bool((torch.cat(infos) != 0).any())
@@ -142,6 +113,81 @@ class StageRiccati:
         self.runs = sweep_runs(self.stages)
         self.groups = basis_groups(self.runs)
         self._signature: tuple[int, int, int, float] | None = None
+
+    def _step(
+        self,
+        l: int,  # noqa: E741
+        b: StageBlocks,
+        pt: StageParts,
+        p_mat: Tensor | None,
+        ref: Tensor,
+        infos: list[Tensor],
+        sums: list[Tensor],
+    ) -> Tensor | None:
+        """Stage ``l`` eliminated block by block (large stages); the next ``P``."""
+        damping, k, free, split = self.damping, pt.r, pt.free, pt.split
+        txx, jx, tzx = pt.txx, pt.jx, pt.tzx
+        kron = split if split is not None and split.factored else None  # J_1's structure
+        qvv, pjx = stage_pivot(txx, jx, p_mat, damping, k, ref, kron)
+        lu, piv, info = torch.linalg.lu_factor_ex(qvv)
+        infos.append(info.reshape(1))
+        if l == 0:
+            self.stages[l] = StageFactor(qvv, lu, piv, None, jx, None, split, free)
+            return None
+        # (l > 0: tzx is set) a split stage couples its first k columns through P
+        qvu, quu = stage_coupling(b, tzx[:, :k] if free else tzx, pjx, p_mat, k)  # type: ignore[index]
+        gain = torch.linalg.lu_solve(lu, piv, qvu) if k else qvu  # (0, M) when k = 0
+        p_mat = quu - qvu.T @ gain
+        if free:  # the d I block: gain Tzx_2^T / d
+            tail = tzx[:, k:]  # type: ignore[index]
+            gain = torch.cat([gain, tail.T / damping])
+            outer = tail @ tail.T if kron is None else kron.free_outer()
+            p_mat = p_mat - outer / damping
+        p_mat = _sym(p_mat)
+        sums.append(p_mat.sum().reshape(1))  # a tenth of isfinite(P).all()'s cost
+        closed = None
+        if jx is not None:
+            jk = jx @ gain[:k] if kron is None else kron.jx_mul(gain[:k])
+            closed = _block_diag(b.Jz) - jk
+        self.stages[l] = StageFactor(qvv, lu, piv, gain, jx, closed, split, free)
+        return p_mat
+
+    def _fused_step(
+        self,
+        l: int,  # noqa: E741
+        pt: StageParts,
+        cbt: tuple[Tensor, Tensor | None, Tensor | None],
+        p_mat: Tensor | None,
+        infos: list[Tensor],
+        sums: list[Tensor],
+    ) -> Tensor | None:
+        """Stage ``l`` by one update ``S = C + B^T P B`` (:mod:`hessinv.riccati_fused`)."""
+        c, b, tail = cbt
+        r = pt.r
+        if p_mat is None or b is None:
+            s = c  # symmetric as formed
+        else:
+            s = torch.addmm(c, b.mT, p_mat @ b)
+            s = (s + s.mT).mul_(0.5)
+        qvv = s[:r, :r]
+        lu, piv, info = torch.linalg.lu_factor_ex(qvv)
+        infos.append(info.reshape(1))
+        jx = None if b is None or pt.jx is None else b[:, :r]
+        if l == 0:
+            self.stages[l] = StageFactor(qvv, lu, piv, None, jx, None, pt.split, pt.free)
+            return None
+        s12 = s[:r, r:]
+        gain = torch.linalg.lu_solve(lu, piv, s12) if r else s12
+        p_mat = torch.addmm(s[r:, r:], s12.mT, gain, alpha=-1.0)
+        p_mat = (p_mat + p_mat.mT).mul_(0.5)
+        sums.append(p_mat.sum().reshape(1))
+        closed = None
+        if jx is not None:
+            closed = torch.addmm(b[:, r:], jx, gain, alpha=-1.0)  # type: ignore[index]
+        if tail is not None:
+            gain = torch.cat([gain, tail])
+        self.stages[l] = StageFactor(qvv, lu, piv, gain, jx, closed, pt.split, pt.free)
+        return p_mat
 
     def signature(self) -> tuple[int, int, int, float]:
         """``(n_pos, n_neg, n_zero, log|det|)`` of the kept ``Q^T (H + dI) Q`` (cached).
@@ -207,6 +253,45 @@ class StageRiccati:
         (:func:`hessinv.riccati_sweeps.solve_sweeps`).
         """
         return solve_sweeps(self.stages, self.runs, list(b), self.damping, self.groups)
+
+
+def _stage_parts(b: StageBlocks, pr: Projected, damping: float, last: bool) -> StageParts:
+    """What the elimination reads of a stage: its split (a basis, or a split kept basis)."""
+    split = split_stage(b) if pr.identity and damping != 0.0 else None
+    if split is not None:
+        k, txx, jx, tzx, free = split.r, split.txx, split.jx, split.tzx, split.free
+    else:
+        txx, jx, tzx = pr.txx, pr.jx, pr.tzx
+        k = pr.k(b.num_params)
+        free = k - kept_split_rows(pr, k) if damping != 0.0 else 0
+        if free:  # the kept basis is split already: impose its zeros
+            k -= free
+            txx = None if txx is None else txx[:k, :k]
+            jx = None if jx is None else jx[:, :k]
+    if last:
+        jx = None
+    return StageParts(k, free, txx, jx, tzx, b.Jz, b.Tzz, split)
+
+
+def _fused_runs(
+    parts: list[StageParts], damping: float
+) -> dict[int, tuple[Tensor, Tensor | None, Tensor | None]]:
+    """Per fusable stage its ``(C, B, free gains)``, formed per run of equal keys."""
+    out: dict[int, tuple[Tensor, Tensor | None, Tensor | None]] = {}
+    lo, n = 0, len(parts)
+    while lo < n:
+        hi = lo + 1
+        if not parts[lo].fusable():
+            lo = hi
+            continue
+        key = parts[lo].key()
+        while hi < n and parts[hi].fusable() and parts[hi].key() == key:
+            hi += 1
+        c, b, tails = fused_inputs(parts[lo:hi], damping)
+        for i in range(hi - lo):
+            out[lo + i] = (c[i], None if b is None else b[i], None if tails is None else tails[i])
+        lo = hi
+    return out
 
 
 def kept_split_rows(pr: Projected, k: int) -> int:
