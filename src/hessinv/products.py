@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from .derivatives import StageBlocks, stage_blocks
+from .derivatives.linear_runs import linear_runs, run_blocks
 from .kron_products import KronRun
 from .pipeline import Pipeline
 from .progress import ProgressArg, progress_bar
@@ -43,22 +44,27 @@ def compute_blocks(
         The loss ``z_L`` and the list of :class:`StageBlocks`, one per stage.
     """
     zs = pipeline.forward()
-    n_st = len(pipeline.stages)
+    stages = pipeline.stages
+    n_st = len(stages)
     blocks: list[StageBlocks | None] = [None] * n_st
+    # runs of Linear -> activation stages: built batched (hessinv.derivatives.linear_runs)
+    runs = {} if generic else {hi - 1: lo for lo, hi in linear_runs(stages, zs)}
     cot = None
     with progress_bar(n_st, "hessinv: derivative blocks", progress) as bar:
-        for l in reversed(range(n_st)):  # noqa: E741
-            blk = stage_blocks(
-                pipeline.stages[l],
-                zs[l],
-                cot,
-                first=(l == 0),
-                last=(l == n_st - 1),
-                generic=generic,
-            )
-            blocks[l] = blk
-            cot = blk.cot_in
-            bar.update(1)
+        l = n_st - 1  # noqa: E741
+        while l >= 0:
+            if l in runs:
+                lo = runs[l]
+                blocks[lo : l + 1] = run_blocks(stages[lo : l + 1], zs[lo : l + 1], cot)
+                bar.update(l + 1 - lo)
+                l = lo  # noqa: E741
+            else:
+                blocks[l] = stage_blocks(
+                    stages[l], zs[l], cot, first=(l == 0), last=(l == n_st - 1), generic=generic
+                )
+                bar.update(1)
+            cot = blocks[l].cot_in  # type: ignore[union-attr]
+            l -= 1  # noqa: E741
     return zs[-1], blocks  # type: ignore[return-value]
 
 
