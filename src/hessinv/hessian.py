@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from .derivatives import StageBlocks
 from .errors import check_finite
+from .gc_pause import paused_gc
 from .operator import LinearOperator
 from .pipeline import Pipeline, Stage
 from .products import StageRun, compute_blocks, gradient, hvp, stage_runs
@@ -97,6 +98,7 @@ class Hessian(Solves, LinearOperator):
             return super().__new__(data_operator_class(cls))
         return super().__new__(cls)
 
+    @paused_gc
     def __init__(
         self,
         model: nn.Module,
@@ -187,6 +189,7 @@ class Hessian(Solves, LinearOperator):
             pipeline.device,
         )
 
+    @paused_gc
     def _init(
         self,
         pipeline: Pipeline,

@@ -23,6 +23,7 @@ the stage-by-stage form stays.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -115,9 +116,10 @@ def fused_inputs(
         t = torch.stack([p.tzx for p in parts])  # type: ignore[misc]
         c[:, r:, :r] = t[..., :r]
         c[:, :r, r:] = t[..., :r].mT
-        if p0.free:
-            t2 = t[..., r:]
-            c[:, r:, r:] -= (t2 @ t2.mT) / damping
+        if p0.free:  # - Tzx_2 Tzx_2^T / d, as sign(d) (t t^T) with t = Tzx_2 / sqrt|d|: both
+            t2 = t[..., r:]  # factors scale as the loss (no over- or underflow of c^2)
+            ts = t2 / math.sqrt(abs(damping))
+            c[:, r:, r:] -= math.copysign(1.0, damping) * (ts @ ts.mT)
             tails = t2.mT / damping
     if p0.tzz is not None:
         _fill_block_diag(c[:, r:, r:], torch.stack([p.tzz for p in parts]))  # type: ignore[misc]

@@ -141,8 +141,10 @@ class StageRiccati:
         if free:  # the d I block: gain Tzx_2^T / d
             tail = tzx[:, k:]  # type: ignore[index]
             gain = torch.cat([gain, tail.T / damping])
-            outer = tail @ tail.T if kron is None else kron.free_outer()
-            p_mat = p_mat - outer / damping
+            root = math.sqrt(abs(damping))  # sign(d) (t t^T), t = Tzx_2 / sqrt|d|: no c^2
+            ts = tail / root
+            outer = ts @ ts.T if kron is None else kron.free_outer(1.0 / root)
+            p_mat = p_mat - math.copysign(1.0, damping) * outer
         p_mat = _sym(p_mat)
         sums.append(p_mat.sum().reshape(1))  # a tenth of isfinite(P).all()'s cost
         closed = None

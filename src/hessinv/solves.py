@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from .errors import InaccurateSolveError, LiftedPrecisionError, NonFiniteError
+from .gc_pause import paused_gc
 from .operator import LinearOperator
 from .solvers import FACTORIZATIONS, Factorization, Inertia, KrylovSolver
 from .solvers import select as _select
@@ -108,6 +109,7 @@ class Solves:
             )
         return method
 
+    @paused_gc
     def factor(self, damping: float = 0.0, method: str = "auto") -> Factorization:
         """Factor ``H + damping I`` once (:class:`hessinv.solvers.Factorization`).
 
@@ -164,6 +166,7 @@ class Solves:
             self._dense_eigh = robust_eigh(self.to_dense())
         return self._dense_eigh
 
+    @paused_gc
     def _with_fallback(self, damping: float, method: str, what: Callable[[Factorization], object]):  # noqa: ANN202
         """``what(factor(damping, method))``; under ``"auto"``, dense if the lifted one gives up."""
         fac = self.factor(damping, method)

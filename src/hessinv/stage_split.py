@@ -138,9 +138,14 @@ class SplitStage:
         y = self._r.T @ g.reshape(a, rz, cols)  # (q, n, C)
         return (y.transpose(0, 1) * self._s.unsqueeze(-1)).reshape(n * a, cols)
 
-    def free_outer(self) -> Tensor:
-        """``Tzx_2 Tzx_2^T = (B_y B_y^T) (x) (Q_2 Q_2^T)``, ``Q_2 = Q_c[:a_in, r_z:]``."""
-        return torch.kron(self._by @ self._by.T, self._q2 @ self._q2.T)
+    def free_outer(self, scale: float = 1.0) -> Tensor:
+        """``(s Tzx_2)(s Tzx_2)^T = (s B_y)(s B_y)^T (x) (Q_2 Q_2^T)``, ``Q_2 = Q_c[:a_in, r_z:]``.
+
+        ``s`` (``scale``) applied to ``B_y`` before the product, so that ``s = 1 /
+        sqrt|d|`` keeps the entries at the loss's scale (``B_y B_y^T`` alone is at its square).
+        """
+        by = self._by * scale
+        return torch.kron(by @ by.T, self._q2 @ self._q2.T)
 
     @property
     def free(self) -> int:

@@ -53,6 +53,7 @@ import torch
 from torch import Tensor
 
 from ..errors import HINT, InaccurateSolveError, LiftedPrecisionError, SingularHessianError
+from ..gc_pause import paused_gc
 from ..operator import LinearOperator
 from .contract import (
     SOLVE_TOL_FACTOR,
@@ -331,6 +332,7 @@ class Factorization(LinearOperator, ABC):
             f"{self.zero_threshold():.1e} (= W eps max(||H + dI||, ||H|| + |d|)) of zero. {HINT}"
         )
 
+    @paused_gc
     def solve(self, g: VectorLike, *, check: bool = True, refine: int = 2) -> VectorLike:
         """``x = (H + damping I)^{-1} g`` for ``g`` flat, ``(W, k)`` or per-parameter.
 

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from ..errors import HINT, SingularHessianError
-from .estimates import spectral_bounds
+from .estimates import column_norms, spectral_bounds
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..hessian import Hessian
@@ -123,19 +123,6 @@ def cancelled_norm(op: Hessian, damping: float) -> float:
         )
         cache[damping] = max(abs(lo), abs(hi))
     return cache[damping]
-
-
-def column_norms(t: Tensor) -> Tensor:
-    """Per column ``||t_j||_2``, without underflow or overflow of the squares.
-
-    Each column is divided by its largest ``|entry|`` first (as LAPACK's
-    ``dnrm2``): a plain sum of squares reads ``0`` for entries below about
-    ``1e-162`` and ``inf`` above ``1e154`` in float64, which would make a
-    tiny residual look exact and a huge right-hand side look inaccurate.
-    """
-    scale = t.abs().amax(dim=0)
-    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    return torch.where(scale > 0, safe * torch.linalg.vector_norm(t / safe, dim=0), scale)
 
 
 def normwise_backward_error(r: Tensor, x: Tensor, g: Tensor, norm_a: float) -> Tensor:

@@ -47,7 +47,21 @@ def gaussian(
     """
     gen = torch.Generator(device="cpu").manual_seed(seed)
     y = torch.randn(columns, size, generator=gen, dtype=torch.float32).T
-    return y.to(dtype=dtype, device=device, memory_format=torch.contiguous_format)
+    return y.to(dtype=dtype, device=device).contiguous()
+
+
+def column_norms(t: Tensor) -> Tensor:
+    """Per column ``||t_j||_2``, without underflow or overflow of the squares.
+
+    Each column is divided by its largest ``|entry|`` first (as LAPACK's
+    ``dnrm2``): a plain sum of squares reads ``0`` for entries below about
+    ``1e-162`` and ``inf`` above ``1e154`` in float64, which would make a
+    tiny residual look exact and a huge right-hand side look inaccurate.
+    A column with a NaN or an infinite entry reads NaN or inf.
+    """
+    scale = t.abs().amax(dim=0)
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return torch.where(scale > 0, safe * torch.linalg.vector_norm(t / safe, dim=0), scale)
 
 
 def _start(size: int, dtype: torch.dtype, device: torch.device, seed: int) -> Tensor:
@@ -221,14 +235,33 @@ def block_lanczos_steps(
         w_t = abasis[done - c : done - c + nxt]
         for _ in range(2):  # full reorthogonalization, twice is enough
             w_t = w_t - (w_t @ qt.T) @ qt
-        q, r = torch.linalg.qr(w_t.T)
-        diag_r = r.diagonal().abs()
         tiny = 1e3 * torch.finfo(dtype).eps * max(top, 1e-300)
-        if not bool((diag_r > tiny).all()):  # (nearly) invariant: the basis so far is it
+        q, good = _orthonormal_block(w_t, qt, tiny)
+        if not bool(good.any()):  # invariant: the basis so far holds the extreme eigenvalues
             break
+        if not bool(good.all()):  # rank deficient, not invariant: fresh directions instead
+            fresh = gaussian(size, int((~good).sum()), dtype, device, seed + 1 + done).T
+            w_t = torch.cat([w_t[good], fresh])
+            for _ in range(2):
+                w_t = w_t - (w_t @ qt.T) @ qt
+            q, good = _orthonormal_block(w_t, qt, tiny)
+            if not bool(good.all()):
+                break
     t = (basis[:done] @ abasis[:done].T).to(torch.float64)
     theta = torch.linalg.eigvalsh(0.5 * (t + t.T))
     return float(theta[0]), float(theta[-1])
+
+
+def _orthonormal_block(w_t: Tensor, qt: Tensor, tiny: float) -> tuple[Tensor, Tensor]:
+    """``Q`` of the QR of the rows ``w_t`` (already orthogonal to ``qt``), and its good columns.
+
+    A column whose ``|R_jj| <= tiny`` depends on the ones before it: its
+    ``Q`` column is rounding noise, not orthogonal to ``qt``, and must not
+    enter the basis (Ritz values of a non-orthonormal basis can leave the
+    spectrum).
+    """
+    q, r = torch.linalg.qr(w_t.T)
+    return q, r.diagonal().abs() > tiny
 
 
 def smallest_singular_value(
@@ -265,7 +298,9 @@ def inverse_iteration_steps(
     best = math.inf
     for j in range(1, steps + 1):
         z = yield y
-        nz = float(torch.linalg.vector_norm(z))  # NaN or inf: a non-finite entry, or overflow
+        # scaled (a plain sum of squares under- or overflows at the extremes of the loss
+        # scale); NaN or inf only for a non-finite entry
+        nz = float(column_norms(z.reshape(-1, 1))[0])
         if not math.isfinite(nz):
             return 0.0
         if nz == 0.0:

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from ..blocktri import BlockTriLU, InertiaResult
 from ..errors import InaccurateSolveError, SingularHessianError
+from ..gc_pause import paused_gc
 from ..lifted import LiftedSystem, curvature_scale
 from ..lifted_merge import MergedBlocks
 from ..progress import CountedSequence, progress_bar
@@ -119,6 +120,7 @@ class LiftedFactorization(LiftedInertia, Factorization):
         if self._in_trial and self._first is None:
             self._first = (x, r)
 
+    @paused_gc
     def solve(self, g: VectorLike, *, check: bool = True, refine: int = 2) -> VectorLike:
         """:meth:`Factorization.solve`; a refusal through the stage solver is retried by the LU.
 
