@@ -21,9 +21,9 @@ from torch import nn
 import hessinv
 from hessinv.solvers.estimates import (
     INVERSE_STEPS,
-    _start,
     drive,
     excludes_band,
+    gaussian,
     inverse_iteration_steps,
 )
 from hessinv.solvers.lifted import LiftedFactorization
@@ -46,19 +46,21 @@ def test_estimate_after_j_steps_is_within_the_start_s_share(n, seed, log_small, 
     lam *= torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0).to(DT)
     lam[0] = (-1.0 if negative else 1.0) * 10.0**log_small
     a_inv = (q / lam) @ q.T  # A^{-1} exactly, A = Q diag(lam) Q^T
-    record: list[tuple[float, int]] = []
+    record: list[tuple[tuple[float, ...], int]] = []
     est = drive(
-        inverse_iteration_steps(n, DT, torch.device("cpu"), record=record),
+        inverse_iteration_steps(n, DT, torch.device("cpu"), record=record, columns=2),
         lambda y: a_inv @ y,
     )
     sigma = float(lam.abs().min())
     i = int(lam.abs().argmin())
-    c1 = abs(float(q[:, i] @ _start(n, DT, torch.device("cpu"), 1)[:, 0]))
+    starts = gaussian(n, 2, DT, torch.device("cpu"), 1)
+    c1 = (q[:, i] @ (starts / torch.linalg.vector_norm(starts, dim=0))).abs().tolist()
     assert [j for _, j in record] == list(range(1, INVERSE_STEPS + 1))
-    assert est == record[-1][0]
-    for e, j in record:
-        assert e >= sigma * (1 - 1e-9)
-        assert e <= sigma * c1 ** (-1.0 / j) * (1 + 1e-9)
+    assert est == min(record[-1][0])
+    for es, j in record:  # each start on its own obeys the bound
+        for e, c in zip(es, c1, strict=True):
+            assert e >= sigma * (1 - 1e-9)
+            assert e <= sigma * c ** (-1.0 / j) * (1 + 1e-9)
 
 
 def test_excludes_band_is_the_five_step_rule_at_five_steps():
@@ -66,6 +68,21 @@ def test_excludes_band_is_the_five_step_rule_at_five_steps():
     assert excludes_band(10.01 * t, 5, t) and not excludes_band(9.99 * t, 5, t)
     assert excludes_band(46.5 * t, 3, t) and not excludes_band(46.3 * t, 3, t)
     assert not excludes_band(math.inf, 0, t)  # no step: nothing is known
+
+
+@pytest.mark.parametrize("size", [10, 34561, 10**8])
+def test_two_starts_have_the_confidence_of_one(size: int) -> None:
+    """``m`` starts: ``prod_i (t / e_i)^j <= 10^-5 (2 W / pi)^{-(m-1)/2}`` (module doc)."""
+    t, w = 1e-7, 2.0 * size / math.pi
+    for j in (1, 2, 3, 5):
+        edge = t * (10.0**5 * w**0.5) ** (1.0 / (2 * j))  # both starts at the same estimate
+        assert excludes_band((1.001 * edge, 1.001 * edge), j, t, size)
+        assert not excludes_band((0.999 * edge, 0.999 * edge), j, t, size)
+        # a start without evidence (at the band) only weakens the other's
+        assert not excludes_band((t, 1e30 * t), j, t, size) or j * 30 >= 5 + 0.5 * math.log10(w)
+    with pytest.raises(ValueError, match="size"):
+        excludes_band((1.0, 1.0), 3, t)
+    assert excludes_band((11 * t,), 5, t, size) == excludes_band(11 * t, 5, t)
 
 
 def _net(c: float, batch: int = 6):
@@ -115,10 +132,10 @@ def test_far_from_the_band_the_iteration_ends_with_the_solve(monkeypatch, c):
     assert calls == []  # the steps that rode along were enough
     assert fac._sigma_min is None
     est, j = fac._sigma_early
-    assert j < INVERSE_STEPS and est >= c * sigma * (1 - 1e-8)
+    assert j < INVERSE_STEPS and min(est) >= c * sigma * (1 - 1e-8)
     assert fac.zero_count() == 0 and not fac.singular
-    full = fac.sigma_min_estimate()  # the whole iteration, on request
-    assert len(calls) == INVERSE_STEPS and c * sigma * (1 - 1e-8) <= full <= est * (1 + 1e-12)
+    full = fac.sigma_min_estimate()  # the whole iteration (the same starts), on request
+    assert len(calls) == INVERSE_STEPS and c * sigma * (1 - 1e-8) <= full <= min(est) * (1 + 1e-12)
     r = (A + d * torch.eye(H.num_params, dtype=DT)) @ (c * x) - g
     assert float(torch.linalg.vector_norm(r)) <= 1e-8 * float(torch.linalg.vector_norm(g))
 
@@ -159,5 +176,5 @@ def test_a_second_factorization_of_the_operator_also_ends_early(monkeypatch):
     fac.solve(g)
     assert calls == [] and fac._sigma_min is None
     est, j = fac._sigma_early
-    assert j < INVERSE_STEPS and excludes_band(est, j, fac.zero_threshold())
+    assert j < INVERSE_STEPS and excludes_band(est, j, fac.zero_threshold(), H.num_params)
     assert fac.zero_count() == 0 and float((ev + d).abs().min()) > 1e4 * fac.zero_threshold()

@@ -67,6 +67,7 @@ from .contract import (
 )
 from .estimates import (
     INVERSE_STEPS,
+    RIDER_COLUMNS,
     Rider,
     block_lanczos_steps,
     excludes_band,
@@ -111,9 +112,9 @@ class Factorization(LinearOperator, ABC):
         self.damping = float(damping)
         self._zero: int | None = None
         self._sigma_min: float | None = None
-        #: ``(estimate, steps)`` of an inverse iteration the first solve ended early
-        #: (:func:`excludes_band`); ``sigma_min_estimate`` then runs the full one.
-        self._sigma_early: tuple[float, int] | None = None
+        #: ``(per-start estimates, steps)`` of an inverse iteration the first solve ended
+        #: early (:func:`excludes_band`); ``sigma_min_estimate`` then runs the full one.
+        self._sigma_early: tuple[tuple[float, ...], int] | None = None
 
     @property
     def op(self) -> Hessian:
@@ -258,7 +259,11 @@ class Factorization(LinearOperator, ABC):
         self.op._check_fresh()
         if self._sigma_min is None:
             self._sigma_min = smallest_singular_value(
-                self._apply_for_estimates, self.size, self.dtype, self.op.device
+                self._apply_for_estimates,
+                self.size,
+                self.dtype,
+                self.op.device,
+                columns=RIDER_COLUMNS,  # the starts of the iteration that rides along a solve
             )
         return self._sigma_min
 
@@ -295,11 +300,12 @@ class Factorization(LinearOperator, ABC):
     def _band_count(self, t: float, kept_only: bool) -> int:
         if t == 0.0:  # A == 0: every eigenvalue is zero
             return self.size
+        sigma: float | tuple[float, ...]
         if self._sigma_min is None and self._sigma_early is not None:
             sigma, steps = self._sigma_early
         else:
             sigma, steps = self.sigma_min_estimate(), INVERSE_STEPS
-        if excludes_band(sigma, steps, t):
+        if excludes_band(sigma, steps, t, self.size):
             return self._known_zeros(t)
         try:
             below = self._shifted(-t)._negatives()  # eigenvalues < t
@@ -374,16 +380,18 @@ class Factorization(LinearOperator, ABC):
         operator a few more columns cost little, so only the steps left over
         run on their own. The estimates are the same sequences as
         :meth:`norm` and :meth:`sigma_min_estimate` would compute, except that
-        the inverse iteration ends with the solve's last application when its
-        estimate already excludes the zero band at the confidence of five steps
-        (:func:`~hessinv.solvers.estimates.excludes_band`; :meth:`zero_count`
-        decides on it, :meth:`sigma_min_estimate` runs the full iteration).
+        the inverse iteration runs :data:`~hessinv.solvers.estimates.RIDER_COLUMNS`
+        independent starts and ends as soon as its estimates exclude the zero
+        band at the confidence of five steps of one start (after the solve's
+        applications or any step on its own; :func:`~hessinv.solvers.estimates.
+        excludes_band`; :meth:`zero_count` decides on it, :meth:`sigma_min_estimate`
+        runs the full iteration).
         """
         inv = lan = None
         cls = type(self)
         # only the estimates this method's decisions use: the default singularity test
         # (inverse iteration) and the default norm (Lanczos on the operator)
-        steps: list[tuple[float, int]] = []  # the inverse iteration's (estimate, j) so far
+        steps: list[tuple[tuple[float, ...], int]] = []  # (estimates, j) so far
         if (
             self._zero is None
             and self._sigma_min is None
@@ -391,7 +399,9 @@ class Factorization(LinearOperator, ABC):
             and cls.zero_count is Factorization.zero_count
         ):
             inv = Rider(
-                inverse_iteration_steps(self.size, self.dtype, self.op.device, record=steps)
+                inverse_iteration_steps(
+                    self.size, self.dtype, self.op.device, record=steps, columns=RIDER_COLUMNS
+                )
             )
         if (
             cls.norm is Factorization.norm
@@ -433,12 +443,15 @@ class Factorization(LinearOperator, ABC):
                 self.op._store_bounds(lan.finish(self.op.matmat))
             if inv is None or self._sigma_min is not None:
                 return
-            if not inv.done and steps and norm_known():
-                est, j = steps[-1]  # far above the band already: no step on its own
-                if excludes_band(est, j, self.zero_threshold()):
-                    self._sigma_early = (est, j)
-                    return
-            self._sigma_min = inv.finish(self._apply_for_estimates)
+            t = self.zero_threshold() if norm_known() else None
+            while not inv.done:  # each step on its own, until the band is excluded
+                if steps and t is not None:
+                    est, j = steps[-1]
+                    if excludes_band(est, j, t, self.size):
+                        self._sigma_early = (est, j)
+                        return
+                inv.feed(self._apply_for_estimates(inv.block))
+            self._sigma_min = inv.value
 
         try:
             out = refined_solve(

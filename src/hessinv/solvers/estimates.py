@@ -18,7 +18,7 @@ a computation makes anyway (:meth:`hessinv.solvers.base.Factorization.solve`).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Sequence
 from typing import Generic, TypeVar
 
 import torch
@@ -30,6 +30,9 @@ T = TypeVar("T")
 INVERSE_STEPS = 5
 #: :func:`excludes_band`: ``e_j > t 10^(BAND_EXPONENT / j)`` (``e_5 > 10 t`` after five steps).
 BAND_EXPONENT = 5.0
+#: Independent starts of the inverse iteration that rides along a solve: with two, the
+#: band is excluded after three steps where one start needs five (:func:`excludes_band`).
+RIDER_COLUMNS = 2
 
 
 def gaussian(
@@ -271,12 +274,16 @@ def smallest_singular_value(
     device: torch.device,
     steps: int = INVERSE_STEPS,
     seed: int = 1,
+    columns: int = 1,
 ) -> float:
     """An estimate from above of ``sigma_min(A)`` from ``steps`` inverse iterations.
 
-    Returns ``0.0`` if an application of ``A^{-1}`` overflows.
+    ``columns`` independent starts (the least estimate). Returns ``0.0`` if an
+    application of ``A^{-1}`` overflows.
     """
-    return drive(inverse_iteration_steps(size, dtype, device, steps, seed), apply_inverse)
+    return drive(
+        inverse_iteration_steps(size, dtype, device, steps, seed, columns=columns), apply_inverse
+    )
 
 
 def inverse_iteration_steps(
@@ -285,34 +292,42 @@ def inverse_iteration_steps(
     device: torch.device,
     steps: int = INVERSE_STEPS,
     seed: int = 1,
-    record: list[tuple[float, int]] | None = None,
+    record: list[tuple[tuple[float, ...], int]] | None = None,
+    columns: int = 1,
 ) -> Steps[float]:
     """The steps of :func:`smallest_singular_value`: ``||y|| / ||A^{-1} y||``, minimised.
 
-    ``record``: after step ``j`` the pair ``(estimate so far, j)`` is appended
-    (for :func:`excludes_band`, which may end the iteration early).
+    ``columns`` independent random starts iterate side by side (each its own
+    power iteration on ``A^{-1}``); the estimate is the least over them and
+    over the steps. ``record``: after step ``j`` the pair ``(per-column
+    estimates so far, j)`` is appended (for :func:`excludes_band`, which may
+    end the iteration early).
     """
     if size == 0:
         return math.inf
-    y = _start(size, dtype, device, seed)
-    best = math.inf
+    y = gaussian(size, columns, dtype, device, seed)
+    y = y / column_norms(y)
+    best = [math.inf] * columns
     for j in range(1, steps + 1):
         z = yield y
         # scaled (a plain sum of squares under- or overflows at the extremes of the loss
         # scale); NaN or inf only for a non-finite entry
-        nz = float(column_norms(z.reshape(-1, 1))[0])
-        if not math.isfinite(nz):
+        nz = column_norms(z.reshape(size, columns))
+        norms = nz.tolist()
+        if not all(math.isfinite(v) for v in norms):
             return 0.0
-        if nz == 0.0:
-            return math.inf if best == math.inf else best
-        best = min(best, float(torch.linalg.vector_norm(y)) / nz)
+        if any(v == 0.0 for v in norms):
+            return min(best)
+        best = [min(b, 1.0 / v) for b, v in zip(best, norms, strict=True)]  # ||y_i|| = 1
         if record is not None:
-            record.append((best, j))
-        y = z / nz
-    return best
+            record.append((tuple(best), j))
+        y = z.reshape(size, columns) / nz
+    return min(best)
 
 
-def excludes_band(estimate: float, steps: int, t: float) -> bool:
+def excludes_band(
+    estimate: float | Sequence[float], steps: int, t: float, size: int | None = None
+) -> bool:
     """Inverse iteration's estimate after ``steps`` steps rules out eigenvalues in ``[-t, t]``.
 
     With ``y_0`` the random start, ``c_1`` its component along the
@@ -322,12 +337,31 @@ def excludes_band(estimate: float, steps: int, t: float) -> bool:
     exponentials), so ``N_j / N_{j-1} >= N_j^{1/j}``, and ``N_j >= |c_1|
     sigma_min^{-j}``: hence ``e_j <= sigma_min |c_1|^{-1/j}``. An eigenvalue in
     ``[-t, t]`` would need ``|c_1| <= (t / e_j)^j``. The contract's rule, five
-    steps and ``e_5 > 10 t``, accepts ``|c_1| <= 10^-5`` (a chance of about
-    ``10^-5 sqrt(2 W / pi)`` for a random start); ``e_j > t 10^{5/j}`` accepts
+    steps and ``e_5 > 10 t``, accepts ``|c_1| <= 10^-5`` (a chance of at most
+    ``10^-5 sqrt(2 W / pi)`` for a random start: the density of ``c_1`` on the
+    unit sphere is at most ``sqrt(W / (2 pi))``); ``e_j > t 10^{5/j}`` accepts
     no more after ``j`` steps (``46 t`` after three), so the iteration may
     stop there at the same confidence.
+
+    With ``m`` independent starts (``estimate`` a sequence, ``size`` = ``W``)
+    an eigenvalue in the band needs every ``|c_1^(i)| <= (t / e_j^(i))^j``, a
+    chance of at most ``prod_i (t / e_j^(i))^j sqrt(2 W / pi)^m``: the rule
+    accepts when ``prod_i (t / e_j^(i))^j <= 10^-5 (2 W / pi)^{-(m-1)/2}``,
+    the one-column rule's chance (the same rule for ``m = 1``).
     """
-    return steps >= 1 and estimate > t * 10.0 ** (BAND_EXPONENT / steps)
+    ests = [estimate] if isinstance(estimate, (int, float)) else list(estimate)
+    if steps < 1 or not ests or t < 0:
+        return False
+    if t == 0.0:
+        return all(e > 0.0 for e in ests)
+    m = len(ests)
+    if m > 1 and size is None:
+        raise ValueError("excludes_band: several estimates need the size W")
+    if any(not e > 0.0 for e in ests):  # (NaN, zero or negative): no evidence
+        return False
+    log_delta = steps * sum(math.log10(t / e) for e in ests)
+    extra = 0.0 if m == 1 else 0.5 * (m - 1) * math.log10(2.0 * size / math.pi)  # type: ignore[operator]
+    return log_delta <= -BAND_EXPONENT - extra
 
 
 def robust_eigh(a: Tensor) -> tuple[Tensor, Tensor]:
