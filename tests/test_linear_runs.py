@@ -124,3 +124,63 @@ def test_runs_need_equal_stages() -> None:
     runs = linear_runs(pipe.stages, pipe.forward())
     # stages: 0 L-T | 1 L-T | 2 L-T | 3 L-R | 4 L-T-I | 5 L(4->5)-T | 6 L-T | 7 L+loss
     assert runs == [(1, 3)]
+
+
+class _ScaledTanh(nn.Module):
+    """``tanh(k z)``, its option ``k`` a plain attribute (not in ``extra_repr``)."""
+
+    def __init__(self, k: float) -> None:
+        super().__init__()
+        self.k = k
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.k * z)
+
+
+def test_a_users_activation_shares_no_derivatives_across_instances() -> None:
+    """A user-registered elementwise class (adv18): its instances' options may live anywhere,
+    so stages with different instances are not one run; ``H`` stays exact."""
+    from hessinv.derivatives import ElementwiseDerivatives, register, unregister
+
+    class _ScaledTanhDerivatives(ElementwiseDerivatives):
+        """``phi'``, ``phi''`` by autodiff of the module (the registry's default)."""
+
+    register(_ScaledTanh, _ScaledTanhDerivatives)
+    try:
+        torch.manual_seed(0)
+        shared = _ScaledTanh(0.7)
+        model = nn.Sequential(
+            nn.Linear(3, 3), _ScaledTanh(1.0), nn.Linear(3, 3), _ScaledTanh(3.0),
+            nn.Linear(3, 3), _ScaledTanh(0.2), nn.Linear(3, 3), shared, nn.Linear(3, 3),
+            shared, nn.Linear(3, 3), shared, nn.Linear(3, 1),
+        ).to(DT)  # fmt: skip
+        X, y = torch.randn(2, 3, dtype=DT), torch.randn(2, 1, dtype=DT)
+        H = hessinv.Hessian(model, nn.MSELoss(), X, y)
+        # stages 1, 2 differ in k: in no run; the instance shared by 3-5 makes one
+        runs = linear_runs(H.pipeline.stages, H.pipeline.forward())
+        assert runs and all(lo >= 3 for lo, _ in runs)
+        h = dense_hessian(model, nn.MSELoss(), X, y)
+        v = torch.randn(H.num_params, 2, dtype=DT, generator=torch.Generator().manual_seed(1))
+        scale = float(torch.linalg.matrix_norm(h, 2)) * float(v.abs().max()) * H.num_params
+        assert float((H @ v - h @ v).abs().max()) <= 100 * EPS * scale
+    finally:
+        unregister(_ScaledTanh)
+
+
+@pytest.mark.parametrize("act", [nn.Tanh, nn.ReLU, nn.Sigmoid])
+def test_one_activation_instance_used_twice(act) -> None:  # noqa: ANN001
+    """``nn.Sequential`` runs a module listed twice twice; ``named_children`` lists it once,
+    which silently dropped its second use from the pipeline (H off by O(1))."""
+    torch.manual_seed(0)
+    shared = act()
+    model = nn.Sequential(
+        nn.Linear(3, 4), shared, nn.Linear(4, 4), shared, nn.Linear(4, 4), shared,
+        nn.Linear(4, 1),
+    ).to(DT)  # fmt: skip
+    X, y = torch.randn(3, 3, dtype=DT), torch.randn(3, 1, dtype=DT)
+    H = hessinv.Hessian(model, nn.MSELoss(), X, y)
+    assert len(H.pipeline.stages) == 4
+    h = dense_hessian(model, nn.MSELoss(), X, y)
+    v = torch.randn(H.num_params, 2, dtype=DT, generator=torch.Generator().manual_seed(1))
+    scale = float(torch.linalg.matrix_norm(h, 2)) * float(v.abs().max()) * H.num_params
+    assert float((H @ v - h @ v).abs().max()) <= 100 * EPS * scale

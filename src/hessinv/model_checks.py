@@ -61,8 +61,11 @@ def leaf_modules(model: nn.Module, prefix: str = "") -> list[tuple[str, nn.Modul
     check_plain_sequential(model, prefix)
     if isinstance(model, nn.Sequential):
         out: list[tuple[str, nn.Module]] = []
-        for key, m in model.named_children():
-            out.extend(leaf_modules(m, f"{prefix}.{key}" if prefix else key))
+        # every entry, as Sequential.forward runs them: named_children() lists a module
+        # used twice only once, which dropped its second use from the pipeline
+        for key, m in model._modules.items():
+            if m is not None:
+                out.extend(leaf_modules(m, f"{prefix}.{key}" if prefix else key))
         return out
     return [(prefix, model)]
 

@@ -43,7 +43,8 @@ def _tail_key(stage: Stage, y: Tensor) -> tuple | None:
 
     At most one module: parameter- and buffer-free, without hooks, whose
     registered class is elementwise and covers it at its input (``y`` has the
-    shape of the stage's output), its options in ``extra_repr``.
+    shape of the stage's output). Modules of torch's own classes match by type
+    and ``extra_repr`` (their options); others only as the same instance.
     """
     tail = stage.structure.tail  # type: ignore[union-attr]
     if not tail:
@@ -56,7 +57,11 @@ def _tail_key(stage: Stage, y: Tensor) -> tuple | None:
     d, ps = module_derivatives(m, y)
     if not isinstance(d, ElementwiseDerivatives) or ps:
         return None
-    return (type(m), m.extra_repr(), m.training)
+    if type(m).__module__.startswith("torch.nn."):  # torch's own: its options in extra_repr
+        return (type(m), m.extra_repr(), m.training)
+    # a class of the user's (registered by them, or a subclass): its options may live
+    # anywhere, so only the same instance shares phi' and phi''
+    return (type(m), id(m))
 
 
 def _stage_key(stage: Stage, z: Tensor, out: Tensor) -> tuple | None:
