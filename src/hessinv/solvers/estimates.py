@@ -244,6 +244,7 @@ def block_lanczos_steps(
             break
         if not bool(good.all()):  # rank deficient, not invariant: fresh directions instead
             fresh = gaussian(size, int((~good).sum()), dtype, device, seed + 1 + done).T
+            fresh = fresh * (top / float(fresh.abs().amax()))  # at A Q's scale, as tiny is
             w_t = torch.cat([w_t[good], fresh])
             for _ in range(2):
                 w_t = w_t - (w_t @ qt.T) @ qt
