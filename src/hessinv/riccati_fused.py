@@ -83,6 +83,17 @@ class StageParts:
                 shape(self.jz), shape(self.tzz))  # fmt: skip
 
 
+def free_update(tail: Tensor, damping: float) -> Tensor:
+    """``Tzx_2 Tzx_2^T / d`` (batched over leading dims): the free rows' update of ``P``.
+
+    Formed as ``sign(d) t t^T`` with ``t = Tzx_2 / sqrt|d|``: both factors
+    scale as the loss, so no product at the square of its scale over- or
+    underflows (loss scales near ``1e+-155`` did).
+    """
+    ts = tail / math.sqrt(abs(damping))
+    return math.copysign(1.0, damping) * (ts @ ts.mT)
+
+
 def _fill_block_diag(out: Tensor, blocks: Tensor) -> None:
     """``out += blockdiag(blocks)`` per batch entry.
 
@@ -116,10 +127,9 @@ def fused_inputs(
         t = torch.stack([p.tzx for p in parts])  # type: ignore[misc]
         c[:, r:, :r] = t[..., :r]
         c[:, :r, r:] = t[..., :r].mT
-        if p0.free:  # - Tzx_2 Tzx_2^T / d, as sign(d) (t t^T) with t = Tzx_2 / sqrt|d|: both
-            t2 = t[..., r:]  # factors scale as the loss (no over- or underflow of c^2)
-            ts = t2 / math.sqrt(abs(damping))
-            c[:, r:, r:] -= math.copysign(1.0, damping) * (ts @ ts.mT)
+        if p0.free:
+            t2 = t[..., r:]
+            c[:, r:, r:] -= free_update(t2, damping)
             tails = t2.mT / damping
     if p0.tzz is not None:
         _fill_block_diag(c[:, r:, r:], torch.stack([p.tzz for p in parts]))  # type: ignore[misc]

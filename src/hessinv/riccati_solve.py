@@ -59,7 +59,7 @@ from .lifted import _block_diag
 from .lifted_bases import Projected
 from .progress import ProgressArg, progress_bar
 from .riccati import _sym, stage_coupling, stage_pivot
-from .riccati_fused import StageParts, fused_inputs
+from .riccati_fused import StageParts, free_update, fused_inputs
 from .riccati_sweeps import StageFactor, basis_groups, solve_sweeps, sweep_runs
 from .stage_split import split_stage
 
@@ -141,10 +141,11 @@ class StageRiccati:
         if free:  # the d I block: gain Tzx_2^T / d
             tail = tzx[:, k:]  # type: ignore[index]
             gain = torch.cat([gain, tail.T / damping])
-            root = math.sqrt(abs(damping))  # sign(d) (t t^T), t = Tzx_2 / sqrt|d|: no c^2
-            ts = tail / root
-            outer = ts @ ts.T if kron is None else kron.free_outer(1.0 / root)
-            p_mat = p_mat - math.copysign(1.0, damping) * outer
+            if kron is None:
+                p_mat = p_mat - free_update(tail, damping)
+            else:  # the same, from the Kronecker factors (scaled before the product)
+                outer = kron.free_outer(1.0 / math.sqrt(abs(damping)))
+                p_mat = p_mat - math.copysign(1.0, damping) * outer
         p_mat = _sym(p_mat)
         sums.append(p_mat.sum().reshape(1))  # a tenth of isfinite(P).all()'s cost
         closed = None

@@ -11,6 +11,38 @@ from .registry import ModuleDerivatives, register
 P = tuple[Tensor, ...]
 
 
+def write_jac_x(out: Tensor, z: Tensor, bias: bool, rows: Tensor | None = None) -> Tensor:
+    """``diag(rows) [z^T (x) I | I]`` (``Jf_x`` of ``y = W z + c``) written into a zeroed ``out``.
+
+    ``out`` is ``(..., N, a_out, p)``, ``z`` is ``(..., N, a_in)`` (the weight
+    flattened row-major, then the bias when ``bias``); ``rows`` (``(..., N,
+    a_out)``, default ones) scales the rows (``Jx = diag(s) Jf_x`` for a
+    diagonal tail). Only the ``N a_out (a_in + 1)`` nonzero entries are written.
+    """
+    a_out, a_in = out.shape[-2], z.shape[-1]
+    w = out[..., : a_out * a_in].unflatten(-1, (a_out, a_in))  # (..., N, o, q, i)
+    vals = z.unsqueeze(-1).expand(*z.shape, a_out)  # [..., n, i, q] = z[n, i]
+    if rows is not None:
+        vals = vals * rows.unsqueeze(-2)
+    torch.diagonal(w, dim1=-3, dim2=-2).copy_(vals)
+    if bias:
+        diag = torch.diagonal(out[..., a_out * a_in :], dim1=-2, dim2=-1)
+        diag.fill_(1.0) if rows is None else diag.copy_(rows)
+    return out
+
+
+def add_hess_zx(out: Tensor, b: Tensor) -> Tensor:
+    """``out += d2 (b.y) / dz dx`` of ``y = W z + c``: ``b[n, o]`` at ``(n, i, (o, i))``.
+
+    ``out`` is ``(..., N, a_in, p)``, ``b`` is ``(..., N, a_out)``; the bias
+    columns get nothing (``y`` is linear in ``c`` and ``z`` apart).
+    """
+    a_in, a_out = out.shape[-2], b.shape[-1]
+    w = out[..., : a_out * a_in].unflatten(-1, (a_out, a_in))  # (..., N, j, o, i)
+    torch.diagonal(w, dim1=-3, dim2=-1).add_(b.unsqueeze(-1))
+    return out
+
+
 @register(nn.Linear)
 class LinearDerivatives(ModuleDerivatives):
     """``y = W z + c`` per sample, ``z`` of shape ``(N, a_in)``.
@@ -39,22 +71,16 @@ class LinearDerivatives(ModuleDerivatives):
     def jac_x(self, z: Tensor, params: P) -> Tensor:
         """``(N, a_out, p)``: ``[z^T (x) I | I]``."""
         n, a_in = z.shape
-        a_out = params[0].shape[0]
-        eye = torch.eye(a_out, dtype=z.dtype, device=z.device)
-        jw = torch.einsum("oq,ni->noqi", eye, z).reshape(n, a_out, a_out * a_in)
-        if len(params) == 1:
-            return jw
-        return torch.cat([jw, eye.expand(n, a_out, a_out)], dim=2)
+        a_out, bias = params[0].shape[0], len(params) > 1
+        out = z.new_zeros(n, a_out, a_out * (a_in + int(bias)))
+        return write_jac_x(out, z, bias)
 
     def hess_zx(self, z: Tensor, params: P, b: Tensor) -> Tensor:
         """``(N, a_in, p)``: ``d2 (b.y) / dz dx``."""
         n, a_in = z.shape
-        a_out = params[0].shape[0]
-        eye = torch.eye(a_in, dtype=z.dtype, device=z.device)
-        tw = torch.einsum("no,ij->nioj", b.reshape(n, a_out), eye).reshape(n, a_in, a_out * a_in)
-        if len(params) == 1:
-            return tw
-        return torch.cat([tw, z.new_zeros(n, a_in, a_out)], dim=2)
+        a_out, bias = params[0].shape[0], len(params) > 1
+        out = z.new_zeros(n, a_in, a_out * (a_in + int(bias)))
+        return add_hess_zx(out, b.reshape(n, a_out))
 
 
 @register(nn.Embedding)

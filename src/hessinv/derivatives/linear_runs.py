@@ -28,7 +28,7 @@ from torch import Tensor
 from ..module_params import all_parameters
 from .blocks import KronX, StageBlocks
 from .chain import layer_derivatives, module_derivatives
-from .linear import LinearDerivatives
+from .linear import LinearDerivatives, add_hess_zx, write_jac_x
 from .registry import ElementwiseDerivatives
 
 if TYPE_CHECKING:
@@ -148,14 +148,8 @@ def run_blocks(stages: list[Stage], zs: list[Tensor], cot: Tensor) -> list[Stage
     # the dense Jf_x, Jx and Tzx: zeros, then their structured entries written in place
     # (a broadcast product with an identity writes every entry twice, and pages in more)
     blk = z.new_zeros(3 if a_in == a else 2, r, n, a, p)  # Jf_x, Jx and (a_in == a) Tzx
-    jfx, jx = blk[0], blk[1]
-    wpart = jfx[..., : a * a_in].unflatten(-1, (a, a_in))  # (R, N, o, q, i)
-    torch.diagonal(wpart, dim1=2, dim2=3).copy_(z.unsqueeze(-2).expand(r, n, a, a_in).mT)
-    jpart = jx[..., : a * a_in].unflatten(-1, (a, a_in))
-    torch.diagonal(jpart, dim1=2, dim2=3).copy_((s.unsqueeze(-1) * z.unsqueeze(-2)).mT)
-    if bias:
-        torch.diagonal(jfx[..., a * a_in :], dim1=2, dim2=3).fill_(1.0)
-        torch.diagonal(jx[..., a * a_in :], dim1=2, dim2=3).copy_(s)
+    jfx = write_jac_x(blk[0], z, bias)
+    jx = write_jac_x(blk[1], z, bias, rows=s)  # diag(s) Jf_x
     tzx = blk[2] if a_in == a else z.new_zeros(r, n, a_in, p)
     tw = tzx[..., : a * a_in].unflatten(-1, (a, a_in))  # (R, N, j, q, i)
     if tg is not None:  # W^T diag(Tg_n) (I (x) t_n^T): (W[q, j] Tg[n, q]) t_n[i]
@@ -163,7 +157,7 @@ def run_blocks(stages: list[Stage], zs: list[Tensor], cot: Tensor) -> list[Stage
         torch.mul(wtg.unsqueeze(-1), z[:, :, None, None, :], out=tw)
         if bias:
             tzx[..., a * a_in :] = wtg
-    torch.diagonal(tw, dim1=2, dim2=4).add_(b_y.unsqueeze(-1))  # + b_y,n[q] delta_ij
+    add_hess_zx(tzx, b_y)  # + b_y,n[q] delta_ij
     if tg is None:
         tzz = z.new_zeros(r, n, a_in, a_in)
     else:
