@@ -352,3 +352,32 @@ def last_stage_pivot_mu(model: nn.Module, loss, X, y) -> float:  # noqa: ANN001
 
     probe = LiftedFactorization(hessinv.Hessian(model, loss, X, y), 0.0, stage_solver=False)
     return float(torch.linalg.eigvalsh(probe.system.projections[-1].txx)[-1])
+
+
+def kept_matrix(projections, blocks, h: torch.Tensor, d: float):  # noqa: ANN001, ANN201
+    """``Q^T (H + dI) Q`` with ``Q = blockdiag(Q_l)`` the lifted system's kept bases, and the
+    per-stage sizes ``k_l`` (``Q_l = I`` where a stage keeps all of its parameters)."""
+    qs = [pr.q if pr.q is not None else torch.eye(b.num_params, dtype=h.dtype)
+          for pr, b in zip(projections, blocks, strict=True)]  # fmt: skip
+    q = torch.block_diag(*qs)
+    return q.T @ (h + d * torch.eye(h.shape[0], dtype=h.dtype)) @ q, [t.shape[1] for t in qs]
+
+
+def assert_kept_elimination(sr, kept: torch.Tensor, sizes: list[int], b: torch.Tensor) -> None:  # noqa: ANN001
+    """A ``StageRiccati`` against the dense kept matrix: its unrefined solve of ``b`` (normwise
+    backward error within ``1e4 eps``), its signature and its LU ``log|det|`` (Haynsworth)."""
+    eps = torch.finfo(kept.dtype).eps
+    w = torch.cat(sr.solve(list(torch.split(b, sizes))))
+    eta = torch.linalg.vector_norm(kept @ w - b, dim=0) / (
+        torch.linalg.matrix_norm(kept, 2) * torch.linalg.vector_norm(w, dim=0)
+        + torch.linalg.vector_norm(b, dim=0)
+    )
+    assert float(eta.max()) <= 1e4 * eps
+    ev = torch.linalg.eigvalsh(kept)
+    pos, neg, zero, logabs = sr.signature()
+    assert (pos, neg, zero) == (int((ev > 0).sum()), int((ev < 0).sum()), 0)
+    ref = float(ev.abs().log().sum())
+    assert abs(logabs - ref) <= 1e-9 * max(1.0, abs(ref))
+    sign, la = sr.lu_slogdet()
+    assert sign == (-1.0 if int((ev < 0).sum()) % 2 else 1.0)
+    assert abs(la - ref) <= 1e-9 * max(1.0, abs(ref))

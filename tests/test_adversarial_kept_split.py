@@ -36,7 +36,7 @@ import math
 
 import pytest
 import torch
-from cases import dense_hessian
+from cases import assert_kept_elimination, dense_hessian, kept_matrix
 from torch import nn
 
 import hessinv
@@ -156,32 +156,11 @@ def _compare_dense(f, h: torch.Tensor, d: float, seed: int) -> None:  # noqa: AN
     assert f.is_positive_definite() == bool(ev[0] > 0)
 
 
-def _kept_matrix(f, H, h: torch.Tensor, d: float):  # noqa: ANN001, ANN202
-    qs = [pr.q if pr.q is not None else torch.eye(b.num_params, dtype=DT)
-          for pr, b in zip(f.system.projections, H.blocks, strict=True)]  # fmt: skip
-    q = torch.block_diag(*qs)
-    return q.T @ (h + d * torch.eye(h.shape[0], dtype=DT)) @ q, [t.shape[1] for t in qs]
-
-
 def _check_stage_elimination(f, H, h: torch.Tensor, d: float) -> None:  # noqa: ANN001
     """The unrefined stage elimination, signature and LU determinant on the kept matrix."""
-    sr = f.stage_solver
-    kept, sizes = _kept_matrix(f, H, h, d)
+    kept, sizes = kept_matrix(f.system.projections, H.blocks, h, d)
     b = torch.randn(kept.shape[0], 3, dtype=DT, generator=torch.Generator().manual_seed(7))
-    w = torch.cat(sr.solve(list(torch.split(b, sizes))))
-    eta = torch.linalg.vector_norm(kept @ w - b, dim=0) / (
-        torch.linalg.matrix_norm(kept, 2) * torch.linalg.vector_norm(w, dim=0)
-        + torch.linalg.vector_norm(b, dim=0)
-    )
-    assert float(eta.max()) <= 1e4 * EPS
-    ev = torch.linalg.eigvalsh(kept)
-    pos, neg, zero, logabs = sr.signature()
-    assert (pos, neg, zero) == (int((ev > 0).sum()), int((ev < 0).sum()), 0)
-    ref = float(ev.abs().log().sum())
-    assert abs(logabs - ref) <= 1e-9 * max(1.0, abs(ref))
-    sign, la = sr.lu_slogdet()
-    assert sign == (-1.0 if int((ev < 0).sum()) % 2 else 1.0)
-    assert abs(la - ref) <= 1e-9 * max(1.0, abs(ref))
+    assert_kept_elimination(f.stage_solver, kept, sizes, b)
 
 
 KINDS = ["softmax", "layernorm", "layernorm_affine", "frozen_tail", "nobias_widths", "relu_ce"]

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from cases import dense_hessian
+from cases import assert_kept_elimination, dense_hessian, kept_matrix
 from torch import nn
 
 import hessinv
@@ -35,14 +35,6 @@ def net(width: int, batch: int, depth: int, seed: int):  # noqa: ANN201
     mods.append(nn.Linear(width, 3))
     model = nn.Sequential(*mods).to(DT)
     return model, torch.randn(batch, width, dtype=DT), torch.randn(batch, 3, dtype=DT)
-
-
-def kept_matrix(ls, H, h: torch.Tensor, d: float) -> tuple[torch.Tensor, list[int]]:  # noqa: ANN001, N803
-    q_blocks = [pr.q if pr.q is not None else torch.eye(b.num_params, dtype=DT)
-                for pr, b in zip(ls.projections, H.blocks, strict=True)]  # fmt: skip
-    q = torch.block_diag(*q_blocks)
-    a = h + d * torch.eye(h.shape[0], dtype=DT)
-    return q.T @ a @ q, [qb.shape[1] for qb in q_blocks]
 
 
 CASES = [
@@ -86,23 +78,9 @@ def test_kept_split_against_the_dense_kept_matrix(case, fuse, monkeypatch) -> No
                 assert float(pr.jx[:, s.r :].abs().max()) <= 10 * EPS * float(pr.jx.abs().max())
             if pr.txx is not None:
                 assert float(pr.txx[s.r :].abs().max()) <= 10 * EPS * float(pr.txx.abs().max())
-    kept, sizes = kept_matrix(ls, H, h, d)
+    kept, sizes = kept_matrix(ls.projections, H.blocks, h, d)
     b = torch.randn(kept.shape[0], 2, dtype=DT, generator=torch.Generator().manual_seed(seed))
-    w = torch.cat(sr.solve(list(torch.split(b, sizes))))
-    # normwise backward error of the unrefined elimination on the dense kept matrix
-    res = torch.linalg.vector_norm(kept @ w - b, dim=0)
-    eta = res / (torch.linalg.matrix_norm(kept, 2) * torch.linalg.vector_norm(w, dim=0)
-                 + torch.linalg.vector_norm(b, dim=0))  # fmt: skip
-    assert float(eta.max()) <= 1e4 * EPS
-    # the pivots' inertia and determinant are the kept matrix's (Haynsworth)
-    ev = torch.linalg.eigvalsh(kept)
-    pos, neg, zero, logabs = sr.signature()
-    assert (pos, neg, zero) == (int((ev > 0).sum()), int((ev < 0).sum()), 0)
-    ref = float(ev.abs().log().sum())
-    assert abs(logabs - ref) <= 1e-9 * max(1.0, abs(ref))
-    sign, la = sr.lu_slogdet()
-    assert sign == (-1.0 if int((ev < 0).sum()) % 2 else 1.0)
-    assert abs(la - ref) <= 1e-9 * max(1.0, abs(ref))
+    assert_kept_elimination(sr, kept, sizes, b)
 
 
 def test_no_kept_split_without_damping() -> None:
