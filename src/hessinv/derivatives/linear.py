@@ -27,7 +27,10 @@ def write_jac_x(out: Tensor, z: Tensor, bias: bool, rows: Tensor | None = None) 
     torch.diagonal(w, dim1=-3, dim2=-2).copy_(vals)
     if bias:
         diag = torch.diagonal(out[..., a_out * a_in :], dim1=-2, dim2=-1)
-        diag.fill_(1.0) if rows is None else diag.copy_(rows)
+        if rows is None:
+            diag.fill_(1.0)
+        else:
+            diag.copy_(rows)
     return out
 
 
