@@ -50,8 +50,8 @@ def run_key(b: StageBlocks) -> tuple:
         tuple(k.z.shape),
         k.a,
         k.bias,
-        b.Tzx is None,
-        b.Jx is None,
+        b.has("Tzx"),
+        b.has("Jx"),
         k.tg is None,
         b.grad_x.dtype,
         b.grad_x.device,
@@ -78,7 +78,7 @@ def project_run(
     rz = min(n_s, c)
     qfull = torch.linalg.qr(x.mT, mode="complete")[0]  # (n, c, c)
     qt, qc = qfull[..., :rz], qfull[..., rz:]
-    with_tzx = b0.Tzx is not None
+    with_tzx = b0.has("Tzx")
     by = torch.stack([k.b_y for k in kr]) if with_tzx else None  # (n, N, a)
     if with_tzx and rz < c:
         qb = torch.linalg.qr(by.mT, mode="reduced")[0]  # (n, a, r_B)
@@ -90,7 +90,7 @@ def project_run(
     tg = None if k0.tg is None else torch.stack([k.tg for k in kr])  # (n, N, a)
 
     jx = None
-    if b0.Jx is not None:
+    if b0.has("Jx"):
         s = torch.stack([k.s for k in kr])  # (n, N, a)
         d = x.new_zeros(n, n_s, a, a, rz)
         torch.diagonal(d, dim1=2, dim2=3).copy_(s.unsqueeze(2) * u.unsqueeze(3))

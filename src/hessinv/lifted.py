@@ -150,7 +150,7 @@ class LiftedSystem:
         keep_all = abs(damping) >= KEEP_ALL_DAMPING * scale
         self._proj = projected_all(blocks, keep_all)
         self._k = [pr.k(b.num_params) for b, pr in zip(blocks, self._proj, strict=True)]
-        self._m = [b.Jx.shape[0] * b.Jx.shape[1] for b in blocks[:-1]]
+        self._m = [b.rows("Jx") for b in blocks[:-1]]
         self.m = sum(self._m)
         self.n_dropped = sum(b.num_params for b in blocks) - sum(self._k)
         n_st = len(blocks)
@@ -324,9 +324,9 @@ def curvature_scale(blocks: list[StageBlocks], damping: float) -> float:
     power of two (so that scaling is exact); ``1`` when all of them vanish.
     """
     maxima = [
-        t.abs().amax() for b in blocks for t in (b.Tzz, b.Tzx) if t is not None and t.numel()
-    ]  # read on the host once (one device synchronization, not one per block)
-    maxima += [m for b in blocks if (m := b.txx_absmax()) is not None]
+        m for b in blocks for name in ("Tzz", "Tzx", "Txx") if (m := b.absmax(name)) is not None
+    ]  # read on the host once (one device synchronization, not one per block); lazy
+    # blocks from their factors (hessinv.derivatives.blocks.LazyBlock)
     big = max(abs(damping), float(torch.stack(maxima).amax()) if maxima else 0.0)
     if big == 0.0 or not math.isfinite(big):
         return 1.0

@@ -48,12 +48,10 @@ def _basis(b: StageBlocks, keep_all: bool = False) -> Tensor | None:
 
 def _reducible(b: StageBlocks, keep_all: bool) -> bool:
     """The stage promises a span (``x_span``) of fewer rows than ``p`` (worth it: ``keep_all``)."""
-    if b.x_span is None:
+    if not b.has("x_span"):
         return False
     p = b.num_params
-    n_rows = b.x_span.shape[0] * b.x_span.shape[1]
-    if b.Tzx is not None:
-        n_rows += b.Tzx.shape[0] * b.Tzx.shape[1]
+    n_rows = b.rows("x_span") + b.rows("Tzx")
     return not (n_rows >= p or (keep_all and n_rows >= KEEP_ALL * p))
 
 
@@ -63,8 +61,8 @@ def _kron_basis(b: StageBlocks, keep_all: bool) -> bool:
     return (
         _reducible(b, keep_all)
         and kron is not None
-        and kron.on(b.x_span)
-        and (b.Tzx is None or kron.b_y is not None)
+        and kron.on(b.grad_x)
+        and (not b.has("Tzx") or kron.b_y is not None)
     )
 
 
@@ -74,7 +72,7 @@ def _basis_factors(b: StageBlocks, keep_all: bool) -> tuple[Tensor | None, KronB
         return None, None
     p = b.num_params
     if _kron_basis(b, keep_all):
-        factors = b.kron_x.kept_basis(b.Tzx is not None)  # no QR of the rows
+        factors = b.kron_x.kept_basis(b.has("Tzx"))  # no QR of the rows
         q = factors.dense()
         return (q, factors) if q.shape[1] < p else (None, None)
     rows = [b.x_span.reshape(-1, p)]

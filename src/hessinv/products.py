@@ -104,12 +104,15 @@ class StageRun:
 
 
 def _shape_key(b: StageBlocks) -> tuple:
-    key = tuple(
-        None if t is None else (tuple(t.shape), t.dtype) for t in (b.Jx, b.Jz, b.Tzz, b.Tzx)
-    )
-    if not b.txx_formed:  # p x p in the blocks' dtype, not formed to be read
-        return (*key, ((b.num_params, b.num_params), b.grad_x.dtype))
-    return (*key, None if b.Txx is None else (tuple(b.Txx.shape), b.Txx.dtype))
+    """Shapes and dtypes of the blocks (a lazy block's without forming it: the blocks' dtype)."""
+
+    def one(name: str) -> tuple | None:
+        shape = b.shape_of(name)
+        if shape is None:
+            return None
+        return tuple(shape), getattr(b, name).dtype if b.formed(name) else b.grad_x.dtype
+
+    return tuple(one(name) for name in ("Jx", "Jz", "Tzz", "Tzx", "Txx"))
 
 
 def _stack_in_place(run: list[StageBlocks], name: str) -> Tensor:
@@ -148,7 +151,7 @@ def stage_runs(blocks: list[StageBlocks]) -> list[StageRun]:
         # a run with its Kronecker factors reads no dense Jx, Tzx, Txx: those stay unstacked
         names = ["Tzz"] if kron is not None else ["Jx", "Tzx", "Tzz"]
         names += ["Txx"] if p <= TXX_STACK_MAX_P and kron is None else []
-        st = {n: None if getattr(run[0], n) is None else _stack_in_place(run, n) for n in names}
+        st = {n: _stack_in_place(run, n) if run[0].has(n) else None for n in names}
         runs.append(
             StageRun(
                 lo,
@@ -160,8 +163,8 @@ def stage_runs(blocks: list[StageBlocks]) -> list[StageRun]:
                 st["Tzz"],
                 st.get("Txx"),
                 kron,
-                first=run[0].Tzx is None,
-                last=run[-1].Jx is None,
+                first=not run[0].has("Tzx"),
+                last=not run[-1].has("Jx"),
             )
         )
         offset += p * len(run)

@@ -169,9 +169,9 @@ def stage_coupling(
     b: StageBlocks, tzx: Tensor | None, pjx: Tensor | None, p_mat: Tensor | None, k: int
 ) -> tuple[Tensor, Tensor]:
     """``Q_vu = Tzx^T + Jx^T P Jz`` (``k x M_{l-1}``) and ``Q_uu = Tzz + Jz^T P Jz``."""
-    n, a_in = b.Tzx.shape[0], b.Tzx.shape[1]
+    n, a_in = b.shape_of("Tzx")[:2]  # type: ignore[index]
     m_in = n * a_in
-    ref = b.Tzx
+    ref = b.grad_x
     qvu = ref.new_zeros(k, m_in) if tzx is None else tzx.T
     quu = ref.new_zeros(m_in, m_in)
     if pjx is not None:
@@ -269,8 +269,8 @@ def riccati_pass(  # noqa: C901, PLR0912, PLR0915
         b, q = blocks[l], bases[l]
         pl = b.num_params
         k = pl if q is None else q.shape[1]
-        m_out = 0 if l == n_st - 1 else b.Jx.shape[0] * b.Jx.shape[1]
-        m_in = 0 if l == 0 else b.Tzx.shape[0] * b.Tzx.shape[1]
+        m_out = 0 if l == n_st - 1 else b.rows("Jx")
+        m_in = 0 if l == 0 else b.rows("Tzx")
         gam = (pl + m_out + m_in + k + 4) * eps
         pr = project_on(b, q)  # the lifted system's projection when it has one
         jx = None if l == n_st - 1 else pr.jx

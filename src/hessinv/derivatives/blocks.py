@@ -132,17 +132,21 @@ class KronX:
         out[m:, m:] = g[:, a_in, :, a_in]
         return out
 
-    def txx_lazy(self, tg: Tensor) -> LazyBlock:
+    def txx_lazy(self, tg: Tensor, absmax: Tensor | None = None) -> LazyBlock:
         """:meth:`txx` of a diagonal ``Tg`` (``(N, a)``), formed on first read.
 
         ``max |Txx|`` is that of the ``a`` Gram blocks ``sum_n Tg_n[q] t_n t_n^T``
-        (``a c^2`` entries, the only nonzero ones).
+        (``a c^2`` entries, the only nonzero ones); ``absmax``: that value, when
+        already computed (for a whole run at once).
         """
 
-        def absmax() -> Tensor:
+        def gram_absmax() -> Tensor:
+            if absmax is not None:
+                return absmax
             return gram_blocks(self.inputs(), tg).abs().amax()
 
-        return LazyBlock(lambda: self.txx(tg), absmax)
+        p = self.a * self.width
+        return LazyBlock(lambda: self.txx(tg), gram_absmax, (p, p))
 
     def kept_basis(self, tzx: bool) -> KronBasis:
         """An orthonormal basis of every direction ``Jx``, ``Txx`` and (``tzx``) ``Tzx`` see.
@@ -303,17 +307,40 @@ class StageBlocks:
         if self.__dict__["Txx"] is None:
             self.txx_zero = True
 
+    def shape_of(self, name: str) -> torch.Size | None:
+        """The shape of block ``name`` (``None`` when absent), without forming a lazy one."""
+        raw = self.__dict__[name]
+        return None if raw is None else raw.shape
+
+    def rows(self, name: str) -> int:
+        """``N a`` of a per-sample block ``(N, a, p)`` (``0`` when absent), without forming it."""
+        shape = self.shape_of(name)
+        return 0 if shape is None else shape[0] * shape[1]
+
+    def has(self, name: str) -> bool:
+        """Block ``name`` is present (not ``None``), whether formed or still lazy."""
+        return self.__dict__[name] is not None
+
+    def formed(self, name: str) -> bool:
+        """Block ``name`` is held densely (not a :class:`LazyBlock` still to be formed)."""
+        return not isinstance(self.__dict__[name], LazyBlock)
+
+    def absmax(self, name: str) -> Tensor | None:
+        """``max |block|`` (0-d; from the factors when lazy and known how), ``None`` if empty."""
+        raw = self.__dict__[name]
+        if isinstance(raw, LazyBlock) and raw.absmax is not None:
+            return raw.absmax()
+        block = getattr(self, name)
+        return None if block is None or block.numel() == 0 else block.abs().amax()
+
     @property
     def txx_formed(self) -> bool:
         """``Txx`` is held densely (not a :class:`LazyBlock` still to be formed)."""
-        return not isinstance(self.__dict__["Txx"], LazyBlock)
+        return self.formed("Txx")
 
     def txx_absmax(self) -> Tensor | None:
         """``max |Txx|`` (a 0-d tensor), from the factors when ``Txx`` is not formed yet."""
-        raw = self.__dict__["Txx"]
-        if isinstance(raw, LazyBlock):
-            return raw.absmax()
-        return None if raw is None or raw.numel() == 0 else raw.abs().amax()
+        return self.absmax("Txx")
 
     @property
     def num_params(self) -> int:
@@ -323,50 +350,64 @@ class StageBlocks:
     @property
     def first(self) -> bool:
         """True for the first stage (no ``Tzz``, ``Tzx``: its input is data)."""
-        return self.Tzz is None and self.Tzx is None
+        return self.Tzz is None and not self.has("Tzx")
 
     @property
     def last(self) -> bool:
         """True for the last stage (no ``Jx``: its output is the loss)."""
-        return self.Jx is None
+        return not self.has("Jx")
 
     @property
     def params_linear(self) -> bool:
         """True when the stage promises the ``x_span`` reduction (output linear in ``x``)."""
-        return self.x_span is not None
+        return self.has("x_span")
 
 
 class LazyBlock:
-    """A block formed on first read of :attr:`StageBlocks.Txx` (then stored densely).
+    """A block formed on first read of its :class:`StageBlocks` attribute (then stored densely).
 
     A Linear stage's ``Txx`` (``p x p``, ``p = a c``) has ``a c^2`` nonzero
-    entries for an elementwise tail: the default solve reads it only through
-    its factors (:meth:`KronX.txx_on`, :meth:`absmax`), so the ``p^2`` entries
-    are written only for a path that reads them densely.
+    entries for an elementwise tail, and its ``Jx``, ``Jf_x`` and ``Tzx``
+    (``N a p`` entries each) ``N a c`` and about ``N a c (a_in + 1)``: the
+    default solve reads them only through their factors (:class:`KronX`,
+    :meth:`absmax`) and their shapes (:meth:`StageBlocks.shape_of`,
+    :meth:`StageBlocks.has`), so the dense entries are written only for a
+    path that reads them densely.
 
     Args:
         form: Returns the dense block.
-        absmax: Returns ``max |block|`` (0-d) without forming it.
+        absmax: Returns ``max |block|`` (0-d) without forming it (``None``: form it).
+        shape: The dense block's shape.
     """
 
-    def __init__(self, form: Callable[[], Tensor], absmax: Callable[[], Tensor]) -> None:
-        self.form, self.absmax = form, absmax
+    def __init__(
+        self,
+        form: Callable[[], Tensor],
+        absmax: Callable[[], Tensor] | None,
+        shape: tuple[int, ...],
+    ) -> None:
+        self.form, self.absmax, self.shape = form, absmax, torch.Size(shape)
 
 
-def _get_txx(b: StageBlocks) -> Tensor | None:
-    raw = b.__dict__["Txx"]
-    if isinstance(raw, LazyBlock):
-        raw = b.__dict__["Txx"] = raw.form()
-    return raw
+def _lazy_field(name: str) -> property:
+    """A property over the dataclass field ``name`` that forms a :class:`LazyBlock` on read."""
+
+    def get(b: StageBlocks) -> Tensor | None:
+        raw = b.__dict__[name]
+        if isinstance(raw, LazyBlock):
+            raw = b.__dict__[name] = raw.form()
+        return raw
+
+    def put(b: StageBlocks, value: Tensor | LazyBlock | None) -> None:
+        b.__dict__[name] = value
+
+    return property(get, put, doc=f"``{name}`` (formed on first read when lazy).")
 
 
-def _set_txx(b: StageBlocks, value: Tensor | LazyBlock | None) -> None:
-    b.__dict__["Txx"] = value
-
-
-# ``Txx`` stays a dataclass field (``__init__``, ``fields``, ``replace``); reads go through
-# this property, which forms a LazyBlock on first access
-StageBlocks.Txx = property(_get_txx, _set_txx, doc="``Txx`` (``p x p``, formed on first read).")  # type: ignore[assignment]
+# the blocks stay dataclass fields (``__init__``, ``fields``, ``replace``); reads go through
+# these properties, which form a LazyBlock on first access
+for _name in ("Jx", "Tzx", "Txx", "x_span"):
+    setattr(StageBlocks, _name, _lazy_field(_name))
 
 
 def comb(eye: Tensor, n: int) -> Tensor:

@@ -20,13 +20,14 @@ bound by them).
 
 from __future__ import annotations
 
+from functools import partial
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from ..module_params import all_parameters
-from .blocks import KronX, StageBlocks
+from .blocks import KronX, LazyBlock, StageBlocks
 from .chain import layer_derivatives, module_derivatives
 from .linear import LinearDerivatives, add_hess_zx, write_jac_x
 from .registry import ElementwiseDerivatives
@@ -145,35 +146,105 @@ def run_blocks(stages: list[Stage], zs: list[Tensor], cot: Tensor) -> list[Stage
     tg = None if d2 is None else d2 * cots  # (R, N, a)
 
     jz = s.unsqueeze(-1) * w.unsqueeze(1)  # (R, N, a, a_in)
-    # the dense Jf_x, Jx and Tzx: zeros, then their structured entries written in place
-    # (a broadcast product with an identity writes every entry twice, and pages in more)
-    blk = z.new_zeros(3 if a_in == a else 2, r, n, a, p)  # Jf_x, Jx and (a_in == a) Tzx
-    jfx = write_jac_x(blk[0], z, bias)
-    jx = write_jac_x(blk[1], z, bias, rows=s)  # diag(s) Jf_x
-    tzx = blk[2] if a_in == a else z.new_zeros(r, n, a_in, p)
-    tw = tzx[..., : a * a_in].unflatten(-1, (a, a_in))  # (R, N, j, q, i)
-    if tg is not None:  # W^T diag(Tg_n) (I (x) t_n^T): (W[q, j] Tg[n, q]) t_n[i]
-        wtg = w.mT.unsqueeze(1) * tg.unsqueeze(2)  # (R, N, j, q)
-        torch.mul(wtg.unsqueeze(-1), z[:, :, None, None, :], out=tw)
-        if bias:
-            tzx[..., a * a_in :] = wtg
-    add_hess_zx(tzx, b_y)  # + b_y,n[q] delta_ij
     if tg is None:
         tzz = z.new_zeros(r, n, a_in, a_in)
+        wtg = None
     else:
-        tzz = (w.mT.unsqueeze(1) * tg.unsqueeze(2)) @ w.unsqueeze(1)  # W^T diag(Tg_n) W
+        wtg = w.mT.unsqueeze(1) * tg.unsqueeze(2)  # (R, N, j, q): W[q, j] Tg[n, q]
+        tzz = wtg @ w.unsqueeze(1)  # W^T diag(Tg_n) W
     grad = (b_y.mT @ z).reshape(r, a * a_in)
     if bias:
         grad = torch.cat([grad, b_y.sum(1)], dim=1)
+    tzx_max = _tzx_absmax(z, wtg, b_y, bias)
+    txx_max = None if tg is None else _gram_absmax(z, tg, bias)
 
     out = []
     for i in range(r):
         kron = KronX(z[i], a, bias, w[i], b_y[i], None if tg is None else tg[i], s[i])
-        txx = None if tg is None else kron.txx_lazy(tg[i])
+        txx = None if tg is None else kron.txx_lazy(tg[i], txx_max[i])  # type: ignore[index]
+        wtg_i = None if wtg is None else wtg[i]
         blocks = StageBlocks(
-            jz[i], jx[i], tzz[i], tzx[i], txx if txx is not None else z.new_zeros(p, p),
-            grad[i], cot_in[i].reshape(zs[i].shape), jfx[i], kron,
-            tzz_zero=tg is None, tzx_zero=False, txx_zero=tg is None,
-        )  # fmt: skip
+            jz[i],
+            LazyBlock(partial(_jac_x, z[i], a, p, bias, s[i]), None, (n, a, p)),
+            tzz[i],
+            LazyBlock(
+                partial(_tzx, z[i], wtg_i, b_y[i], p, bias),
+                partial(_item, tzx_max, i),
+                (n, a_in, p),
+            ),
+            txx if txx is not None else z.new_zeros(p, p),
+            grad[i],
+            cot_in[i].reshape(zs[i].shape),
+            LazyBlock(partial(_jac_x, z[i], a, p, bias, None), None, (n, a, p)),  # Jf_x
+            kron,
+            tzz_zero=tg is None,
+            tzx_zero=False,
+            txx_zero=tg is None,
+        )
         out.append(blocks)
     return out
+
+
+def _item(t: Tensor, i: int) -> Tensor:
+    return t[i]
+
+
+def _jac_x(z: Tensor, a: int, p: int, bias: bool, rows: Tensor | None) -> Tensor:
+    """The dense ``diag(rows) Jf_x`` of one stage (``Jx``; ``Jf_x`` itself for ``rows=None``)."""
+    return write_jac_x(z.new_zeros(z.shape[0], a, p), z, bias, rows=rows)
+
+
+def _tzx(z: Tensor, wtg: Tensor | None, b_y: Tensor, p: int, bias: bool) -> Tensor:
+    """The dense ``Tzx_n = W^T diag(Tg_n) (I_a (x) t_n^T) + [b_y,n (x) I, 0]`` of one stage.
+
+    ``wtg[n, j, q] = W[q, j] Tg_n[q]`` (``None`` for ``Tg = 0``).
+    """
+    n, a_in = z.shape
+    a = b_y.shape[1]
+    out = z.new_zeros(n, a_in, p)
+    if wtg is not None:  # (W[q, j] Tg[n, q]) t_n[i]
+        torch.mul(
+            wtg.unsqueeze(-1),
+            z[:, None, None, :],
+            out=out[..., : a * a_in].unflatten(-1, (a, a_in)),
+        )
+        if bias:
+            out[..., a * a_in :] = wtg
+    return add_hess_zx(out, b_y)  # + b_y,n[q] delta_ij
+
+
+def _tzx_absmax(z: Tensor, wtg: Tensor | None, b_y: Tensor, bias: bool) -> Tensor:
+    """``max |Tzx_l|`` per stage of a run (``(R,)``), the value :func:`_tzx` would give, exactly.
+
+    The entries are ``wtg[n, j, q] z[n, i] + delta_ij b_y[n, q]`` (weight
+    columns) and ``wtg[n, j, q]`` (bias columns). Off the diagonal ``i != j``
+    the largest is ``|wtg[n, j, q]| max_{i != j} |z[n, i]|`` (rounding is
+    monotone: the same floating-point number as the largest rounded
+    product); on it, the rounded sum itself. ``O(R N a a_in)``, where the
+    dense block has ``R N a_in p`` entries.
+    """
+    r, n, a_in = z.shape
+    if wtg is None:  # b_y on the diagonal, zeros elsewhere
+        return b_y.abs().reshape(r, -1).amax(dim=1)
+    zj = z.unsqueeze(-1)  # (R, N, j, 1)
+    parts = [(wtg * zj + b_y.unsqueeze(2)).abs()]  # i = j: (R, N, j, q)
+    awtg = wtg.abs()
+    if a_in > 1:  # i != j: the largest |z[n, i]| other than at i = j
+        top, idx = z.abs().topk(2, dim=2)  # (R, N, 2)
+        at_top = torch.arange(a_in, device=z.device) == idx[..., :1]  # (R, N, j)
+        other = torch.where(at_top, top[..., 1:], top[..., :1])
+        parts.append(awtg * other.unsqueeze(-1))
+    if bias:
+        parts.append(awtg)
+    return torch.stack([t.reshape(r, -1).amax(dim=1) for t in parts]).amax(dim=0)
+
+
+def _gram_absmax(z: Tensor, tg: Tensor, bias: bool) -> Tensor:
+    """``max |Txx_l|`` per stage of a run (``(R,)``): of its blocks ``sum_n Tg_n[q] t_n t_n^T``.
+
+    Those are ``Txx``'s only nonzero entries (:meth:`KronX.txx`), batched here
+    over the run as :func:`~hessinv.derivatives.blocks.gram_blocks` forms them per stage.
+    """
+    t = torch.cat([z, z.new_ones(*z.shape[:2], 1)], dim=2) if bias else z  # (R, N, c)
+    blk = (tg.mT.unsqueeze(-1) * t.unsqueeze(1)).mT @ t.unsqueeze(1)  # (R, a, c, c)
+    return blk.abs().reshape(blk.shape[0], -1).amax(dim=1)

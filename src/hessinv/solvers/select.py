@@ -130,11 +130,10 @@ def lifted_sizes(op: Hessian) -> list[int]:
     sizes = []
     for b in op.blocks:
         k = b.num_params
-        if b.x_span is not None:  # the lifted system keeps at most this many directions
-            rows = b.x_span.shape[0] * b.x_span.shape[1]
-            rows += 0 if b.Tzx is None else b.Tzx.shape[0] * b.Tzx.shape[1]
+        if b.has("x_span"):  # the lifted system keeps at most this many directions
+            rows = b.rows("x_span") + b.rows("Tzx")
             k = min(k, rows)
-        m = 0 if b.Jx is None else b.Jx.shape[0] * b.Jx.shape[1]
+        m = b.rows("Jx")
         sizes += [k + m, m] if m else [k]
     return sizes
 
@@ -174,7 +173,7 @@ def dense_cost(op: Hessian) -> tuple[float, float]:
     per_hv = 0.0
     tangents = 0.0
     for b in op.blocks[:-1]:
-        n, a, p = b.Jx.shape
+        n, a, p = b.shape_of("Jx")  # type: ignore[misc]
         per_hv += 4.0 * n * (a * a + 2 * a * p)
         tangents += 2.0 * n * a
     item = torch.finfo(op.dtype).bits // 8
