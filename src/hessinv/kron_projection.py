@@ -122,7 +122,7 @@ def project_run(
     order, inverse = k0.order(), k0.inverse_order()
     out = []
     for i in range(n):
-        basis = KronBasis(qt[i], qc[i], qb[i], order, inverse)
+        basis = KronBasis(qt[i], qc[i], qb[i], order, inverse, k0.bias)
         out.append(
             (
                 basis,

@@ -176,6 +176,7 @@ class KronX:
             qb.contiguous(),
             self.order(),
             self.inverse_order(),
+            self.bias,
         )
 
     def txx_on(self, q: Tensor) -> Tensor:

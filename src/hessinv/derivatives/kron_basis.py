@@ -20,6 +20,28 @@ import torch
 from torch import Tensor
 
 
+def to_kron(x: Tensor, a: int, bias: bool) -> Tensor:
+    """Rows ``(n, p, r)`` in parameter order as ``(n, a, c, r)`` in Kronecker order ``(q, i)``.
+
+    The weight's entries (row-major ``(q, i)``) then, with ``bias``, the bias
+    (``i = a_in``): a reshape and one concatenation, where gathering by
+    :attr:`KronBasis.order` is an indexed copy about six times slower.
+    """
+    n, p, r = x.shape
+    if not bias:
+        return x.reshape(n, a, p // a, r)
+    m = p - a
+    return torch.cat([x[:, :m].reshape(n, a, m // a, r), x[:, m:].unsqueeze(2)], dim=2)
+
+
+def from_kron(v: Tensor, bias: bool) -> Tensor:
+    """The inverse of :func:`to_kron`: ``(n, a, c, r)`` back to ``(n, p, r)`` in parameter order."""
+    n, a, c, r = v.shape
+    if not bias:
+        return v.reshape(n, a * c, r)
+    return torch.cat([v[:, :, :-1].reshape(n, a * (c - 1), r), v[:, :, -1]], dim=1)
+
+
 def kron2(a: Tensor, b: Tensor) -> Tensor:
     """``a (x) b`` of two matrices (``torch.kron`` fails on some strided operands)."""
     (ra, ca), (rb, cb) = a.shape, b.shape
@@ -36,6 +58,7 @@ class KronBasis:
         qb: ``Q_B`` (``a x r_B``; ``r_B = 0`` without the second part).
         order: ``order[q c + i]``: the parameter index of Kronecker entry ``(q, i)``.
         inverse_order: Its inverse permutation.
+        bias: The layer has a bias (``c = a_in + 1``; else ``order`` is the identity).
     """
 
     qt: Tensor
@@ -43,6 +66,7 @@ class KronBasis:
     qb: Tensor
     order: Tensor
     inverse_order: Tensor
+    bias: bool
 
     def dense(self) -> Tensor:
         """``Q`` as a ``p x k`` matrix in parameter order."""
@@ -58,8 +82,12 @@ class KronBasis:
         return self.qb.shape[0] * self.qt.shape[1] + self.qb.shape[1] * self.qc.shape[1]
 
     def key(self) -> tuple:
-        """Equal keys: the factors stack (same shapes)."""
-        return (tuple(self.qt.shape), tuple(self.qc.shape), tuple(self.qb.shape))
+        """Equal keys: the factors stack (same shapes, and the same parameter order).
+
+        A stage with a bias and one without can have equal shapes (``Linear(5, 6)``
+        then ``Linear(6, 6, bias=False)``: ``c = 6`` both) but not the same order.
+        """
+        return (tuple(self.qt.shape), tuple(self.qc.shape), tuple(self.qb.shape), self.bias)
 
 
 class KronStack:
@@ -77,7 +105,7 @@ class KronStack:
         self.qf = torch.stack([torch.cat(pt, dim=1) for pt in parts])  # (n, c, r_z [+ c - r_z])
         self.qb = torch.stack([b.qb for b in bases])  # (n, a, r_B)
         self.rz = first.qt.shape[1]
-        self.order, self.inverse_order = first.order, first.inverse_order
+        self.bias = first.bias
         self.a, self.c = first.qb.shape[0], first.qt.shape[0]
 
     def t(self, x: Tensor) -> Tensor:
@@ -88,7 +116,7 @@ class KronStack:
         """
         n, _, r = x.shape
         a, c, rz = self.a, self.c, self.rz
-        xc = x[:, self.order].reshape(n, a, c, r).transpose(1, 2).reshape(n, c, a * r)
+        xc = to_kron(x, a, self.bias).transpose(1, 2).reshape(n, c, a * r)
         z = (self.qf.mT @ xc).reshape(n, -1, a, r)  # (n, j, q, r): [Q_T, Q_C]^T x_q
         first = z[:, :rz].transpose(1, 2).reshape(n, a * rz, r)
         if not self.two:
@@ -112,4 +140,4 @@ class KronStack:
             coef = torch.cat([coef, u2], dim=2)  # (n, a, c, r)
         cols = coef.transpose(1, 2).reshape(n, -1, a * r)  # (n, j, (q, r))
         v = (self.qf @ cols).reshape(n, c, a, r).transpose(1, 2)  # (n, a, c, r)
-        return v.reshape(n, a * c, r)[:, self.inverse_order]
+        return from_kron(v, self.bias)
