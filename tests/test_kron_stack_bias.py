@@ -1,11 +1,18 @@
-"""``KronStack`` never stacks a stage with a bias on one without (found in session 13).
+"""Stages with and without a bias of equal shapes are never batched together (session 13).
 
 ``Linear(5, 6)`` then ``Linear(6, 6, bias=False)`` have Kronecker bases of
-equal shapes (``c = 6`` both) but different parameter orders. Stacked, the
-second stage's ``Q^T x`` read its rows in the first one's order: the
-unrefined solve was 97 % off (the default solve's refinement and check hid
-it, at two more products). Checked against each basis's dense ``Q`` and the
-unrefined solve against a dense solve.
+equal shapes (``c = 6`` both) but different parameter orders. Two places
+batched them by shape alone and read the second stage's rows in the first
+one's order:
+
+* ``KronStack`` (the kept basis maps): the unrefined solve was 97 % off;
+* the split stages' basis groups of the Riccati sweeps (``Linear(11, 12)``
+  then ``Linear(12, 12, bias=False)``, batch 8): one application of the
+  factors was 147 % off, which the inverse iteration of the singularity
+  decision uses as it is.
+
+The default solve's refinement and check hid both. Checked against each
+basis's dense ``Q`` and against dense solves.
 """
 
 from __future__ import annotations
@@ -60,3 +67,38 @@ def test_unrefined_solve_with_mixed_bias_stages(first_bias: bool) -> None:
         torch.linalg.matrix_norm(a, 2) * torch.linalg.vector_norm(x) + torch.linalg.vector_norm(g)
     )
     assert float(eta) <= 64 * torch.finfo(DT).eps
+
+
+def _mixed_net(first_bias: bool, width: int, batch: int):  # noqa: ANN202
+    torch.manual_seed(0)
+    a_in = width - 1 if first_bias else width
+    model = nn.Sequential(
+        nn.Linear(4, a_in), nn.Tanh(),
+        nn.Linear(a_in, width, bias=first_bias), nn.Tanh(),
+        nn.Linear(width, width, bias=not first_bias), nn.Tanh(),
+        nn.Linear(width, 1),
+    ).to(DT)  # fmt: skip
+    X, y = torch.randn(batch, 4, dtype=DT), torch.randn(batch, 1, dtype=DT)
+    return model, X, y
+
+
+@pytest.mark.parametrize("first_bias", [True, False])
+@pytest.mark.parametrize("d", [0.01, 1.0])
+def test_split_stage_sweeps_with_mixed_bias_stages(first_bias: bool, d: float) -> None:
+    """At batch 8 the middle stages keep every direction and split (``c = 12 > N``)."""
+    model, X, y = _mixed_net(first_bias, 12, 8)
+    h = dense_hessian(model, nn.MSELoss(), X, y)
+    H = hessinv.Hessian(model, nn.MSELoss(), X, y)
+    fac = H.factor(d)
+    solver = fac.stage_solver
+    assert solver is not None
+    split = [st for st in solver.stages if st.basis is not None]
+    assert len(split) == 2 and split[0].basis.bias != split[1].basis.bias  # the case is hit
+    v = torch.randn(H.num_params, 2, dtype=DT, generator=torch.Generator().manual_seed(0))
+    x = fac._apply(v)  # one application of the factors, as the inverse iteration uses it
+    a = h + d * torch.eye(h.shape[0], dtype=DT)
+    eta = torch.linalg.vector_norm(a @ x - v, dim=0) / (
+        torch.linalg.matrix_norm(a, 2) * torch.linalg.vector_norm(x, dim=0)
+        + torch.linalg.vector_norm(v, dim=0)
+    )
+    assert float(eta.max()) <= 64 * torch.finfo(DT).eps

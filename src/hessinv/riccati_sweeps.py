@@ -77,7 +77,9 @@ class StageFactor:
             None if t is None else tuple(t.shape)
             for t in (self.lu, self.gain, self.jx, self.closed)
         )
-        kind = None if self.basis is None else (self.basis.a, self.basis.c, self.basis.rz)
+        # the bias too: equal shapes with and without one permute the parameters apart
+        b = self.basis
+        kind = None if b is None else (b.a, b.c, b.rz, b.bias)
         return shapes, kind, self.free
 
     def numel(self) -> int:
@@ -121,6 +123,7 @@ class SweepRun:
     inv_idx: Tensor | None
     rz: int
     free: int = 0  # per stage, the trailing rows whose pivot is d
+    bias: bool = False  # split stages: the layer's bias (idx is not the identity)
 
 
 def sweep_runs(stages: list[StageFactor]) -> list[SweepRun]:
@@ -137,12 +140,12 @@ def sweep_runs(stages: list[StageFactor]) -> list[SweepRun]:
         _stack_views(run, "closed")
         sp = run[0].basis
         qc = idx = inv_idx = None
-        rz = 0
+        rz, bias = 0, False
         if sp is not None:
             qc = torch.stack([st.basis.qc for st in run])  # type: ignore[union-attr]
-            idx, inv_idx, rz = sp.idx, sp.inv_idx, sp.rz
+            idx, inv_idx, rz, bias = sp.idx, sp.inv_idx, sp.rz, sp.bias
         runs.append(
-            SweepRun(lo, hi, run[0].r, lu, piv, gain, jx, qc, idx, inv_idx, rz, run[0].free)  # type: ignore[arg-type]
+            SweepRun(lo, hi, run[0].r, lu, piv, gain, jx, qc, idx, inv_idx, rz, run[0].free, bias)  # type: ignore[arg-type]
         )
         lo = hi
     return runs
@@ -184,8 +187,13 @@ def basis_groups(runs: list[SweepRun]) -> list[BasisGroup]:
 
 
 def _basis_shape(run: SweepRun) -> tuple:
-    """What runs of one :class:`BasisGroup` share: ``Q_c``'s shape, the index and ``r_z``."""
-    return run.qc.shape[1:], run.idx.shape, run.rz  # type: ignore[union-attr]
+    """What runs of one :class:`BasisGroup` share: ``Q_c``'s shape, the index and ``r_z``.
+
+    The index by its shape and the bias (it is the identity without one): a
+    stage with a bias and one without may have equal shapes (``Linear(11, 12)``
+    then ``Linear(12, 12, bias=False)``) but not the same parameter order.
+    """
+    return run.qc.shape[1:], run.idx.shape, run.rz, run.bias  # type: ignore[union-attr]
 
 
 def _sizes(runs: list[SweepRun]) -> list[int]:

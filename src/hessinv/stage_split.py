@@ -51,7 +51,7 @@ class SplitStage:
     def __init__(self, b: StageBlocks, qc: Tensor, rz: int) -> None:
         kx = b.kron_x
         assert kx is not None
-        self.a, self.c, self.rz = kx.a, kx.width, rz
+        self.a, self.c, self.rz, self.bias = kx.a, kx.width, rz, kx.bias
         self.p = b.num_params
         self.r = self.a * rz
         self.qc = qc
