@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from .derivatives import StageBlocks
+from .stacking import stacked
 
 
 @dataclass
@@ -62,11 +63,11 @@ class KronRun:
             return None
         tg = [k.tg if k.tg is not None else torch.zeros_like(k.b_y) for k in kxs]  # type: ignore[union-attr,arg-type]
         return KronRun(
-            torch.stack([k.z for k in kxs]),  # type: ignore[union-attr]
-            torch.stack([k.weight for k in kxs]),  # type: ignore[union-attr,misc]
-            torch.stack([k.s for k in kxs]),  # type: ignore[union-attr,misc]
-            torch.stack(tg),
-            torch.stack([k.b_y for k in kxs]),  # type: ignore[union-attr,misc]
+            stacked([k.z for k in kxs]),  # type: ignore[union-attr]
+            stacked([k.weight for k in kxs]),  # type: ignore[union-attr,misc]
+            stacked([k.s for k in kxs]),  # type: ignore[union-attr,misc]
+            stacked(tg),
+            stacked([k.b_y for k in kxs]),  # type: ignore[union-attr,misc]
             k0.bias,  # type: ignore[union-attr]
         )
 

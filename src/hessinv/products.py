@@ -28,6 +28,7 @@ from .derivatives.linear_runs import linear_runs, run_blocks
 from .kron_products import KronRun
 from .pipeline import Pipeline
 from .progress import ProgressArg, progress_bar
+from .stacking import as_stack
 
 
 def compute_blocks(
@@ -124,6 +125,9 @@ def _stack_in_place(run: list[StageBlocks], name: str) -> Tensor:
     first = getattr(run[0], name)
     if len(run) == 1:
         return first.unsqueeze(0)
+    view = as_stack([getattr(b, name) for b in run])
+    if view is not None:  # already views of one stacked tensor (the batched build's)
+        return view
     out = first.new_empty((len(run), *first.shape))
     for i, b in enumerate(run):
         out[i].copy_(getattr(b, name))

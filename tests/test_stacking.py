@@ -1,0 +1,37 @@
+"""``hessinv.stacking``: a zero-copy stack only of consecutive views of one tensor."""
+
+from __future__ import annotations
+
+import torch
+
+from hessinv.stacking import as_stack, stacked
+
+
+def test_views_of_one_stack_come_back_without_a_copy() -> None:
+    base = torch.randn(5, 3, 4, dtype=torch.float64)
+    parts = base.unbind(0)
+    view = as_stack(parts[1:4])
+    assert view is not None and view.data_ptr() == parts[1].data_ptr()
+    assert torch.equal(view, base[1:4])
+    assert torch.equal(stacked(parts), base)
+
+
+def test_anything_else_is_copied() -> None:
+    base = torch.randn(6, 3, 4, dtype=torch.float64)
+    parts = base.unbind(0)
+    cases = [
+        [parts[0], parts[2], parts[4]],  # not consecutive
+        [parts[1], parts[0]],  # out of order
+        [base[0], base[1].clone()],  # another storage
+        [base[0, :, :2], base[1, :, :2]],  # not contiguous
+        [torch.randn(3, 4, dtype=torch.float64) for _ in range(3)],  # separate tensors
+    ]
+    for ts in cases:
+        assert as_stack(ts) is None
+        assert torch.equal(stacked(ts), torch.stack(ts))
+    assert as_stack([base[0].reshape(4, 3), base[1]]) is None  # another shape
+    flat = torch.randn(24, dtype=torch.float64)  # adjacent memory, other shapes
+    assert as_stack([flat[:12].reshape(3, 4), flat[12:].reshape(4, 3)]) is None
+    assert as_stack([]) is None
+    empty = torch.empty(2, 0, 3)
+    assert as_stack(empty.unbind(0)) is None
