@@ -227,30 +227,35 @@ def block_lanczos_steps(
     if k == 0:
         return (0.0, 0.0)
     b = min(block, k)
-    # the basis is kept transposed, in rows of preallocated (k, W) buffers: the
+    # the basis is kept transposed, in the rows of a preallocated (k, W) buffer: the
     # projections Q^T W and Q C stream contiguous rows (memory-bound at these
-    # shapes), and no step concatenates (fresh multi-MB tensors fault their pages)
+    # shapes), and no step concatenates (fresh multi-MB tensors fault their pages).
+    # The Rayleigh quotient T = Q^T A Q is filled block column by block column from
+    # each product's projection (A Q_j)^T Q_{0..j}, which the reorthogonalization
+    # needs anyway: no (A Q) buffer and no final k x W x k product.
     basis = torch.empty(k, size, dtype=dtype, device=device)  # Q^T
-    abasis = torch.empty(k, size, dtype=dtype, device=device)  # (A Q)^T
+    t = torch.zeros(k, k, dtype=dtype, device=device)  # T = Q^T A Q, upper block triangle
     q, _ = torch.linalg.qr(gaussian(size, b, dtype, device, seed))
     done = 0
+    blocks: list[tuple[int, int]] = []  # (start, end) of each block column of T
     while True:
-        aq = yield q
+        aq = (yield q).to(dtype)  # in the working dtype (a wider product may overflow it)
         c = q.shape[1]
+        blocks.append((done, done + c))
         basis[done : done + c] = q.T
-        abasis[done : done + c] = aq.T
-        lo, hi = torch.aminmax(abasis[done : done + c])  # NaN propagates
+        lo, hi = torch.aminmax(aq)  # NaN propagates
         top = max(-float(lo), float(hi))
         if not math.isfinite(top):
             return -math.inf, math.inf
+        qt = basis[: done + c]
+        h = aq.T @ qt.T  # (c, done + c): h[r, s] = q_s^T A q_r
+        t[: done + c, done : done + c] = h.T
         done += c
         nxt = min(b, k - done)
         if nxt <= 0:
             break
-        qt = basis[:done]
-        w_t = abasis[done - c : done - c + nxt]
-        for _ in range(2):  # full reorthogonalization, twice is enough
-            w_t = w_t - (w_t @ qt.T) @ qt
+        w_t = aq.T[:nxt] - h[:nxt] @ qt  # the first pass of the full reorthogonalization,
+        w_t = w_t - (w_t @ qt.T) @ qt  # and the second (twice is enough)
         tiny = 1e3 * torch.finfo(dtype).eps * max(top, 1e-300)
         q, good = _orthonormal_block(w_t, qt, tiny)
         if not bool(good.any()):  # invariant: the basis so far holds the extreme eigenvalues
@@ -264,8 +269,11 @@ def block_lanczos_steps(
             q, good = _orthonormal_block(w_t, qt, tiny)
             if not bool(good.all()):
                 break
-    t = (basis[:done] @ abasis[:done].T).to(torch.float64)
-    theta = torch.linalg.eigvalsh(0.5 * (t + t.T))
+    # T's lower block triangle by symmetry (A = A^T), its diagonal blocks symmetrized
+    up = t[:done, :done].to(torch.float64)
+    diag = torch.block_diag(*[up[i:j, i:j] for i, j in blocks])
+    upper = up.triu(1) - diag.triu(1)  # strictly above the diagonal blocks
+    theta = torch.linalg.eigvalsh(upper + upper.T + 0.5 * (diag + diag.T))
     return float(theta[0]), float(theta[-1])
 
 
