@@ -99,9 +99,9 @@ class Solves:
         """The ``method`` names this operator factors with (besides ``"auto"``)."""
         return sorted(FACTORIZATIONS)
 
-    def _method(self, method: str) -> str:
+    def _method(self, method: str, costs: dict[str, tuple[float, float]] | None = None) -> str:
         if method == "auto":
-            return _select.choose(self, self.max_memory)
+            return _select.choose(self, self.max_memory, costs)
         if method not in self._known_methods():
             raise ValueError(
                 f"unknown method {method!r} (no such factorization); "
@@ -129,13 +129,14 @@ class Solves:
         """
         self._check_fresh()
         d = _check_damping(damping)
-        name = self._method(method)
+        costs = self.costs()  # once: "auto" chooses by them, the chosen one is checked
+        name = self._method(method, costs)
         key = (d, name)
         if key in self._factors:
             self._factors.move_to_end(key)
             return self._factors[key]._handle(self)
         build = self._factorization_class(name)
-        cost = self.costs().get(name)
+        cost = costs.get(name)
         if cost is not None:
             _select.check_memory(
                 cost[1], f"the {name!r} factorization", self.max_memory, self.device

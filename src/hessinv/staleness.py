@@ -105,6 +105,10 @@ class ParameterSnapshot:
         """The name of the first parameter that changed (or was replaced), else ``None``."""
         for name, m, children in self._tree:
             now = tuple(m._modules.items())
+            if len(now) == len(children) and all(  # the fast path: same names, same objects
+                k == k0 and c is c0 for (k, c), (k0, c0) in zip(now, children, strict=True)
+            ):
+                continue
             if [k for k, _ in now] != [k for k, _ in children]:
                 label = f"module '{name}'" if name else "the model"
                 return f"{label} (its submodules were added, removed or reordered)"

@@ -189,16 +189,21 @@ def costs(op: Hessian) -> dict[str, tuple[float, float]]:
     return {"lifted": lifted_cost(op), "dense": dense_cost(op)}
 
 
-def choose(op: Hessian, max_memory: float | None = None) -> str:
+def choose(
+    op: Hessian,
+    max_memory: float | None = None,
+    costs: dict[str, tuple[float, float]] | None = None,
+) -> str:
     """The cheapest exact method whose memory fits (``method="auto"``).
 
     The candidates and their ``(flops, bytes)`` are the operator's own
-    ``op.costs()`` (:func:`costs` for a Hessian; GaussNewton adds its kernel).
+    ``op.costs()`` (:func:`costs` for a Hessian; GaussNewton adds its kernel),
+    or ``costs`` when the caller already has them.
 
     Raises:
         MemoryError: No method fits; the message names the smallest estimate.
     """
-    cs = op.costs()
+    cs = op.costs() if costs is None else costs
     budget = memory_budget(op.device, max_memory)
     fits = {k: v for k, v in cs.items() if v[1] <= budget}
     if not fits:
