@@ -269,8 +269,8 @@ def fused_record(monkeypatch):  # noqa: ANN001, ANN201
     rec: dict = {}
     orig = rs_mod._fused_runs
 
-    def wrap(parts, damping):  # noqa: ANN001, ANN202
-        out = orig(parts, damping)
+    def wrap(parts, damping, *rest):  # noqa: ANN001, ANN002, ANN202
+        out = orig(parts, damping, *rest)
         rec["parts"], rec["fused"] = parts, sorted(out)
         return out
 

@@ -16,14 +16,23 @@ def test_views_of_one_stack_come_back_without_a_copy() -> None:
     assert torch.equal(stacked(parts), base)
 
 
+def test_strided_views_of_one_stack() -> None:
+    base = torch.randn(5, 3, 4, dtype=torch.float64)
+    parts = [base[i, :, :2] for i in range(1, 5)]  # leading columns: strided
+    view = as_stack(parts)
+    assert view is not None and torch.equal(view, base[1:5, :, :2])
+    assert torch.equal(stacked(parts), torch.stack(parts))
+    every_other = [base[0], base[2], base[4]]  # equally spaced: one strided view too
+    assert torch.equal(as_stack(every_other), torch.stack(every_other))
+
+
 def test_anything_else_is_copied() -> None:
     base = torch.randn(6, 3, 4, dtype=torch.float64)
     parts = base.unbind(0)
     cases = [
-        [parts[0], parts[2], parts[4]],  # not consecutive
+        [parts[0], parts[2], parts[3]],  # not equally spaced
         [parts[1], parts[0]],  # out of order
         [base[0], base[1].clone()],  # another storage
-        [base[0, :, :2], base[1, :, :2]],  # not contiguous
         [torch.randn(3, 4, dtype=torch.float64) for _ in range(3)],  # separate tensors
     ]
     for ts in cases:

@@ -141,3 +141,60 @@ def fused_inputs(
         if p0.jz is not None:
             _fill_block_diag(b[..., r:], torch.stack([p.jz for p in parts]))  # type: ignore[misc]
     return c, b, tails
+
+
+@dataclass
+class FusedOut:
+    """One stage's factors, written by the elimination into its run's buffers (views).
+
+    Attributes:
+        lu: The pivot's LU (``r x r``).
+        piv: Its pivots (``r``, int32).
+        info: LAPACK's ``info`` (0-d, int32).
+        gain: ``Q_vv^{-1} Q_vu`` (``(r + free) x M_in``, its ``free`` rows the free
+            gains, written beforehand); ``None`` for the first stage.
+        closed: The closed-loop map ``Jz - Jx gain`` (``M x M_in``) or ``None``.
+        total: The sum of the next ``P`` (0-d; ``None`` for the first stage).
+    """
+
+    lu: Tensor
+    piv: Tensor
+    info: Tensor
+    gain: Tensor | None
+    closed: Tensor | None
+    total: Tensor | None
+
+
+def fused_outputs(
+    parts: list[StageParts], ref: Tensor, tails: Tensor | None
+) -> tuple[list[FusedOut], Tensor, Tensor | None]:
+    """Per stage of a run, the :class:`FusedOut` views of run-wide buffers.
+
+    Written in place by the elimination, the factors of a run are already
+    stacked for the sweeps (:func:`hessinv.stacking.as_stack` finds the views):
+    no per-stage copy, no concatenation of the free gains. Also returns the
+    run's ``info`` and ``P``-sum buffers (``None`` for the first stage's run).
+    """
+    p0 = parts[0]
+    rr, r, m_in, m = len(parts), p0.r, p0.m_in, p0.m_out
+    lu = ref.new_empty(rr, r, r)
+    piv = torch.empty(rr, r, dtype=torch.int32, device=ref.device)
+    info = torch.zeros(rr, dtype=torch.int32, device=ref.device)
+    gain = closed = totals = None
+    if m_in:
+        gain = ref.new_empty(rr, r + p0.free, m_in)
+        if tails is not None:
+            gain[:, r:] = tails
+        totals = ref.new_zeros(rr)
+        if m and p0.jx is not None:
+            closed = ref.new_empty(rr, m, m_in)
+    outs = [
+        FusedOut(
+            lu[i], piv[i], info[i],
+            None if gain is None else gain[i],
+            None if closed is None else closed[i],
+            None if totals is None else totals[i],
+        )
+        for i in range(rr)
+    ]  # fmt: skip
+    return outs, info, totals

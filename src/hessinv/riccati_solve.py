@@ -59,7 +59,7 @@ from .lifted import _block_diag
 from .lifted_bases import Projected
 from .progress import ProgressArg, progress_bar
 from .riccati import _sym, stage_coupling, stage_pivot
-from .riccati_fused import StageParts, free_update, fused_inputs
+from .riccati_fused import FusedOut, StageParts, free_update, fused_inputs, fused_outputs
 from .riccati_sweeps import StageFactor, basis_groups, solve_sweeps, sweep_runs
 from .stage_split import split_stage
 
@@ -95,13 +95,13 @@ class StageRiccati:
         last = n_st - 1
         parts = [_stage_parts(b, pr, damping, i == last)
                  for i, (b, pr) in enumerate(zip(blocks, projections, strict=True))]  # fmt: skip
-        fused = _fused_runs(parts, damping)
+        fused = _fused_runs(parts, damping, infos, sums)
         p_mat: Tensor | None = None
         with progress_bar(n_st, "hessinv: stage Riccati", progress) as bar:
             for l in reversed(range(n_st)):  # noqa: E741
                 pt = parts[l]
                 if l in fused:
-                    p_mat = self._fused_step(l, pt, fused[l], p_mat, infos, sums)
+                    p_mat = self._fused_step(l, pt, fused[l], p_mat)
                 else:
                     p_mat = self._step(l, blocks[l], pt, p_mat, ref, infos, sums)
                 bar.update()
@@ -159,13 +159,14 @@ class StageRiccati:
         self,
         l: int,  # noqa: E741
         pt: StageParts,
-        cbt: tuple[Tensor, Tensor | None, Tensor | None],
+        cbo: tuple[Tensor, Tensor | None, FusedOut],
         p_mat: Tensor | None,
-        infos: list[Tensor],
-        sums: list[Tensor],
     ) -> Tensor | None:
-        """Stage ``l`` by one update ``S = C + B^T P B`` (:mod:`hessinv.riccati_fused`)."""
-        c, b, tail = cbt
+        """Stage ``l`` by one update ``S = C + B^T P B`` (:mod:`hessinv.riccati_fused`).
+
+        The factors are written into the run's buffers (:func:`fused_outputs`).
+        """
+        c, b, out = cbo
         r = pt.r
         if p_mat is None or b is None:
             s = c  # symmetric as formed
@@ -173,23 +174,24 @@ class StageRiccati:
             s = torch.addmm(c, b.mT, p_mat @ b)
             s = (s + s.mT).mul_(0.5)
         qvv = s[:r, :r]
-        lu, piv, info = torch.linalg.lu_factor_ex(qvv)
-        infos.append(info.reshape(1))
+        torch.linalg.lu_factor_ex(qvv, out=(out.lu, out.piv, out.info))
         jx = None if b is None or pt.jx is None else b[:, :r]
         if l == 0:
-            self.stages[l] = StageFactor(qvv, lu, piv, None, jx, None, pt.split, pt.free)
+            self.stages[l] = StageFactor(qvv, out.lu, out.piv, None, jx, None, pt.split, pt.free)
             return None
         s12 = s[:r, r:]
-        gain = torch.linalg.lu_solve(lu, piv, s12) if r else s12
-        p_mat = torch.addmm(s[r:, r:], s12.mT, gain, alpha=-1.0)
+        gain = out.gain
+        if r:
+            torch.linalg.lu_solve(out.lu, out.piv, s12, out=gain[:r])  # type: ignore[index]
+        else:
+            gain[:r] = s12  # type: ignore[index]
+        p_mat = torch.addmm(s[r:, r:], s12.mT, gain[:r], alpha=-1.0)  # type: ignore[index]
         p_mat = (p_mat + p_mat.mT).mul_(0.5)
-        sums.append(p_mat.sum().reshape(1))
-        closed = None
+        torch.sum(p_mat, dim=(0, 1), out=out.total)
+        closed = out.closed
         if jx is not None:
-            closed = torch.addmm(b[:, r:], jx, gain, alpha=-1.0)  # type: ignore[index]
-        if tail is not None:
-            gain = torch.cat([gain, tail])
-        self.stages[l] = StageFactor(qvv, lu, piv, gain, jx, closed, pt.split, pt.free)
+            torch.addmm(b[:, r:], jx, gain[:r], alpha=-1.0, out=closed)  # type: ignore[index]
+        self.stages[l] = StageFactor(qvv, out.lu, out.piv, gain, jx, closed, pt.split, pt.free)
         return p_mat
 
     def signature(self) -> tuple[int, int, int, float]:
@@ -277,10 +279,13 @@ def _stage_parts(b: StageBlocks, pr: Projected, damping: float, last: bool) -> S
 
 
 def _fused_runs(
-    parts: list[StageParts], damping: float
-) -> dict[int, tuple[Tensor, Tensor | None, Tensor | None]]:
-    """Per fusable stage its ``(C, B, free gains)``, formed per run of equal keys."""
-    out: dict[int, tuple[Tensor, Tensor | None, Tensor | None]] = {}
+    parts: list[StageParts], damping: float, infos: list[Tensor], sums: list[Tensor]
+) -> dict[int, tuple[Tensor, Tensor | None, FusedOut]]:
+    """Per fusable stage its ``(C, B, output views)``, formed per run of equal keys.
+
+    The runs' ``info`` and ``P``-sum buffers are appended to ``infos`` and ``sums``.
+    """
+    out: dict[int, tuple[Tensor, Tensor | None, FusedOut]] = {}
     lo, n = 0, len(parts)
     while lo < n:
         hi = lo + 1
@@ -291,8 +296,12 @@ def _fused_runs(
         while hi < n and parts[hi].fusable() and parts[hi].key() == key:
             hi += 1
         c, b, tails = fused_inputs(parts[lo:hi], damping)
+        views, info, totals = fused_outputs(parts[lo:hi], c, tails)
+        infos.append(info)
+        if totals is not None:
+            sums.append(totals)
         for i in range(hi - lo):
-            out[lo + i] = (c[i], None if b is None else b[i], None if tails is None else tails[i])
+            out[lo + i] = (c[i], None if b is None else b[i], views[i])
         lo = hi
     return out
 

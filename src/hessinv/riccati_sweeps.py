@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from .stacking import as_stack
 from .stage_split import SplitStage, kron_from_basis, kron_to_basis
 
 
@@ -101,7 +102,11 @@ def _stack_views(stages: list[StageFactor], name: str) -> Tensor | None:
         return None
     if len(stages) == 1:
         return first.unsqueeze(0)
-    out = torch.stack([getattr(st, name) for st in stages])
+    ts = [getattr(st, name) for st in stages]
+    view = as_stack(ts)
+    if view is not None:  # written into one run buffer by the elimination: no copy
+        return view
+    out = torch.stack(ts)
     for i, st in enumerate(stages):
         setattr(st, name, out[i])
     return out

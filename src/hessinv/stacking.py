@@ -19,26 +19,34 @@ from torch import Tensor
 def as_stack(ts: Sequence[Tensor]) -> Tensor | None:
     """The ``(len(ts), *shape)`` view whose slices are ``ts``, if they are such; else ``None``.
 
-    ``ts[i]`` must be contiguous, of one shape and stride, at ``data_ptr(ts[0]) +
-    i numel`` elements, and the first and the last in one storage (so every one
-    in between lies in it too: one address belongs to one live allocation).
+    ``ts[i]`` must share one shape and stride, lie a constant number of
+    elements apart (``data_ptr(ts[i]) = data_ptr(ts[0]) + i step``, ``step >
+    0``), and the first and the last must be in one storage (so every one in
+    between lies in it too: one address belongs to one live allocation). The
+    views may be strided (a block's leading columns); the result is read-only
+    in spirit (the views may overlap, as ``torch.stack``'s copies would not).
     """
     if not ts:
         return None
     t0 = ts[0]
-    if not t0.is_contiguous() or t0.numel() == 0:
+    if t0.numel() == 0:
         return None
-    step = t0.numel() * t0.element_size()
+    if len(ts) == 1:
+        return t0.unsqueeze(0)
+    size = t0.element_size()
     ptr, shape, stride = t0.data_ptr(), t0.shape, t0.stride()
+    step_bytes = ts[1].data_ptr() - ptr
+    if step_bytes <= 0 or step_bytes % size:
+        return None
     for i, t in enumerate(ts):
-        if t.data_ptr() != ptr + i * step or t.shape != shape or t.stride() != stride:
+        if t.data_ptr() != ptr + i * step_bytes or t.shape != shape or t.stride() != stride:
             return None
     last = ts[-1]
     if last.untyped_storage().data_ptr() != t0.untyped_storage().data_ptr():
         return None
     if last.dtype != t0.dtype or last.device != t0.device:
         return None
-    return t0.as_strided((len(ts), *shape), (t0.numel(), *stride), t0.storage_offset())
+    return t0.as_strided((len(ts), *shape), (step_bytes // size, *stride), t0.storage_offset())
 
 
 def stacked(ts: Sequence[Tensor]) -> Tensor:
