@@ -108,14 +108,19 @@ MODELS: dict[str, tuple[list[int], list[bool], list[str], int]] = {
 }
 
 
-def _net(widths: list[int], biases: list[bool], acts: list[str], batch: int):  # noqa: ANN202
+def _net(widths: list[int], biases: list[bool], acts: list[str], batch: int, scale: float = 1.0):  # noqa: ANN202
+    """The stack, its loss ``scale * sum of squares`` and data (float64, seeded)."""
     torch.manual_seed(0)
     model = nn.Sequential(*_stack(widths, biases, acts)).to(DT)
     for m in model:
         if isinstance(m, nn.Linear):
             nn.init.normal_(m.weight, std=1.2 / m.in_features**0.5)
     X, y = torch.randn(batch, widths[0], dtype=DT), torch.randn(batch, 1, dtype=DT)
-    return model, nn.MSELoss(reduction="sum"), X, y
+
+    def loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return scale * nn.functional.mse_loss(out, target, reduction="sum")
+
+    return model, loss, X, y
 
 
 def _errors(model: nn.Module, loss, X, y) -> tuple[float, float, float]:  # noqa: ANN001
@@ -150,9 +155,11 @@ def _exact(errs: tuple[float, float, float], w: int) -> bool:
     return hv <= HV_RTOL and eta <= UNREFINED_ETA and ld <= 640 * EPS * w
 
 
+@pytest.mark.parametrize("scale", [1e-12, 1.0, 1e12])
 @pytest.mark.parametrize("name", list(MODELS))
-def test_colliding_stages_are_exact(name: str) -> None:
-    model, loss, X, y = _net(*MODELS[name])
+def test_colliding_stages_are_exact(name: str, scale: float) -> None:
+    """Exact at every loss scale (``d = 2 ||H||`` scales with it: the keys' choices too)."""
+    model, loss, X, y = _net(*MODELS[name], scale=scale)
     w = sum(p.numel() for p in model.parameters())
     errs = _errors(model, loss, X, y)
     assert _exact(errs, w), errs
