@@ -103,6 +103,14 @@ MODELS: dict[str, tuple[list[int], list[bool], list[str], int]] = {
     "equal_c": ([4, 5, 6, 6, 6], [T, T, F, T], ["tanh"] * 4, 2),
     # split stages (p >= 128, N < c) of equal basis shapes, bias or not (session 13's)
     "split_equal_c": ([4, 11, 12, 12], [T, T, F], ["tanh"] * 3, 8),
+    # batched runs of other keys side by side, one shape: one products run over all of them
+    # (KronRun stacks factors of several runs' stacks, and zeros for the ReLU run's Tg)
+    "adjacent_runs": (
+        [5] + [6] * 8,
+        [T] * 8,
+        ["tanh", "tanh", "tanh", "relu", "relu", "leaky.1", "leaky.1", "tanh"],
+        2,
+    ),
     # split stages, zero then nonzero tail curvature
     "split_relu_tanh": ([4, 12, 12, 12, 12], [T] * 4, ["tanh", "relu", "tanh", "tanh"], 8),
 }
