@@ -381,6 +381,53 @@ def test_data_changing_between_passes_refused() -> None:
         H.gradient()
 
 
+def test_values_moved_inside_samples_or_targets_repaired_refused() -> None:
+    """adv19: a random flip (values permuted inside a sample) and targets shuffled among
+    the samples keep every per-tensor sum; both changed H by 20-40 % without an error."""
+    model, lf, X, y, data = _mlp_data()
+
+    class Flipped:
+        def __init__(self) -> None:
+            self.gen = torch.Generator().manual_seed(0)
+
+        def __iter__(self):  # noqa: ANN204
+            for xb, yb in data:
+                flip = torch.rand(xb.shape[0], generator=self.gen) < 0.5
+                xb = xb.clone()
+                xb[flip] = xb[flip].flip(1)
+                yield xb, yb
+
+    class Repaired:
+        def __init__(self) -> None:
+            self.gen = torch.Generator().manual_seed(0)
+
+        def __iter__(self):  # noqa: ANN204
+            perm = torch.randperm(X.shape[0], generator=self.gen)
+            yy = y[perm]
+            for i in range(0, X.shape[0], 4):
+                yield X[i : i + 4], yy[i : i + 4]
+
+    for changing in (Flipped(), Repaired()):
+        H = hessinv.Hessian(model, lf, data=changing)
+        with pytest.raises(ValueError, match="data changed between passes"):
+            for _ in range(3):  # a pass may repeat the first one by chance
+                H @ torch.randn(H.num_params, dtype=torch.float64)
+
+
+def test_whole_samples_reshuffled_are_the_same_data() -> None:
+    """A shuffling loader without drop_last: the same samples, another order, no refusal."""
+    model, lf, X, y, _ = _mlp_data()
+    loader = DataLoader(
+        TensorDataset(X, y), batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(0)
+    )
+    H = hessinv.Hessian(model, lf, data=loader)
+    ref = hessinv.Hessian(model, lf, X, y)
+    v = torch.randn(H.num_params, dtype=torch.float64)
+    for _ in range(3):
+        hv = H @ v
+        assert torch.allclose(hv, ref @ v, rtol=1e-12, atol=1e-12 * float(hv.abs().max()))
+
+
 def test_mixing_model_refused_with_data() -> None:
     class Centred(nn.Module):
         def __init__(self) -> None:

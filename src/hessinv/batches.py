@@ -6,8 +6,8 @@ samples, checks every batch on every pass (pairs of tensors; one dtype, device
 and shape past the batch dimension; finite; as many targets as inputs; no
 ``ignore_index`` target under a mean), naming the batch index, and compares
 each pass with the first (sample count and an order-independent float64
-checksum of ``X`` and ``y``), so that data that change between passes are
-refused instead of mixed into one ``H``. :func:`data_reduction` reads how
+checksum of ``X`` and ``y``, :meth:`Batches._checksum`), so that data that
+change between passes are refused instead of mixed into one ``H``. :func:`data_reduction` reads how
 batch losses combine.
 """
 
@@ -123,6 +123,7 @@ class Batches:
         self._ref: tuple | None = None
         self.sizes: list[int] = []
         self._sums: tuple[float, ...] | None = None
+        self._probes: tuple[Tensor, Tensor] | None = None  # u and w of _checksum
         self.first: tuple[Tensor, Tensor] | None = None
         self.probe: tuple[Tensor, Tensor] | None = None  # the first batch of >= 2 samples
         for i, x, y in self._pass(it, record=True):
@@ -175,17 +176,40 @@ class Batches:
                 "set's mean: drop those samples or use reduction='sum'"
             )
 
-    @staticmethod
-    def _checksum(x: Tensor, y: Tensor) -> list[float]:
+    def _checksum(self, x: Tensor, y: Tensor) -> list[float]:
+        """``(value, scale)`` pairs, flat, of sums that do not depend on the sample order.
+
+        Per tensor its sum and sum of squares; per sample the projections
+        ``s_n = u . x_n`` and ``t_n = w . y_n`` on fixed random vectors (seeded):
+        their sums and sums of squares change when values move inside a sample
+        (a random flip or crop), and ``sum_n s_n t_n`` when the targets are
+        paired with other inputs (a shuffle of ``y`` alone). Shuffling whole
+        samples changes none of them.
+        """
+        n = x.shape[0]
+        xs = x.detach().reshape(n, -1).to(torch.float64)
+        ys = y.detach().reshape(n, -1).to(torch.float64)
+        if self._probes is None:
+            gen = torch.Generator().manual_seed(0)
+            self._probes = tuple(
+                torch.randn(t.shape[1], dtype=torch.float64, generator=gen).to(t.device)
+                for t in (xs, ys)
+            )
+        s, t = xs @ self._probes[0], ys @ self._probes[1]
+        st = s * t
         out = []
-        for t in (x, y):
-            d = t.detach().to(torch.float64)
-            out += [float(d.sum()), float(d.abs().sum()), float((d * d).sum())]
-        return out
+        for d in (xs, ys, s, t):
+            out += [
+                float(d.sum()),
+                float(d.abs().sum()),
+                float((d * d).sum()),
+                float((d * d).sum()),
+            ]
+        return out + [float(st.sum()), float(st.abs().sum())]
 
     def _pass(self, it: Iterator, record: bool = False) -> Iterator[tuple[int, Tensor, Tensor]]:
         """Yield ``(i, X, y)`` for every batch; check the batches and, at the end, the pass."""
-        sums = [0.0] * 6
+        sums: list[float] = []
         sizes: list[int] = []
         total = len(self.sizes) if self.sizes else 0
         with progress_bar(total, "hessinv: batches", self.progress, "batch") as bar:
@@ -193,7 +217,8 @@ class Batches:
                 x, y = _unpack(item, i)
                 self._check(x, y, i)
                 sizes.append(int(x.shape[0]))
-                sums = [a + b for a, b in zip(sums, self._checksum(x, y), strict=True)]
+                part = self._checksum(x, y)
+                sums = [a + b for a, b in zip(sums, part, strict=True)] if sums else part
                 yield i, x, y
                 bar.update(1)
         if not sizes:
@@ -207,9 +232,8 @@ class Batches:
         ref = self._sums
         assert ref is not None
         same = sum(sizes) == sum(self.sizes)
-        for k in (0, 2, 3, 5):  # sums and sums of squares of X and y
-            scale = ref[k + 1] if k in (0, 3) else abs(ref[k])
-            if abs(sums[k] - ref[k]) > CHECKSUM_RTOL * scale + 1e-300:
+        for k in range(0, len(ref), 2):  # (value, scale) pairs (_checksum)
+            if abs(sums[k] - ref[k]) > CHECKSUM_RTOL * ref[k + 1] + 1e-300:
                 same = False
         if not same:
             raise ValueError(
