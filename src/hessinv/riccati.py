@@ -79,6 +79,7 @@ matrix), linear in depth.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -86,7 +87,7 @@ from torch import Tensor
 
 from .derivatives import StageBlocks
 from .lifted import _block_diag
-from .lifted_bases import _basis, project_on
+from .lifted_bases import Projected, _basis, project_on
 from .riccati_result import RiccatiResult, _Pivot, _Stage
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -217,10 +218,17 @@ def _next_majorant(
     return _sym(aba) + scalar * eye, True
 
 
+def _kept(b: StageBlocks, q: Tensor | Projected | None) -> int:
+    """``k_l``: the stage's kept directions for a basis or a projection (``p_l`` for ``None``)."""
+    if isinstance(q, Projected):
+        return q.k(b.num_params)
+    return b.num_params if q is None else q.shape[1]
+
+
 def riccati_pass(  # noqa: C901, PLR0912, PLR0915
     blocks: list[StageBlocks],
     damping: float,
-    bases: list[Tensor | None] | None = None,
+    bases: Sequence[Tensor | Projected | None] | None = None,
     *,
     mode: str = "cholesky",
     stop_unreliable: bool = False,
@@ -231,7 +239,9 @@ def riccati_pass(  # noqa: C901, PLR0912, PLR0915
         blocks: The stage blocks (``Hessian(...).blocks``).
         damping: The shift ``d``.
         bases: Per stage the kept basis ``Q_l`` (``p_l x k_l``) or None (all
-            parameters); by default ``lifted._basis`` of each stage.
+            parameters), or the stage's :class:`~hessinv.lifted_bases.Projected`
+            blocks (the lifted system's: its ``Q_l`` is then formed only if a
+            solve reads it); by default ``lifted._basis`` of each stage.
         mode: ``"cholesky"``: factor each pivot by Cholesky and stop at the
             first that fails (the cheap PD test and solve). ``"inertia"``:
             ``eigvalsh`` of every pivot and go on through indefinite ones (an
@@ -268,11 +278,12 @@ def riccati_pass(  # noqa: C901, PLR0912, PLR0915
     for l in reversed(range(n_st)):  # noqa: E741
         b, q = blocks[l], bases[l]
         pl = b.num_params
-        k = pl if q is None else q.shape[1]
+        k = _kept(b, q)
+        # the lifted system's projection (given, or found by its basis when it has one)
+        pr = q if isinstance(q, Projected) else project_on(b, q)
         m_out = 0 if l == n_st - 1 else b.rows("Jx")
         m_in = 0 if l == 0 else b.rows("Tzx")
         gam = (pl + m_out + m_in + k + 4) * eps
-        pr = project_on(b, q)  # the lifted system's projection when it has one
         jx = None if l == n_st - 1 else pr.jx
         tzx = None if l == 0 else pr.tzx
         txx = pr.txx
@@ -383,7 +394,7 @@ def riccati_pass(  # noqa: C901, PLR0912, PLR0915
             break
     # -- dropped directions: eigenvalue d each ------------------------------------------
     nd = sum(b.num_params for b in blocks) - sum(
-        b.num_params if q is None else q.shape[1] for b, q in zip(blocks, bases, strict=True)
+        _kept(b, q) for b, q in zip(blocks, bases, strict=True)
     )
     if nd and d <= 0:  # exact eigenvalues d <= 0: proven not positive definite
         pd_status = False

@@ -40,12 +40,22 @@ class _Pivot:
 
 @dataclass
 class _Stage:
-    """What the solve needs of one stage: its pivot, ``Y = F^{-1} Q_vu`` and ``Jx Q``."""
+    """What the solve needs of one stage: its pivot, ``Y = F^{-1} Q_vu`` and ``Jx Q``.
+
+    ``basis``: ``Q`` (``None`` for ``Q = I``), or the projection holding it
+    (anything with a ``q`` attribute: formed on the solve's first read).
+    """
 
     pivot: _Pivot
     y: Tensor | None
     jx: Tensor | None
-    basis: Tensor | None
+    basis: object
+
+    @property
+    def q(self) -> Tensor | None:
+        """The stage's kept basis ``Q`` (``None`` for ``Q = I``)."""
+        b = self.basis
+        return b if b is None or isinstance(b, Tensor) else b.q  # type: ignore[attr-defined]
 
 
 @dataclass
@@ -115,7 +125,8 @@ class RiccatiResult:
         s: Tensor | None = None
         for l in reversed(range(n_st)):  # noqa: E741
             st, b = self._stages[l], self.blocks[l]
-            q = -(gs[l] if st.basis is None else st.basis.T @ gs[l])
+            basis = st.q
+            q = -(gs[l] if basis is None else basis.T @ gs[l])
             if s is not None:
                 q = q + st.jx.T @ s
             zs[l] = st.pivot.inv(q)
@@ -138,10 +149,10 @@ class RiccatiResult:
                     n, a, a_in = b.Jz.shape
                     u_new = u_new + (b.Jz @ u.reshape(n, a_in, -1)).reshape(n * a, -1)
                 u = u_new
-            if st.basis is None:
+            q = st.q
+            if q is None:
                 out.append(w)
             else:
-                q = st.basis
                 out.append(q @ w + (gs[l] - q @ (q.T @ gs[l])) / self.damping)
         x = torch.cat(out, dim=0)
         return x.squeeze(1) if vec else x

@@ -193,7 +193,7 @@ class LiftedInertia:
             self._riccati[mode] = riccati_pass(
                 self.op.blocks,
                 self.damping,
-                self.system.bases,
+                self.system.projections,
                 mode=mode,
                 stop_unreliable=mode == "inertia",
             )
