@@ -112,6 +112,13 @@ def unflatten_params(flat: Tensor, like: Sequence[Tensor]) -> tuple[Tensor, ...]
     return tuple(out)
 
 
+def _first_non_finite(finite: list[Tensor], cause: Exception | None = None) -> None:
+    """Raise naming the first stage whose output had a NaN or an infinity, if any did."""
+    if finite and not bool(torch.stack(finite).all()):
+        i = next(i for i, ok in enumerate(finite) if not bool(ok))
+        raise ValueError(f"stage {i} produced NaN or Inf") from cause
+
+
 def memory_span(t: Tensor) -> tuple[int, int]:
     """The byte range ``[start, end)`` that ``t``'s elements occupy (for overlap tests)."""
     start = t.data_ptr()
@@ -197,8 +204,9 @@ class Pipeline:
                 raise ValueError(
                     f"all parameters must be on one device: found {device} and {p.device}"
                 )
-        finite = torch.stack([torch.isfinite(p).all() for p in params])  # one device read
-        if not bool(finite.all()):
+        # one pass over all parameters (a call per tensor costs more at depth 128)
+        flat = torch.cat([p.detach().reshape(-1) for p in params])
+        if not bool(torch.isfinite(flat).all()):
             i, j = next(
                 (i, j)
                 for i, st in enumerate(stages)
@@ -245,26 +253,35 @@ class Pipeline:
 
     def _run(self) -> list[Tensor]:
         zs = [self.z0]
-        with torch.no_grad():
-            for i, s in enumerate(self.stages):
-                z = run_stage(s, zs[-1], i)
-                if not isinstance(z, Tensor):
-                    raise TypeError(f"stage {i} returned {type(z).__name__}, not a tensor")
-                last = i == len(self.stages) - 1
-                if last and z.numel() != 1:
-                    raise ValueError(
-                        f"the last stage must return the scalar loss, got shape {tuple(z.shape)}"
-                    )
-                if not last and (z.dim() < 1 or z.shape[0] != self.batch_size):
-                    raise ValueError(
-                        f"stage {i} returned shape {tuple(z.shape)}; a non-final stage must "
-                        "keep the "
-                        f"batch of {self.batch_size} in its first dimension"
-                    )
-                if not torch.isfinite(z).all():
-                    raise ValueError(f"stage {i} produced NaN or Inf")
-                zs.append(z.reshape(()) if last else z)
+        finite: list[Tensor] = []  # per stage, read on the host once (not a sync per stage)
+        try:
+            with torch.no_grad():
+                self._stages_forward(zs, finite)
+        except Exception as e:  # a stage may fail on an earlier stage's NaN: name that first
+            _first_non_finite(finite, e)
+            raise
+        _first_non_finite(finite)
         return zs
+
+    def _stages_forward(self, zs: list[Tensor], finite: list[Tensor]) -> None:
+        """Append each stage's output to ``zs`` and its finiteness (a 0-d tensor) to ``finite``."""
+        for i, s in enumerate(self.stages):
+            z = run_stage(s, zs[-1], i)
+            if not isinstance(z, Tensor):
+                raise TypeError(f"stage {i} returned {type(z).__name__}, not a tensor")
+            last = i == len(self.stages) - 1
+            if last and z.numel() != 1:
+                raise ValueError(
+                    f"the last stage must return the scalar loss, got shape {tuple(z.shape)}"
+                )
+            if not last and (z.dim() < 1 or z.shape[0] != self.batch_size):
+                raise ValueError(
+                    f"stage {i} returned shape {tuple(z.shape)}; a non-final stage must "
+                    "keep the "
+                    f"batch of {self.batch_size} in its first dimension"
+                )
+            finite.append(torch.isfinite(z).all())
+            zs.append(z.reshape(()) if last else z)
 
     def loss_of_flat(self, flat: Tensor) -> Tensor:
         """The loss as a function of the flat parameter vector (for references)."""
