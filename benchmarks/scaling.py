@@ -216,13 +216,17 @@ def run_case(width: int, batch: int, depth: int, args: argparse.Namespace) -> di
     )
     rec: dict = {"width": width, "batch": batch, "depth": depth}
     vs = [torch.randn_like(p) for p in model.parameters()]
-    t_build, t_fac, t_solve, t_hvp, t_inert = [], [], [], [], []
+    t_build, t_fac, t_solve, t_hvp, t_inert, t_call = [], [], [], [], [], []
+    if args.issue:  # the autograd H @ v timed back to back with itself (a warm allocator)
+        autograd_hvp(model, loss, X, y, vs)
+        t_b2b = [timed(lambda: autograd_hvp(model, loss, X, y, vs), dev)[1] for _ in range(5)]
+        rec["autograd_hvp_b2b_s"] = statistics.median(t_b2b)
     for rep in range(args.reps):
         if rep >= 3 and sum(t_build) + sum(t_fac) + sum(t_solve) > 3 * args.slow_seconds:
             break  # a slow case: median of 3 (recorded in "reps")
         _, th = timed(lambda: autograd_hvp(model, loss, X, y, vs), dev)
         H, tb = timed(lambda: hessinv.Hessian(model, loss, X, y), dev)
-        g = H.gradient()
+        g, tg = timed(H.gradient, dev)
         fac, tf = timed(lambda H=H: H.factor(d), dev)
         x, ts = timed(lambda fac=fac, g=g: fac.solve(g), dev)  # default checks on
         if args.issue and rep < args.inertia_reps:  # the inertia of this factorization
@@ -232,6 +236,7 @@ def run_case(width: int, batch: int, depth: int, args: argparse.Namespace) -> di
         t_build.append(tb)
         t_fac.append(tf)
         t_solve.append(ts)
+        t_call.append(tb + tg + tf + ts)  # one call: Hessian, gradient, factor, solve
         del fac
         H._factors.clear()
         gc.collect()
@@ -255,6 +260,10 @@ def run_case(width: int, batch: int, depth: int, args: argparse.Namespace) -> di
         rec["inertia_over_factor"] = rec["inertia_s"] / rec["factor_s"]
     rec["total_s"] = rec["build_s"] + rec["factor_s"] + rec["solve_s"]
     rec["total_over_hvp"] = rec["total_s"] / rec["autograd_hvp_s"]
+    if args.issue:  # per call (not a sum of per-phase medians), against both H @ v timings
+        rec["call_s"] = statistics.median(t_call)
+        rec["call_over_hvp"] = rec["call_s"] / rec["autograd_hvp_s"]
+        rec["call_over_hvp_b2b"] = rec["call_s"] / rec["autograd_hvp_b2b_s"]
     W = H.num_params
     if W <= args.dense_max:
         td = []
@@ -470,6 +479,22 @@ def report(result: dict) -> str:
                 out += (
                     f"| {r['width']} | {r['batch']} | {r['depth']} | {r['factor_s']:.3g} | "
                     f"{r['inertia_s']:.3g} | {r['inertia_over_factor']:.2f} |\n"
+                )
+        rows = [r for r in result["depth_sweep"] if "call_s" in r]
+        if rows:
+            out += (
+                "\nPer call (`Hessian(...)`, `gradient()`, `factor(d)`, `solve(g)`: the median "
+                "of their sums, not a sum of medians), against the autograd `H @ v` as timed "
+                "above (alternating with the solves) and timed back to back with itself (a "
+                "warm allocator, no page faults):\n\n"
+                "| width | batch | depth | call s | H@v s (alternating) | call / H@v | "
+                "H@v s (back to back) | call / H@v |\n|---|---|---|---|---|---|---|---|\n"
+            )
+            for r in rows:
+                out += (
+                    f"| {r['width']} | {r['batch']} | {r['depth']} | {r['call_s']:.3g} | "
+                    f"{r['autograd_hvp_s']:.3g} | {r['call_over_hvp']:.1f} | "
+                    f"{r['autograd_hvp_b2b_s']:.3g} | {r['call_over_hvp_b2b']:.1f} |\n"
                 )
         if result.get("first_call"):
             out += (
