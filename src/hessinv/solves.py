@@ -22,7 +22,8 @@ from .gc_pause import paused_gc
 from .operator import LinearOperator
 from .solvers import FACTORIZATIONS, Factorization, Inertia, KrylovSolver
 from .solvers import select as _select
-from .solvers.base import normwise_backward_error, shifted_norm
+from .solvers.base import shifted_norm
+from .solvers.contract import measured_backward_error
 from .solvers.estimates import robust_eigh, spectral_bounds
 from .validate import check_damping
 
@@ -269,5 +270,8 @@ class Solves:
     def backward_error(self, x: Tensor, g: Tensor, damping: float = 0.0) -> Tensor:
         """Per-column ``||(H + dI) x - g|| / (||H + dI|| ||x|| + ||g||)`` (Lanczos ``||.||``)."""
         self._check_fresh()
-        r = self.matmat(x) + damping * x - g
-        return normwise_backward_error(r, x, g, shifted_norm(self, damping))
+        if x.dim() == 1:
+            return self.backward_error(x.unsqueeze(1), g.reshape(-1, 1), damping)[0]
+        return measured_backward_error(
+            lambda v: self.matmat(v) + damping * v, x, g, shifted_norm(self, damping)
+        )

@@ -59,7 +59,8 @@ from .contract import (
     SOLVE_TOL_FACTOR,
     Inertia,
     column_norms,
-    normwise_backward_error,
+    low_columns,
+    measured_backward_error,
     refined_solve,
     shifted_norm,
     solve_tolerance,
@@ -477,9 +478,9 @@ class Factorization(LinearOperator, ABC):
 
         ``residual``: ``g - A x`` if already computed (only its norm enters).
         """
-        if residual is None:
-            residual = self.op.matmat(x) + self.damping * x - g
-        return normwise_backward_error(residual, x, g, self.norm())
+        return measured_backward_error(
+            lambda v: self.op.matmat(v) + self.damping * v, x, g, self.norm(), residual
+        )
 
     def check(self, x: Tensor, g: Tensor, residual: Tensor | None = None) -> None:
         """Raise :class:`InaccurateSolveError` unless ``x`` meets :func:`solve_tolerance`.
@@ -491,6 +492,14 @@ class Factorization(LinearOperator, ABC):
         eta = self.backward_error(x, g, residual)
         worst = float(eta.max()) if eta.numel() else 0.0
         if not worst <= tol:
+            bad = ~(eta <= tol)
+            if bool((bad & low_columns(x, g, self.norm())).any()):
+                raise InaccurateSolveError(
+                    f"method={self.method!r}: the solve's normwise backward error {worst:.1e} "
+                    f"exceeds {tol:.1e} (= {SOLVE_TOL_FACTOR:g} eps): g and x lie at the "
+                    f"bottom of {self.dtype}'s range (subnormal), where rounding is absolute. "
+                    "Scale g up by a power of two and the solution down by it."
+                )
             raise InaccurateSolveError(
                 f"method={self.method!r}: the solve's normwise backward error {worst:.1e} "
                 f"exceeds {tol:.1e} (= {SOLVE_TOL_FACTOR:g} eps). H + damping*I is too "

@@ -132,6 +132,61 @@ def normwise_backward_error(r: Tensor, x: Tensor, g: Tensor, norm_a: float) -> T
     return torch.where(den > 0, num / den.clamp_min(torch.finfo(r.dtype).tiny), num * 0.0)
 
 
+def measured_backward_error(
+    apply_a: Callable[[Tensor], Tensor],
+    x: Tensor,
+    g: Tensor,
+    norm_a: float,
+    residual: Tensor | None = None,
+) -> Tensor:
+    """:func:`normwise_backward_error` of ``x`` (``(W, k)``), measurable at every scale.
+
+    ``apply_a``: ``V -> A V``; ``residual``: ``A x - g`` when already computed.
+    The :func:`low_columns` are measured again on :func:`rescaled` copies (one
+    more product, for those columns only).
+    """
+    if residual is None:
+        residual = apply_a(x) - g
+    eta = normwise_backward_error(residual, x, g, norm_a)
+    low = low_columns(x, g, norm_a)
+    if bool(low.any()):
+        xs, gs = rescaled(x[:, low], g[:, low])
+        eta = eta.clone()
+        eta[low] = normwise_backward_error(apply_a(xs) - gs, xs, gs, norm_a)
+    return eta
+
+
+def low_columns(x: Tensor, g: Tensor, norm_a: float) -> Tensor:
+    """Columns whose backward error a working-precision residual cannot measure (bool, ``(k,)``).
+
+    Those with ``||A|| ||x_j|| + ||g_j|| < W tiny / eps``: the products in
+    ``A x_j`` and ``x_j`` itself then lie near or in the subnormal range, where
+    rounding is absolute (``2^-1074`` in float64, not ``eps`` relative), so an
+    ``x_j`` wrong by far more than ``eps`` has a residual that reads small (a
+    solve of a float64 ``g`` of ``1e-318`` returned a backward error of ``1e9 eps``
+    unrefused). :func:`rescaled` gives exact power-of-two copies to measure on.
+    """
+    info = torch.finfo(x.dtype)
+    low = x.shape[0] * info.tiny / info.eps
+    den = norm_a * column_norms(x) + column_norms(g)
+    return (den < low) & ((x != 0).any(dim=0) | (g != 0).any(dim=0))
+
+
+def rescaled(x: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
+    """``(2^e x, 2^e g)`` per column with ``2^e max(|x_j|, |g_j|)`` in ``[1/2, 1)``.
+
+    Exact (powers of two; subnormal entries gain bits, none is lost). The power
+    is applied in two halves, each representable even when ``2^e`` is not
+    (``e`` up to 1074 in float64).
+    """
+    top = torch.maximum(x.abs().amax(dim=0), g.abs().amax(dim=0))
+    _, e = torch.frexp(torch.where(top > 0, top, torch.ones_like(top)))
+    e = -e.to(x.dtype)
+    half = torch.trunc(e / 2)
+    s1, s2 = torch.pow(2.0, half), torch.pow(2.0, e - half)
+    return x * s1 * s2, g * s1 * s2
+
+
 #: :func:`refined_solve` takes no further step below this normwise backward error (``eps``).
 REFINED_ETA = 4.0
 
