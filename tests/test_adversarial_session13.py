@@ -296,3 +296,19 @@ def test_operator_backward_error_reads_subnormal_errors() -> None:
     want = float(_true_eta(a, x, g)[0])
     assert want > 1e-7
     assert 0.5 * want <= got <= 2 * want, (got, want)
+
+
+@pytest.mark.parametrize("gscale", [1e-200, 1e-100, 1.0, 1e100, 1e200])
+@pytest.mark.parametrize("method", ["cg", "minres"])
+def test_krylov_solves_follow_the_right_hand_side_scale(method: str, gscale: float) -> None:
+    """CG / MINRES at any scale of g (answers scale with it): they returned x = 0 and were
+    refused (backward error 1.0) from |g| ~ 1e-160 down in float64 (1e-19 in float32), as
+    r.r and p.Ap underflowed; g is now brought to unit scale by a power of two."""
+    model, lf, X, y = _net([3, 4, 4, 4, 4, 2], [True] * 5, 3, loss="ce")
+    h = dense_hessian(model, lf, X, y)
+    n = h.shape[0]
+    H = hessinv.Hessian(model, lf, X, y, progress=False)
+    g = torch.randn(n, 2, dtype=DT, generator=torch.Generator().manual_seed(0)) * gscale
+    x = H.solve(g, damping=0.5, method=method)
+    eta = _true_eta(h + 0.5 * torch.eye(n, dtype=DT), x, g)
+    assert float(eta.max()) <= 64 * EPS
