@@ -312,3 +312,25 @@ def test_krylov_solves_follow_the_right_hand_side_scale(method: str, gscale: flo
     x = H.solve(g, damping=0.5, method=method)
     eta = _true_eta(h + 0.5 * torch.eye(n, dtype=DT), x, g)
     assert float(eta.max()) <= 64 * EPS
+
+
+@pytest.mark.parametrize("k", [-1000, -600, -560, 0, 560, 600])
+def test_operator_residual_and_backward_error_are_scale_free(k: int) -> None:
+    """Hessian.residual / backward_error of (2^k x, 2^k g) equal those of (x, g) against the
+    dense reference: residual read 0.0 at 2^-560 (norms of squares underflowed, a wrong x
+    looked exact) and NaN at 2^560."""
+    model, lf, X, y = _net([3, 4, 4, 4, 4, 2], [True] * 5, 3, loss="ce")
+    h = dense_hessian(model, lf, X, y)
+    n = h.shape[0]
+    a = h + 0.5 * torch.eye(n, dtype=DT)
+    H = hessinv.Hessian(model, lf, X, y, progress=False)
+    gen = torch.Generator().manual_seed(3)
+    g = torch.randn(n, 2, dtype=DT, generator=gen)
+    x = torch.linalg.solve(a, g) * (1 + 1e-3 * torch.randn(n, 2, dtype=DT, generator=gen))
+    want_res = (a @ x - g).norm(dim=0) / g.norm(dim=0)
+    want_eta = _true_eta(a, x, g)
+    s = 2.0**k
+    got_res = H.residual(x * s, g * s, 0.5)
+    got_eta = H.backward_error(x * s, g * s, 0.5)
+    assert torch.allclose(got_res, want_res, rtol=1e-6, atol=0.0), (got_res, want_res)
+    assert torch.allclose(got_eta, want_eta, rtol=0.5, atol=0.0), (got_eta, want_eta)
