@@ -169,7 +169,10 @@ def low_columns(x: Tensor, g: Tensor, norm_a: float) -> Tensor:
     info = torch.finfo(x.dtype)
     low = x.shape[0] * info.tiny / info.eps
     den = norm_a * column_norms(x) + column_norms(g)
-    return (den < low) & ((x != 0).any(dim=0) | (g != 0).any(dim=0))
+    small = den < low
+    if not bool(small.any()):  # the usual case: no pass over the entries
+        return small
+    return small & ((x != 0).any(dim=0) | (g != 0).any(dim=0))
 
 
 def rescaled(x: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
