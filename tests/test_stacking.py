@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from hessinv.stacking import as_stack, stacked
+from hessinv.stacking import as_stack, stack_attribute, stacked
 
 
 def test_views_of_one_stack_come_back_without_a_copy() -> None:
@@ -44,3 +44,21 @@ def test_anything_else_is_copied() -> None:
     assert as_stack([]) is None
     empty = torch.empty(2, 0, 3)
     assert as_stack(empty.unbind(0)) is None
+
+
+class _Holder:
+    def __init__(self, t: torch.Tensor | None) -> None:
+        self.t = t
+
+
+def test_stack_attribute_rebinds_copies_and_keeps_views() -> None:
+    parts = [torch.randn(3, 2, dtype=torch.float64) for _ in range(4)]
+    objs = [_Holder(p.clone()) for p in parts]
+    out = stack_attribute(objs, "t")
+    assert torch.equal(out, torch.stack(parts))
+    for i, o in enumerate(objs):  # rebound to views of the stack
+        assert o.t.data_ptr() == out[i].data_ptr()
+    base = torch.randn(4, 3, 2, dtype=torch.float64)
+    views = [_Holder(t) for t in base.unbind(0)]
+    assert stack_attribute(views, "t").data_ptr() == base.data_ptr()  # no copy
+    assert stack_attribute([_Holder(None), _Holder(None)], "t") is None

@@ -7,8 +7,8 @@ and shape past the batch dimension; finite; as many targets as inputs; no
 ``ignore_index`` target under a mean), naming the batch index, and compares
 each pass with the first (sample count and an order-independent float64
 checksum of ``X`` and ``y``, :meth:`Batches._checksum`), so that data that
-change between passes are refused instead of mixed into one ``H``. :func:`data_reduction` reads how
-batch losses combine.
+change between passes are refused instead of mixed into one ``H``.
+:func:`data_reduction` reads how batch losses combine.
 """
 
 from __future__ import annotations

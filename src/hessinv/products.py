@@ -28,7 +28,7 @@ from .derivatives.linear_runs import linear_runs, run_blocks
 from .kron_products import KronRun
 from .pipeline import Pipeline
 from .progress import ProgressArg, progress_bar
-from .stacking import as_stack
+from .stacking import stack_attribute
 
 
 def compute_blocks(
@@ -116,29 +116,10 @@ def _shape_key(b: StageBlocks) -> tuple:
     return tuple(one(name) for name in ("Jx", "Jz", "Tzz", "Tzx", "Txx"))
 
 
-def _stack_in_place(run: list[StageBlocks], name: str) -> Tensor:
-    """Stack ``run``'s blocks ``name`` into one tensor, rebinding each block to its view.
-
-    Copied one block at a time, each original freed as it is replaced: the
-    blocks are held once, with one block's worth of extra memory at most.
-    """
-    first = getattr(run[0], name)
-    if len(run) == 1:
-        return first.unsqueeze(0)
-    view = as_stack([getattr(b, name) for b in run])
-    if view is not None:  # already views of one stacked tensor (the batched build's)
-        return view
-    out = first.new_empty((len(run), *first.shape))
-    for i, b in enumerate(run):
-        out[i].copy_(getattr(b, name))
-        setattr(b, name, out[i])
-    return out
-
-
 def stage_runs(blocks: list[StageBlocks]) -> list[StageRun]:
     """The maximal runs of equally shaped stages (a deep MLP is one or three runs).
 
-    The block tensors of each run are stacked (:func:`_stack_in_place`) and
+    The block tensors of each run are stacked (:func:`hessinv.stacking.stack_attribute`) and
     the stages' attributes rebound to views of the stacks. Call it on fresh
     blocks (as :class:`hessinv.Hessian` does right after building them): a
     tensor still referenced elsewhere would then be held twice.
@@ -155,7 +136,7 @@ def stage_runs(blocks: list[StageBlocks]) -> list[StageRun]:
         # a run with its Kronecker factors reads no dense Jx, Tzx, Txx: those stay unstacked
         names = ["Tzz"] if kron is not None else ["Jx", "Tzx", "Tzz"]
         names += ["Txx"] if p <= TXX_STACK_MAX_P and kron is None else []
-        st = {n: _stack_in_place(run, n) if run[0].has(n) else None for n in names}
+        st = {n: stack_attribute(run, n) if run[0].has(n) else None for n in names}
         runs.append(
             StageRun(
                 lo,

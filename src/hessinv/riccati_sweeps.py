@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .stacking import as_stack
+from .stacking import stack_attribute
 from .stage_split import SplitStage, kron_from_basis, kron_to_basis
 
 
@@ -95,23 +95,6 @@ class StageFactor:
 STACK_MAX = 16384
 
 
-def _stack_views(stages: list[StageFactor], name: str) -> Tensor | None:
-    """Stack attribute ``name`` of ``stages``, rebinding each to its view (held once)."""
-    first = getattr(stages[0], name)
-    if first is None:
-        return None
-    if len(stages) == 1:
-        return first.unsqueeze(0)
-    ts = [getattr(st, name) for st in stages]
-    view = as_stack(ts)
-    if view is not None:  # written into one run buffer by the elimination: no copy
-        return view
-    out = torch.stack(ts)
-    for i, st in enumerate(stages):
-        setattr(st, name, out[i])
-    return out
-
-
 @dataclass
 class SweepRun:
     """Stages ``lo .. hi - 1`` of equal :meth:`StageFactor.key`, their factors stacked."""
@@ -140,9 +123,9 @@ def sweep_runs(stages: list[StageFactor]) -> list[SweepRun]:
         if hi < n and stages[hi].key() == stages[lo].key() and stages[lo].numel() <= STACK_MAX:
             continue
         run = stages[lo:hi]
-        lu, piv = _stack_views(run, "lu"), _stack_views(run, "piv")
-        gain, jx = _stack_views(run, "gain"), _stack_views(run, "jx")
-        _stack_views(run, "closed")
+        lu, piv = stack_attribute(run, "lu"), stack_attribute(run, "piv")
+        gain, jx = stack_attribute(run, "gain"), stack_attribute(run, "jx")
+        stack_attribute(run, "closed")
         sp = run[0].basis
         qc = idx = inv_idx = None
         rz, bias = 0, False

@@ -11,6 +11,7 @@ returns that tensor's view instead of copying (at width 16, batch 2, depth
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -56,3 +57,26 @@ def stacked(ts: Sequence[Tensor]) -> Tensor:
     """
     view = as_stack(ts)
     return view if view is not None else torch.stack(list(ts))
+
+
+def stack_attribute(objs: Sequence[Any], name: str) -> Tensor | None:
+    """Stack attribute ``name`` of ``objs`` into one tensor, rebinding each to its view.
+
+    ``None`` when the first object's attribute is ``None``. Views of one stacked
+    tensor already (:func:`as_stack`) come back without a copy; otherwise they
+    are copied one at a time, each original freed as it is replaced, so the
+    tensors are held once, with one object's worth of extra memory at most.
+    """
+    first = getattr(objs[0], name)
+    if first is None:
+        return None
+    if len(objs) == 1:
+        return first.unsqueeze(0)
+    view = as_stack([getattr(o, name) for o in objs])
+    if view is not None:
+        return view
+    out = first.new_empty((len(objs), *first.shape))
+    for i, o in enumerate(objs):
+        out[i].copy_(getattr(o, name))
+        setattr(o, name, out[i])
+    return out
