@@ -182,12 +182,22 @@ def rescaled(x: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
     is applied in two halves, each representable even when ``2^e`` is not
     (``e`` up to 1074 in float64).
     """
-    top = torch.maximum(x.abs().amax(dim=0), g.abs().amax(dim=0))
-    _, e = torch.frexp(torch.where(top > 0, top, torch.ones_like(top)))
-    e = -e.to(x.dtype)
-    half = torch.trunc(e / 2)
-    s1, s2 = torch.pow(2.0, half), torch.pow(2.0, e - half)
+    s1, s2 = unit_scales(torch.maximum(x.abs().amax(dim=0), g.abs().amax(dim=0)))
     return x * s1 * s2, g * s1 * s2
+
+
+def unit_scales(top: Tensor) -> tuple[Tensor, Tensor]:
+    """Powers of two ``(s_1, s_2)`` with ``s_1 s_2 top`` in ``[1/2, 1)``, elementwise.
+
+    Two factors, each representable where their product may not be (``top``
+    of ``1e-320``: ``2^1063``); ones where ``top`` is zero or not finite.
+    Multiplying by them (or dividing, to undo) is exact.
+    """
+    ok = (top > 0) & torch.isfinite(top)
+    _, e = torch.frexp(torch.where(ok, top, torch.ones_like(top)))
+    e = -e.to(top.dtype)
+    half = torch.trunc(e / 2)
+    return torch.pow(2.0, half), torch.pow(2.0, e - half)
 
 
 #: :func:`refined_solve` takes no further step below this normwise backward error (``eps``).

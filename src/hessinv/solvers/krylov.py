@@ -11,14 +11,13 @@ when it meets a direction of nonpositive curvature.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
 from .. import baselines
 from ..errors import InaccurateSolveError
 from .base import Factorization, solve_tolerance
+from .contract import unit_scales
 
 
 class KrylovSolver(Factorization):
@@ -52,8 +51,8 @@ class KrylovSolver(Factorization):
         for j in range(g.shape[1]):
             # b at unit scale by a power of two (exact; undone on x): the recurrences'
             # inner products r.r, p.Ap under- or overflow at |b| ~ 1e-160 / 1e+155 (float64)
-            up, down = _unit_scale(float(g[:, j].abs().max()))
-            b = g[:, j] * up[0] * up[1]
+            s1, s2 = unit_scales(g[:, j].abs().amax())
+            b = g[:, j] * s1 * s2
             # ||r|| <= tol ||g|| implies eta <= tol; the backward-error check follows
             x, info = fn(
                 lambda v: self.op.matmat(v[:, None])[:, 0] + d * v,
@@ -61,7 +60,7 @@ class KrylovSolver(Factorization):
                 rtol=tol,
                 maxiter=self.maxiter,
             )
-            x = x * down[0] * down[1]
+            x = x / s1 / s2
             if not info.converged:
                 raise InaccurateSolveError(
                     f"{self.method} did not reach backward error {tol:.1e} in "
@@ -74,16 +73,3 @@ class KrylovSolver(Factorization):
     def solve(self, g, *, check: bool = True, refine: int = 0):  # noqa: ANN001, ANN201
         """Krylov solve, then the backward-error check (no refinement by default)."""
         return super().solve(g, check=check, refine=refine)
-
-
-def _unit_scale(top: float) -> tuple[tuple[float, float], tuple[float, float]]:
-    """Powers of two ``(s_1, s_2)`` with ``s_1 s_2 top`` in ``[1/2, 1)``, and their inverses.
-
-    Two factors, each representable where their product may not be (``top`` of
-    ``1e-320``: ``2^1063``). ``top = 0`` (or not finite): ones.
-    """
-    if top == 0.0 or not math.isfinite(top):
-        return (1.0, 1.0), (1.0, 1.0)
-    e = -math.frexp(top)[1]
-    h = int(e / 2)
-    return (2.0**h, 2.0 ** (e - h)), (2.0**-h, 2.0 ** (h - e))
