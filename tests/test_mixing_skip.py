@@ -1,5 +1,7 @@
 """The sample-mixing check skips only stages that are per sample by construction."""
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -23,8 +25,9 @@ def _data(n: int = 6):
     )
 
 
-def test_plain_stages_are_not_probed_but_the_loss_stage_is(monkeypatch):
-    calls = []
+def _probes(monkeypatch) -> list[bool]:  # noqa: ANN001
+    """The ``scalar`` flags of the mixing probes made from now on (True: the loss stage)."""
+    calls: list[bool] = []
     orig = val._leak
 
     def counting(fn, z, scalar, gen):  # noqa: ANN001, ANN202
@@ -32,10 +35,72 @@ def test_plain_stages_are_not_probed_but_the_loss_stage_is(monkeypatch):
         return orig(fn, z, scalar, gen)
 
     monkeypatch.setattr(val, "_leak", counting)
+    return calls
+
+
+def _chain() -> nn.Sequential:
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 1))
+    return model.double()
+
+
+def test_plain_stages_and_a_per_sample_loss_are_not_probed(monkeypatch):
+    calls = _probes(monkeypatch)
     X, y = _data()
-    hessinv.Hessian(model.double(), nn.MSELoss(), X, y)
+    hessinv.Hessian(_chain(), nn.MSELoss(), X, y)
+    assert calls == []
+
+
+class MyMSE(nn.MSELoss):
+    pass
+
+
+def _hooked_mse() -> nn.MSELoss:
+    loss = nn.MSELoss()
+    loss.register_forward_hook(lambda m, i, o: None)
+    return loss
+
+
+@pytest.mark.parametrize(
+    "loss, target",
+    [
+        (nn.MSELoss(), lambda y: y[:, 0]),  # (N,) against (N, 1): a broadcast
+        (MyMSE(), lambda y: y),  # a subclass
+        (_hooked_mse(), lambda y: y),  # a hook on the loss
+        (lambda o, t: ((o - t) ** 2).sum(), lambda y: y),  # a function
+    ],
+    ids=["broadcast", "subclass", "hooked", "function"],
+)
+def test_other_losses_are_probed(monkeypatch, loss, target):
+    calls = _probes(monkeypatch)
+    X, y = _data()
+    with warnings.catch_warnings():  # (torch warns of the broadcast)
+        warnings.simplefilter("ignore", UserWarning)
+        hessinv.Hessian(_chain(), loss, X, target(y))
     assert calls == [True]  # the last stage (with the loss) only
+
+
+def test_per_sample_losses_by_shape():
+    n, c = 5, 3
+    idx = torch.zeros(n, dtype=torch.long)
+    probs = torch.full((n, c), 1.0 / c, dtype=torch.float64)
+    ok = val._per_sample_loss
+    assert ok(nn.CrossEntropyLoss(), idx, (n, c))
+    assert ok(nn.CrossEntropyLoss(reduction="sum"), probs, (n, c))
+    assert ok(nn.NLLLoss(), idx, (n, c))
+    assert ok(nn.BCEWithLogitsLoss(), probs, (n, c))
+    assert ok(nn.MSELoss(), probs, (n, c))
+    assert not ok(nn.NLLLoss(), probs, (n, c))  # (NLL takes class indices)
+    assert not ok(nn.MSELoss(), probs[:, 0], (n, 1))  # a broadcast
+    assert not ok(nn.BCEWithLogitsLoss(), idx, (n,))  # no rows
+    assert not ok(nn.CrossEntropyLoss(), idx[:-1], (n, c))  # another batch
+    assert not ok(nn.L1Loss(), probs, (n, c))  # not in the list
+    assert not ok(nn.MSELoss(reduction="none"), probs, (n, c))
+
+
+def test_a_mixing_loss_function_is_refused():
+    X, y = _data()
+    with pytest.raises(ValueError, match="stage 2: the loss .* mixes samples"):
+        hessinv.Hessian(_chain(), lambda o, t: ((o - t).sum()) ** 2, X, y)
 
 
 def test_a_subclass_that_mixes_is_still_probed_and_refused():

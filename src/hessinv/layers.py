@@ -32,7 +32,7 @@ from .model_checks import (
     leaf_modules,
     out_of_place,
 )
-from .module_params import all_parameters, trainable
+from .module_params import all_buffers, all_parameters, trainable
 from .pipeline import Stage, check_dtype
 from .staleness import ParameterSource
 
@@ -271,7 +271,7 @@ def _sources(modules: list[tuple[str, nn.Module]]) -> list[ParameterSource]:
     for mod_name, m in modules:
         if isinstance(m, FrozenModule):
             m = m.inner  # noqa: PLW2901 - its parameters are constants of H
-        for attr, t in [*all_parameters(m), *m.named_buffers()]:
+        for attr, t in [*all_parameters(m), *all_buffers(m)]:
             owner_path, _, leaf = attr.rpartition(".")
             owner = m.get_submodule(owner_path) if owner_path else m
             name = f"{mod_name}.{attr}" if mod_name else attr

@@ -28,7 +28,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .derivatives.registry import registered
-from .module_params import all_parameters
+from .module_params import all_parameters, model_parameters
 from .pipeline import first_overlap
 
 WAY_OUT = "write the network as hessinv.Stage functions (Hessian.from_stages)"
@@ -91,7 +91,8 @@ def check_leaf(m: nn.Module, name: str) -> None:
         ValueError: Naming the module (and the parametrized parameters).
     """
     label = f"module '{name}' ({type(m).__name__})" if name else f"the model ({type(m).__name__})"
-    if parametrize.is_parametrized(m):
+    # (register_parametrization adds the submodule "parametrizations": a plain leaf has none)
+    if m._modules and parametrize.is_parametrized(m):
         names = ", ".join(sorted(m.parametrizations.keys()))  # type: ignore[union-attr]
         raise ValueError(
             f"{label} has torch.nn.utils.parametrize parametrizations of {names}: hessinv "
@@ -232,7 +233,8 @@ def check_untied(model: nn.Module) -> None:
         ValueError: Naming both places.
     """
     seen: dict[int, str] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
+    listed = model_parameters(model, remove_duplicate=False)
+    for name, p in listed:
         if not p.requires_grad:
             continue
         if id(p) in seen:
@@ -243,7 +245,8 @@ def check_untied(model: nn.Module) -> None:
                 f"(copy.deepcopy the module), or {WAY_OUT} with the tie written out"
             )
         seen[id(p)] = name
-    pair = first_overlap([(n, p) for n, p in model.named_parameters() if p.requires_grad])
+    # (each trainable tensor is listed once now: a repeated one was refused above)
+    pair = first_overlap([(n, p) for n, p in listed if p.requires_grad])
     if pair is not None:
         raise ValueError(
             f"parameters '{pair[0]}' and '{pair[1]}' share memory (tied weights): hessinv "
@@ -258,7 +261,7 @@ def check_params_covered(model: nn.Module, leaves: list[tuple[str, nn.Module]]) 
         ValueError: Naming the parameter.
     """
     inside = {id(p) for _, m in leaves for _, p in all_parameters(m)}
-    for name, p in model.named_parameters():
+    for name, p in model_parameters(model):
         if p.requires_grad and id(p) not in inside:
             raise ValueError(
                 f"parameter '{name}' is not inside any module of the chain (registered on a "

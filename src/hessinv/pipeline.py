@@ -122,8 +122,11 @@ def _first_non_finite(finite: list[Tensor], cause: Exception | None = None) -> N
 def memory_span(t: Tensor) -> tuple[int, int]:
     """The byte range ``[start, end)`` that ``t``'s elements occupy (for overlap tests)."""
     start = t.data_ptr()
-    if t.numel() == 0:
+    n = t.numel()
+    if n == 0:
         return start, start
+    if t.is_contiguous():  # (the usual parameter: its elements, back to back)
+        return start, start + n * t.element_size()
     extent = 1 + sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride(), strict=True))
     return start, start + extent * t.element_size()
 
@@ -194,7 +197,8 @@ class Pipeline:
         dtype, device = params[0].dtype, params[0].device
         for i, s in enumerate(stages):
             for j, p in enumerate(s.params):
-                check_dtype(p.dtype, f"parameter {j} of stage {i} ({describe_stage(s)})")
+                if p.dtype not in SUPPORTED_DTYPES:  # (the message names the stage's module)
+                    check_dtype(p.dtype, f"parameter {j} of stage {i} ({describe_stage(s)})")
         if z0.dtype.is_floating_point or z0.dtype.is_complex:
             check_dtype(z0.dtype, "the input")
         for p in params:

@@ -36,7 +36,6 @@ from .layers import (
     loss_reduction_check,
     sequential_known,
     stages_from_sequential,
-    trainable,
 )
 from .model_checks import (
     check_container_hooks,
@@ -44,7 +43,7 @@ from .model_checks import (
     check_no_instance_forward,
     check_not_compiled,
 )
-from .module_params import all_parameters
+from .module_params import all_parameters, model_parameters
 from .pipeline import Pipeline, Stage
 from .validate import batch_splits, on_side
 
@@ -154,7 +153,7 @@ def _warn_one_stage(model: nn.Module) -> None:
 def check_tied(model: nn.Module) -> None:
     """Refuse a model that registers one parameter under two names (tied weights)."""
     seen: dict[int, str] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
+    for name, p in model_parameters(model, remove_duplicate=False):
         if id(p) in seen:
             raise ValueError(
                 f"tied weights: {seen[id(p)]} and {name} are the same parameter; hessinv "
@@ -202,9 +201,10 @@ def resolve_params(model: nn.Module, params: ParamsArg) -> list[tuple[str, Tenso
         ValueError: A tensor that is not a parameter of ``model``, a name that
             does not match it, a repeated parameter, or an empty selection.
     """
-    named = {id(p): n for n, p in model.named_parameters()}
+    listed = model_parameters(model)
+    named = {id(p): n for n, p in listed}
     if params is None:
-        out = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        out = [(n, p) for n, p in listed if p.requires_grad]
         if not out:
             raise ValueError("the model has no trainable parameters")
         return out
@@ -263,8 +263,11 @@ def _sequential_frozen(model: nn.Module, chosen: list[tuple[str, Tensor]]) -> se
     frozen: set[int] = set()
     order: list[int] = []
     for m in flatten_sequential(model):
-        own = [p for _, p in trainable(m)]
-        inside = [p for _, p in all_parameters(m) if id(p) in ids]
+        listed = all_parameters(m)
+        if not listed:
+            continue
+        own = [p for _, p in listed if p.requires_grad]
+        inside = [p for _, p in listed if id(p) in ids]
         if not inside:
             if own:
                 frozen.add(id(m))

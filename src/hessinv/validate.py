@@ -31,6 +31,11 @@ verdict). Cost: one forward and ``2 ceil(log2 N)`` backward passes per stage (tw
 at ``N = 2``); a stage that leaks is probed again module by module, to name the
 module at fault.
 
+A model stage made only of modules that act on each sample by construction
+(``nn.Linear`` on rows, elementwise activations), and for the last stage a
+loss of torch's that sums per-sample terms with targets paired sample by
+sample (:func:`_per_sample_loss`), needs no probe and gets none.
+
 The first stage of a functional (or traced) pipeline is exempt: its input is
 data and its generic blocks (``Jx``, ``Txx``, the gradient) are full Jacobians
 of the batch, exact whether or not it mixes. A model stage on the fast path
@@ -170,15 +175,55 @@ def _row_wise(m: nn.Module) -> bool:
 
 
 def _row_wise_stage(stage: Stage, z: Tensor) -> bool:
-    """A model stage of :data:`_ROW_WISE` modules only, without the loss, on rows of ``z``.
+    """A model stage of :data:`_ROW_WISE` modules only, on rows of ``z``, its loss per sample.
 
     A 1-D batch is not rows: ``nn.Linear`` on ``z`` of shape ``(N,)`` acts
-    on the whole batch as one vector.
+    on the whole batch as one vector. The last stage's loss must be
+    :func:`_per_sample_loss` on the output's shape.
     """
     st = stage.structure
-    if z.dim() < 2 or st is None or getattr(st, "layer_fn", None) is None or st.loss is not None:
+    if z.dim() < 2 or st is None or getattr(st, "layer_fn", None) is None:
         return False
-    return _row_wise(st.layer) and all(_row_wise(m) for m in st.tail)
+    if not (_row_wise(st.layer) and all(_row_wise(m) for m in st.tail)):
+        return False
+    if st.loss is None:
+        return True
+    # nn.Linear on rows and elementwise modules after it: the output's shape
+    out = (*z.shape[:-1], st.layer.out_features)
+    return type(st.layer) is nn.Linear and _per_sample_loss(*st.loss, out)
+
+
+#: Exact loss classes whose value is a sum over samples of per-sample terms (divided
+#: by a constant for ``"mean"``, for CE/NLL by the targets' class weights), given
+#: the shapes :func:`_per_sample_loss` accepts: their Hessian in the output is
+#: block diagonal over samples by construction.
+_PER_SAMPLE_LOSSES = (nn.MSELoss, nn.BCEWithLogitsLoss, nn.CrossEntropyLoss, nn.NLLLoss)
+
+
+def _per_sample_loss(loss_func: object, target: Tensor, out: tuple[int, ...]) -> bool:
+    """``loss_func(o, target)`` with ``o`` of shape ``out`` is a sum of per-sample terms.
+
+    Only torch's own classes, unhooked and with their own ``forward``, with
+    ``reduction`` ``"sum"`` or ``"mean"``, and shapes that pair sample ``n``
+    of ``o`` with sample ``n`` of ``target``: equal shapes (MSE, BCE with
+    logits, class probabilities), or class indices of shape ``(N,)`` for
+    ``o`` of shape ``(N, C)`` (CE, NLL). Any broadcast (``(N, 1)`` against
+    ``(N,)`` pairs every sample with every target) is left to the probe.
+    """
+    if type(loss_func) not in _PER_SAMPLE_LOSSES or global_hooks():
+        return False
+    m: nn.Module = loss_func  # type: ignore[assignment]
+    hooked = m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+    if hooked or "forward" in vars(m) or m._modules or m.reduction not in ("sum", "mean"):
+        return False
+    if not isinstance(target, Tensor) or len(out) < 2:
+        return False
+    if tuple(target.shape) == out:
+        return isinstance(m, (nn.MSELoss, nn.BCEWithLogitsLoss)) or (
+            isinstance(m, nn.CrossEntropyLoss) and target.dtype.is_floating_point
+        )
+    classes = isinstance(m, (nn.CrossEntropyLoss, nn.NLLLoss)) and len(out) == 2
+    return classes and tuple(target.shape) == out[:1] and not target.dtype.is_floating_point
 
 
 def _callable_name(f: object) -> str:
@@ -330,7 +375,7 @@ def check_no_mixing(pipeline: Pipeline, zs: Sequence[Tensor] | None = None) -> N
         if i == 0 and getattr(stage.structure, "layer_fn", None) is None:
             continue  # generic first stage: its blocks are full batch Jacobians, exact anyway
         scalar = i == n_st - 1
-        if not scalar and _row_wise_stage(stage, z):
+        if _row_wise_stage(stage, z):
             continue  # per sample by construction: nothing to probe
         tol = MIXING_RTOL_EPS * torch.finfo(z.dtype).eps
         leak, ref, _ = _leak(lambda zz, s=stage: s.fn(zz, s.params), z, scalar, gen)

@@ -1,0 +1,41 @@
+"""The fast parameter walks list what torch's own ``named_parameters`` lists."""
+
+import pytest
+import torch
+from torch import nn
+
+from hessinv.module_params import all_buffers, model_parameters
+
+
+def _shared() -> nn.Module:
+    lin = nn.Linear(2, 2)
+    inner = nn.Sequential(lin, nn.Linear(2, 3, bias=False), nn.Sequential())
+    model = nn.Sequential(lin, inner, nn.Tanh(), lin, inner)  # modules used twice
+    model[1][1].weight = lin.weight  # a tensor under two names
+    model.register_parameter("extra", nn.Parameter(torch.ones(1)))  # on a container
+    model.register_parameter("gone", None)
+    model[1].add_module("empty", None)
+    return model
+
+
+def _frozen() -> nn.Module:
+    model = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 1))
+    model[1].weight.requires_grad_(False)
+    return model
+
+
+@pytest.mark.parametrize("make", [_shared, _frozen, lambda: nn.Linear(2, 2), nn.Tanh])
+@pytest.mark.parametrize("remove_duplicate", [True, False])
+def test_model_parameters_is_named_parameters(make, remove_duplicate):
+    model = make()
+    ours = model_parameters(model, remove_duplicate=remove_duplicate)
+    torchs = list(model.named_parameters(remove_duplicate=remove_duplicate))
+    assert [(n, id(p)) for n, p in ours] == [(n, id(p)) for n, p in torchs]
+
+
+def test_all_buffers_is_named_buffers():
+    bn = nn.BatchNorm1d(3)
+    bn.register_buffer("twice", bn.running_mean)
+    bn.register_buffer("none", None)
+    for m in (bn, nn.Sequential(bn, nn.BatchNorm1d(2)), nn.Linear(2, 2)):
+        assert [(n, id(b)) for n, b in all_buffers(m)] == [(n, id(b)) for n, b in m.named_buffers()]
