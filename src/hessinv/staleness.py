@@ -19,6 +19,16 @@ from torch import Tensor, nn
 from .pipeline import Pipeline
 
 
+def _cat_flat(tensors: list[Tensor]) -> Tensor:
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+#: ``torch._utils._flatten_dense_tensors`` (DDP's; one C++ call), else a plain concatenation.
+_flatten = getattr(torch._utils, "_flatten_dense_tensors", _cat_flat)
+#: Integer dtypes by element size: a bitwise comparison of float elements.
+_BITS = {8: torch.int64, 4: torch.int32, 2: torch.int16}
+
+
 class StaleOperatorError(RuntimeError):
     """The parameters changed after the operator was built; rebuild it.
 
@@ -91,10 +101,16 @@ class ParameterSnapshot:
         self._tree = [(name, m, tuple(m._modules.items())) for name, m in model.named_modules()]
 
     def _bytes(self, idx: list[int]) -> Tensor:
-        """The bytes of the sources ``idx`` (one device and dtype), concatenated."""
-        return torch.cat([self.sources[i].tensor.detach().reshape(-1) for i in idx]).view(
-            torch.uint8
-        )
+        """The bits of the sources ``idx`` (one device and dtype), concatenated.
+
+        As integers of the element's size (``0.0`` and ``-0.0``, or two NaNs,
+        differ), concatenated by torch's C++ flattening where it has one (one
+        call, not one per tensor).
+        """
+        tensors = [self.sources[i].tensor for i in idx]
+        with torch.no_grad():
+            flat = _flatten(tensors)
+        return flat.view(_BITS.get(flat.element_size(), torch.uint8))
 
     @classmethod
     def of_pipeline(cls, pipeline: Pipeline) -> ParameterSnapshot:
@@ -117,19 +133,21 @@ class ParameterSnapshot:
                     path = f"{name}.{key}" if name else key
                     return f"module '{path}' (replaced by another module)"
         for s, meta in zip(self.sources, self._meta, strict=True):
-            if s.owner is not None and getattr(s.owner, s.attr, None) is not s.tensor:
+            owner, t = s.owner, s.tensor
+            if owner is not None and not (
+                owner._parameters.get(s.attr) is t  # (the registries first: fast)
+                or owner._buffers.get(s.attr) is t
+                or getattr(owner, s.attr, None) is t
+            ):
                 return f"{s.name} (replaced by another tensor)"
-            t = s.tensor
             if (t.shape, t.dtype, t.device) != meta:
                 return s.name
         for idx, flat in zip(self._groups, self._flat, strict=True):
             now = self._bytes(idx)
             if not torch.equal(now, flat):
-                bounds = (
-                    torch.tensor([0] + [self.sources[i].tensor.numel() for i in idx]).cumsum(0)
-                    * self.sources[idx[0]].tensor.element_size()
-                )
-                for j, i in enumerate(idx):  # the first tensor whose bytes differ
+                bounds = torch.tensor([0] + [self.sources[i].tensor.numel() for i in idx])
+                bounds = bounds.cumsum(0)  # (in elements, as _bytes views them)
+                for j, i in enumerate(idx):  # the first tensor whose bits differ
                     a, b = int(bounds[j]), int(bounds[j + 1])
                     if not torch.equal(now[a:b], flat[a:b]):
                         return self.sources[i].name
