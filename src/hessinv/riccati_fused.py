@@ -117,13 +117,21 @@ def fused_inputs(
     rr, r, m_in, m = len(parts), p0.r, p0.m_in, p0.m_out
     ref = p0.tzx if p0.tzx is not None else (p0.jx if p0.jx is not None else p0.txx)
     n = r + m_in
-    c = torch.zeros(rr, n, n, dtype=ref.dtype, device=ref.device)  # type: ignore[union-attr]
+    # every entry is written below (the couplings' zeros where Tzx is absent): no zero fill
+    # of the whole (R, n, n) buffer, several MB at width 16
+    c = torch.empty(rr, n, n, dtype=ref.dtype, device=ref.device)  # type: ignore[union-attr]
     top = c[:, :r, :r]
-    torch.diagonal(top, dim1=1, dim2=2).fill_(damping)
     if p0.txx is not None:
-        top.add_(torch.stack([p.txx for p in parts]))  # type: ignore[misc]
+        top.copy_(torch.stack([p.txx for p in parts]))  # type: ignore[misc]
+    else:
+        top.zero_()
+    torch.diagonal(top, dim1=1, dim2=2).add_(damping)
+    c[:, r:, r:].zero_()
     tails = None
-    if p0.tzx is not None:
+    if p0.tzx is None:
+        c[:, r:, :r].zero_()
+        c[:, :r, r:].zero_()
+    else:
         t = torch.stack([p.tzx for p in parts])  # type: ignore[misc]
         c[:, r:, :r] = t[..., :r]
         c[:, :r, r:] = t[..., :r].mT

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from ..module_params import all_parameters
+from ..module_params import all_buffers, all_parameters
 from .blocks import KronX, LazyBlock, StageBlocks
 from .chain import layer_derivatives, module_derivatives
 from .linear import LinearDerivatives, add_hess_zx, write_jac_x
@@ -53,7 +53,7 @@ def _tail_key(stage: Stage, y: Tensor) -> tuple | None:
     if len(tail) > 1:
         return None
     m = tail[0]
-    if all_parameters(m) or list(m.buffers()) or m._forward_hooks or m._forward_pre_hooks:
+    if all_parameters(m) or all_buffers(m) or m._forward_hooks or m._forward_pre_hooks:
         return None
     d, ps = module_derivatives(m, y)
     if not isinstance(d, ElementwiseDerivatives) or ps:
