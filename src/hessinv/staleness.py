@@ -120,6 +120,8 @@ class ParameterSnapshot:
     def changed(self) -> str | None:
         """The name of the first parameter that changed (or was replaced), else ``None``."""
         for name, m, children in self._tree:
+            if not children and not m._modules:  # a leaf that stayed one (most modules)
+                continue
             now = tuple(m._modules.items())
             if len(now) == len(children) and all(  # the fast path: same names, same objects
                 k == k0 and c is c0 for (k, c), (k0, c0) in zip(now, children, strict=True)
