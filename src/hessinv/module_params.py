@@ -11,6 +11,29 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+#: The methods behind ``named_parameters`` / ``named_buffers`` that the walks below stand for.
+_WALKED = ("named_parameters", "named_buffers", "_named_members", "named_modules")
+#: Module classes that use torch's own walks (and identity hashing, as torch's memo does).
+_PLAIN: set[type] = set()
+
+
+def _plain(m: nn.Module) -> bool:
+    """``type(m)`` lists its members as ``nn.Module`` does (no walk or hash overridden).
+
+    A subclass may override ``named_parameters`` (say, another order) or
+    ``named_modules``, or hash modules by value (torch's memo is a set of
+    modules): then torch's own lists are read, which the walks must equal.
+    """
+    cls = type(m)
+    if cls in _PLAIN:
+        return True
+    plain = all(getattr(cls, k) is getattr(nn.Module, k) for k in _WALKED) and (
+        cls.__hash__ is object.__hash__ and cls.__eq__ is object.__eq__
+    )
+    if plain:
+        _PLAIN.add(cls)
+    return plain
+
 
 def all_parameters(m: nn.Module) -> list[tuple[str, Tensor]]:
     """``list(m.named_parameters())``, read directly from a leaf's own registry.
@@ -19,7 +42,7 @@ def all_parameters(m: nn.Module) -> list[tuple[str, Tensor]]:
     One tensor registered under two names is listed once, under its first
     name, as ``named_parameters`` lists it.
     """
-    if m._modules:
+    if m._modules or not _plain(m):
         return list(m.named_parameters())
     out: list[tuple[str, Tensor]] = []
     seen: set[int] = set()
@@ -32,7 +55,7 @@ def all_parameters(m: nn.Module) -> list[tuple[str, Tensor]]:
 
 def all_buffers(m: nn.Module) -> list[tuple[str, Tensor]]:
     """``list(m.named_buffers())``, read directly from a leaf's own registry (as above)."""
-    if m._modules:
+    if m._modules or not _plain(m):
         return list(m.named_buffers())
     out: list[tuple[str, Tensor]] = []
     seen: set[int] = set()
@@ -52,6 +75,8 @@ def model_parameters(
     parameters, then its children's), and with ``remove_duplicate`` a module or
     a tensor met a second time is skipped. About 4x faster than torch's two
     nested generators, which the checks of a deep chain walk several times.
+    A model with a module that overrides the walk (:func:`_plain`) gets
+    torch's own list.
     """
     out: list[tuple[str, Tensor]] = []
     seen_modules: set[int] = set()
@@ -59,6 +84,8 @@ def model_parameters(
     stack: list[tuple[str, nn.Module]] = [("", model)]  # (an explicit stack: a recursive
     while stack:  # closure would be a reference cycle, garbage for the collector)
         prefix, m = stack.pop()
+        if not _plain(m):
+            return list(model.named_parameters(remove_duplicate=remove_duplicate))
         if remove_duplicate:
             if id(m) in seen_modules:
                 continue

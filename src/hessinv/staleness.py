@@ -82,14 +82,18 @@ class ParameterSnapshot:
     """
 
     def __init__(self, sources: Sequence[ParameterSource]) -> None:
-        self.sources = list(sources)
+        self._tree: list[tuple[str, nn.Module, tuple[tuple[str, nn.Module | None], ...]]] = []
+        self._take(list(sources))
+
+    def _take(self, sources: list[ParameterSource]) -> None:
+        """Copy the bits of ``sources`` (replacing any earlier copy)."""
+        self.sources = sources
         self._meta = [(s.tensor.shape, s.tensor.dtype, s.tensor.device) for s in self.sources]
         groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
         for i, s in enumerate(self.sources):
             groups.setdefault((s.tensor.device, s.tensor.dtype), []).append(i)
         self._groups = list(groups.values())
         self._flat = [self._bytes(idx).clone() for idx in self._groups]
-        self._tree: list[tuple[str, nn.Module, tuple[tuple[str, nn.Module | None], ...]]] = []
 
     def watch(self, model: nn.Module) -> None:
         """Also watch ``model``'s module tree: a replaced submodule (``model[2] = m``) is a change.
@@ -99,6 +103,21 @@ class ParameterSnapshot:
         see.
         """
         self._tree = [(name, m, tuple(m._modules.items())) for name, m in model.named_modules()]
+        # every parameter (frozen ones too) and buffer of the model: a traced pipeline's
+        # sources are its stages' detached tensors, which neither a buffer nor a frozen
+        # parameter captured as a constant, nor ``p.data = other``, would change
+        known = {id(s.tensor) for s in self.sources}
+        extra: list[ParameterSource] = []
+        for name, m in self._tree_modules():
+            for attr, t in [*m._parameters.items(), *m._buffers.items()]:
+                if t is not None and id(t) not in known:
+                    known.add(id(t))
+                    extra.append(ParameterSource(f"{name}.{attr}" if name else attr, t, m, attr))
+        if extra:
+            self._take(self.sources + extra)
+
+    def _tree_modules(self) -> list[tuple[str, nn.Module]]:
+        return [(name, m) for name, m, _ in self._tree]
 
     def _bytes(self, idx: list[int]) -> Tensor:
         """The bits of the sources ``idx`` (one device and dtype), concatenated.
@@ -137,8 +156,13 @@ class ParameterSnapshot:
         for s, meta in zip(self.sources, self._meta, strict=True):
             owner, t = s.owner, s.tensor
             if owner is not None and not (
-                owner._parameters.get(s.attr) is t  # (the registries first: fast)
-                or owner._buffers.get(s.attr) is t
+                # the registries first (fast), where ``owner.attr`` reads them: no attribute
+                # of that name on the instance (``owner.__dict__``) or its class
+                (
+                    (owner._parameters.get(s.attr) is t or owner._buffers.get(s.attr) is t)
+                    and s.attr not in owner.__dict__
+                    and not hasattr(type(owner), s.attr)
+                )
                 or getattr(owner, s.attr, None) is t
             ):
                 return f"{s.name} (replaced by another tensor)"
@@ -147,12 +171,15 @@ class ParameterSnapshot:
         for idx, flat in zip(self._groups, self._flat, strict=True):
             now = self._bytes(idx)
             if not torch.equal(now, flat):
-                bounds = torch.tensor([0] + [self.sources[i].tensor.numel() for i in idx])
-                bounds = bounds.cumsum(0)  # (in elements, as _bytes views them)
+                sizes = [self.sources[i].tensor.numel() for i in idx]
+                # (in the units _bytes views them in: bytes for a 16-byte complex128)
+                unit = now.numel() // max(sum(sizes), 1)
+                bounds = torch.tensor([0, *sizes]).cumsum(0) * unit
                 for j, i in enumerate(idx):  # the first tensor whose bits differ
                     a, b = int(bounds[j]), int(bounds[j + 1])
                     if not torch.equal(now[a:b], flat[a:b]):
                         return self.sources[i].name
+                return self.sources[idx[0]].name  # (never silent, even if not located)
         return None
 
     def check(self) -> None:
