@@ -335,3 +335,53 @@ def test_broadcast_and_wrong_dtype_targets_are_probed(monkeypatch):
     assert not val._per_sample_loss(nn.CrossEntropyLoss(), classes.double(), (6, 4))
     assert not val._per_sample_loss(nn.CrossEntropyLoss(), classes, (6, 3, 4))
     assert not val._per_sample_loss(nn.CrossEntropyLoss(reduction="none"), classes, (6, 4))
+
+
+# -- the loss after build --------------------------------------------------------------------
+def _loss_changes() -> dict[str, object]:
+    return {
+        "reduction": lambda f: setattr(f, "reduction", "sum"),
+        "label_smoothing": lambda f: setattr(f, "label_smoothing", 0.2),
+        "ignore_index": lambda f: setattr(f, "ignore_index", 0),
+        "weight in place": lambda f: f.weight[0].mul_(7),
+        "weight replaced": lambda f: setattr(f, "weight", 1 * f.weight),
+    }
+
+
+@pytest.mark.parametrize("kind", [hessinv.Hessian, hessinv.GaussNewton], ids=["H", "GGN"])
+@pytest.mark.parametrize("what", list(_loss_changes()))
+def test_changed_loss_is_stale(what, kind):
+    """(Older than session 14) ``H`` answered for the loss as built: 36-96% off, no error."""
+    X, _ = _data()
+    y = torch.tensor([0, 1, 2, 3, 0, 1])
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 4)).to(DT)
+    loss = nn.CrossEntropyLoss(weight=torch.linspace(0.5, 2.0, 4, dtype=DT))
+    H = kind(model, loss, X, y, progress=False)
+    v = torch.ones(H.num_params, dtype=DT)
+    _loss_changes()[what](loss)
+    with pytest.raises(hessinv.StaleOperatorError, match="the loss"):
+        H @ v
+
+
+class CountingMSE(nn.Module):
+    """A user's loss module with state of its own (not an option of the loss)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def forward(self, out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return ((out - target) ** 2).sum()
+
+
+def test_user_loss_state_is_not_an_option():
+    X, y = _data()
+    loss = CountingMSE()
+    model = _chain()
+    H = hessinv.Hessian(model, loss, X, y, progress=False)
+    v = torch.ones(H.num_params, dtype=DT)
+    loss(model(X), y)
+    ref = dense_hessian(model, loss, X, y)
+    assert rel(H @ v, ref @ v) <= 64 * max(torch.finfo(DT).eps, reference_error(ref))

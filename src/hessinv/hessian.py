@@ -131,6 +131,7 @@ class Hessian(Solves, LinearOperator):
             progress=progress,
         )
         self._snapshot.watch(model)
+        self._snapshot.watch_loss(loss_func)
 
     @classmethod
     def from_stages(

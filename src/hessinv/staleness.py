@@ -29,6 +29,32 @@ _flatten = getattr(torch._utils, "_flatten_dense_tensors", _cat_flat)
 _BITS = {8: torch.int64, 4: torch.int32, 2: torch.int16}
 
 
+#: Option values compared by value (anything else by identity).
+_PLAIN_OPTION = (bool, int, float, str, type(None))
+
+
+def _options(m: nn.Module) -> list[tuple[str, object]]:
+    """The plain options (``reduction``, ``ignore_index``, ...) of torch's modules in ``m``.
+
+    Only ``torch.nn``'s own classes: a user's loss module may keep state of
+    its own (a call counter) that is no option of the loss.
+    """
+    return [
+        (f"{name}.{k}", v)
+        for name, sub in m.named_modules()
+        if type(sub).__module__.startswith("torch.nn.")
+        for k, v in vars(sub).items()
+        if not k.startswith("_") and k != "training"
+    ]
+
+
+def _same_options(now: list[tuple[str, object]], was: list[tuple[str, object]]) -> bool:
+    return len(now) == len(was) and all(
+        k == k0 and (v is v0 or (type(v) in _PLAIN_OPTION and type(v) is type(v0) and v == v0))
+        for (k, v), (k0, v0) in zip(now, was, strict=True)
+    )
+
+
 class StaleOperatorError(RuntimeError):
     """The parameters changed after the operator was built; rebuild it.
 
@@ -83,6 +109,7 @@ class ParameterSnapshot:
 
     def __init__(self, sources: Sequence[ParameterSource]) -> None:
         self._tree: list[tuple[str, nn.Module, tuple[tuple[str, nn.Module | None], ...]]] = []
+        self._loss: tuple[nn.Module, list[tuple[str, object]]] | None = None
         self._take(list(sources))
 
     def _take(self, sources: list[ParameterSource]) -> None:
@@ -113,6 +140,26 @@ class ParameterSnapshot:
                 if t is not None and id(t) not in known:
                     known.add(id(t))
                     extra.append(ParameterSource(f"{name}.{attr}" if name else attr, t, m, attr))
+        if extra:
+            self._take(self.sources + extra)
+
+    def watch_loss(self, loss_func: object) -> None:
+        """Also watch a loss module: its tensors (class weights) and its options.
+
+        ``H`` is built for the loss as it was (``reduction``, ``label_smoothing``,
+        ``ignore_index``, ``weight``, ...): a change to any of them is a change.
+        """
+        if not isinstance(loss_func, nn.Module):
+            return
+        self._loss = (loss_func, _options(loss_func))
+        known = {id(s.tensor) for s in self.sources}
+        extra: list[ParameterSource] = []
+        for name, m in loss_func.named_modules():
+            for attr, t in [*m._parameters.items(), *m._buffers.items()]:
+                if t is not None and id(t) not in known:
+                    known.add(id(t))
+                    path = f"{name}.{attr}" if name else attr
+                    extra.append(ParameterSource(f"the loss's {path}", t, m, attr))
         if extra:
             self._take(self.sources + extra)
 
@@ -153,6 +200,8 @@ class ParameterSnapshot:
                 if child is not was:
                     path = f"{name}.{key}" if name else key
                     return f"module '{path}' (replaced by another module)"
+        if self._loss is not None and not _same_options(_options(self._loss[0]), self._loss[1]):
+            return "the loss's options (reduction, weights, ...)"
         for s, meta in zip(self.sources, self._meta, strict=True):
             owner, t = s.owner, s.tensor
             if owner is not None and not (
