@@ -385,3 +385,31 @@ def test_user_loss_state_is_not_an_option():
     loss(model(X), y)
     ref = dense_hessian(model, loss, X, y)
     assert rel(H @ v, ref @ v) <= 64 * max(torch.finfo(DT).eps, reference_error(ref))
+
+
+@pytest.mark.parametrize("which", ["X", "y"])
+def test_data_changed_in_place_after_build_is_refused(which):
+    """Left by adv21: X or y refilled in place (a reused batch buffer) made H 48 % off, silently."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    X, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+    H = hessinv.Hessian(model, nn.MSELoss(), X, y)
+    v = torch.randn(H.shape[0], dtype=torch.float64)
+    H @ v  # fresh: fine
+    (X if which == "X" else y).mul_(1.5)
+    with pytest.raises(hessinv.StaleOperatorError, match=f"^{which} changed"):
+        H @ v
+
+
+def test_z0_changed_in_place_after_from_stages_is_refused():
+    torch.manual_seed(0)
+    w = torch.randn(2, 3, dtype=torch.float64)
+    z0 = torch.randn(4, 3, dtype=torch.float64)
+    stages = [
+        hessinv.Stage(lambda z, p: torch.tanh(z @ p[0].T), (w,)),
+        hessinv.Stage(lambda z, p: ((z * p[0]) ** 2).sum(), (torch.ones(2, dtype=torch.float64),)),
+    ]
+    H = hessinv.Hessian.from_stages(stages, z0)
+    z0[0, 0] += 1.0
+    with pytest.raises(hessinv.StaleOperatorError, match="^z0 changed"):
+        H.gradient()

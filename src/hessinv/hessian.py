@@ -132,6 +132,7 @@ class Hessian(Solves, LinearOperator):
         )
         self._snapshot.watch(model)
         self._snapshot.watch_loss(loss_func)
+        self._snapshot.watch_data(X=X, y=y)
 
     @classmethod
     def from_stages(
@@ -164,6 +165,7 @@ class Hessian(Solves, LinearOperator):
             max_memory=max_memory,
             progress=progress,
         )
+        self._snapshot.watch_data(z0=z0)
         return self
 
     def _compute_blocks(
