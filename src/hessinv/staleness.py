@@ -1,8 +1,9 @@
 """Stale operators: the parameters (and the module tree) an operator was built from.
 
-:class:`ParameterSnapshot` keeps one flat byte copy of the tensors an operator
-depends on (trainable parameters, frozen ones and buffers) and, for a model,
-its module tree; :meth:`ParameterSnapshot.check` raises
+:class:`ParameterSnapshot` keeps one flat bit copy of the tensors an operator
+depends on (trainable parameters, frozen ones and buffers, the data ``X``,
+``y`` or ``z0``, a loss module's tensors) and, for a model, its module tree and
+the options of a torch loss module; :meth:`ParameterSnapshot.check` raises
 :class:`StaleOperatorError` once any of them changes: an optimizer step,
 ``p.data.copy_(...)``, ``p.add_`` under ``no_grad``, a replaced parameter, a
 replaced, added or removed submodule.
