@@ -307,6 +307,17 @@ def _stale():
     model.append(nn.Tanh())  # a module added: another network, same weights
     with pytest.raises(hessinv.StaleOperatorError, match="submodules were added"):
         H2 @ torch.ones(H2.num_params, dtype=DT)
+    X, y = _data()
+    loss = nn.MSELoss()
+    H3 = hessinv.Hessian(_mlp(nn.Tanh()), loss, X, y)
+    X[0, 0] += 1.0  # the data refilled in place
+    with pytest.raises(hessinv.StaleOperatorError, match="^X changed"):
+        H3.gradient()
+    X, y = _data()
+    H4 = hessinv.Hessian(_mlp(nn.Tanh()), loss, X, y)
+    loss.reduction = "sum"  # the loss's options
+    with pytest.raises(hessinv.StaleOperatorError, match="the loss's options"):
+        H4.gradient()
     H @ torch.ones(H.num_params, dtype=DT)
 
 
@@ -404,8 +415,10 @@ CASES = {
     'a loss with `reduction="none"`': _reduction_none,
     "an error inside the `forward` of an `nn.Sequential` or a traced model (e.g. `X` of the "
     "wrong width, or of another dtype than the parameters)": _error_in_forward,
-    "weights changed after the operator was built (optimizer step, `p.data.copy_`, in-place "
-    "edits), or a submodule replaced, added or removed": _stale,
+    "weights or buffers changed after the operator was built (optimizer step, `p.data.copy_`, "
+    "in-place edits), a submodule replaced, added or removed, `X` / `y` (or `z0`) changed in "
+    "place, or the loss module's weights or options (`reduction`, `label_smoothing`, ...) "
+    "changed": _stale,
     "a `torch.jit` (scripted or traced) or `torch.compile` wrapper": _compiled,
     "`H + damping I` singular (e.g. a small batch, `damping=0`)": _singular,
     '`method="lifted"` where the lifted system is far worse conditioned than `H + dI` '
