@@ -11,7 +11,7 @@ replaced, added or removed submodule.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -54,6 +54,18 @@ def _same_options(now: list[tuple[str, object]], was: list[tuple[str, object]]) 
         k == k0 and (v is v0 or (type(v) in _PLAIN_OPTION and type(v) is type(v0) and v == v0))
         for (k, v), (k0, v0) in zip(now, was, strict=True)
     )
+
+
+def _module_tensors(
+    modules: Iterable[tuple[str, nn.Module]], label: str = ""
+) -> Iterator[ParameterSource]:
+    """The parameters and buffers registered on each of ``modules`` (``(name, module)``)."""
+    for name, m in modules:
+        for attr, t in [*m._parameters.items(), *m._buffers.items()]:
+            if t is not None:
+                yield ParameterSource(
+                    f"{label}{name}.{attr}" if name else f"{label}{attr}", t, m, attr
+                )
 
 
 class StaleOperatorError(RuntimeError):
@@ -111,38 +123,47 @@ class ParameterSnapshot:
     def __init__(self, sources: Sequence[ParameterSource]) -> None:
         self._tree: list[tuple[str, nn.Module, tuple[tuple[str, nn.Module | None], ...]]] = []
         self._loss: tuple[nn.Module, list[tuple[str, object]]] | None = None
-        self._take(list(sources))
+        self.sources: list[ParameterSource] = []
+        self._meta: list[tuple[torch.Size, torch.dtype, torch.device]] = []
+        self._groups: list[list[int]] = []  # indices into sources: one device and dtype each
+        self._flat: list[Tensor] = []  # per group, its bits as they were
+        self._append(list(sources))
 
-    def _take(self, sources: list[ParameterSource]) -> None:
-        """Copy the bits of ``sources`` (replacing any earlier copy)."""
-        self.sources = sources
-        self._meta = [(s.tensor.shape, s.tensor.dtype, s.tensor.device) for s in self.sources]
+    def _append(self, sources: list[ParameterSource]) -> None:
+        """Copy the bits of ``sources`` and watch them from now on (earlier copies are kept)."""
+        start = len(self.sources)
+        self.sources += sources
+        self._meta += [(s.tensor.shape, s.tensor.dtype, s.tensor.device) for s in sources]
         groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
-        for i, s in enumerate(self.sources):
+        for i, s in enumerate(sources, start):
             groups.setdefault((s.tensor.device, s.tensor.dtype), []).append(i)
-        self._groups = list(groups.values())
-        self._flat = [self._bytes(idx).clone() for idx in self._groups]
+        for idx in groups.values():
+            self._groups.append(idx)
+            self._flat.append(self._bytes(idx).clone())
+
+    def _watch_new(self, candidates: Iterable[ParameterSource]) -> None:
+        """Also watch those of ``candidates`` whose tensors are not watched yet."""
+        known = {id(s.tensor) for s in self.sources}
+        fresh: list[ParameterSource] = []
+        for s in candidates:
+            if id(s.tensor) not in known:
+                known.add(id(s.tensor))
+                fresh.append(s)
+        if fresh:
+            self._append(fresh)
 
     def watch(self, model: nn.Module) -> None:
         """Also watch ``model``'s module tree: a replaced submodule (``model[2] = m``) is a change.
 
         Each module's children (names and objects) are recorded: the parameters
         of a replacing or added module are other tensors, which the values never
-        see.
+        see. Every parameter (frozen ones too) and buffer of the model is
+        watched as well: a traced pipeline's sources are its stages' detached
+        tensors, which neither a buffer nor a frozen parameter captured as a
+        constant, nor ``p.data = other``, would change.
         """
         self._tree = [(name, m, tuple(m._modules.items())) for name, m in model.named_modules()]
-        # every parameter (frozen ones too) and buffer of the model: a traced pipeline's
-        # sources are its stages' detached tensors, which neither a buffer nor a frozen
-        # parameter captured as a constant, nor ``p.data = other``, would change
-        known = {id(s.tensor) for s in self.sources}
-        extra: list[ParameterSource] = []
-        for name, m in self._tree_modules():
-            for attr, t in [*m._parameters.items(), *m._buffers.items()]:
-                if t is not None and id(t) not in known:
-                    known.add(id(t))
-                    extra.append(ParameterSource(f"{name}.{attr}" if name else attr, t, m, attr))
-        if extra:
-            self._take(self.sources + extra)
+        self._watch_new(_module_tensors([(name, m) for name, m, _ in self._tree]))
 
     def watch_loss(self, loss_func: object) -> None:
         """Also watch a loss module: its tensors (class weights) and its options.
@@ -153,16 +174,7 @@ class ParameterSnapshot:
         if not isinstance(loss_func, nn.Module):
             return
         self._loss = (loss_func, _options(loss_func))
-        known = {id(s.tensor) for s in self.sources}
-        extra: list[ParameterSource] = []
-        for name, m in loss_func.named_modules():
-            for attr, t in [*m._parameters.items(), *m._buffers.items()]:
-                if t is not None and id(t) not in known:
-                    known.add(id(t))
-                    path = f"{name}.{attr}" if name else attr
-                    extra.append(ParameterSource(f"the loss's {path}", t, m, attr))
-        if extra:
-            self._take(self.sources + extra)
+        self._watch_new(_module_tensors(loss_func.named_modules(), "the loss's "))
 
     def watch_data(self, **tensors: Tensor) -> None:
         """Also watch the data an operator was built on (``X``, ``y``; a pipeline's ``z0``).
@@ -171,17 +183,9 @@ class ParameterSnapshot:
         reused batch buffer) would leave the operator answering for the old
         batch. ``O(N d)`` more bits per check, less than one forward pass.
         """
-        known = {id(s.tensor) for s in self.sources}
-        extra = [
-            ParameterSource(name, t)
-            for name, t in tensors.items()
-            if isinstance(t, Tensor) and id(t) not in known
-        ]
-        if extra:
-            self._take(self.sources + extra)
-
-    def _tree_modules(self) -> list[tuple[str, nn.Module]]:
-        return [(name, m) for name, m, _ in self._tree]
+        self._watch_new(
+            ParameterSource(name, t) for name, t in tensors.items() if isinstance(t, Tensor)
+        )
 
     def _bytes(self, idx: list[int]) -> Tensor:
         """The bits of the sources ``idx`` (one device and dtype), concatenated.
