@@ -44,25 +44,24 @@ def all_parameters(m: nn.Module) -> list[tuple[str, Tensor]]:
     """
     if m._modules or not _plain(m):
         return list(m.named_parameters())
-    out: list[tuple[str, Tensor]] = []
-    seen: set[int] = set()
-    for n, p in m._parameters.items():
-        if p is not None and id(p) not in seen:
-            seen.add(id(p))
-            out.append((n, p))
-    return out
+    return _registry(m._parameters)
 
 
 def all_buffers(m: nn.Module) -> list[tuple[str, Tensor]]:
     """``list(m.named_buffers())``, read directly from a leaf's own registry (as above)."""
     if m._modules or not _plain(m):
         return list(m.named_buffers())
+    return _registry(m._buffers)
+
+
+def _registry(entries: dict[str, Tensor | None]) -> list[tuple[str, Tensor]]:
+    """A leaf's registry as torch lists it: ``None`` entries out, each tensor once."""
     out: list[tuple[str, Tensor]] = []
     seen: set[int] = set()
-    for n, b in m._buffers.items():
-        if b is not None and id(b) not in seen:
-            seen.add(id(b))
-            out.append((n, b))
+    for n, t in entries.items():
+        if t is not None and id(t) not in seen:
+            seen.add(id(t))
+            out.append((n, t))
     return out
 
 
