@@ -78,7 +78,7 @@ def _torch_base(m: nn.Module) -> type | None:
     return None
 
 
-def _hooks_of(m: nn.Module) -> list[str]:
+def hooks_of(m: nn.Module) -> list[str]:
     """The kinds of hooks registered on ``m`` itself."""
     kinds = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
     return [h for h in kinds if getattr(m, h, None)]
@@ -99,7 +99,7 @@ def check_leaf(m: nn.Module, name: str) -> None:
             "would differentiate with respect to the stored tensor, not the parametrized "
             f"weight. Remove them (parametrize.remove_parametrizations), or {WAY_OUT}"
         )
-    hooks = _hooks_of(m)
+    hooks = hooks_of(m)
     if hooks:
         raise ValueError(
             f"{label} has {', '.join(hooks)} (e.g. weight_norm or spectral_norm): hessinv "
@@ -216,7 +216,7 @@ def check_container_hooks(model: nn.Module, *, root_only: bool = False) -> None:
     for name, m in model.named_modules():
         if name and (root_only or not m._modules):
             continue  # leaves: check_leaf (or, traced, called with their hooks)
-        hooks = _hooks_of(m)
+        hooks = hooks_of(m)
         if hooks:
             label = f"container '{name}'" if name else "the model"
             raise ValueError(

@@ -56,7 +56,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .model_checks import global_hooks
+from .model_checks import global_hooks, hooks_of
 from .pipeline import Pipeline, Stage, describe_stage
 from .staleness import (  # noqa: F401 - re-exported: the names' earlier home
     ParameterSnapshot,
@@ -213,8 +213,7 @@ def _per_sample_loss(loss_func: object, target: Tensor, out: tuple[int, ...]) ->
     if type(loss_func) not in _PER_SAMPLE_LOSSES or global_hooks():
         return False
     m: nn.Module = loss_func  # type: ignore[assignment]
-    hooked = m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
-    if hooked or "forward" in vars(m) or m._modules or m.reduction not in ("sum", "mean"):
+    if hooks_of(m) or "forward" in vars(m) or m._modules or m.reduction not in ("sum", "mean"):
         return False
     if not isinstance(target, Tensor) or len(out) < 2:
         return False
