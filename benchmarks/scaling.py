@@ -458,6 +458,14 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def _md_section(intro: str, columns: list[str], rows: list[list[object]]) -> str:
+    """A paragraph and its markdown table; empty without rows."""
+    if not rows:
+        return ""
+    out = f"\n{intro}\n\n| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n"
+    return out + "".join("| " + " | ".join(str(c) for c in r) + " |\n" for r in rows)
+
+
 def report(result: dict) -> str:
     """The markdown table, slopes and skipped cases."""
     head = (
@@ -468,47 +476,40 @@ def report(result: dict) -> str:
     )
     if "slopes" not in result:  # --issue
         out = head + table(result) + "\n"
-        rows = [r for r in result["depth_sweep"] if "inertia_s" in r]
-        if rows:
-            out += (
-                "\nInertia of the same factorization after the solve, against the "
-                "factorization:\n\n| width | batch | depth | factor s | inertia s | inertia / "
-                "factor |\n|---|---|---|---|---|---|\n"
-            )
-            for r in rows:
-                out += (
-                    f"| {r['width']} | {r['batch']} | {r['depth']} | {r['factor_s']:.3g} | "
-                    f"{r['inertia_s']:.3g} | {r['inertia_over_factor']:.2f} |\n"
-                )
-        rows = [r for r in result["depth_sweep"] if "call_s" in r]
-        if rows:
-            out += (
-                "\nPer call (`Hessian(...)`, `gradient()`, `factor(d)`, `solve(g)`: the median "
-                "of their sums, not a sum of medians), against the autograd `H @ v` as timed "
-                "above (alternating with the solves) and timed back to back with itself (a "
-                "warm allocator, no page faults):\n\n"
-                "| width | batch | depth | call s | H@v s (alternating) | call / H@v | "
-                "H@v s (back to back) | call / H@v |\n|---|---|---|---|---|---|---|---|\n"
-            )
-            for r in rows:
-                out += (
-                    f"| {r['width']} | {r['batch']} | {r['depth']} | {r['call_s']:.3g} | "
-                    f"{r['autograd_hvp_s']:.3g} | {r['call_over_hvp']:.1f} | "
-                    f"{r['autograd_hvp_b2b_s']:.3g} | {r['call_over_hvp_b2b']:.1f} |\n"
-                )
-        if result.get("first_call"):
-            out += (
-                "\nFirst call in a fresh process (`import torch, hessinv` done; `Hessian(...)` "
-                "and the default solve) against a second call with a new `Hessian`, medians "
-                "over three fresh processes run before the timed cases:\n\n"
-                "| width | batch | depth | first s | warm s | first - warm s |\n"
-                "|---|---|---|---|---|---|\n"
-            )
-            for r in result["first_call"]:
-                out += (
-                    f"| {r['width']} | {r['batch']} | {r['depth']} | {r['first_call_s']:.3f} | "
-                    f"{r['warm_call_s']:.3f} | {r['first_call_extra_s']:.3f} |\n"
-                )
+        out += _md_section(
+            "Inertia of the same factorization after the solve, against the factorization:",
+            ["width", "batch", "depth", "factor s", "inertia s", "inertia / factor"],
+            [
+                [r["width"], r["batch"], r["depth"], f"{r['factor_s']:.3g}",
+                 f"{r['inertia_s']:.3g}", f"{r['inertia_over_factor']:.2f}"]
+                for r in result["depth_sweep"] if "inertia_s" in r
+            ],
+        )  # fmt: skip
+        out += _md_section(
+            "Per call (`Hessian(...)`, `gradient()`, `factor(d)`, `solve(g)`: the median of "
+            "their sums, not a sum of medians), against the autograd `H @ v` as timed above "
+            "(alternating with the solves) and timed back to back with itself (a warm "
+            "allocator, no page faults):",
+            ["width", "batch", "depth", "call s", "H@v s (alternating)", "call / H@v",
+             "H@v s (back to back)", "call / H@v"],
+            [
+                [r["width"], r["batch"], r["depth"], f"{r['call_s']:.3g}",
+                 f"{r['autograd_hvp_s']:.3g}", f"{r['call_over_hvp']:.1f}",
+                 f"{r['autograd_hvp_b2b_s']:.3g}", f"{r['call_over_hvp_b2b']:.1f}"]
+                for r in result["depth_sweep"] if "call_s" in r
+            ],
+        )  # fmt: skip
+        out += _md_section(
+            "First call in a fresh process (`import torch, hessinv` done; `Hessian(...)` and "
+            "the default solve) against a second call with a new `Hessian`, medians over three "
+            "fresh processes run before the timed cases:",
+            ["width", "batch", "depth", "first s", "warm s", "first - warm s"],
+            [
+                [r["width"], r["batch"], r["depth"], f"{r['first_call_s']:.3f}",
+                 f"{r['warm_call_s']:.3f}", f"{r['first_call_extra_s']:.3f}"]
+                for r in result.get("first_call") or []
+            ],
+        )  # fmt: skip
         for note in result.get("notes", []):
             out += f"\nNote: {note}\n"
         return out
