@@ -127,7 +127,7 @@ def memory_span(t: Tensor) -> tuple[int, int]:
         return start, start
     if t.is_contiguous():  # (the usual parameter: its elements, back to back)
         return start, start + n * t.element_size()
-    extent = 1 + sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride(), strict=True))
+    extent = 1 + sum((size - 1) * abs(st) for size, st in zip(t.shape, t.stride(), strict=True))
     return start, start + extent * t.element_size()
 
 
