@@ -115,9 +115,17 @@ def test_random_pipelines(case):
         return
     x = H.solve(g, damping=damping, method="lifted")
     xd = torch.linalg.solve(A, g)
-    r = float(torch.linalg.norm(A @ x - g) / torch.linalg.norm(g))
-    rd = float(torch.linalg.norm(A @ xd - g) / torch.linalg.norm(g))
-    assert r <= 100 * max(rd, 1e-16)
+
+    def eta(y):  # normwise backward error, ||A||_2 from the dense spectrum
+        return float(
+            torch.linalg.norm(A @ y - g) / (smax * torch.linalg.norm(y) + torch.linalg.norm(g))
+        )
+
+    # Within 100x of the dense LU's own backward error, floored at one rounding
+    # (eps): below it the reference's error is luck, not a standard. The relative
+    # residual is not the measure: at cond 4.8e10 a solve with eta = 0.02 eps had
+    # 300x the residual of a dense LU that happened to land at eta = 1e-4 eps.
+    assert eta(x) <= 100 * max(eta(xd), torch.finfo(DT).eps)
     if smin > 1e-10 * smax:  # inertia and logdet are well defined numerically
         assert H.inertia(damping) == (int((ev > 0).sum()), int((ev < 0).sum()), 0)
         s, la = H.logdet(damping)
