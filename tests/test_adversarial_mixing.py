@@ -26,7 +26,7 @@ from torch import nn
 from torch.nn.utils import parametrize, prune
 
 import hessinv
-import hessinv.validate as val
+import hessinv.mixing as val
 from hessinv import Stage
 from hessinv.pipeline import Pipeline
 from hessinv.validate import StaleOperatorError

@@ -31,7 +31,7 @@ from cases import dense_hessian, reference_error, rel
 from torch import nn
 
 import hessinv
-import hessinv.validate as val
+import hessinv.mixing as val
 from hessinv.module_params import all_buffers, all_parameters, model_parameters
 from hessinv.staleness import ParameterSnapshot, ParameterSource
 

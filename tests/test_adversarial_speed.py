@@ -447,7 +447,7 @@ def _mlp_with(mid: nn.Module) -> nn.Sequential:
 def test_mixing_that_spares_sample_0_is_refused(model, loss):
     """Pre-existing: the mixing probe only looks at sample 0's coupling with the others.
 
-    ``validate._jacobian_leak``/``_hessian_leak`` zero the probe on sample 0
+    ``mixing._jacobian_leak``/``_hessian_leak`` zero the probe on sample 0
     and measure what reaches sample 0 (and vice versa), so a loss or module
     coupling only samples >= 1 passes and ``H`` comes out wrong without an
     error (here ``||H v - H_ref v|| / ||H_ref v||`` ~ 1e-2, logdet and, for the

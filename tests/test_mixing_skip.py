@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import hessinv
-import hessinv.validate as val
+import hessinv.mixing as val
 
 
 class MixingLinear(nn.Linear):

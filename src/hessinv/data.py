@@ -46,7 +46,7 @@ shuffling ``DataLoader`` with ``drop_last=True``, is refused with a
 check runs when a pass ends, so a pass over changed data returns nothing. A
 ``Dataset`` (single samples) is refused: wrap it in a ``DataLoader``.
 
-**Batches must add up.** The stage checks of :func:`hessinv.validate.check_no_mixing`
+**Batches must add up.** The stage checks of :func:`hessinv.mixing.check_no_mixing`
 run on every batch operator and on the stacked one. With ``data=`` the first
 stage must not mix samples either (for one batch that is exact, but then a
 batch's loss depends on which samples share it), and the reduction must be a

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from .derivatives import StageBlocks
 from .errors import check_finite
 from .gc_pause import paused_gc
+from .mixing import check_no_mixing
 from .operator import LinearOperator
 from .pipeline import Pipeline, Stage
 from .products import StageRun, compute_blocks, gradient, hvp, stage_runs
@@ -37,7 +38,7 @@ from .solvers import select as _select
 from .solves import Solves
 from .staleness import ParameterSnapshot
 from .trace import ParamsArg, stages_for_model
-from .validate import check_damping, check_no_mixing
+from .validate import check_damping
 from .vectors import Layout
 
 
@@ -152,7 +153,7 @@ class Hessian(Solves, LinearOperator):
                 scalar loss (a sum or mean over samples).
             z0: The input, batch first.
             generic: Unused for functional stages (always generic autodiff).
-            check_mixing: Verify with random probes (:func:`hessinv.validate.check_no_mixing`)
+            check_mixing: Verify with random probes (:func:`hessinv.mixing.check_no_mixing`)
                 that no stage mixes samples (raises ``ValueError``).
             max_memory: As for the constructor.
             progress: As for the constructor.

@@ -46,8 +46,8 @@ from torch.func import vjp
 from .derivatives import comb_jacobian
 from .errors import HINT, SingularHessianError
 from .jacobian import output_jacobian
+from .mixing import batch_splits, on_side
 from .solvers.base import Factorization, Inertia
-from .validate import batch_splits, on_side
 
 __all__ = [
     "GaussNewtonKernel",
@@ -71,7 +71,7 @@ def loss_output_hessians(loss: Callable[[Tensor], Tensor], y: Tensor) -> Tensor:
     then two checks that make them exact or refused: the loss must not couple
     samples (for each split of the batch by a bit of the sample index, a product
     with a direction on one side must vanish on the other:
-    :func:`hessinv.validate.batch_splits`) and ``L_n`` must be symmetric (to ``1e3 eps`` relative).
+    :func:`hessinv.mixing.batch_splits`) and ``L_n`` must be symmetric (to ``1e3 eps`` relative).
 
     Raises:
         ValueError: The loss couples samples, or its Hessian is not symmetric.

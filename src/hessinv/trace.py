@@ -37,6 +37,7 @@ from .layers import (
     sequential_known,
     stages_from_sequential,
 )
+from .mixing import batch_splits, on_side
 from .model_checks import (
     check_container_hooks,
     check_no_global_hooks,
@@ -45,7 +46,6 @@ from .model_checks import (
 )
 from .module_params import all_parameters, model_parameters
 from .pipeline import Pipeline, Stage
-from .validate import batch_splits, on_side
 
 ParamsArg = Iterable[Tensor] | Mapping[str, Tensor] | None
 
@@ -318,7 +318,7 @@ def check_no_mixing(pipeline: Pipeline) -> None:
     The per-sample blocks ``Jz``, ``Tzz`` (comb tangents,
     :mod:`hessinv.derivatives`) assume that sample ``n`` of a stage's output
     depends on sample ``n`` of its input only. For each split of the batch by a
-    bit of the sample index (:func:`hessinv.validate.batch_splits`: any two
+    bit of the sample index (:func:`hessinv.mixing.batch_splits`: any two
     samples are separated by one), a tangent on one side of the input must
     leave the other side of the output's tangent (for the last stage: of ``d2
     loss / dz2 @ t``, by reverse over reverse, which every loss supports) at
