@@ -233,3 +233,24 @@ def test_host_read_counter_sees_a_per_stage_read(monkeypatch, tolist_counter):
     # a read per fused step that returns a P (every stage but stage 0), in the factorization
     assert reading["factor"] - plain["factor"] == DEPTHS[1] - 1
     assert reading["build"] == plain["build"] and reading["gradient"] == plain["gradient"]
+
+
+def test_off_the_cpu_the_inertia_takes_the_witness_first(monkeypatch, tolist_counter):
+    """As on a GPU: the near-inverse witness before the Riccati pass, no reads per stage.
+
+    The count must equal the one the Riccati pass certifies on the CPU route
+    (two independent verified routes to the same inertia).
+    """
+    import hessinv.solvers.lifted_inertia as li
+
+    net = _mlp(4, 2)(DEPTHS[1])
+    on_cpu = hessinv.Hessian(*net).factor(1e-3).inertia()
+    assert "Riccati pass" in on_cpu.how
+    monkeypatch.setattr(li, "RICCATI_FIRST_DEVICES", frozenset())
+    counts = [_phases(*_mlp(4, 2)(depth), 1e-3, False, tolist_counter) for depth in DEPTHS]
+    assert all("near inverse" in c["inertia how"] for c in counts)
+    short, deep = _totals(counts[0]), _totals(counts[1])
+    assert abs(deep["inertia"] - short["inertia"]) < (DEPTHS[1] - DEPTHS[0]) / 2
+    off_cpu = hessinv.Hessian(*net).factor(1e-3).inertia()
+    assert "near inverse" in off_cpu.how and off_cpu.verified
+    assert tuple(off_cpu)[:3] == tuple(on_cpu)[:3]

@@ -26,6 +26,12 @@
   they agree on every one. A
   parity check alone cannot tell two misclassified eigenvalues apart; two
   different congruences that agree on every count can.
+* Off the CPU the first two routes swap: the Riccati pass decides with host
+  reads per stage (its running error bounds, the stop at the first pivot it
+  cannot vouch for), a device synchronization per stage on a GPU, while the
+  near-inverse witness reads a few scalars for the whole chain. Both counts
+  are verified, so the order changes the cost, not the answer
+  (:data:`RICCATI_FIRST_DEVICES`).
 * Positive definiteness: proven by the Riccati pass, ``H + dI > 0`` exactly
   when every stage pivot has a Cholesky factor with a margin above its error
   bound.
@@ -53,6 +59,10 @@ from .near_inverse import (
     probes,
     verifies,
 )
+
+#: Device types on which the inertia tries the certified Riccati pass before the stage
+#: elimination's near-inverse witness (elsewhere after it: the pass reads the host per stage).
+RICCATI_FIRST_DEVICES = frozenset({"cpu"})
 
 #: The most bytes of ``K``'s blocks built once and held for the two congruences of an inertia.
 CONGRUENCE_BLOCKS_BYTES = 512 * 2**20
@@ -326,12 +336,16 @@ class LiftedInertia:
         return near_inverse_bound(self._stage_residual(y)[1])
 
     def _signs(self) -> Inertia:
-        ric = self._certified_riccati()
+        riccati_first = self.op.device.type in RICCATI_FIRST_DEVICES
+        ric = self._certified_riccati() if riccati_first else None
         if ric is not None:
             return ric
         witness = self._stage_witness()
         if witness is not None:
             return witness
+        ric = None if riccati_first else self._certified_riccati()
+        if ric is not None:
+            return ric
         blocks = self._built_blocks() if self._congruence is None else None
         counts = self._congruence_counts(self.congruence(blocks))
         if self._congruence_reversed:  # the first-to-last attempts missed the LU's determinant
