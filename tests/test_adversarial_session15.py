@@ -190,8 +190,10 @@ def test_a_nan_leak_passes_the_probe_as_before_but_no_number_comes_out():
     refused instead (its blocks are not finite).
     """
     shifted = Stage(
-        lambda z, p: torch.tanh(z @ p[0].T)
-        + torch.sqrt(torch.roll(z, 1, 0) - torch.roll(z, 1, 0).detach()) @ p[0].T,
+        lambda z, p: (
+            torch.tanh(z @ p[0].T)
+            + torch.sqrt(torch.roll(z, 1, 0) - torch.roll(z, 1, 0).detach()) @ p[0].T
+        ),
         (_w(2, 3, 1),),
     )
     stages = [_clean(_w(3, 3, 0)), shifted, _loss()]
@@ -225,7 +227,8 @@ def test_first_of_two_batchnorms_is_named_with_the_hint():
     model = model.double().eval()
     X, y = torch.randn(6, 3, dtype=DT), torch.randn(6, 2, dtype=DT)
     for scale in (1e-12, 1e12):
-        with pytest.raises(ValueError, match=r"BatchNorm1d\(4, eps=1e-05.*track_running_stats=True"):
+        hint = r"BatchNorm1d\(4, eps=1e-05.*track_running_stats=True"
+        with pytest.raises(ValueError, match=hint):
             hessinv.Hessian(
                 model, lambda o, t, s=scale: s * nn.functional.mse_loss(o, t), X, y, progress=False
             )
@@ -288,7 +291,12 @@ def test_catalogue_inertia_in_the_gpu_order(gpu_order, scale):
 
 @pytest.mark.parametrize(
     ("net", "scale"),
-    [((3, 5, 6, 3.0), 1.0), ((2, 7, 8, 4.0), 1e-12), ((3, 2, 10, 2.0), 1e12), ((5, 2, 3, 6.0), 1.0)],
+    [
+        ((3, 5, 6, 3.0), 1.0),
+        ((2, 7, 8, 4.0), 1e-12),
+        ((3, 2, 10, 2.0), 1e12),
+        ((5, 2, 3, 6.0), 1.0),
+    ],
 )
 def test_deep_tanh_inertia_near_eigenvalues_and_stage_singularity(gpu_order, net, scale):
     """Dampings within ``1e-4``/``1e-9`` of an eigenvalue and at ``-mu`` (a singular stage
