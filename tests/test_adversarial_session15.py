@@ -15,8 +15,10 @@ of ``H + dI`` for every count, the dense matrix's own normwise backward error fo
 solves. The zero band of the reference is the library's documented one,
 ``W eps max|lambda|`` (``Hessian.inertia``), applied to the reference eigenvalues.
 
-No defect was found: every attack below was either refused or answered exactly,
-so every test here is a guard. Observed behaviour recorded by the tests:
+One defect found (fixed; ``test_a_later_stage_whose_probe_fails_does_not_hide_an_earlier_leak``):
+a later stage whose probe raises (its backward fails) pre-empted the mixing refusal of an
+earlier stage, since every stage is now probed before any probe is read. Every other attack
+below was refused or answered exactly (guards). Observed behaviour recorded by the tests:
 
 * a probe whose leak is NaN (a cross-sample derivative ``inf * 0``) passes the
   mixing check, as it did before the change (``nan > x`` is False in both the
@@ -120,6 +122,42 @@ def test_the_first_leaking_stage_is_named(n, kinds, first):
     msg = _exact_or_refused([*stages, _loss()], _z0(n))
     assert msg is not None and msg.startswith(f"stage {first}: "), msg
     assert "mixes samples (its Jacobian" in msg
+
+
+class _NoBackward(torch.autograd.Function):
+    """``tanh`` whose backward raises (a stage that cannot be differentiated)."""
+
+    @staticmethod
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:  # noqa: ANN001
+        pass
+
+    @staticmethod
+    def backward(ctx, g):  # noqa: ANN001, ANN205
+        raise RuntimeError("no backward here")
+
+
+def test_a_later_stage_whose_probe_fails_does_not_hide_an_earlier_leak():
+    """DEFECT (fixed): the probes of every stage run before any is read, so a later stage
+    whose backward raises pre-empted the mixing error of an earlier stage with its own
+    ``RuntimeError`` (before the change the earlier stage was refused first, by name).
+    Fix: ``check_no_mixing`` reads the probes made so far when a probe raises, and
+    refuses the first leaking stage before passing the exception on."""
+    stages = [
+        _clean(_w(3, 3, 0)),
+        _centre(_w(3, 3, 1)),
+        Stage(lambda z, p: _NoBackward.apply(z @ p[0].T), (_w(2, 3, 2),)),
+        _loss(),
+    ]
+    with pytest.raises(ValueError, match=r"^stage 1: .* mixes samples"):
+        hessinv.Hessian.from_stages(stages, _z0(5), progress=False)
+    # without the earlier leak, the failing stage's own error still comes through
+    stages[1] = _clean(_w(3, 3, 1))
+    with pytest.raises(RuntimeError, match="no backward here"):
+        check_no_mixing(Pipeline(stages, _z0(5)))
 
 
 @pytest.mark.parametrize("n", [2, 3, 6])

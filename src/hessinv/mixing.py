@@ -45,7 +45,9 @@ is probed even first: its tail's per-sample Jacobians assume no mixing.
 in-support response are kept as device scalars; they are read on the host
 together, once, after the loop over stages (one synchronization per build on
 a GPU, not one per stage). Only a stage found leaking is probed again module
-by module, on the way to the error.
+by module, on the way to the error. A probe that raises (a stage whose backward
+fails) first has the probes before it read, so that an earlier stage that
+leaks is still the one refused (stage order, as with one read per stage).
 """
 
 from __future__ import annotations
@@ -331,9 +333,25 @@ def check_no_mixing(pipeline: Pipeline, zs: Sequence[Tensor] | None = None) -> N
         if _row_wise_stage(stage, z):
             continue  # per sample by construction: nothing to probe
         tol = MIXING_RTOL_EPS * torch.finfo(z.dtype).eps
-        pair, _ = _leak(lambda zz, s=stage: s.fn(zz, s.params), z, scalar, gen)
+        try:
+            pair, _ = _leak(lambda zz, s=stage: s.fn(zz, s.params), z, scalar, gen)
+        except Exception:
+            # a stage whose probe fails (its backward raises): an earlier stage that
+            # leaks is the first problem in stage order, and is named first
+            _raise_first_leak(pipeline, probed, pairs, gen)
+            raise
         probed.append((i, z, scalar, tol))
         pairs.append(pair)
+    _raise_first_leak(pipeline, probed, pairs, gen)
+
+
+def _raise_first_leak(
+    pipeline: Pipeline,
+    probed: list[tuple[int, Tensor, bool, float]],
+    pairs: list[Tensor],
+    gen: torch.Generator,
+) -> None:
+    """Read the probes' ``[leak, ref]`` at once; raise for the first stage that leaks."""
     if not pairs:
         return
     read = torch.stack(pairs).tolist()  # the only host read of the probes that pass
