@@ -219,6 +219,12 @@ def _largest(leaks: list[Tensor], refs: list[Tensor], like: Tensor) -> Tensor:
     return torch.stack([torch.stack(leaks).amax(), torch.stack(refs).amax()]).double()
 
 
+def _record(resp: Tensor, on: Tensor, n_on: int, leaks: list[Tensor], refs: list[Tensor]) -> None:
+    """Append what ``resp`` puts outside side ``on`` (the leak) and its per-sample size inside."""
+    leaks.append(torch.linalg.vector_norm(on_side(resp, ~on)))
+    refs.append(torch.linalg.vector_norm(on_side(resp, on)) / math.sqrt(max(n_on, 1)))
+
+
 def _jacobian_leak(out: Tensor, z: Tensor, gen: torch.Generator) -> Tensor:
     """``[leak, ref]`` (on the device) of the Jacobian of ``out`` w.r.t. ``z`` (two VJPs per split).
 
@@ -239,10 +245,8 @@ def _jacobian_leak(out: Tensor, z: Tensor, gen: torch.Generator) -> Tensor:
             (g,) = torch.autograd.grad(
                 (out * ub).sum(), z, retain_graph=not last, allow_unused=True
             )
-            if g is None:
-                continue
-            leaks.append(torch.linalg.vector_norm(on_side(g, ~on)))
-            refs.append(torch.linalg.vector_norm(on_side(g, on)) / math.sqrt(max(n_on, 1)))
+            if g is not None:
+                _record(g, on, n_on, leaks, refs)
     return _largest(leaks, refs, z)
 
 
@@ -264,10 +268,8 @@ def _hessian_leak(loss: Tensor, z: Tensor, gen: torch.Generator) -> Tensor:
         vb = on_side(v, side)
         last = i == len(splits) - 1
         (hv,) = torch.autograd.grad((g * vb).sum(), z, retain_graph=not last, allow_unused=True)
-        if hv is None:
-            continue
-        leaks.append(torch.linalg.vector_norm(on_side(hv, ~side)))
-        refs.append(torch.linalg.vector_norm(on_side(hv, side)) / math.sqrt(max(size, 1)))
+        if hv is not None:
+            _record(hv, side, size, leaks, refs)
     return _largest(leaks, refs, z)
 
 
