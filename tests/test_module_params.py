@@ -39,3 +39,16 @@ def test_all_buffers_is_named_buffers():
     bn.register_buffer("none", None)
     for m in (bn, nn.Sequential(bn, nn.BatchNorm1d(2)), nn.Linear(2, 2)):
         assert [(n, id(b)) for n, b in all_buffers(m)] == [(n, id(b)) for n, b in m.named_buffers()]
+
+
+def test_first_repeat_names_the_first_two_places_of_one_tensor():
+    from hessinv.module_params import first_repeat, model_parameters
+
+    shared = nn.Linear(2, 2)
+    frozen = nn.Linear(2, 2).requires_grad_(False)
+    model = nn.Sequential(nn.Linear(2, 2), frozen, frozen, shared, nn.Tanh(), shared)
+    listed = model_parameters(model, remove_duplicate=False)
+    assert [n for n, _ in listed] == [n for n, _ in model.named_parameters(remove_duplicate=False)]
+    assert first_repeat(listed) == ("1.weight", "2.weight")
+    assert first_repeat(listed, trainable_only=True) == ("3.weight", "5.weight")
+    assert first_repeat(model_parameters(model)) is None

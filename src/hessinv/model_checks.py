@@ -28,7 +28,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .derivatives.registry import registered
-from .module_params import all_parameters, model_parameters
+from .module_params import all_parameters, first_repeat, model_parameters
 from .pipeline import first_overlap
 
 WAY_OUT = "write the network as hessinv.Stage functions (Hessian.from_stages)"
@@ -232,19 +232,15 @@ def check_untied(model: nn.Module) -> None:
     Raises:
         ValueError: Naming both places.
     """
-    seen: dict[int, str] = {}
     listed = model_parameters(model, remove_duplicate=False)
-    for name, p in listed:
-        if not p.requires_grad:
-            continue
-        if id(p) in seen:
-            raise ValueError(
-                f"parameter '{name}' is the same tensor as '{seen[id(p)]}' (tied weights, or "
-                "one module used twice): hessinv would treat the two uses as separate "
-                "parameters, the Hessian of a different, larger model. Untie them "
-                f"(copy.deepcopy the module), or {WAY_OUT} with the tie written out"
-            )
-        seen[id(p)] = name
+    pair = first_repeat(listed, trainable_only=True)
+    if pair is not None:
+        raise ValueError(
+            f"parameter '{pair[1]}' is the same tensor as '{pair[0]}' (tied weights, or "
+            "one module used twice): hessinv would treat the two uses as separate "
+            "parameters, the Hessian of a different, larger model. Untie them "
+            f"(copy.deepcopy the module), or {WAY_OUT} with the tie written out"
+        )
     # (each trainable tensor is listed once now: a repeated one was refused above)
     pair = first_overlap([(n, p) for n, p in listed if p.requires_grad])
     if pair is not None:

@@ -102,6 +102,23 @@ def model_parameters(
     return out
 
 
+def first_repeat(
+    listed: list[tuple[str, Tensor]], *, trainable_only: bool = False
+) -> tuple[str, str] | None:
+    """The first two names of one tensor in ``listed`` (``named_parameters`` pairs), or None.
+
+    ``trainable_only``: only tensors that require grad are compared.
+    """
+    seen: dict[int, str] = {}
+    for name, p in listed:
+        if trainable_only and not p.requires_grad:
+            continue
+        if id(p) in seen:
+            return seen[id(p)], name
+        seen[id(p)] = name
+    return None
+
+
 def trainable(m: nn.Module) -> list[tuple[str, Tensor]]:
     """The parameters of ``m`` that require grad, with their names."""
     return [(n, p) for n, p in all_parameters(m) if p.requires_grad]

@@ -44,7 +44,7 @@ from .model_checks import (
     check_no_instance_forward,
     check_not_compiled,
 )
-from .module_params import all_parameters, model_parameters
+from .module_params import all_parameters, first_repeat, model_parameters
 from .pipeline import Pipeline, Stage
 
 ParamsArg = Iterable[Tensor] | Mapping[str, Tensor] | None
@@ -152,15 +152,13 @@ def _warn_one_stage(model: nn.Module) -> None:
 
 def check_tied(model: nn.Module) -> None:
     """Refuse a model that registers one parameter under two names (tied weights)."""
-    seen: dict[int, str] = {}
-    for name, p in model_parameters(model, remove_duplicate=False):
-        if id(p) in seen:
-            raise ValueError(
-                f"tied weights: {seen[id(p)]} and {name} are the same parameter; hessinv "
-                "would count it twice. Untie them, or write the model as hessinv.Stage(fn, "
-                "params) objects with the shared tensor in one stage"
-            )
-        seen[id(p)] = name
+    pair = first_repeat(model_parameters(model, remove_duplicate=False))
+    if pair is not None:
+        raise ValueError(
+            f"tied weights: {pair[0]} and {pair[1]} are the same parameter; hessinv "
+            "would count it twice. Untie them, or write the model as hessinv.Stage(fn, "
+            "params) objects with the shared tensor in one stage"
+        )
 
 
 def check_order(order: list[str], stage_names: list[list[str]], *, explicit: bool = True) -> None:
