@@ -11,9 +11,10 @@ Solves and inverse diagonals are held to ``64 W eps cond`` (the reference's own 
 ``W eps cond``); inertia counts are asserted only where every eigenvalue is farther than
 ``1e3 W eps ||A||`` from zero.
 
-The defects this file found on 2026-11-25 are fixed; the strict ``xfail``s left name two
-known limits (a change of a module's non-tensor attributes is not watched; a torch module
-subclass overriding ``__call__`` is refused even when it only logs).
+The defects this file found on 2026-11-25 are fixed; the strict ``xfail`` left names a
+known limit (a torch module subclass overriding ``__call__`` is refused even when it only
+logs). A change of a torch module's options or of a module's class, once an ``xfail`` here,
+is refused since the fifteenth session (``tests/test_stale_options.py``).
 """
 
 from __future__ import annotations
@@ -238,14 +239,9 @@ def test_gauss_newton_cached_pieces_refuse_after_update(method: str) -> None:
         getattr(G, method)()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="weakness beyond the documented promise (weights only): a module attribute that "
-    "changes the function (LeakyReLU.negative_slope) or a swapped __class__ is not watched; "
-    "H answers for the old network",
-)
 @pytest.mark.parametrize("how", ["slope", "class"])
 def test_function_change_without_weight_change(how: str) -> None:
+    """Was a strict xfail until the fifteenth session (H answered for the old network)."""
     m, X, y = _mlp(act=lambda: nn.LeakyReLU(0.1))
     H = hessinv.Hessian(m, nn.MSELoss(), X, y, progress=False)
     v = torch.ones(H.num_params, dtype=DT)

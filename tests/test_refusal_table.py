@@ -318,6 +318,11 @@ def _stale():
     loss.reduction = "sum"  # the loss's options
     with pytest.raises(hessinv.StaleOperatorError, match="the loss's options"):
         H4.gradient()
+    model = _mlp(nn.LeakyReLU(0.1))
+    H5 = _hessian(model)
+    model[1].negative_slope = 0.3  # another function, the same weights
+    with pytest.raises(hessinv.StaleOperatorError, match="option negative_slope"):
+        H5 @ torch.ones(H5.num_params, dtype=DT)
     H @ torch.ones(H.num_params, dtype=DT)
 
 
@@ -418,7 +423,9 @@ CASES = {
     "weights or buffers changed after the operator was built (optimizer step, `p.data.copy_`, "
     "in-place edits), a submodule replaced, added or removed, `X` / `y` (or `z0`) changed in "
     "place, or the loss module's weights or options (`reduction`, `label_smoothing`, ...) "
-    "changed": _stale,
+    "changed, an option of a torch module set anew (`negative_slope`, `alpha`, `eps`, ...) or "
+    "a BatchNorm or Dropout switched between `train()` and `eval()`, or a module's class "
+    "swapped": _stale,
     "a `torch.jit` (scripted or traced) or `torch.compile` wrapper": _compiled,
     "`H + damping I` singular (e.g. a small batch, `damping=0`)": _singular,
     '`method="lifted"` where the lifted system is far worse conditioned than `H + dI` '

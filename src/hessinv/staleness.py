@@ -3,10 +3,12 @@
 :class:`ParameterSnapshot` keeps one flat bit copy of the tensors an operator
 depends on (trainable parameters, frozen ones and buffers, the data ``X``,
 ``y`` or ``z0``, a loss module's tensors) and, for a model, its module tree and
-the options of a torch loss module; :meth:`ParameterSnapshot.check` raises
-:class:`StaleOperatorError` once any of them changes: an optimizer step,
-``p.data.copy_(...)``, ``p.add_`` under ``no_grad``, a replaced parameter, a
-replaced, added or removed submodule.
+the options of torch's modules in the model and in the loss;
+:meth:`ParameterSnapshot.check` raises :class:`StaleOperatorError` once any of
+them changes: an optimizer step, ``p.data.copy_(...)``, ``p.add_`` under
+``no_grad``, a replaced parameter, a replaced, added or removed submodule, an
+option such as ``LeakyReLU.negative_slope`` or ``ELU.alpha`` set anew, a
+BatchNorm or Dropout switched between ``train()`` and ``eval()``.
 """
 
 from __future__ import annotations
@@ -49,11 +51,41 @@ def _options(m: nn.Module) -> list[tuple[str, object]]:
     ]
 
 
+def _same_value(v: object, v0: object) -> bool:
+    """The same option value: identical, or an equal plain value of the same type."""
+    return v is v0 or (type(v) in _PLAIN_OPTION and type(v) is type(v0) and v == v0)
+
+
 def _same_options(now: list[tuple[str, object]], was: list[tuple[str, object]]) -> bool:
     return len(now) == len(was) and all(
-        k == k0 and (v is v0 or (type(v) in _PLAIN_OPTION and type(v) is type(v0) and v == v0))
-        for (k, v), (k0, v0) in zip(now, was, strict=True)
+        k == k0 and _same_value(v, v0) for (k, v), (k0, v0) in zip(now, was, strict=True)
     )
+
+
+#: torch.nn classes whose ``forward`` reads ``training`` (batch statistics, dropout, RReLU).
+_TRAINING_DEPENDENT = (nn.modules.batchnorm._NormBase, nn.modules.dropout._DropoutNd, nn.RReLU)
+#: A missing attribute (an option deleted after the build).
+_MISSING = object()
+
+
+def _model_options(
+    modules: Iterable[tuple[str, nn.Module]],
+) -> list[tuple[str, nn.Module, str, object]]:
+    """``(name, module, option, value)`` of the options of torch's own modules in a model.
+
+    The public attributes of ``torch.nn`` classes (``negative_slope``,
+    ``alpha``, ``eps``, ``padding``, ...), which their ``forward`` reads, and
+    ``training`` where it changes ``forward`` (:data:`_TRAINING_DEPENDENT`). A
+    user's module class is left out: its attributes may be state of its own
+    (a call counter) that a call of the model changes.
+    """
+    return [
+        (name, m, k, v)
+        for name, m in modules
+        if type(m).__module__.startswith("torch.nn.")
+        for k, v in vars(m).items()
+        if not k.startswith("_") and (k != "training" or isinstance(m, _TRAINING_DEPENDENT))
+    ]
 
 
 def _module_tensors(
@@ -121,8 +153,10 @@ class ParameterSnapshot:
     """
 
     def __init__(self, sources: Sequence[ParameterSource]) -> None:
-        self._tree: list[tuple[str, nn.Module, tuple[tuple[str, nn.Module | None], ...]]] = []
+        #: (name, module, its children, its class) per module of a watched model
+        self._tree: list[tuple[str, nn.Module, tuple[tuple[str, nn.Module | None], ...], type]] = []
         self._loss: tuple[nn.Module, list[tuple[str, object]]] | None = None
+        self._options: list[tuple[str, nn.Module, str, object]] = []  # the model's (watch)
         self.sources: list[ParameterSource] = []
         self._meta: list[tuple[torch.Size, torch.dtype, torch.device]] = []
         self._groups: list[list[int]] = []  # indices into sources: one device and dtype each
@@ -160,10 +194,15 @@ class ParameterSnapshot:
         see. Every parameter (frozen ones too) and buffer of the model is
         watched as well: a traced pipeline's sources are its stages' detached
         tensors, which neither a buffer nor a frozen parameter captured as a
-        constant, nor ``p.data = other``, would change.
+        constant, nor ``p.data = other``, would change. So are the options of
+        torch's modules (:func:`_model_options`): ``H`` holds the derivatives
+        of ``LeakyReLU(0.1)``, of a BatchNorm in eval mode, as they were.
         """
-        self._tree = [(name, m, tuple(m._modules.items())) for name, m in model.named_modules()]
-        self._watch_new(_module_tensors([(name, m) for name, m, _ in self._tree]))
+        self._tree = [
+            (name, m, tuple(m._modules.items()), type(m)) for name, m in model.named_modules()
+        ]
+        self._options = _model_options((name, m) for name, m, _, _ in self._tree)
+        self._watch_new(_module_tensors([(name, m) for name, m, _, _ in self._tree]))
 
     def watch_loss(self, loss_func: object) -> None:
         """Also watch a loss module: its tensors (class weights) and its options.
@@ -206,7 +245,10 @@ class ParameterSnapshot:
 
     def changed(self) -> str | None:
         """The name of the first parameter that changed (or was replaced), else ``None``."""
-        for name, m, children in self._tree:
+        for name, m, children, cls in self._tree:
+            if type(m) is not cls:  # m.__class__ = Other: another forward
+                label = f"module '{name}'" if name else "the model"
+                return f"{label} (its class was changed to {type(m).__name__})"
             if not children and not m._modules:  # a leaf that stayed one (most modules)
                 continue
             now = tuple(m._modules.items())
@@ -221,6 +263,13 @@ class ParameterSnapshot:
                 if child is not was:
                     path = f"{name}.{key}" if name else key
                     return f"module '{path}' (replaced by another module)"
+        for name, m, k, was in self._options:
+            now = vars(m).get(k, _MISSING)
+            if not _same_value(now, was):
+                what = "switched between train() and eval()" if k == "training" else "set anew"
+                label = f"module '{name}'" if name else "the model"
+                shown = "deleted" if now is _MISSING else repr(now)
+                return f"{label}'s option {k} ({what}: {was!r} -> {shown})"
         if self._loss is not None and not _same_options(_options(self._loss[0]), self._loss[1]):
             return "the loss's options (reduction, weights, ...)"
         for s, meta in zip(self.sources, self._meta, strict=True):
