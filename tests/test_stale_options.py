@@ -12,26 +12,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from cases import dense_hessian
 from torch import nn
 
 import hessinv
 
 DT = torch.float64
-
-
-def _dense_hessian(model: nn.Module, loss: nn.Module, X: torch.Tensor, y: torch.Tensor):  # noqa: ANN202
-    """``torch.func.hessian`` of the loss in the flat parameters (independent of hessinv)."""
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    flat = torch.cat([p.detach().reshape(-1) for _, p in named])
-
-    def f(w: torch.Tensor) -> torch.Tensor:
-        params, i = {}, 0
-        for n, p in named:
-            params[n] = w[i : i + p.numel()].reshape(p.shape)
-            i += p.numel()
-        return loss(torch.func.functional_call(model, params, (X,)), y)
-
-    return torch.func.hessian(f)(flat)
 
 
 def _net() -> nn.Sequential:
@@ -64,7 +50,7 @@ def _built():  # noqa: ANN202
 
 def _matches_dense(model, loss, X, y, H) -> None:  # noqa: ANN001
     v = torch.randn(H.num_params, dtype=DT, generator=torch.Generator().manual_seed(2))
-    ref = _dense_hessian(model, loss, X, y) @ v
+    ref = dense_hessian(model, loss, X, y) @ v
     assert torch.linalg.norm(H @ v - ref) <= 1e-12 * torch.linalg.norm(ref)
 
 

@@ -37,18 +37,12 @@ _PLAIN_OPTION = (bool, int, float, str, type(None))
 
 
 def _options(m: nn.Module) -> list[tuple[str, object]]:
-    """The plain options (``reduction``, ``ignore_index``, ...) of torch's modules in ``m``.
+    """The options of torch's modules in ``m`` (:func:`_model_options`), named ``module.option``.
 
-    Only ``torch.nn``'s own classes: a user's loss module may keep state of
-    its own (a call counter) that is no option of the loss.
+    Computed anew at each check for a loss module, so that an option added
+    after the build is a change too.
     """
-    return [
-        (f"{name}.{k}", v)
-        for name, sub in m.named_modules()
-        if type(sub).__module__.startswith("torch.nn.")
-        for k, v in vars(sub).items()
-        if not k.startswith("_") and k != "training"
-    ]
+    return [(f"{name}.{k}", v) for name, _, k, v in _model_options(m.named_modules())]
 
 
 def _same_value(v: object, v0: object) -> bool:
@@ -71,7 +65,7 @@ _MISSING = object()
 def _model_options(
     modules: Iterable[tuple[str, nn.Module]],
 ) -> list[tuple[str, nn.Module, str, object]]:
-    """``(name, module, option, value)`` of the options of torch's own modules in a model.
+    """``(name, module, option, value)`` of the options of torch's own modules (model or loss).
 
     The public attributes of ``torch.nn`` classes (``negative_slope``,
     ``alpha``, ``eps``, ``padding``, ...), which their ``forward`` reads, and

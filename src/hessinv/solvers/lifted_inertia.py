@@ -336,16 +336,13 @@ class LiftedInertia:
         return near_inverse_bound(self._stage_residual(y)[1])
 
     def _signs(self) -> Inertia:
-        riccati_first = self.op.device.type in RICCATI_FIRST_DEVICES
-        ric = self._certified_riccati() if riccati_first else None
-        if ric is not None:
-            return ric
-        witness = self._stage_witness()
-        if witness is not None:
-            return witness
-        ric = None if riccati_first else self._certified_riccati()
-        if ric is not None:
-            return ric
+        verified = (self._certified_riccati, self._stage_witness)
+        if self.op.device.type not in RICCATI_FIRST_DEVICES:
+            verified = verified[::-1]
+        for route in verified:
+            found = route()
+            if found is not None:
+                return found
         blocks = self._built_blocks() if self._congruence is None else None
         counts = self._congruence_counts(self.congruence(blocks))
         if self._congruence_reversed:  # the first-to-last attempts missed the LU's determinant
