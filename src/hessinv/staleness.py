@@ -36,24 +36,75 @@ _BITS = {8: torch.int64, 4: torch.int32, 2: torch.int16}
 _PLAIN_OPTION = (bool, int, float, str, type(None))
 
 
-def _options(m: nn.Module) -> list[tuple[str, object]]:
+def _options(m: nn.Module) -> list[tuple[str, tuple[object, object]]]:
     """The options of torch's modules in ``m`` (:func:`_model_options`), named ``module.option``.
 
-    Computed anew at each check for a loss module, so that an option added
-    after the build is a change too.
+    Each value with its :func:`_freeze` copy. Computed anew at each check for
+    a loss module, so that an option added after the build is a change too.
     """
-    return [(f"{name}.{k}", v) for name, _, k, v in _model_options(m.named_modules())]
+    return [(f"{name}.{k}", (v, _freeze(v))) for name, _, k, v in _model_options(m.named_modules())]
 
 
-def _same_value(v: object, v0: object) -> bool:
-    """The same option value: identical, or an equal plain value of the same type."""
-    return v is v0 or (type(v) in _PLAIN_OPTION and type(v) is type(v0) and v == v0)
+def _freeze(v: object) -> object:
+    """A copy of an option compared by value: a plain value, or tuples/lists of them.
+
+    ``(type, value)``, nested for a tuple, list or ``torch.Size`` (a list such
+    as ``Unflatten.unflattened_size`` may be changed in place, which an identity
+    check never sees; an equal tuple set anew is no change); ``None`` for
+    anything else, which is compared by identity.
+    """
+    if type(v) in _PLAIN_OPTION:
+        return (type(v), v)
+    if type(v) in (tuple, list, torch.Size):
+        items = tuple(_freeze(x) for x in v)  # type: ignore[attr-defined]
+        if all(i is not None for i in items):
+            return (type(v), items)
+    return None
 
 
-def _same_options(now: list[tuple[str, object]], was: list[tuple[str, object]]) -> bool:
+def _same_value(v: object, was: tuple[object, object]) -> bool:
+    """``v`` is the option ``was = (value, _freeze(value))`` recorded at the build."""
+    v0, frozen = was
+    return v is v0 if frozen is None else _freeze(v) == frozen
+
+
+def _same_options(
+    now: list[tuple[str, tuple[object, object]]], was: list[tuple[str, tuple[object, object]]]
+) -> bool:
     return len(now) == len(was) and all(
-        k == k0 and _same_value(v, v0) for (k, v), (k0, v0) in zip(now, was, strict=True)
+        k == k0 and _same_value(v[0], v0) for (k, v), (k0, v0) in zip(now, was, strict=True)
     )
+
+
+#: The hooks of a module that change what its call returns (refused at the build).
+_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+#: torch's global module hooks (``register_module_forward_hook`` and kin).
+_GLOBAL_HOOKS = (
+    "_global_forward_hooks",
+    "_global_forward_pre_hooks",
+    "_global_backward_hooks",
+    "_global_backward_pre_hooks",
+)
+
+
+def _call_state(m: nn.Module) -> tuple[object, ...] | None:
+    """What a call of ``m`` runs besides its class's ``forward``: hooks, a ``forward`` set on it.
+
+    ``None`` when there is none (the fast path); else the hooks (keys and
+    functions) and the instance's ``forward``, compared by ``==`` (functions
+    by identity). A hook added and removed again leaves ``None``.
+    """
+    d = m.__dict__
+    hooks = [d.get(k) for k in _HOOKS]
+    if "forward" not in d and not any(hooks):
+        return None
+    return (d.get("forward"), *(tuple(h.items()) if h else () for h in hooks))
+
+
+def _global_state() -> tuple[tuple[object, ...], ...]:
+    """The global module hooks of torch registered now (keys and functions)."""
+    mod = nn.modules.module
+    return tuple(tuple(getattr(mod, k, {}).items()) for k in _GLOBAL_HOOKS)
 
 
 #: torch.nn classes whose ``forward`` reads ``training`` (batch statistics, dropout, RReLU).
@@ -150,7 +201,10 @@ class ParameterSnapshot:
         #: (name, module, its children, its class) per module of a watched model
         self._tree: list[tuple[str, nn.Module, tuple[tuple[str, nn.Module | None], ...], type]] = []
         self._loss: tuple[nn.Module, list[tuple[str, object]]] | None = None
-        self._options: list[tuple[str, nn.Module, str, object]] = []  # the model's (watch)
+        self._options: list[tuple[str, nn.Module, str, tuple[object, object]]] = []  # (watch)
+        #: (name, module, _call_state) of every watched module (model and loss)
+        self._calls: list[tuple[str, nn.Module, tuple[object, ...] | None]] = []
+        self._global: tuple[tuple[object, ...], ...] | None = None  # global hooks (watch)
         self.sources: list[ParameterSource] = []
         self._meta: list[tuple[torch.Size, torch.dtype, torch.device]] = []
         self._groups: list[list[int]] = []  # indices into sources: one device and dtype each
@@ -195,7 +249,12 @@ class ParameterSnapshot:
         self._tree = [
             (name, m, tuple(m._modules.items()), type(m)) for name, m in model.named_modules()
         ]
-        self._options = _model_options((name, m) for name, m, _, _ in self._tree)
+        self._options = [
+            (name, m, k, (v, _freeze(v)))
+            for name, m, k, v in _model_options((name, m) for name, m, _, _ in self._tree)
+        ]
+        self._calls += [(name, m, _call_state(m)) for name, m, _, _ in self._tree]
+        self._global = _global_state()
         self._watch_new(_module_tensors([(name, m) for name, m, _, _ in self._tree]))
 
     def watch_loss(self, loss_func: object) -> None:
@@ -207,6 +266,11 @@ class ParameterSnapshot:
         if not isinstance(loss_func, nn.Module):
             return
         self._loss = (loss_func, _options(loss_func))
+        self._calls += [
+            (f"the loss's {name}" if name else "the loss", m, _call_state(m))
+            for name, m in loss_func.named_modules()
+        ]
+        self._global = _global_state()
         self._watch_new(_module_tensors(loss_func.named_modules(), "the loss's "))
 
     def watch_data(self, **tensors: Tensor) -> None:
@@ -263,7 +327,17 @@ class ParameterSnapshot:
                 what = "switched between train() and eval()" if k == "training" else "set anew"
                 label = f"module '{name}'" if name else "the model"
                 shown = "deleted" if now is _MISSING else repr(now)
-                return f"{label}'s option {k} ({what}: {was!r} -> {shown})"
+                if now is was[0]:  # a list changed in place: the old value is gone
+                    what, shown = "changed in place", f"now {now!r}"
+                    return f"{label}'s option {k} ({what}: {shown})"
+                return f"{label}'s option {k} ({what}: {was[0]!r} -> {shown})"
+        for name, m, state in self._calls:
+            if _call_state(m) != state:
+                label = name if name.startswith("the loss") else f"module '{name}'"
+                label = label if name else "the model"
+                return f"{label} (a hook or a forward set on it was added or removed)"
+        if self._global is not None and _global_state() != self._global:
+            return "torch's global module hooks (register_module_forward_hook, ...)"
         if self._loss is not None and not _same_options(_options(self._loss[0]), self._loss[1]):
             return "the loss's options (reduction, weights, ...)"
         for s, meta in zip(self.sources, self._meta, strict=True):
