@@ -11,7 +11,10 @@ Found by this review, silent before (``H @ v`` 7 % to 67 % off, no error), fixed
 ``staleness.py``: a forward hook or pre-hook registered on a module after the build, a
 ``forward`` assigned on a module instance, a hook on the loss module, torch's global module
 hooks (``register_module_forward_hook``), and a list-valued option changed in place
-(``nn.Unflatten(1, [2, 3]).unflattened_size``). Spurious refusal fixed: an equal tuple set
+(``nn.Unflatten(1, [2, 3]).unflattened_size``) or a tensor option refilled in place
+(``Softplus(beta=torch.tensor(2.0))``), and the options of a user's subclass of a torch
+class that keeps torch's ``forward`` (``class MyLeaky(nn.LeakyReLU)``, a subclassed loss),
+which were not watched at all. Spurious refusal fixed: an equal tuple set
 anew (``conv.padding = (1,)``) was refused, tuples being compared by identity.
 
 Left (strict ``xfail``): the attributes of a user's own module class, ``training`` included,
@@ -150,6 +153,47 @@ def test_list_option_changed_in_place_refuses() -> None:
         H @ _v(H.num_params)
 
 
+class _MyLeaky(nn.LeakyReLU):
+    """A user's subclass that keeps torch's forward: hessinv evaluates it as LeakyReLU."""
+
+
+class _MyMSE(nn.MSELoss):
+    pass
+
+
+OPTION_CHANGES = {
+    "subclass of LeakyReLU, slope": (
+        lambda: _mlp(_MyLeaky(0.1)),
+        nn.MSELoss,
+        lambda m, _: setattr(m[1], "negative_slope", 0.5),
+    ),
+    "subclass of MSELoss, reduction": (
+        _mlp,
+        _MyMSE,
+        lambda _, loss: setattr(loss, "reduction", "sum"),
+    ),
+    "tensor option refilled in place": (
+        lambda: _mlp(nn.Softplus(beta=torch.tensor(2.0, dtype=DT))),
+        nn.MSELoss,
+        lambda m, _: m[1].beta.fill_(1.0),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(OPTION_CHANGES))
+def test_option_changes_refuse(name: str) -> None:
+    """Silent before this review: ``H @ v`` 36 % / 90 % / 59 % off, no error."""
+    make, make_loss, change = OPTION_CHANGES[name]
+    model, loss = make(), make_loss()
+    _exact_or_stale(model, loss, change)
+    X, y = _data()
+    model, loss = make(), make_loss()
+    H = hessinv.Hessian(model, loss, X, y, progress=False)
+    change(model, loss)
+    with pytest.raises(StaleOperatorError, match="option"):
+        H @ _v(H.num_params)
+
+
 @pytest.mark.xfail(
     strict=True,
     reason="known limit: a user's module class's attributes are not watched (they may be "
@@ -210,6 +254,27 @@ def test_no_false_stale(cls: type, name: str) -> None:
     before = H @ v
     NOT_CHANGES[name](model)
     assert torch.equal(H @ v, before)
+
+
+def test_user_module_state_changed_by_a_call_not_stale() -> None:
+    """A traced user's module counting its calls: a forward pass is no change."""
+
+    class Counting(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.calls = nn.Linear(3, 4), nn.Linear(4, 2), 0
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.calls += 1
+            return self.b(torch.tanh(self.a(x)))
+
+    torch.manual_seed(0)
+    model = Counting().to(DT)
+    X, y = _data()
+    H = hessinv.Hessian(model, nn.MSELoss(), X, y, progress=False)
+    before = H @ _v(H.num_params)
+    model(X)
+    assert torch.equal(H @ _v(H.num_params), before)
 
 
 def test_traced_model_eval_and_forward_not_stale_and_exact() -> None:

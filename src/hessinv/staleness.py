@@ -45,16 +45,37 @@ def _options(m: nn.Module) -> list[tuple[str, tuple[object, object]]]:
     return [(f"{name}.{k}", (v, _freeze(v))) for name, _, k, v in _model_options(m.named_modules())]
 
 
+class _TensorValue:
+    """A copy of a tensor option, equal to another of the same bits, shape, dtype, device."""
+
+    __slots__ = ("t",)
+    __hash__ = None  # type: ignore[assignment]
+
+    def __init__(self, t: Tensor) -> None:
+        self.t = t.detach().clone()
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, _TensorValue):
+            return False
+        a, b = self.t, other.t
+        if (a.shape, a.dtype, a.device) != (b.shape, b.dtype, b.device):
+            return False
+        bits = _BITS.get(a.element_size(), torch.uint8)
+        return torch.equal(a.reshape(-1).view(bits), b.reshape(-1).view(bits))
+
+
 def _freeze(v: object) -> object:
     """A copy of an option compared by value: a plain value, or tuples/lists of them.
 
     ``(type, value)``, nested for a tuple, list or ``torch.Size`` (a list such
     as ``Unflatten.unflattened_size`` may be changed in place, which an identity
-    check never sees; an equal tuple set anew is no change); ``None`` for
-    anything else, which is compared by identity.
+    check never sees; an equal tuple set anew is no change), a tensor's bits
+    (:class:`_TensorValue`); ``None`` for anything else, compared by identity.
     """
     if type(v) in _PLAIN_OPTION:
         return (type(v), v)
+    if isinstance(v, Tensor):  # (Softplus(beta=torch.tensor(2.0)), refilled in place)
+        return _TensorValue(v)
     if type(v) in (tuple, list, torch.Size):
         items = tuple(_freeze(x) for x in v)  # type: ignore[attr-defined]
         if all(i is not None for i in items):
@@ -113,6 +134,25 @@ _TRAINING_DEPENDENT = (nn.modules.batchnorm._NormBase, nn.modules.dropout._Dropo
 _MISSING = object()
 
 
+def _runs_torch_forward(cls: type) -> bool:
+    """A call of ``cls`` runs only torch's code: a ``torch.nn`` class, or a subclass of one.
+
+    The subclass must inherit ``forward`` and ``__call__`` from its first
+    ``torch.nn`` base other than ``nn.Module`` (a user's ``nn.Module`` is not one).
+    """
+    if cls.__module__.startswith("torch.nn."):
+        return True
+    base = next(
+        (b for b in cls.__mro__ if b.__module__.startswith("torch.nn.") and b is not nn.Module),
+        None,
+    )
+    return (
+        base is not None
+        and getattr(cls, "forward", None) is getattr(base, "forward", None)
+        and cls.__call__ is base.__call__
+    )
+
+
 def _model_options(
     modules: Iterable[tuple[str, nn.Module]],
 ) -> list[tuple[str, nn.Module, str, object]]:
@@ -120,14 +160,17 @@ def _model_options(
 
     The public attributes of ``torch.nn`` classes (``negative_slope``,
     ``alpha``, ``eps``, ``padding``, ...), which their ``forward`` reads, and
-    ``training`` where it changes ``forward`` (:data:`_TRAINING_DEPENDENT`). A
-    user's module class is left out: its attributes may be state of its own
-    (a call counter) that a call of the model changes.
+    ``training`` where it changes ``forward`` (:data:`_TRAINING_DEPENDENT`);
+    also of a user's subclass that keeps its torch base's call
+    (:func:`_runs_torch_forward`: ``class MyLeaky(nn.LeakyReLU): pass``, which
+    hessinv evaluates as that base). A user's module class with a ``forward``
+    of its own is left out: its attributes may be state of its own (a call
+    counter) that a call of the model changes.
     """
     return [
         (name, m, k, v)
         for name, m in modules
-        if type(m).__module__.startswith("torch.nn.")
+        if _runs_torch_forward(type(m))
         for k, v in vars(m).items()
         if not k.startswith("_") and (k != "training" or isinstance(m, _TRAINING_DEPENDENT))
     ]
