@@ -323,6 +323,11 @@ def _stale():
     model[1].negative_slope = 0.3  # another function, the same weights
     with pytest.raises(hessinv.StaleOperatorError, match="option negative_slope"):
         H5 @ torch.ones(H5.num_params, dtype=DT)
+    model = _mlp(nn.Tanh())
+    H6 = _hessian(model)
+    model[1].register_forward_hook(lambda m, i, o: 2 * o)  # another function, the same weights
+    with pytest.raises(hessinv.StaleOperatorError, match="a hook or a forward"):
+        H6 @ torch.ones(H6.num_params, dtype=DT)
     H @ torch.ones(H.num_params, dtype=DT)
 
 
@@ -424,8 +429,8 @@ CASES = {
     "in-place edits), a submodule replaced, added or removed, `X` / `y` (or `z0`) changed in "
     "place, or the loss module's weights or options (`reduction`, `label_smoothing`, ...) "
     "changed, an option of a torch module set anew (`negative_slope`, `alpha`, `eps`, ...) or "
-    "a BatchNorm or Dropout switched between `train()` and `eval()`, or a module's class "
-    "swapped": _stale,
+    "a BatchNorm or Dropout switched between `train()` and `eval()`, a module's class swapped, "
+    "or a hook or `forward` set on a module (or torch's global module hooks)": _stale,
     "a `torch.jit` (scripted or traced) or `torch.compile` wrapper": _compiled,
     "`H + damping I` singular (e.g. a small batch, `damping=0`)": _singular,
     '`method="lifted"` where the lifted system is far worse conditioned than `H + dI` '
