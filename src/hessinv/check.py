@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from .derivatives import StageBlocks, stage_blocks
+from .grad_mode import recording
 from .hessian import Hessian
 from .pipeline import Stage, flatten_params, unflatten_params
 
@@ -106,6 +107,7 @@ def _first(stage: Stage, z: Tensor, x: Tensor, cot: Tensor | None) -> tuple[Tens
     return gs[0].reshape(z.shape[0], -1), torch.cat([t.reshape(-1) for t in gs[1:]])
 
 
+@recording
 def check_stage(
     stage: Stage,
     z: Tensor,

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from .derivatives import StageBlocks
 from .errors import check_finite
 from .gc_pause import paused_gc
+from .grad_mode import check_not_inference, normal_tensor, recording
 from .mixing import check_no_mixing
 from .operator import LinearOperator
 from .pipeline import Pipeline, Stage
@@ -99,6 +100,7 @@ class Hessian(Solves, LinearOperator):
             return super().__new__(data_operator_class(cls))
         return super().__new__(cls)
 
+    @recording
     @paused_gc
     def __init__(
         self,
@@ -123,7 +125,8 @@ class Hessian(Solves, LinearOperator):
             raise ValueError(f"X has {X.shape[0]} samples but y has {y.shape[0]}")
         if y.dtype.is_floating_point and not torch.isfinite(y).all():
             raise ValueError("y contains NaN or Inf")
-        stages, z0 = stages_for_model(model, loss_func, X, y, params)
+        stages, z0 = stages_for_model(model, loss_func, normal_tensor(X), normal_tensor(y), params)
+        check_not_inference(model.named_parameters())  # (after the lazy-module refusals)
         self._init(
             Pipeline(stages, z0),
             generic=generic,
@@ -160,7 +163,7 @@ class Hessian(Solves, LinearOperator):
         """
         self = cls.__new__(cls)
         self._init(
-            Pipeline(stages, z0),
+            Pipeline(stages, normal_tensor(z0)),
             generic=generic,
             check_mixing=check_mixing,
             max_memory=max_memory,
@@ -193,6 +196,7 @@ class Hessian(Solves, LinearOperator):
             pipeline.device,
         )
 
+    @recording
     @paused_gc
     def _init(
         self,
@@ -204,6 +208,11 @@ class Hessian(Solves, LinearOperator):
         progress: ProgressArg = True,
     ) -> None:
         self.progress = check_progress(progress)
+        check_not_inference(
+            (f"{j} of stage {i}", p)
+            for i, st in enumerate(pipeline.stages)
+            for j, p in enumerate(st.params)
+        )
         self.pipeline = pipeline
         self.layout = Layout(tuple(pipeline.param_shapes), pipeline.dtype, pipeline.device)
         self.max_memory = max_memory
