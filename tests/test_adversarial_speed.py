@@ -39,13 +39,52 @@ def _dense(model, loss, X, y) -> torch.Tensor:
     return torch.func.hessian(f)(x0).detach()
 
 
-def _assert_matches_dense(H: hessinv.Hessian, Hd: torch.Tensor, d: float, *, solve=True) -> None:
-    """hvp, inertia, logdet and (when regular) solve of ``H + dI`` against ``Hd + dI``."""
+def _spread(model, loss, X, y, Hd: torch.Tensor) -> float:
+    """The dense reference's own error: ``max ||Hd(x~) - Hd(x)||_2`` over parameters ``x~``
+    within a relative ``eps`` of ``x`` (two random draws).
+
+    A backward-stable evaluation of ``H`` is exact at some point that close, so
+    no float64 evaluation can be trusted beyond this. It is far above ``W eps
+    ||H||`` where the forward pass cancels: a LayerNorm over two features at
+    batch 1 moved ``H`` by about 2000 eps ``||H||`` under such perturbations,
+    and torch's autodiff variants and hessinv were each about 1300-1900 eps
+    ``||H||`` from a 60-digit reference there.
+    """
+    f, x0 = reference_loss_fn(model, loss, X, y)
+    gen = torch.Generator().manual_seed(11)
+    out = 0.0
+    for _ in range(2):
+        xp = x0 * (1 + EPS * (2 * torch.rand(x0.shape, generator=gen, dtype=DT) - 1))
+        hp = torch.func.hessian(f)(xp).detach()
+        out = max(out, float(torch.linalg.matrix_norm(hp - Hd, 2)))
+    return out
+
+
+def _assert_matches_dense(
+    H: hessinv.Hessian, Hd: torch.Tensor, d: float, *, solve=True, spread=None
+) -> None:
+    """hvp, inertia, logdet and (when regular) solve of ``H + dI`` against ``Hd + dI``.
+
+    ``spread``: a callable giving :func:`_spread` of the reference, called only
+    where a check fails without it (then the check is retried with that error
+    added to its tolerance).
+    """
+    cached: list[float] = []
+
+    def ref_err() -> float:
+        if spread is None:
+            return 0.0
+        if not cached:
+            cached.append(spread())
+        return cached[0]
+
     W = Hd.shape[0]
     gen = torch.Generator().manual_seed(7)
     V = torch.randn(W, 3, generator=gen, dtype=DT)
     n_h = float(torch.linalg.matrix_norm(Hd, 2)) or 1.0
-    assert float((H @ V - Hd @ V).norm()) <= 64 * W * EPS * n_h * float(V.norm())
+    off = float((H @ V - Hd @ V).norm())
+    bound = 64 * W * EPS * n_h * float(V.norm())
+    assert off <= bound or off <= bound + 4 * ref_err() * float(V.norm())
     A = Hd + d * torch.eye(W, dtype=DT)
     e = torch.linalg.eigvalsh(A)
     n_a = float(e.abs().max())
@@ -54,6 +93,8 @@ def _assert_matches_dense(H: hessinv.Hessian, Hd: torch.Tensor, d: float, *, sol
         return  # signs not decidable from the reference: nothing asserted
     ref = (int((e > 0).sum()), int((e < 0).sum()), 0)
     F = H.factor(d, method="lifted")
+    if tuple(F.inertia()) != ref and float(e.abs().min()) <= 1e3 * (err + 2 * ref_err()):
+        return  # undecidable once the reference's spread is counted
     assert tuple(F.inertia()) == ref
     sign, logabs = F.logdet()
     r_sign, r_log = torch.linalg.slogdet(A)
@@ -62,8 +103,9 @@ def _assert_matches_dense(H: hessinv.Hessian, Hd: torch.Tensor, d: float, *, sol
     if solve:
         g = torch.randn(W, 2, generator=gen, dtype=DT)
         x = F.solve(g)
-        eta = (A @ x - g).norm(dim=0) / (n_a * x.norm(dim=0) + g.norm(dim=0))
-        assert float(eta.max()) <= 64 * EPS
+        eta = float(((A @ x - g).norm(dim=0) / (n_a * x.norm(dim=0) + g.norm(dim=0))).max())
+        # against Hd, x's backward error includes ||H - Hd|| / ||A|| (<= 2 spreads)
+        assert eta <= 64 * EPS or eta <= 64 * EPS + 4 * ref_err() / n_a
 
 
 def _mlp(d_in: int, h: int, d_out: int, *tail: nn.Module, seed: int = 0) -> nn.Sequential:
@@ -419,7 +461,8 @@ def test_random_pipelines_against_dense(
 
     H = hessinv.Hessian(model, loss, X, y)
     d = rel_damping * curvature_scale(H.blocks, 0.0)
-    _assert_matches_dense(H, _dense(model, loss, X, y), d)
+    Hd = _dense(model, loss, X, y)
+    _assert_matches_dense(H, Hd, d, spread=lambda: _spread(model, loss, X, y, Hd))
 
 
 class _MixAllButFirst(nn.Module):
