@@ -268,16 +268,23 @@ class LiftedSystem:
         """Per stage the blocks on the kept basis (shared with the stage Riccati solver)."""
         return self._proj
 
-    def kept_rhs(self, g: Tensor) -> tuple[list[Tensor], list[Tensor]]:
-        """Per stage ``Q_l^T g_l`` (``(k_l, r)``), and per run the same as :meth:`extract` reads."""
-        runs = self._maps.project(g)
-        return [piece[i] for piece in runs for i in range(piece.shape[0])], runs
+    def kept_rhs(self, g: Tensor) -> list[Tensor]:
+        """``Q_l^T g_l`` stacked per run of equal stages (``(n, k_l, r)`` each).
+
+        As :meth:`extract_kept` reads them back; the runs' sizes are :attr:`run_sizes`.
+        """
+        return self._maps.project(g)
+
+    @property
+    def run_sizes(self) -> list[int]:
+        """Stages per run of :meth:`kept_rhs`."""
+        return self._maps.sizes
 
     def extract_kept(
-        self, w: Sequence[Tensor], g: Tensor, n_full: int, projections: list[Tensor]
+        self, w: list[Tensor], g: Tensor, n_full: int, projections: list[Tensor]
     ) -> Tensor:
-        """:meth:`extract` from per-stage kept solutions ``w_l`` (``(k_l, r)``)."""
-        return self._maps.extract(w, g, self.damping, n_full, projections)
+        """:meth:`extract` from kept solutions ``w_l`` stacked per run (as :meth:`kept_rhs`)."""
+        return self._maps.extract_runs(w, g, self.damping, n_full, projections)
 
     def project_kept(self, g: Tensor) -> Tensor:
         """``Q_l Q_l^T g_l`` per stage: the part of ``g`` in the kept directions."""

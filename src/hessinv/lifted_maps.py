@@ -151,10 +151,26 @@ class BasisMaps:
         part ``Q_l w_l`` only (the solve restricted to the kept directions,
         defined also for ``d = 0``).
         """
+        ws = [torch.stack([x[i][: run.k] for i in range(run.first, run.first + run.n)])
+              for run in self.runs]  # fmt: skip
+        return self.extract_runs(ws, g, damping, n_full, projections)
+
+    @property
+    def sizes(self) -> list[int]:
+        """Stages per run."""
+        return [run.n for run in self.runs]
+
+    def extract_runs(
+        self,
+        ws: list[Tensor],
+        g: Tensor,
+        damping: float,
+        n_full: int,
+        projections: list[Tensor] | None = None,
+    ) -> Tensor:
+        """:meth:`extract` from ``w_l`` stacked per run (``ws[i]``: ``(n, k, r)``)."""
         out = []
-        for i_run, run in enumerate(self.runs):
-            stages = range(run.first, run.first + run.n)
-            w = torch.stack([x[i][: run.k] for i in stages])  # (n, k, r)
+        for i_run, (run, w) in enumerate(zip(self.runs, ws, strict=True)):
             if run.qs is None:
                 out.append(w.reshape(run.n * run.p, w.shape[-1]))
                 continue

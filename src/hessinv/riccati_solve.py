@@ -60,7 +60,7 @@ from .lifted_bases import Projected
 from .progress import ProgressArg, progress_bar
 from .riccati import _sym, stage_coupling, stage_pivot
 from .riccati_fused import FusedOut, StageParts, free_update, fused_inputs, fused_outputs
-from .riccati_sweeps import StageFactor, basis_groups, solve_sweeps, sweep_runs
+from .riccati_sweeps import StageFactor, basis_groups, repartition, solve_sweeps, sweep_runs
 from .stage_split import split_stage
 
 
@@ -257,7 +257,25 @@ class StageRiccati:
         The sweeps of the module doc, batched over runs of equal stages
         (:func:`hessinv.riccati_sweeps.solve_sweeps`).
         """
-        return solve_sweeps(self.stages, self.runs, list(b), self.damping, self.groups)
+        out = self.solve_runs([torch.stack(b[r.lo : r.hi]) for r in self.runs], self.run_sizes)
+        return [t for w in out for t in w.unbind(0)]
+
+    @property
+    def run_sizes(self) -> list[int]:
+        """Stages per :class:`~hessinv.riccati_sweeps.SweepRun`."""
+        return [r.hi - r.lo for r in self.runs]
+
+    def solve_runs(self, parts: list[Tensor], sizes: list[int]) -> list[Tensor]:
+        """:meth:`solve` of ``b`` stacked per run of ``sizes`` stages; ``w`` stacked alike.
+
+        ``parts[i]``: ``(sizes[i], k, r)``, the right-hand sides of a run of
+        equal stages (as :meth:`hessinv.lifted.LiftedSystem.kept_rhs` gives
+        them): no per-stage tensors on the way in or out.
+        """
+        own = self.run_sizes
+        bs = repartition(parts, sizes, own)
+        ws = solve_sweeps(self.stages, self.runs, bs, self.damping, self.groups)
+        return repartition(ws, own, sizes)
 
 
 def _stage_parts(b: StageBlocks, pr: Projected, damping: float, last: bool) -> StageParts:

@@ -50,7 +50,7 @@ class StageFactor:
     StageRiccati`).
     """
 
-    __slots__ = ("basis", "closed", "free", "gain", "jx", "lu", "piv", "qvv")
+    __slots__ = ("basis", "closed", "closed_t", "free", "gain", "jx", "lu", "piv", "qvv")
 
     def __init__(
         self,
@@ -65,6 +65,7 @@ class StageFactor:
     ) -> None:
         self.qvv, self.lu, self.piv = qvv, lu, piv
         self.gain, self.jx, self.closed = gain, jx, closed
+        self.closed_t: Tensor | None = None  # A_l^T, row-major (set by sweep_runs)
         self.basis, self.free = basis, free
 
     @property
@@ -112,6 +113,8 @@ class SweepRun:
     rz: int
     free: int = 0  # per stage, the trailing rows whose pivot is d
     bias: bool = False  # split stages: the layer's bias (idx is not the identity)
+    jx_t: Tensor | None = None  # jx^T and gain^T, row-major for a run of small stages
+    gain_t: Tensor | None = None
 
 
 def sweep_runs(stages: list[StageFactor]) -> list[SweepRun]:
@@ -125,18 +128,31 @@ def sweep_runs(stages: list[StageFactor]) -> list[SweepRun]:
         run = stages[lo:hi]
         lu, piv = stack_attribute(run, "lu"), stack_attribute(run, "piv")
         gain, jx = stack_attribute(run, "gain"), stack_attribute(run, "jx")
-        stack_attribute(run, "closed")
+        closed = stack_attribute(run, "closed")
+        small = run[0].numel() <= STACK_MAX
+        if closed is not None:
+            for st, ct in zip(run, _transposed(closed, small).unbind(0), strict=True):
+                st.closed_t = ct
         sp = run[0].basis
         qc = idx = inv_idx = None
         rz, bias = 0, False
         if sp is not None:
             qc = torch.stack([st.basis.qc for st in run])  # type: ignore[union-attr]
             idx, inv_idx, rz, bias = sp.idx, sp.inv_idx, sp.rz, sp.bias
+        jx_t, gain_t = _transposed(jx, small), _transposed(gain, small)
         runs.append(
-            SweepRun(lo, hi, run[0].r, lu, piv, gain, jx, qc, idx, inv_idx, rz, run[0].free, bias)  # type: ignore[arg-type]
-        )
+            SweepRun(lo, hi, run[0].r, lu, piv, gain, jx, qc, idx, inv_idx, rz, run[0].free,
+                     bias, jx_t, gain_t)  # type: ignore[arg-type]
+        )  # fmt: skip
         lo = hi
     return runs
+
+
+def _transposed(t: Tensor | None, copy: bool) -> Tensor | None:
+    """``t^T`` per stage: a row-major copy for small stages (module doc), else a view."""
+    if t is None:
+        return None
+    return t.mT.contiguous() if copy else t.mT
 
 
 @dataclass
@@ -188,63 +204,84 @@ def _sizes(runs: list[SweepRun]) -> list[int]:
     return [r.hi - r.lo for r in runs]
 
 
+def repartition(parts: list[Tensor], sizes: list[int], to: list[int]) -> list[Tensor]:
+    """Tensors stacked per run of ``sizes`` stages, restacked per run of ``to`` stages.
+
+    The same tensors when the partitions agree (the usual case: a network's
+    runs of equal stages are the same for the bases and for the factors).
+    """
+    if sizes == to:
+        return parts
+    flat = [t for part in parts for t in part.unbind(0)]
+    out, i = [], 0
+    for n in to:
+        out.append(torch.stack(flat[i : i + n]))
+        i += n
+    return out
+
+
 def solve_sweeps(
     stages: list[StageFactor],
     runs: list[SweepRun],
-    b: list[Tensor],
+    bs: list[Tensor],
     damping: float,
     groups: list[BasisGroup] | None = None,
 ) -> list[Tensor]:
-    """``w = (Q^T (H + dI) Q)^{-1} b`` per stage (module doc), ``b_l`` of shape ``(p_l, k)``.
+    """``w = (Q^T (H + dI) Q)^{-1} b`` (module doc), stacked per run.
 
-    ``groups``: :func:`basis_groups` of ``runs`` (computed when not given).
+    ``bs[i]``: the ``b_l`` of run ``i``'s stages, ``(hi - lo, p_l, k)``; the
+    solution comes in the same form. ``groups``: :func:`basis_groups` of
+    ``runs`` (computed when not given).
     """
     n_st = len(stages)
     if groups is None:
         groups = basis_groups(runs)
-    kb: list[Tensor] = [None] * n_st  # type: ignore[list-item]
-    bbs: list[Tensor] = [None] * len(runs)  # type: ignore[list-item]
+    bbs: list[Tensor] = list(bs)
     for grp in groups:  # into the split basis, a group at a time
         rs = runs[grp.lo : grp.hi]
-        x = torch.stack(b[rs[0].lo : rs[-1].hi])
+        x = bs[grp.lo] if grp.hi - grp.lo == 1 else torch.cat(bs[grp.lo : grp.hi])
         y = kron_to_basis(grp.qc, grp.idx, grp.rz, x)
-        bbs[grp.lo : grp.hi] = y.split(_sizes(rs))
-    for i, run in enumerate(runs):
-        bb = bbs[i]
-        if bb is None:
-            bb = bbs[i] = torch.stack(b[run.lo : run.hi])
+        bbs[grp.lo : grp.hi] = y.split(_sizes(rs)) if grp.hi - grp.lo > 1 else [y]
+    # the sweeps in row form (each right-hand side a row, ``b^T``): a product with
+    # few columns is fastest as rows times a row-major matrix (module doc)
+    rows = [bb.mT for bb in bbs]  # (R, k, p) views
+    kb: list[Tensor] = [None] * n_st  # type: ignore[list-item]  # (K_l^T b_l)^T
+    for run, bt in zip(runs, rows, strict=True):
         if run.gain is not None:
-            kb[run.lo : run.hi] = torch.bmm(run.gain.mT, bb).unbind(0)
-    sv: list[Tensor | None] = [None] * n_st  # sv[l]: s at stage l's output
+            kb[run.lo : run.hi] = torch.bmm(bt, run.gain).unbind(0)
+    sv: list[Tensor | None] = [None] * n_st  # sv[l]: s^T at stage l's output
     s: Tensor | None = None
     for l in range(n_st - 1, 0, -1):  # noqa: E741
         sv[l] = s
-        s = kb[l] if s is None else torch.addmm(kb[l], stages[l].closed.mT, s)
+        s = kb[l] if s is None else torch.addmm(kb[l], s, stages[l].closed)
     sv[0] = s
-    ks: list[Tensor] = []  # per run: k (R, r, k), the LU-factored rows
+    ks: list[Tensor] = []  # per run: k^T (R, k, r), from the LU-factored rows
     jk: list[Tensor] = [None] * n_st  # type: ignore[list-item]
-    for run, bb in zip(runs, bbs, strict=True):
-        q = -bb[:, : run.r]
+    for run, bt in zip(runs, rows, strict=True):
+        q = -bt[..., : run.r]
         if run.jx is not None:
-            q = torch.baddbmm(q, run.jx.mT, torch.stack(sv[run.lo : run.hi]))  # type: ignore[arg-type]
-        kr = torch.linalg.lu_solve(run.lu, run.piv, q) if run.r else q
+            q = torch.baddbmm(q, torch.stack(sv[run.lo : run.hi]), run.jx)  # type: ignore[arg-type]
+        kr = torch.linalg.lu_solve(run.lu, run.piv, q.mT).mT if run.r else q
         if run.jx is not None:
-            jk[run.lo : run.hi] = torch.bmm(run.jx, kr).unbind(0)
+            jk[run.lo : run.hi] = torch.bmm(kr, run.jx_t).unbind(0)
         ks.append(kr)
-    us: list[Tensor | None] = [None] * n_st  # us[l]: the state entering stage l
+    us: list[Tensor | None] = [None] * n_st  # us[l]: u^T entering stage l
     u: Tensor | None = None
     for l in range(n_st - 1):  # noqa: E741
-        u = -jk[l] if u is None else torch.addmm(jk[l], stages[l].closed, u, beta=-1.0)
+        u = -jk[l] if u is None else torch.addmm(jk[l], u, stages[l].closed_t, beta=-1.0)
         us[l + 1] = u
     ws: list[Tensor] = []
-    for run, bb, kr in zip(runs, bbs, ks, strict=True):
+    for run, bt, kr in zip(runs, rows, ks, strict=True):
         if run.free:
-            kr = torch.cat([kr, -bb[:, run.r :] / damping], dim=1)
+            kr = torch.cat([kr, -bt[..., run.r :] / damping], dim=-1)
         w = -kr
         if run.gain is not None:
-            w = torch.baddbmm(w, run.gain, torch.stack(us[run.lo : run.hi]), alpha=-1.0)  # type: ignore[arg-type]
-        ws.append(w)
+            w = torch.baddbmm(w, torch.stack(us[run.lo : run.hi]), run.gain_t, alpha=-1.0)  # type: ignore[arg-type]
+        ws.append(w.mT)
     for grp in groups:  # out of the split basis, a group at a time
-        w = kron_from_basis(grp.qc, grp.inv_idx, grp.rz, torch.cat(ws[grp.lo : grp.hi]))
-        ws[grp.lo : grp.hi] = w.split(_sizes(runs[grp.lo : grp.hi]))
-    return [t for w in ws for t in w.unbind(0)]
+        one = grp.hi - grp.lo == 1
+        w = kron_from_basis(
+            grp.qc, grp.inv_idx, grp.rz, ws[grp.lo] if one else torch.cat(ws[grp.lo : grp.hi])
+        )
+        ws[grp.lo : grp.hi] = [w] if one else w.split(_sizes(runs[grp.lo : grp.hi]))
+    return ws

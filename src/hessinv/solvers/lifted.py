@@ -295,9 +295,9 @@ class LiftedFactorization(LiftedInertia, Factorization):
 
     def _stage_apply(self, g: Tensor, n_full: int) -> Tensor:
         """The stage elimination's solve; the first ``n_full`` columns get the dropped part."""
-        rhs, runs = self.system.kept_rhs(g)
-        w = self.stage_solver.solve(rhs)
-        return self.system.extract_kept(w, g, n_full, runs)
+        rhs = self.system.kept_rhs(g)
+        w = self.stage_solver.solve_runs(rhs, self.system.run_sizes)
+        return self.system.extract_kept(w, g, n_full, rhs)
 
     def _apply(self, g: Tensor) -> Tensor:
         if self._stages_serve():
