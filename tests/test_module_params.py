@@ -52,3 +52,25 @@ def test_first_repeat_names_the_first_two_places_of_one_tensor():
     assert first_repeat(listed) == ("1.weight", "2.weight")
     assert first_repeat(listed, trainable_only=True) == ("3.weight", "5.weight")
     assert first_repeat(model_parameters(model)) is None
+
+
+def test_walk_memo_walks_once_and_keeps_models_apart(monkeypatch) -> None:  # noqa: ANN001
+    """Inside ``walk_memo`` a model is walked once per flag, with the lists torch gives;
+    another model (or the same one after the block) is walked afresh."""
+    import hessinv.module_params as mp  # noqa: PLC0415
+
+    calls: list[int] = []
+    walk = mp._walk_parameters
+    monkeypatch.setattr(mp, "_walk_parameters", lambda m, r: calls.append(1) or walk(m, r))
+    a = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Tanh(), torch.nn.Linear(3, 1))
+    b = torch.nn.Sequential(torch.nn.Linear(4, 1))
+    with mp.walk_memo():
+        for _ in range(3):
+            for flag in (True, False):
+                got = mp.model_parameters(a, remove_duplicate=flag)
+                assert got == list(a.named_parameters(remove_duplicate=flag))
+                got.clear()  # a copy: the memo is not the caller's list
+        assert mp.model_parameters(b) == list(b.named_parameters())
+    assert len(calls) == 3
+    mp.model_parameters(a)
+    assert len(calls) == 4

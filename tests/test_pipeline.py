@@ -302,3 +302,27 @@ def test_all_parameters_lists_what_named_parameters_lists():
         assert [n for n, _ in got] == [n for n, _ in ref], m
         assert all(a is b for (_, a), (_, b) in zip(got, ref, strict=True))
         assert [n for n, _ in trainable(m)] == [n for n, p in ref if p.requires_grad]
+
+
+@pytest.mark.parametrize("cat_max", [1 << 22, 0], ids=["one-concatenation", "per-stage-sums"])
+def test_non_finite_stage_output_is_named(cat_max: int, monkeypatch) -> None:  # noqa: ANN001
+    """The first stage whose output has a NaN or an Inf is named, by either route of the
+    check; a stage output whose sum overflows (finite entries) is not refused."""
+    import hessinv.pipeline as pipeline_mod  # noqa: PLC0415
+
+    monkeypatch.setattr(pipeline_mod, "FINITE_CAT_MAX", cat_max)
+    X = torch.randn(3, 2, dtype=DT)
+
+    def run(fn) -> None:  # noqa: ANN001
+        stages = [
+            Stage(lambda z, ps: z * ps[0], (torch.ones(2, dtype=DT),)),
+            Stage(lambda z, ps: fn(z), ()),
+            Stage(lambda z, ps: (torch.tanh(z) * ps[0]).sum(), (torch.ones(2, dtype=DT),)),
+        ]
+        hessinv.Hessian.from_stages(stages, X, check_mixing=False)
+
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        with pytest.raises(ValueError, match=r"^stage 1 produced NaN or Inf"):
+            run(lambda z, bad=bad: z + torch.tensor([0.0, bad], dtype=DT))
+    big = torch.finfo(DT).max
+    run(lambda z: z * 0 + big)  # each entry finite, their sum inf: no refusal

@@ -30,6 +30,7 @@ from .errors import check_finite
 from .gc_pause import paused_gc
 from .grad_mode import check_not_inference, normal_tensor, recording
 from .mixing import check_no_mixing
+from .module_params import model_parameters, walk_memo
 from .operator import LinearOperator
 from .pipeline import Pipeline, Stage
 from .products import StageRun, compute_blocks, gradient, hvp, stage_runs
@@ -125,8 +126,11 @@ class Hessian(Solves, LinearOperator):
             raise ValueError(f"X has {X.shape[0]} samples but y has {y.shape[0]}")
         if y.dtype.is_floating_point and not torch.isfinite(y).all():
             raise ValueError("y contains NaN or Inf")
-        stages, z0 = stages_for_model(model, loss_func, normal_tensor(X), normal_tensor(y), params)
-        check_not_inference(model.named_parameters())  # (after the lazy-module refusals)
+        with walk_memo():  # the model checks walk its parameters once
+            stages, z0 = stages_for_model(
+                model, loss_func, normal_tensor(X), normal_tensor(y), params
+            )
+            check_not_inference(model_parameters(model))  # (after the lazy-module refusals)
         self._init(
             Pipeline(stages, z0),
             generic=generic,

@@ -9,6 +9,10 @@ visible share of the build (issue #12).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+
 from torch import Tensor, nn
 
 #: The methods behind ``named_parameters`` / ``named_buffers`` that the walks below stand for.
@@ -65,6 +69,27 @@ def _registry(entries: dict[str, Tensor | None]) -> list[tuple[str, Tensor]]:
     return out
 
 
+#: Inside :func:`walk_memo`: the lists :func:`model_parameters` returned, by model and flag.
+_MEMO: ContextVar[dict[tuple[int, bool], tuple[nn.Module, list]] | None] = ContextVar(
+    "hessinv_walk_memo", default=None
+)
+
+
+@contextmanager
+def walk_memo() -> Iterator[None]:
+    """Within the block, :func:`model_parameters` walks each model once per flag.
+
+    For one build of an operator, whose checks (tied weights, tied trainable
+    tensors, the ``params=`` choice, parameters outside every leaf) each ask
+    for the model's parameters, and nothing changes the model in between.
+    """
+    token = _MEMO.set({})
+    try:
+        yield
+    finally:
+        _MEMO.reset(token)
+
+
 def model_parameters(
     model: nn.Module, *, remove_duplicate: bool = True
 ) -> list[tuple[str, Tensor]]:
@@ -75,8 +100,20 @@ def model_parameters(
     a tensor met a second time is skipped. About 4x faster than torch's two
     nested generators, which the checks of a deep chain walk several times.
     A model with a module that overrides the walk (:func:`_plain`) gets
-    torch's own list.
+    torch's own list. Inside :func:`walk_memo`, a model is walked once per flag.
     """
+    memo = _MEMO.get()
+    if memo is None:
+        return _walk_parameters(model, remove_duplicate)
+    key = (id(model), remove_duplicate)
+    hit = memo.get(key)
+    if hit is None or hit[0] is not model:
+        hit = memo[key] = (model, _walk_parameters(model, remove_duplicate))
+    return list(hit[1])
+
+
+def _walk_parameters(model: nn.Module, remove_duplicate: bool) -> list[tuple[str, Tensor]]:
+    """:func:`model_parameters` without the memo."""
     out: list[tuple[str, Tensor]] = []
     seen_modules: set[int] = set()
     seen: set[int] = set()

@@ -112,11 +112,38 @@ def unflatten_params(flat: Tensor, like: Sequence[Tensor]) -> tuple[Tensor, ...]
     return tuple(out)
 
 
-def _first_non_finite(finite: list[Tensor], cause: Exception | None = None) -> None:
-    """Raise naming the first stage whose output had a NaN or an infinity, if any did."""
-    if finite and not bool(torch.stack(finite).all()):
-        i = next(i for i, ok in enumerate(finite) if not bool(ok))
-        raise ValueError(f"stage {i} produced NaN or Inf") from cause
+#: Stage outputs of at most this many numbers in all are checked for NaN and Inf by one
+#: reduction over their concatenation (a copy); larger ones by one sum per stage.
+FINITE_CAT_MAX = 1 << 22
+
+
+def _all_finite(outs: list[Tensor]) -> bool:
+    """Whether every stage output is finite, read on the host once.
+
+    Not one ``isfinite(z).all()`` per stage (about five kernel calls each:
+    0.55 ms at depth 128): one concatenation when the outputs are small, else
+    one sum per stage, which is NaN or infinite when an entry is (an
+    overflowing sum of finite entries only sends the check to the exact one).
+    """
+    outs = [z for z in outs if z.dtype.is_floating_point or z.dtype.is_complex]
+    if not outs:
+        return True
+    dev = outs[0].device
+    if sum(z.numel() for z in outs) <= FINITE_CAT_MAX and all(z.device == dev for z in outs):
+        return bool(torch.isfinite(torch.cat([z.reshape(-1) for z in outs])).all())
+    sums = [z.sum().to(dev, torch.complex128 if z.dtype.is_complex else torch.float64)
+            for z in outs]  # fmt: skip
+    if bool(torch.isfinite(torch.stack(sums)).all()):
+        return True
+    return all(bool(torch.isfinite(z).all()) for z in outs)
+
+
+def _first_non_finite(outs: list[Tensor], cause: Exception | None = None) -> None:
+    """Raise naming the first stage whose output (``outs[i]``) had a NaN or an Inf, if any did."""
+    if _all_finite(outs):
+        return
+    i = next(i for i, z in enumerate(outs) if not bool(torch.isfinite(z).all()))
+    raise ValueError(f"stage {i} produced NaN or Inf") from cause
 
 
 def memory_span(t: Tensor) -> tuple[int, int]:
@@ -257,18 +284,17 @@ class Pipeline:
 
     def _run(self) -> list[Tensor]:
         zs = [self.z0]
-        finite: list[Tensor] = []  # per stage, read on the host once (not a sync per stage)
         try:
             with torch.no_grad():
-                self._stages_forward(zs, finite)
+                self._stages_forward(zs)
         except Exception as e:  # a stage may fail on an earlier stage's NaN: name that first
-            _first_non_finite(finite, e)
+            _first_non_finite(zs[1:], e)
             raise
-        _first_non_finite(finite)
+        _first_non_finite(zs[1:])  # read on the host once (not a sync per stage)
         return zs
 
-    def _stages_forward(self, zs: list[Tensor], finite: list[Tensor]) -> None:
-        """Append each stage's output to ``zs`` and its finiteness (a 0-d tensor) to ``finite``."""
+    def _stages_forward(self, zs: list[Tensor]) -> None:
+        """Append each stage's output to ``zs``."""
         for i, s in enumerate(self.stages):
             z = run_stage(s, zs[-1], i)
             if not isinstance(z, Tensor):
@@ -284,7 +310,6 @@ class Pipeline:
                     "keep the "
                     f"batch of {self.batch_size} in its first dimension"
                 )
-            finite.append(torch.isfinite(z).all())
             zs.append(z.reshape(()) if last else z)
 
     def loss_of_flat(self, flat: Tensor) -> Tensor:
