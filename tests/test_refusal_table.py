@@ -194,6 +194,16 @@ def _dtypes():
     hessinv.Hessian(_mlp(nn.Tanh()), nn.MSELoss(), X.to(torch.complex128), y)
 
 
+def _inference_parameters():
+    X, y = _data()
+    with torch.inference_mode():
+        model = _mlp(nn.Tanh())
+    with pytest.raises(ValueError, match=r"parameter '0\.weight' is an inference tensor"):
+        hessinv.Hessian(model, nn.MSELoss(), X, y)
+    with torch.inference_mode():  # also when built inside the mode
+        hessinv.Hessian(model, nn.MSELoss(), X, y)
+
+
 def _x_not_tensor():
     X, y = _data()
     with pytest.raises(TypeError):
@@ -412,6 +422,9 @@ CASES = {
     "a torch module class with a patched or overridden `forward`, `__call__` or `_call_impl` "
     "(`nn.Tanh.forward = ...`), or torch's global module hooks "
     "(`register_module_forward_hook`)": _patched_class_or_global_hook,
+    "parameters created inside `torch.inference_mode()` (inference tensors)": (
+        _inference_parameters
+    ),
     "float16, bfloat16 or complex parameters, `X` or `y`": _dtypes,
     "`X` that is not a tensor (a dict, a list)": _x_not_tensor,
     "a `forward` torch.fx cannot trace (data-dependent control flow, ...)": _untraceable,
