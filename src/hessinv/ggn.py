@@ -50,6 +50,7 @@ from .derivatives import StageBlocks
 from .errors import LiftedPrecisionWarning
 from .ggn_blocks import ggn_blocks
 from .ggn_split import OutputSplit, network_then_loss, output_split
+from .grad_mode import recording
 from .hessian import Hessian
 from .kernel import (
     GaussNewtonKernel,
@@ -165,7 +166,8 @@ class GaussNewton(Hessian):
         if getattr(self, "_blocks", None) is None:
             self._check_fresh()  # built from the kept forward pass: at the snapshot's parameters
             Hessian._check_block_memory(self, self.pipeline)
-            self._blocks = ggn_blocks(self.pipeline, self._generic)[1]
+            # formed on first use, perhaps inside torch.inference_mode(): autograd must record
+            self._blocks = recording(ggn_blocks)(self.pipeline, self._generic)[1]
         return self._blocks
 
     @blocks.setter

@@ -59,6 +59,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from .grad_mode import recording
 from .model_checks import global_hooks, hooks_of
 from .pipeline import Pipeline, Stage, describe_stage
 
@@ -301,6 +302,7 @@ def _leak(
     return pair, out.detach()
 
 
+@recording  # (autograd records nothing inside torch.inference_mode(): hessinv.grad_mode)
 def check_no_mixing(pipeline: Pipeline, zs: Sequence[Tensor] | None = None) -> None:
     """Raise ``ValueError`` if a stage mixes samples, naming the module that does.
 

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad, jacrev
 
+from ..grad_mode import normal_tensor, recording
 from ..pipeline import flatten_params, unflatten_params
 from .blocks import StageBlocks, comb_jacobian
 from .registry import ModuleDerivatives, register
@@ -119,6 +120,7 @@ def _comb_rows(out: Tensor, z: Tensor, rows: int) -> Tensor:
     return torch.stack(got, dim=1)
 
 
+@recording  # (autograd records nothing inside torch.inference_mode(): hessinv.grad_mode)
 def _parameter_free_blocks(  # noqa: ANN001
     fn,
     z: Tensor,
@@ -141,10 +143,12 @@ def _parameter_free_blocks(  # noqa: ANN001
             s = out.reshape(())
         else:
             out = out.reshape(n, -1)
-            s = (out * cot.reshape(n, -1).detach()).sum()
+            s = (out * normal_tensor(cot).reshape(n, -1).detach()).sum()
         gz = None
         if s.requires_grad:  # else the stage ignores its input: zero derivatives
-            (gz,) = torch.autograd.grad(s, zz, create_graph=second, allow_unused=True)
+            (gz,) = torch.autograd.grad(  # the graph is kept for Jz's rows below
+                s, zz, create_graph=second, retain_graph=not last or second, allow_unused=True
+            )
         gz = torch.zeros_like(zz) if gz is None else gz
         jz = jx = tzz = tzx = None
         if not last:

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import Tensor, nn
 
+from ..grad_mode import recording
 from .cholesky import ShiftedCholesky
 from .curvature import ROUTES, choose_route, dense_spectrum, kernel_spectrum, operator
 from .factored import FactoredSolver
@@ -188,6 +189,7 @@ class Newton(torch.optim.Optimizer):
         return X[idx], y[idx], scale
 
     # -- one step ------------------------------------------------------------------------
+    @recording  # gradients and curvature need autograd, whatever the caller's mode
     def step(self, X: Tensor, y: Tensor) -> float:  # noqa: N803
         """One second-order step on the batch ``(X, y)``; return the loss before it.
 
