@@ -15,6 +15,7 @@ import hessinv
 from hessinv import Stage
 
 DT = torch.float64
+EPS = torch.finfo(DT).eps
 
 
 def _functional_net() -> tuple[list[Stage], torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -127,3 +128,52 @@ def test_newton_step_inside_inference_mode() -> None:
         assert not any(p.is_inference() for p in m.parameters())
     assert out[0][0] == out[1][0]
     assert all(torch.equal(a, b) for a, b in zip(out[0][1], out[1][1], strict=True))
+
+
+def _ln_net(batch: int, seed: int) -> tuple:
+    torch.manual_seed(seed)
+    from torch import nn
+
+    model = nn.Sequential(
+        nn.Linear(3, 2), nn.LayerNorm(2), nn.Tanh(), nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 2)
+    ).to(DT)
+    X = torch.randn(batch, 3, dtype=DT)  # noqa: N806
+    return model, nn.MSELoss(), X, torch.randn(batch, 2, dtype=DT)
+
+
+@pytest.mark.parametrize(("batch", "seed"), [(1, 46), (4, 1)])
+def test_spread_tolerance_still_catches_a_1e10_error(batch: int, seed: int, monkeypatch) -> None:  # noqa: ANN001
+    """``test_adversarial_speed._assert_matches_dense`` with the reference's spread (7514ae4).
+
+    A relative 1e-10 error in one stage's ``Jz`` (an H wrong at 1e-10, every
+    method consistent with it) must still fail it, also for a LayerNorm over
+    two features at batch 1 (seed 46: the spread is ~1200 eps ||H||, the
+    tolerance's largest). Unmutated, the same case passes.
+    """
+    import test_adversarial_speed as speed
+
+    import hessinv.hessian as hessian_module
+
+    model, loss, X, y = _ln_net(batch, seed)  # noqa: N806
+    Hd = speed._dense(model, loss, X, y)  # noqa: N806
+    d = 1e-3 * float(torch.linalg.matrix_norm(Hd, 2))
+    spread = speed._spread(model, loss, X, y, Hd)
+    speed._assert_matches_dense(hessinv.Hessian(model, loss, X, y), Hd, d, spread=lambda: spread)
+    original = hessian_module.compute_blocks
+    hit: list[int] = []
+
+    def mutated(pipeline, **kw):  # noqa: ANN001, ANN003, ANN202
+        loss_value, blocks = original(pipeline, **kw)
+        for b in blocks[1:]:
+            if b.Jz is not None and bool(b.Jz.abs().max() > 0.1):
+                b.Jz.mul_(1 + 1e-10)
+                hit.append(1)
+                break
+        return loss_value, blocks
+
+    monkeypatch.setattr(hessian_module, "compute_blocks", mutated)
+    H = hessinv.Hessian(model, loss, X, y)  # noqa: N806
+    assert hit
+    with pytest.raises(AssertionError):
+        speed._assert_matches_dense(H, Hd, d, spread=lambda: spread)
+    assert spread <= 1e4 * EPS * float(torch.linalg.matrix_norm(Hd, 2))  # the case is honest
