@@ -56,10 +56,7 @@ def test_solves_and_counts_across_modes() -> None:
     negatives = int((ev < 0).sum())
     sign, logabs = torch.linalg.slogdet(a)
     for built_inside in (False, True):
-        if built_inside:
-            with torch.inference_mode():
-                H = hessinv.Hessian(model, loss, X, y)
-        else:
+        with torch.inference_mode(built_inside):
             H = hessinv.Hessian(model, loss, X, y)
         with torch.inference_mode():
             x = H.solve(g, d)
@@ -85,10 +82,7 @@ def test_data_made_inside_inference_mode() -> None:
     assert Xi.is_inference() and yi.is_inference()
     v = torch.randn(h.shape[0], dtype=DT, generator=torch.Generator().manual_seed(2))
     for inside in (False, True):
-        if inside:
-            with torch.inference_mode():
-                H = hessinv.Hessian(model, loss, Xi, yi)
-        else:
+        with torch.inference_mode(inside):
             H = hessinv.Hessian(model, loss, Xi, yi)
         assert _rel(H @ v, h @ v) <= 1e3 * EPS
     stages = hessinv.Hessian(model, loss, X, y).pipeline.stages

@@ -71,13 +71,11 @@ def test_stage_solver_serves_a_deep_net() -> None:
 
 
 def test_stacked_solve_matches_the_per_stage_solve() -> None:
-    """``solve_runs`` in any partition of the stages gives the per-stage ``solve``'s numbers.
+    """``solve_runs`` gives the same numbers in any partition of the stages (one per part).
 
     A split net (width 16: Kronecker bases, split stages, basis groups) and one
     whose runs are mixed (a narrower middle layer); the right-hand sides come
-    in the bases' own runs, one stage per part, and in one part of all stages
-    where shapes allow.
-    """
+    in the basis maps' runs, in the factors' runs, and one stage per part."""
     for widths in ((16, 16, 16, 16, 16), (6, 6, 3, 6, 6)):
         torch.manual_seed(0)
         layers: list[torch.nn.Module] = []
@@ -93,9 +91,12 @@ def test_stacked_solve_matches_the_per_stage_solve() -> None:
         g = torch.randn(H.num_params, 2, dtype=DT, generator=torch.Generator().manual_seed(2))
         kept = ls.kept_rhs(g)
         per_stage = [t for part in kept for t in part.unbind(0)]
-        ref = rs.solve(per_stage)
-        ones = [t[None] for t in per_stage]
-        for parts, sizes in ((kept, ls.run_sizes), (ones, [1] * len(ones))):
+        ref = rs.solve(per_stage)  # one stage per part
+        own, i = [], 0  # the solver's own runs (those of its factors)
+        for n in rs.run_sizes:
+            own.append(torch.stack(per_stage[i : i + n]))
+            i += n
+        for parts, sizes in ((kept, ls.run_sizes), (own, rs.run_sizes)):
             out = rs.solve_runs(parts, sizes)
             assert [o.shape[0] for o in out] == sizes
             got = [t for part in out for t in part.unbind(0)]

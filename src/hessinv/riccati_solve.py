@@ -60,7 +60,14 @@ from .lifted_bases import Projected
 from .progress import ProgressArg, progress_bar
 from .riccati import _sym, stage_coupling, stage_pivot
 from .riccati_fused import FusedOut, StageParts, free_update, fused_inputs, fused_outputs
-from .riccati_sweeps import StageFactor, basis_groups, repartition, solve_sweeps, sweep_runs
+from .riccati_sweeps import (
+    StageFactor,
+    basis_groups,
+    repartition,
+    run_sizes,
+    solve_sweeps,
+    sweep_runs,
+)
 from .stage_split import split_stage
 
 
@@ -75,7 +82,7 @@ class StageRiccati:
 
     Attributes:
         ok: Every pivot was nonsingular (no exactly zero LU pivot) and every
-            ``P`` finite. When False, :meth:`solve` must not be used.
+            ``P`` finite. When False, :meth:`solve_runs` must not be used.
     """
 
     def __init__(
@@ -252,25 +259,23 @@ class StageRiccati:
         return (-1.0 if int(negs) % 2 else 1.0), float(logabs)
 
     def solve(self, b: Sequence[Tensor]) -> list[Tensor]:
-        """``w = (Q^T (H + dI) Q)^{-1} b`` per stage, for ``b_l`` of shape ``(k_l, r)``.
-
-        The sweeps of the module doc, batched over runs of equal stages
-        (:func:`hessinv.riccati_sweeps.solve_sweeps`).
-        """
-        out = self.solve_runs([torch.stack(b[r.lo : r.hi]) for r in self.runs], self.run_sizes)
-        return [t for w in out for t in w.unbind(0)]
+        """:meth:`solve_runs` of per-stage ``b_l`` (``(k_l, r)`` each): per-stage ``w_l``."""
+        return [w[0] for w in self.solve_runs([t[None] for t in b], [1] * len(b))]
 
     @property
     def run_sizes(self) -> list[int]:
         """Stages per :class:`~hessinv.riccati_sweeps.SweepRun`."""
-        return [r.hi - r.lo for r in self.runs]
+        return run_sizes(self.runs)
 
     def solve_runs(self, parts: list[Tensor], sizes: list[int]) -> list[Tensor]:
-        """:meth:`solve` of ``b`` stacked per run of ``sizes`` stages; ``w`` stacked alike.
+        """``w = (Q^T (H + dI) Q)^{-1} b``, ``b`` stacked per run of ``sizes`` stages; ``w`` alike.
 
-        ``parts[i]``: ``(sizes[i], k, r)``, the right-hand sides of a run of
+        ``parts[i]``: ``(sizes[i], k_l, r)``, the right-hand sides of a run of
         equal stages (as :meth:`hessinv.lifted.LiftedSystem.kept_rhs` gives
-        them): no per-stage tensors on the way in or out.
+        them; ``sizes`` all ones for per-stage tensors). The sweeps of the
+        module doc, batched over this solver's runs of equal stages
+        (:func:`hessinv.riccati_sweeps.solve_sweeps`); no per-stage tensors
+        on the way in or out when the partitions agree.
         """
         own = self.run_sizes
         bs = repartition(parts, sizes, own)

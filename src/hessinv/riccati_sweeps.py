@@ -200,7 +200,8 @@ def _basis_shape(run: SweepRun) -> tuple:
     return run.qc.shape[1:], run.idx.shape, run.rz, run.bias  # type: ignore[union-attr]
 
 
-def _sizes(runs: list[SweepRun]) -> list[int]:
+def run_sizes(runs: list[SweepRun]) -> list[int]:
+    """Stages per run."""
     return [r.hi - r.lo for r in runs]
 
 
@@ -238,10 +239,10 @@ def solve_sweeps(
         groups = basis_groups(runs)
     bbs: list[Tensor] = list(bs)
     for grp in groups:  # into the split basis, a group at a time
-        rs = runs[grp.lo : grp.hi]
-        x = bs[grp.lo] if grp.hi - grp.lo == 1 else torch.cat(bs[grp.lo : grp.hi])
+        one = grp.hi - grp.lo == 1  # (no copy by a concatenation of one)
+        x = bs[grp.lo] if one else torch.cat(bs[grp.lo : grp.hi])
         y = kron_to_basis(grp.qc, grp.idx, grp.rz, x)
-        bbs[grp.lo : grp.hi] = y.split(_sizes(rs)) if grp.hi - grp.lo > 1 else [y]
+        bbs[grp.lo : grp.hi] = y.split(run_sizes(runs[grp.lo : grp.hi]))
     # the sweeps in row form (each right-hand side a row, ``b^T``): a product with
     # few columns is fastest as rows times a row-major matrix (module doc)
     rows = [bb.mT for bb in bbs]  # (R, k, p) views
@@ -283,5 +284,5 @@ def solve_sweeps(
         w = kron_from_basis(
             grp.qc, grp.inv_idx, grp.rz, ws[grp.lo] if one else torch.cat(ws[grp.lo : grp.hi])
         )
-        ws[grp.lo : grp.hi] = [w] if one else w.split(_sizes(runs[grp.lo : grp.hi]))
+        ws[grp.lo : grp.hi] = w.split(run_sizes(runs[grp.lo : grp.hi]))
     return ws
