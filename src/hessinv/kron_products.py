@@ -99,10 +99,22 @@ class KronRun:
         vw, _ = self._split(v)
         return out + torch.bmm(self.b_y, vw.reshape(r, a, a_in * k)).reshape(r, n, a_in, k)
 
-    def contract(self, y: Tensor, u_prev: Tensor | None, lam: Tensor | None) -> Tensor:
-        """``Jx^T lam + Tzx^T u_prev + Txx v`` as ``(R, p, k)`` (``None``: that term absent)."""
+    def contract(
+        self, y: Tensor, u_prev: Tensor | None, lam: Tensor | None, out: Tensor | None = None
+    ) -> Tensor:
+        """``Jx^T lam + Tzx^T u_prev + Txx v`` as ``(R, p, k)`` (``None``: that term absent).
+
+        ``out``: an ``(R, p, k)`` tensor (a view into the whole product, say) to
+        write into. The weight part is the sum of two batched products: ``z^T x``,
+        which a GEMM yields as ``(a_in, a k)`` per stage (read through a
+        transposed view), and ``b_y^T u``, already in parameter order; one
+        addition writes both into ``out``, without the copies and the
+        concatenation a fresh tensor per term would need.
+        """
         r, a, a_in = self.w.shape
         n, k = y.shape[1], y.shape[-1]
+        if out is None:
+            out = y.new_empty(r, a * a_in + (a if self.bias else 0), k)
         inner = y
         if u_prev is not None:  # W u, per sample
             wu = torch.bmm(self.w, u_prev.permute(0, 2, 1, 3).reshape(r, a_in, n * k))
@@ -111,10 +123,13 @@ class KronRun:
         if lam is not None:
             x = x + self.s.unsqueeze(-1) * lam
         xr = x.reshape(r, n, a * k)
-        gw = torch.bmm(self.z.mT, xr).reshape(r, a_in, a, k).transpose(1, 2)  # (R, a, a_in, k)
-        if u_prev is not None:  # Tf_zx^T u: sum_n b_y,n u_n^T
-            gw = gw + torch.bmm(self.b_y.mT, u_prev.reshape(r, n, a_in * k)).reshape(r, a, a_in, k)
-        parts = [gw.reshape(r, a * a_in, k)]
+        gw = torch.bmm(self.z.mT, xr).view(r, a_in, a, k).transpose(1, 2)  # (R, a, a_in, k)
+        ow = out[:, : a * a_in].unflatten(1, (a, a_in))
+        if u_prev is None:
+            ow.copy_(gw)
+        else:  # Tf_zx^T u: sum_n b_y,n u_n^T
+            by_u = torch.bmm(self.b_y.mT, u_prev.reshape(r, n, a_in * k)).view(r, a, a_in, k)
+            torch.add(by_u, gw, out=ow)
         if self.bias:
-            parts.append(x.sum(1))
-        return torch.cat(parts, dim=1)
+            torch.sum(x, 1, out=out[:, a * a_in :])
+        return out

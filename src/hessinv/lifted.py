@@ -280,6 +280,11 @@ class LiftedSystem:
         """Stages per run of :meth:`kept_rhs`."""
         return self._maps.sizes
 
+    @property
+    def run_kept(self) -> list[int]:
+        """Kept directions per stage of each run of :meth:`kept_rhs` (``k_l``)."""
+        return self._maps.kept
+
     def extract_kept(
         self, w: list[Tensor], g: Tensor, n_full: int, projections: list[Tensor]
     ) -> Tensor:

@@ -160,6 +160,11 @@ class BasisMaps:
         """Stages per run."""
         return [run.n for run in self.runs]
 
+    @property
+    def kept(self) -> list[int]:
+        """Kept directions per stage of each run (the rows of :meth:`project`'s pieces)."""
+        return [run.k for run in self.runs]
+
     def extract_runs(
         self,
         ws: list[Tensor],

@@ -189,17 +189,20 @@ def hvp(blocks: list[StageBlocks], v: Tensor, runs: list[StageRun] | None = None
     vr = [v[r.offset : r.offset + (r.hi - r.lo) * r.p].reshape(r.hi - r.lo, r.p, k) for r in runs]
     ys = [None if r.kron is None else r.kron.layer_rows(vv) for r, vv in zip(runs, vr, strict=True)]
     us: list[Tensor | None] = [None] * n_st
+    # every run writes its rows of H v straight into the result (no final concatenation
+    # of per-run blocks: at width 16, batch 2 each is a megabyte per product)
+    hv = v.new_empty(v.shape)
     for run, vv, y in zip(runs, vr, ys, strict=True):
         if run.last:  # the last stage: its output is the loss
             continue
         jxv = _bmm_rows(run.jx, vv) if run.kron is None else run.kron.jx_rows(y)
         for u, l in zip(jxv.unbind(0), range(run.lo, run.hi), strict=True):  # noqa: E741
             us[l] = u if l == 0 else torch.baddbmm(u, blocks[l].Jz, us[l - 1])
-    outs: list[Tensor] = [None] * len(runs)  # type: ignore[list-item]
     lams: list[Tensor | None] = [None] * n_st  # lams[l]: stage l's output's adjoint, as rows
     for j in reversed(range(len(runs))):
         run, vv, y = runs[j], vr[j], ys[j]
         r_len = run.hi - run.lo
+        out = hv[run.offset : run.offset + r_len * run.p].view(r_len, run.p, k)
         terms: list[Tensor] = []
         u_prev = None
         if not run.first:
@@ -229,7 +232,7 @@ def hvp(blocks: list[StageBlocks], v: Tensor, runs: list[StageRun] | None = None
         if not run.last:
             lam_run = torch.stack([lams[i] for i in range(run.lo, run.hi)]).mT
         if run.kron is not None:
-            outs[j] = run.kron.contract(y, u_prev, lam_run).reshape(r_len * run.p, k)
+            run.kron.contract(y, u_prev, lam_run, out=out)
             continue
         if lam_run is not None:
             terms.append(_bmm_contract(run.jx, lam_run))  # type: ignore[arg-type]
@@ -238,11 +241,17 @@ def hvp(blocks: list[StageBlocks], v: Tensor, runs: list[StageRun] | None = None
         elif blocks[run.lo].Txx is not None:  # large p: each stage's own (flop-bound)
             txx = [blocks[i].Txx for i in range(run.lo, run.hi)]
             terms.append(torch.stack([t @ vi for t, vi in zip(txx, vv, strict=True)]))
-        o = terms[0] if terms else torch.zeros_like(vv)
-        for t in terms[1:]:
+        if not terms:
+            out.zero_()
+            continue
+        o = terms[0]
+        for t in terms[1:-1]:
             o = o + t
-        outs[j] = o.reshape(r_len * run.p, k)
-    return torch.cat(outs, dim=0)
+        if len(terms) == 1:
+            out.copy_(o)
+        else:
+            torch.add(o, terms[-1], out=out)
+    return hv
 
 
 def pearlmutter_hvp(pipeline: Pipeline, v: Tensor) -> Tensor:

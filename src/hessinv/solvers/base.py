@@ -116,6 +116,8 @@ class Factorization(LinearOperator, ABC):
         #: ``(per-start estimates, steps)`` of an inverse iteration the first solve ended
         #: early (:func:`excludes_band`); ``sigma_min_estimate`` then runs the full one.
         self._sigma_early: tuple[tuple[float, ...], int] | None = None
+        #: The dimension of the space the inverse iteration's random starts were drawn in.
+        self._sigma_size = self.size
 
     @property
     def op(self) -> Hessian:
@@ -189,8 +191,21 @@ class Factorization(LinearOperator, ABC):
         return False
 
     def _apply_for_estimates(self, g: Tensor) -> Tensor:
-        """``A^{-1}`` on the part of ``A`` that is not structurally singular."""
+        """``A^{-1}`` on the part of ``A`` that is not structurally singular.
+
+        On vectors of :meth:`_estimate_size` rows (the coordinates the
+        inverse iteration runs in).
+        """
         return self._apply(g)
+
+    def _estimate_size(self) -> int:
+        """Rows of the vectors :meth:`_apply_for_estimates` takes: ``W`` here.
+
+        A method whose estimates run on a subspace with orthonormal
+        coordinates (the same singular values; :class:`~hessinv.solvers.lifted.
+        LiftedFactorization`'s kept directions) returns its dimension.
+        """
+        return self.size
 
     def _apply_pair(self, g: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """``(_apply(g), _apply_for_estimates(y))``; a method may share one pass between them."""
@@ -259,9 +274,10 @@ class Factorization(LinearOperator, ABC):
         """An estimate (from above) of ``A``'s smallest singular value, by inverse iteration."""
         self.op._check_fresh()
         if self._sigma_min is None:
+            self._sigma_size = self._estimate_size()
             self._sigma_min = smallest_singular_value(
                 self._apply_for_estimates,
-                self.size,
+                self._sigma_size,
                 self.dtype,
                 self.op.device,
                 columns=RIDER_COLUMNS,  # the starts of the iteration that rides along a solve
@@ -306,7 +322,7 @@ class Factorization(LinearOperator, ABC):
             sigma, steps = self._sigma_early
         else:
             sigma, steps = self.sigma_min_estimate(), INVERSE_STEPS
-        if excludes_band(sigma, steps, t, self.size):
+        if excludes_band(sigma, steps, t, self._sigma_size):
             return self._known_zeros(t)
         try:
             below = self._shifted(-t)._negatives()  # eigenvalues < t
@@ -399,9 +415,14 @@ class Factorization(LinearOperator, ABC):
             and cls.singular is Factorization.singular
             and cls.zero_count is Factorization.zero_count
         ):
+            self._sigma_size = self._estimate_size()
             inv = Rider(
                 inverse_iteration_steps(
-                    self.size, self.dtype, self.op.device, record=steps, columns=RIDER_COLUMNS
+                    self._sigma_size,
+                    self.dtype,
+                    self.op.device,
+                    record=steps,
+                    columns=RIDER_COLUMNS,
                 )
             )
         if (
@@ -448,7 +469,7 @@ class Factorization(LinearOperator, ABC):
             while not inv.done:  # each step on its own, until the band is excluded
                 if steps and t is not None:
                     est, j = steps[-1]
-                    if excludes_band(est, j, t, self.size):
+                    if excludes_band(est, j, t, self._sigma_size):
                         self._sigma_early = (est, j)
                         return
                 inv.feed(self._apply_for_estimates(inv.block))

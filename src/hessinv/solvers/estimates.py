@@ -368,7 +368,9 @@ def excludes_band(
     no more after ``j`` steps (``46 t`` after three), so the iteration may
     stop there at the same confidence.
 
-    With ``m`` independent starts (``estimate`` a sequence, ``size`` = ``W``)
+    With ``m`` independent starts (``estimate`` a sequence, ``size`` the
+    dimension of the space they were drawn in, ``W`` below: the operator's
+    size, or the kept coordinates where a method's iteration runs there)
     an eigenvalue in the band needs every ``|c_1^(i)| <= (t / e_j^(i))^j``, a
     chance of at most ``prod_i (t / e_j^(i))^j sqrt(2 W / pi)^m``: the rule
     accepts when ``prod_i (t / e_j^(i))^j <= 10^-5 (2 W / pi)^{-(m-1)/2}``,

@@ -305,29 +305,73 @@ class LiftedFactorization(LiftedInertia, Factorization):
         rhs, proj = self.system.rhs_and_projections(g)
         return self.system.extract(self._lu_solve(rhs), g, projections=proj)
 
+    def _kept_estimates(self) -> bool:
+        """The estimates run in the kept coordinates: on the stage solver, unrefined.
+
+        There ``A^{-1}`` restricted to the kept directions is ``Q (Q^T A Q)^{-1}
+        Q^T`` (``H = Q Q^T H Q Q^T``), whose nonzero singular values are those of
+        ``(Q^T A Q)^{-1}``, the stage solve itself: the inverse iteration then
+        runs on its ``n_kept`` coordinates (a random start there is the kept
+        part of a random start in ``R^W``), with no basis maps, no dropped
+        part and no ``W``-row vectors for its columns.
+        """
+        return self._estimates_on_stages() and not self._refine_estimates
+
+    def _estimate_size(self) -> int:
+        self._settle_trust()
+        return self.system.n_kept if self._kept_estimates() else self.size
+
+    def _kept_parts(self, y: Tensor) -> list[Tensor]:
+        """Kept coordinates ``(n_kept, m)`` per run, as ``LiftedSystem.kept_rhs`` stacks them."""
+        m = y.shape[1]
+        sizes = self.system.run_sizes
+        ks = self.system.run_kept
+        parts = y.split([n * k for n, k in zip(sizes, ks, strict=True)])
+        return [p.view(n, k, m) for p, n, k in zip(parts, sizes, ks, strict=True)]
+
+    @staticmethod
+    def _kept_flat(w: list[Tensor]) -> Tensor:
+        """The inverse of :meth:`_kept_parts`."""
+        return torch.cat([wi.reshape(-1, wi.shape[-1]) for wi in w])
+
     def _apply_for_estimates(self, g: Tensor) -> Tensor:
         """The solve restricted to the kept directions: ``Q w`` for ``rhs = Q^T g``.
 
-        Through the stage elimination only once trusted (or within its trial solve).
+        Through the stage elimination only once trusted (or within its trial
+        solve), and there in the kept coordinates (:meth:`_kept_estimates`):
+        ``w`` for ``rhs = g``.
         """
         self._settle_trust()
-        if self._estimates_on_stages():
+        if self._kept_estimates():
+            return self._kept_flat(
+                self.stage_solver.solve_runs(self._kept_parts(g), self.system.run_sizes)
+            )
+        if (
+            self._estimates_on_stages()
+        ):  # one refinement step, in the kept directions (H keeps them)
             z = self._stage_apply(g, 0)
-            if self._refine_estimates:  # one step, in the kept directions (H keeps them)
-                res = self.system.project_kept(g) - self.op.matmat(z) - self.damping * z
-                z = z + self._stage_apply(res, 0)
-            return z
+            res = self.system.project_kept(g) - self.op.matmat(z) - self.damping * z
+            return z + self._stage_apply(res, 0)
         return self.system.extract(self._lu_solve(self.system.rhs(g)), g, kept_only=True)
 
     def _apply_pair(self, g: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        """:meth:`_apply` of ``g`` and :meth:`_apply_for_estimates` of ``y`` in one pass."""
+        """:meth:`_apply` of ``g`` and :meth:`_apply_for_estimates` of ``y`` in one pass.
+
+        In the kept coordinates, ``y``'s columns join ``g``'s in the stage
+        solve only: the basis maps and the dropped part are ``g``'s alone.
+        """
         k = g.shape[1]
+        if self._kept_estimates():
+            rhs = self.system.kept_rhs(g)
+            both = [
+                torch.cat([a, b], dim=-1) for a, b in zip(rhs, self._kept_parts(y), strict=True)
+            ]
+            w = self.stage_solver.solve_runs(both, self.system.run_sizes)
+            x = self.system.extract_kept([wi[..., :k] for wi in w], g, k, rhs)
+            return x, self._kept_flat([wi[..., k:] for wi in w])
         gy = torch.cat([g, y], dim=1)
-        if self._estimates_on_stages() and not self._refine_estimates:
-            out = self._stage_apply(gy, k)
-        else:
-            rhs, proj = self.system.rhs_and_projections(gy)
-            out = self.system.extract(self._lu_solve(rhs), gy, n_full=k, projections=proj)
+        rhs, proj = self.system.rhs_and_projections(gy)
+        out = self.system.extract(self._lu_solve(rhs), gy, n_full=k, projections=proj)
         return out[:, :k], out[:, k:]
 
     def _logdet(self) -> tuple[float, float]:
