@@ -637,6 +637,9 @@ def main(argv: list[str] | None = None) -> dict:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "load_average": round(os.getloadavg()[0], 2),
+        # glibc's malloc settings change how often large blocks are page-faulted in
+        # again between calls (README, "How the ratio is measured")
+        "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")},
         "clock": args.clock,
         "damping": args.damping,
         "gain": args.gain,

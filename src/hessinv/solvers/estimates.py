@@ -257,8 +257,10 @@ def block_lanczos_steps(
         nxt = min(b, k - done)
         if nxt <= 0:
             break
-        w_t = aqt[:nxt] - h[:nxt] @ qt  # the first pass of the full reorthogonalization,
-        w_t = w_t - (w_t @ qt.T) @ qt  # and the second (twice is enough)
+        # the first pass of the full reorthogonalization, and the second (twice is
+        # enough), each one GEMM that updates its operand (no product buffer)
+        w_t = torch.addmm(aqt[:nxt], h[:nxt], qt, alpha=-1.0)
+        w_t.addmm_(w_t @ qt.T, qt, alpha=-1.0)
         tiny = 1e3 * torch.finfo(dtype).eps * max(top, 1e-300)
         q, good = _orthonormal_block(w_t, qt, tiny)
         if not bool(good.any()):  # invariant: the basis so far holds the extreme eigenvalues
