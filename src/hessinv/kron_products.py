@@ -24,10 +24,46 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.autograd.forward_ad as fwad
 from torch import Tensor
 
 from .derivatives import StageBlocks
 from .stacking import stacked
+
+
+def traced(*ts: Tensor) -> bool:
+    """Autograd, forward AD or a ``torch.func`` transform follows one of ``ts``.
+
+    The ``out=`` variants of ``add`` and ``sum`` support none of them (a
+    ``RuntimeError`` when a term requires grad, a ``NotImplementedError``
+    under ``torch.func.jvp``), so :func:`add_into` and :func:`sum_into` then
+    compute out of place and copy (``copy_`` is differentiable): ``H @ v``
+    stays differentiable in ``v``, as it was when the products were
+    concatenated.
+    """
+    grad = torch.is_grad_enabled()
+    return any(
+        (grad and t.requires_grad)
+        or torch._C._functorch.is_functorch_wrapped_tensor(t)
+        or fwad.unpack_dual(t).tangent is not None
+        for t in ts
+    )
+
+
+def add_into(out: Tensor, a: Tensor, b: Tensor) -> None:
+    """``out = a + b`` written into ``out`` (out of place and copied when :func:`traced`)."""
+    if traced(a, b):
+        out.copy_(a + b)
+    else:
+        torch.add(a, b, out=out)
+
+
+def sum_into(out: Tensor, x: Tensor, dim: int) -> None:
+    """``out = x.sum(dim)`` written into ``out`` (out of place and copied when :func:`traced`)."""
+    if traced(x):
+        out.copy_(x.sum(dim))
+    else:
+        torch.sum(x, dim, out=out)
 
 
 @dataclass
@@ -129,7 +165,7 @@ class KronRun:
             ow.copy_(gw)
         else:  # Tf_zx^T u: sum_n b_y,n u_n^T
             by_u = torch.bmm(self.b_y.mT, u_prev.reshape(r, n, a_in * k)).view(r, a, a_in, k)
-            torch.add(by_u, gw, out=ow)
+            add_into(ow, by_u, gw)
         if self.bias:
-            torch.sum(x, 1, out=out[:, a * a_in :])
+            sum_into(out[:, a * a_in :], x, 1)
         return out

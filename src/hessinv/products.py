@@ -25,7 +25,7 @@ from torch import Tensor
 
 from .derivatives import StageBlocks, stage_blocks
 from .derivatives.linear_runs import linear_runs, run_blocks
-from .kron_products import KronRun
+from .kron_products import KronRun, add_into
 from .pipeline import Pipeline
 from .progress import ProgressArg, progress_bar
 from .stacking import stack_attribute
@@ -250,7 +250,7 @@ def hvp(blocks: list[StageBlocks], v: Tensor, runs: list[StageRun] | None = None
         if len(terms) == 1:
             out.copy_(o)
         else:
-            torch.add(o, terms[-1], out=out)
+            add_into(out, o, terms[-1])
     return hv
 
 

@@ -315,8 +315,8 @@ class Factorization(LinearOperator, ABC):
         return 0
 
     def _band_count(self, t: float, kept_only: bool) -> int:
-        if t == 0.0:  # A == 0: every eigenvalue is zero
-            return self.size
+        if t == 0.0:  # A == 0: every eigenvalue is zero (the structural ones counted apart)
+            return self.size - (self._structural_zeros() if kept_only else 0)
         sigma: float | tuple[float, ...]
         if self._sigma_min is None and self._sigma_early is not None:
             sigma, steps = self._sigma_early
