@@ -346,9 +346,7 @@ class LiftedFactorization(LiftedInertia, Factorization):
             return self._kept_flat(
                 self.stage_solver.solve_runs(self._kept_parts(g), self.system.run_sizes)
             )
-        if (
-            self._estimates_on_stages()
-        ):  # one refinement step, in the kept directions (H keeps them)
+        if self._estimates_on_stages():  # refined: one step, in the kept directions
             z = self._stage_apply(g, 0)
             res = self.system.project_kept(g) - self.op.matmat(z) - self.damping * z
             return z + self._stage_apply(res, 0)
