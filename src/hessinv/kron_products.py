@@ -135,22 +135,18 @@ class KronRun:
         vw, _ = self._split(v)
         return out + torch.bmm(self.b_y, vw.reshape(r, a, a_in * k)).reshape(r, n, a_in, k)
 
-    def contract(
-        self, y: Tensor, u_prev: Tensor | None, lam: Tensor | None, out: Tensor | None = None
-    ) -> Tensor:
-        """``Jx^T lam + Tzx^T u_prev + Txx v`` as ``(R, p, k)`` (``None``: that term absent).
+    def contract(self, y: Tensor, u_prev: Tensor | None, lam: Tensor | None, out: Tensor) -> None:
+        """``Jx^T lam + Tzx^T u_prev + Txx v`` written into ``out`` (``None``: that term absent).
 
-        ``out``: an ``(R, p, k)`` tensor (a view into the whole product, say) to
-        write into. The weight part is the sum of two batched products: ``z^T x``,
-        which a GEMM yields as ``(a_in, a k)`` per stage (read through a
-        transposed view), and ``b_y^T u``, already in parameter order; one
-        addition writes both into ``out``, without the copies and the
-        concatenation a fresh tensor per term would need.
+        ``out``: the run's ``(R, p, k)`` rows of the whole product. The weight
+        part is the sum of two batched products: ``z^T x``, which a GEMM yields
+        as ``(a_in, a k)`` per stage (read through a transposed view), and
+        ``b_y^T u``, already in parameter order; one addition writes both into
+        ``out``, without the copies and the concatenation a fresh tensor per
+        term would need.
         """
         r, a, a_in = self.w.shape
         n, k = y.shape[1], y.shape[-1]
-        if out is None:
-            out = y.new_empty(r, a * a_in + (a if self.bias else 0), k)
         inner = y
         if u_prev is not None:  # W u, per sample
             wu = torch.bmm(self.w, u_prev.permute(0, 2, 1, 3).reshape(r, a_in, n * k))
@@ -168,4 +164,3 @@ class KronRun:
             add_into(ow, by_u, gw)
         if self.bias:
             sum_into(out[:, a * a_in :], x, 1)
-        return out

@@ -232,7 +232,7 @@ def hvp(blocks: list[StageBlocks], v: Tensor, runs: list[StageRun] | None = None
         if not run.last:
             lam_run = torch.stack([lams[i] for i in range(run.lo, run.hi)]).mT
         if run.kron is not None:
-            run.kron.contract(y, u_prev, lam_run, out=out)
+            run.kron.contract(y, u_prev, lam_run, out)
             continue
         if lam_run is not None:
             terms.append(_bmm_contract(run.jx, lam_run))  # type: ignore[arg-type]
